@@ -1,0 +1,372 @@
+//! The engine's side of the replica protocol.
+//!
+//! A [`ReplicaClient`] holds several connections to one replica, each
+//! pipelined: a request gets an id, is queued to the connection's writer
+//! task, and its caller awaits the reply that the reader task routes back
+//! by id. Connections are used round-robin. When a connection breaks, every
+//! request waiting on it fails at once with [`ClientError::Lost`]; the
+//! client stays usable on its remaining connections, and is dead (every
+//! request fails) when none remain. Timeouts are the caller's business.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::ids::Revision;
+use crate::proto::{
+    decode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA,
+    PROTOCOL_VERSION, REPLY_HEADER_LEN,
+};
+use crate::server::Endpoint;
+use crate::store::{Owner, ReplicaInfo};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to {endpoint}: {message}")]
+    Connect { endpoint: String, message: String },
+    #[error("replica answered {status:?}: {message}")]
+    Remote { status: Status, message: String },
+    #[error("connection to replica lost: {0}")]
+    Lost(String),
+    #[error("replica sent a bad frame: {0}")]
+    Frame(#[from] FrameError),
+}
+
+impl ClientError {
+    /// The replica refused us because a newer engine took it over.
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Remote {
+                status: Status::Fenced,
+                ..
+            }
+        )
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// A reply: its `value` field and payload.
+pub struct Reply {
+    pub value: u64,
+    pub payload: Bytes,
+}
+
+struct Outgoing {
+    header: [u8; crate::proto::REQUEST_HEADER_LEN],
+    payload: Bytes,
+}
+
+type Pending = HashMap<u64, oneshot::Sender<Result<Reply>>>;
+
+struct Conn {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    /// `None` once the connection is dead.
+    pending: Mutex<Option<Pending>>,
+    next_id: AtomicU64,
+}
+
+/// Connections to one replica; see the module documentation.
+pub struct ReplicaClient {
+    endpoint: Endpoint,
+    conns: Vec<Arc<Conn>>,
+    next: AtomicUsize,
+}
+
+impl ReplicaClient {
+    /// Opens `connections` connections to `endpoint`, each announcing
+    /// `owner` for `volume`; returns the client and what the replica said
+    /// about itself on the first connection.
+    pub async fn connect(
+        endpoint: &Endpoint,
+        volume: Uuid,
+        owner: Owner,
+        connections: usize,
+    ) -> Result<(ReplicaClient, ReplicaInfo)> {
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            volume_uuid: volume,
+            generation: owner.generation.0,
+            engine_id: owner.engine_id,
+        };
+        let mut conns = Vec::new();
+        let mut info = None;
+        for _ in 0..connections.max(1) {
+            let (conn, i) = match endpoint {
+                Endpoint::Tcp(a) => {
+                    let s = tokio::net::TcpStream::connect(a)
+                        .await
+                        .map_err(|e| connect_err(endpoint, e))?;
+                    let _ = s.set_nodelay(true);
+                    start(s, &hello).await?
+                }
+                Endpoint::Unix(p) => {
+                    let s = tokio::net::UnixStream::connect(p)
+                        .await
+                        .map_err(|e| connect_err(endpoint, e))?;
+                    start(s, &hello).await?
+                }
+            };
+            conns.push(conn);
+            info.get_or_insert(i);
+        }
+        let info = info.expect("at least one connection");
+        Ok((
+            ReplicaClient {
+                endpoint: endpoint.clone(),
+                conns,
+                next: AtomicUsize::new(0),
+            },
+            info,
+        ))
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// True while at least one connection is alive.
+    pub fn is_alive(&self) -> bool {
+        self.conns.iter().any(|c| lock(&c.pending).is_some())
+    }
+
+    async fn call(
+        &self,
+        op: Op,
+        flags: u8,
+        offset: u64,
+        length: u64,
+        payload: Bytes,
+    ) -> Result<Reply> {
+        let n = self.conns.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for k in 0..n {
+            let conn = &self.conns[(start + k) % n];
+            let (tx, rx) = oneshot::channel();
+            let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+            {
+                let mut pending = lock(&conn.pending);
+                let Some(p) = pending.as_mut() else { continue };
+                p.insert(id, tx);
+            }
+            let header = RequestHeader {
+                op: op as u8,
+                flags,
+                id,
+                offset,
+                length,
+                payload_len: payload.len() as u32,
+                crc: 0,
+            }
+            .encode(&payload);
+            if conn
+                .tx
+                .send(Outgoing {
+                    header,
+                    payload: payload.clone(),
+                })
+                .is_err()
+            {
+                continue;
+            }
+            return match rx.await {
+                Ok(r) => r,
+                Err(_) => Err(ClientError::Lost("connection closed".into())),
+            };
+        }
+        Err(ClientError::Lost(format!(
+            "no live connection to {}",
+            self.endpoint
+        )))
+    }
+
+    pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes> {
+        let r = self.call(Op::Read, 0, offset, length, Bytes::new()).await?;
+        if r.payload.len() as u64 != length {
+            return Err(ClientError::Lost(format!(
+                "read of {length} bytes returned {}",
+                r.payload.len()
+            )));
+        }
+        Ok(r.payload)
+    }
+
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        let len = data.len() as u64;
+        let flags = if fua { FLAG_FUA } else { 0 };
+        self.call(Op::Write, flags, offset, len, data)
+            .await
+            .map(drop)
+    }
+
+    pub async fn trim(&self, offset: u64, length: u64) -> Result<()> {
+        self.call(Op::Trim, 0, offset, length, Bytes::new())
+            .await
+            .map(drop)
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
+        self.call(Op::WriteZeroes, 0, offset, length, Bytes::new())
+            .await
+            .map(drop)
+    }
+
+    /// Flushes; returns the revision counter the replica persisted.
+    pub async fn flush(&self) -> Result<Revision> {
+        Ok(Revision(
+            self.call(Op::Flush, 0, 0, 0, Bytes::new()).await?.value,
+        ))
+    }
+
+    pub async fn mark_clean(&self) -> Result<Revision> {
+        Ok(Revision(
+            self.call(Op::MarkClean, 0, 0, 0, Bytes::new()).await?.value,
+        ))
+    }
+
+    pub async fn info(&self) -> Result<ReplicaInfo> {
+        let r = self.call(Op::Info, 0, 0, 0, Bytes::new()).await?;
+        serde_json::from_slice(&r.payload)
+            .map_err(|e| ClientError::Lost(format!("bad INFO payload: {e}")))
+    }
+
+    /// Allocation runs `(bytes, allocated)` of a range.
+    pub async fn allocation(&self, offset: u64, length: u64) -> Result<Vec<(u64, bool)>> {
+        let r = self
+            .call(Op::Allocation, 0, offset, length, Bytes::new())
+            .await?;
+        decode_extents(&r.payload).ok_or_else(|| ClientError::Lost("bad ALLOCATION payload".into()))
+    }
+}
+
+fn connect_err(endpoint: &Endpoint, e: std::io::Error) -> ClientError {
+    ClientError::Connect {
+        endpoint: endpoint.to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Performs the HELLO exchange on a fresh stream and starts its tasks.
+async fn start<S>(stream: S, hello: &Hello) -> Result<(Arc<Conn>, ReplicaInfo)>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(256 << 10, rd);
+    let payload = hello.encode();
+    let h = RequestHeader {
+        op: Op::Hello as u8,
+        flags: 0,
+        id: 0,
+        offset: 0,
+        length: 0,
+        payload_len: payload.len() as u32,
+        crc: 0,
+    };
+    let lost = |e: std::io::Error| ClientError::Lost(e.to_string());
+    wr.write_all(&h.encode(&payload)).await.map_err(lost)?;
+    wr.write_all(&payload).await.map_err(lost)?;
+    wr.flush().await.map_err(lost)?;
+    let reply = read_reply(&mut rd)
+        .await?
+        .ok_or_else(|| ClientError::Lost("closed during HELLO".into()))?;
+    let (status, body) = reply;
+    if status.status != Status::Ok as u16 {
+        return Err(ClientError::Remote {
+            status: Status::from_u16(status.status),
+            message: String::from_utf8_lossy(&body).into_owned(),
+        });
+    }
+    let info: ReplicaInfo = serde_json::from_slice(&body)
+        .map_err(|e| ClientError::Lost(format!("bad HELLO reply: {e}")))?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let conn = Arc::new(Conn {
+        tx,
+        pending: Mutex::new(Some(HashMap::new())),
+        next_id: AtomicU64::new(1),
+    });
+    tokio::spawn(write_requests(BufWriter::with_capacity(256 << 10, wr), rx));
+    tokio::spawn(read_replies(rd, conn.clone()));
+    Ok((conn, info))
+}
+
+async fn read_reply<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<(ReplyHeader, Bytes)>> {
+    let mut raw = [0u8; REPLY_HEADER_LEN];
+    match rd.read_exact(&mut raw).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(ClientError::Lost(e.to_string())),
+    }
+    let h = ReplyHeader::decode(&raw)?;
+    let mut payload = vec![0u8; h.payload_len as usize];
+    rd.read_exact(&mut payload)
+        .await
+        .map_err(|e| ClientError::Lost(e.to_string()))?;
+    h.verify(&raw, &payload)?;
+    Ok(Some((h, payload.into())))
+}
+
+async fn write_requests<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    while let Some(mut out) = rx.recv().await {
+        loop {
+            if wr.write_all(&out.header).await.is_err() || wr.write_all(&out.payload).await.is_err()
+            {
+                return;
+            }
+            match rx.try_recv() {
+                Ok(next) => out = next,
+                Err(_) => break,
+            }
+        }
+        if wr.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_replies<R: AsyncRead + Unpin>(mut rd: R, conn: Arc<Conn>) {
+    let reason = loop {
+        match read_reply(&mut rd).await {
+            Ok(Some((h, payload))) => {
+                let waiter = lock(&conn.pending).as_mut().and_then(|p| p.remove(&h.id));
+                let Some(waiter) = waiter else {
+                    break format!("reply for unknown request id {}", h.id);
+                };
+                let result = if h.status == Status::Ok as u16 {
+                    Ok(Reply {
+                        value: h.value,
+                        payload,
+                    })
+                } else {
+                    Err(ClientError::Remote {
+                        status: Status::from_u16(h.status),
+                        message: String::from_utf8_lossy(&payload).into_owned(),
+                    })
+                };
+                let _ = waiter.send(result);
+            }
+            Ok(None) => break "replica closed the connection".to_string(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    tracing::debug!(%reason, "replica connection ended");
+    // Closing the sender stops the writer task.
+    if let Some(pending) = lock(&conn.pending).take() {
+        for (_, w) in pending {
+            let _ = w.send(Err(ClientError::Lost(reason.clone())));
+        }
+    }
+}

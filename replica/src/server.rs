@@ -1,0 +1,433 @@
+//! The replica server: serves one [`Replica`] to engines over TCP or a
+//! Unix socket.
+//!
+//! Each connection has a reader (this module's [`serve_connection`]) and a
+//! writer task joined by a channel of replies. The reader decodes and
+//! verifies a frame, runs its I/O and queues the reply; the writer batches
+//! queued replies into few socket writes. Reads, writes, trims and
+//! write-zeroes run inline in the reader (page-cache copies of a few
+//! microseconds), so a connection applies its requests in the order sent.
+//! FLUSH, MARK_CLEAN and FUA writes wait for the disk and run on the blocking
+//! pool, so requests behind them are not held up and their replies overtake
+//! the flush's: replies are out of order, matched by id.
+//!
+//! A frame that fails to decode (bad magic, crc, oversized) closes the
+//! connection with a logged reason before any of it is acted on. A request
+//! that decodes but is wrong (unaligned, past the end, unknown op) gets an
+//! error reply and the connection lives.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::error::Error;
+use crate::proto::{
+    encode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, HELLO_LEN,
+    MAX_PAYLOAD, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
+};
+use crate::store::{Owner, Replica};
+
+/// Where a server listens or a client connects: `host:port` or `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("unix: needs a path".into());
+            }
+            return Ok(Endpoint::Unix(p.into()));
+        }
+        if !s.contains(':') {
+            return Err(format!("{s:?} is neither host:port nor unix:PATH"));
+        }
+        Ok(Endpoint::Tcp(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "{a}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A bound listener of either kind.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    pub async fn bind(ep: &Endpoint) -> std::io::Result<Listener> {
+        Ok(match ep {
+            Endpoint::Tcp(a) => Listener::Tcp(TcpListener::bind(a).await?),
+            Endpoint::Unix(p) => {
+                // A socket file left by a killed server would make bind fail.
+                if std::fs::symlink_metadata(p)
+                    .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                    .unwrap_or(false)
+                {
+                    let _ = std::fs::remove_file(p);
+                }
+                Listener::Unix(UnixListener::bind(p)?)
+            }
+        })
+    }
+
+    /// The address actually bound (resolves port 0).
+    pub fn local_endpoint(&self) -> std::io::Result<Endpoint> {
+        Ok(match self {
+            Listener::Tcp(l) => Endpoint::Tcp(l.local_addr()?.to_string()),
+            Listener::Unix(l) => Endpoint::Unix(
+                l.local_addr()?
+                    .as_pathname()
+                    .map(|p| p.to_path_buf())
+                    .unwrap_or_default(),
+            ),
+        })
+    }
+}
+
+struct Reply {
+    status: Status,
+    id: u64,
+    value: u64,
+    payload: Bytes,
+}
+
+impl Reply {
+    fn ok(id: u64, value: u64, payload: Bytes) -> Reply {
+        Reply {
+            status: Status::Ok,
+            id,
+            value,
+            payload,
+        }
+    }
+
+    fn error(id: u64, status: Status, msg: impl std::fmt::Display) -> Reply {
+        Reply {
+            status,
+            id,
+            value: 0,
+            payload: Bytes::from(msg.to_string()),
+        }
+    }
+
+    fn from_err(id: u64, e: &Error) -> Reply {
+        let status = match e {
+            Error::Invalid(_) => Status::Invalid,
+            Error::Io { .. } => Status::Io,
+            Error::NoSpace(_) => Status::NoSpace,
+            Error::Fenced(_) => Status::Fenced,
+            Error::Mismatch(_) => Status::WrongVolume,
+            Error::Corrupt(_) | Error::NotAReplica(_) => Status::Corrupt,
+        };
+        Reply::error(id, status, e)
+    }
+}
+
+/// Serves `replica` on `listener` until `shutdown` resolves, then closes
+/// every connection, flushes and marks the replica clean.
+pub async fn serve(
+    replica: Arc<Replica>,
+    listener: Listener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> crate::Result<()> {
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            a = accept(&listener) => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let r = replica.clone();
+                conns.spawn(async move {
+                    match stream {
+                        Stream::Tcp(s) => {
+                            let _ = s.set_nodelay(true);
+                            serve_connection(r, s, peer).await
+                        }
+                        Stream::Unix(s) => serve_connection(r, s, peer).await,
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        while conns.try_join_next().is_some() {}
+    }
+    // Requests run to completion between await points, so aborting the
+    // connections leaves every request either applied or not started.
+    conns.shutdown().await;
+    let r = replica.clone();
+    let rev = tokio::task::spawn_blocking(move || r.mark_clean())
+        .await
+        .map_err(|e| Error::Io {
+            context: "clean shutdown".into(),
+            source: std::io::Error::other(e),
+        })??;
+    tracing::info!(revision = %rev, "replica stopped cleanly");
+    Ok(())
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> std::io::Result<(Stream, String)> {
+    Ok(match l {
+        Listener::Tcp(l) => {
+            let (s, a) = l.accept().await?;
+            (Stream::Tcp(s), a.to_string())
+        }
+        Listener::Unix(l) => {
+            let (s, _) = l.accept().await?;
+            (Stream::Unix(s), "unix".to_string())
+        }
+    })
+}
+
+/// Serves one connection until it closes or sends a bad frame.
+pub async fn serve_connection<S>(replica: Arc<Replica>, stream: S, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_replies(wr, rx));
+    match read_requests(&replica, BufReader::with_capacity(256 << 10, rd), &tx).await {
+        Ok(()) => tracing::debug!(%peer, "connection closed"),
+        Err(reason) => tracing::warn!(%peer, %reason, "closing connection"),
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
+    let mut wr = BufWriter::with_capacity(256 << 10, wr);
+    while let Some(mut reply) = rx.recv().await {
+        loop {
+            let h = ReplyHeader {
+                status: reply.status as u16,
+                id: reply.id,
+                value: reply.value,
+                payload_len: reply.payload.len() as u32,
+                crc: 0,
+            };
+            if wr.write_all(&h.encode(&reply.payload)).await.is_err()
+                || wr.write_all(&reply.payload).await.is_err()
+            {
+                return;
+            }
+            match rx.try_recv() {
+                Ok(next) => reply = next,
+                Err(_) => break,
+            }
+        }
+        if wr.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Why a connection was closed by the server.
+#[derive(Debug, thiserror::Error)]
+enum Closed {
+    #[error("bad frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    payload: &mut Vec<u8>,
+) -> Result<Option<RequestHeader>, Closed> {
+    let mut raw = [0u8; REQUEST_HEADER_LEN];
+    match rd.read_exact(&mut raw).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let h = RequestHeader::decode(&raw)?;
+    payload.clear();
+    payload.resize(h.payload_len as usize, 0);
+    rd.read_exact(payload).await?;
+    h.verify(&raw, payload)?;
+    Ok(Some(h))
+}
+
+async fn read_requests<R: AsyncRead + Unpin>(
+    replica: &Arc<Replica>,
+    mut rd: R,
+    tx: &mpsc::UnboundedSender<Reply>,
+) -> Result<(), Closed> {
+    let mut payload = Vec::new();
+    // HELLO first.
+    let Some(h) = read_frame(&mut rd, &mut payload).await? else {
+        return Ok(());
+    };
+    if Op::from_u8(h.op) != Some(Op::Hello) {
+        return Err(Closed::Protocol(format!(
+            "first request is op {}, not HELLO",
+            h.op
+        )));
+    }
+    let hello = match Hello::decode(&payload) {
+        Some(hello) if payload.len() == HELLO_LEN => hello,
+        _ => return Err(Closed::Protocol("malformed HELLO payload".into())),
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        let _ = tx.send(Reply::error(
+            h.id,
+            Status::VersionMismatch,
+            format!(
+                "protocol version {} is not supported (replica speaks {PROTOCOL_VERSION})",
+                hello.protocol_version
+            ),
+        ));
+        return Err(Closed::Protocol("protocol version mismatch".into()));
+    }
+    let owner = Owner {
+        generation: crate::Generation(hello.generation),
+        engine_id: hello.engine_id,
+    };
+    let r = replica.clone();
+    let taken = tokio::task::spawn_blocking(move || r.takeover(owner, hello.volume_uuid))
+        .await
+        .map_err(|e| Closed::Protocol(format!("takeover task failed: {e}")))?;
+    match taken {
+        Ok(info) => {
+            let json = serde_json::to_vec(&info).unwrap_or_default();
+            let _ = tx.send(Reply::ok(h.id, info.revision.0, json.into()));
+        }
+        Err(e) => {
+            tracing::warn!(generation = %owner.generation, error = %e, "refused engine");
+            let _ = tx.send(Reply::from_err(h.id, &e));
+            return Ok(());
+        }
+    }
+
+    while let Some(h) = read_frame(&mut rd, &mut payload).await? {
+        let reply = match Op::from_u8(h.op) {
+            None => Reply::error(h.id, Status::Unsupported, format!("unknown op {}", h.op)),
+            Some(Op::Hello) => {
+                return Err(Closed::Protocol("HELLO sent twice".into()));
+            }
+            Some(op @ (Op::Flush | Op::MarkClean)) => {
+                spawn_durable(replica, owner, tx, h.id, move |r| match op {
+                    Op::Flush => r.flush(),
+                    _ => r.mark_clean(),
+                });
+                continue;
+            }
+            Some(Op::Write) if h.flags & FLAG_FUA != 0 => {
+                let data = std::mem::take(&mut payload);
+                let offset = h.offset;
+                spawn_durable(replica, owner, tx, h.id, move |r| {
+                    r.write(offset, &data)?;
+                    r.flush()
+                });
+                continue;
+            }
+            Some(op) => match run_inline(replica, owner, op, &h, &payload) {
+                Ok(reply) => reply,
+                Err(e) => Reply::from_err(h.id, &e),
+            },
+        };
+        if tx.send(reply).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn run_inline(
+    replica: &Replica,
+    owner: Owner,
+    op: Op,
+    h: &RequestHeader,
+    payload: &[u8],
+) -> crate::Result<Reply> {
+    let _lease = replica.admit(owner)?;
+    let ok = |payload: Bytes| Ok(Reply::ok(h.id, 0, payload));
+    match op {
+        Op::Read => {
+            if h.length > MAX_PAYLOAD as u64 {
+                return Err(Error::Invalid(format!(
+                    "read of {} bytes exceeds {MAX_PAYLOAD}",
+                    h.length
+                )));
+            }
+            ok(replica.read(h.offset, h.length)?.into())
+        }
+        Op::Write => {
+            if h.length != payload.len() as u64 {
+                return Err(Error::Invalid(format!(
+                    "write length {} disagrees with payload of {} bytes",
+                    h.length,
+                    payload.len()
+                )));
+            }
+            replica.write(h.offset, payload)?;
+            ok(Bytes::new())
+        }
+        Op::Trim => {
+            replica.trim(h.offset, h.length)?;
+            ok(Bytes::new())
+        }
+        Op::WriteZeroes => {
+            replica.write_zeroes(h.offset, h.length)?;
+            ok(Bytes::new())
+        }
+        Op::Info => ok(serde_json::to_vec(&replica.info())
+            .unwrap_or_default()
+            .into()),
+        Op::Allocation => ok(encode_extents(&replica.allocation(h.offset, h.length)?).into()),
+        Op::Hello | Op::Flush | Op::MarkClean => {
+            Err(Error::Invalid(format!("{op:?} is not inline")))
+        }
+    }
+}
+
+/// Runs an operation that waits for the disk on the blocking pool and
+/// queues its reply (value: the persisted revision) when it is done.
+fn spawn_durable(
+    replica: &Arc<Replica>,
+    owner: Owner,
+    tx: &mpsc::UnboundedSender<Reply>,
+    id: u64,
+    f: impl FnOnce(&Replica) -> crate::Result<crate::Revision> + Send + 'static,
+) {
+    let r = replica.clone();
+    let tx = tx.clone();
+    tokio::task::spawn_blocking(move || {
+        let reply = match r.admit(owner).and_then(|_lease| f(&r)) {
+            Ok(rev) => Reply::ok(id, rev.0, Bytes::new()),
+            Err(e) => Reply::from_err(id, &e),
+        };
+        let _ = tx.send(reply);
+    });
+}

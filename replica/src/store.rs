@@ -1,0 +1,685 @@
+//! A replica on disk: its layer chain, its block index and its I/O.
+//!
+//! # Layout of a replica directory
+//!
+//! ```text
+//! replica.json              ReplicaMeta: format, volume UUID, size, chain
+//! replica.state             generation, revision counter, clean flag (2 slots)
+//! volume-snap-<name>.img    read-only snapshot layers, sparse, volume-sized
+//! volume-snap-<name>.img.meta
+//! volume-head-NNN.img       the writable head, sparse, volume-sized
+//! volume-head-NNN.img.meta
+//! ```
+//!
+//! `replica.json` is written last when a replica is created, so a directory
+//! holding it holds a complete replica.
+//!
+//! # Invariants
+//!
+//! - Only whole, aligned 4 KiB blocks are read or written; the engine does
+//!   read-modify-write for anything smaller.
+//! - Every write goes to the head. A block's visible contents are those of
+//!   the newest layer holding it, zeros if none does; the [`BlockMap`] says
+//!   which layer that is and is updated only after the data is in the file,
+//!   so a reader never sees a hole where a lower layer has data.
+//! - A write acknowledged before a flush started is durable when that flush
+//!   returns: flush fdatasyncs the head (snapshot layers are synced when they
+//!   are frozen), then persists the revision counter it read *before* the
+//!   sync, so the persisted counter never counts a write that is not durable.
+//! - The clean flag is cleared durably before the first modification after
+//!   it was set, so "clean" on disk always means the data matches `revision`.
+//! - Fencing: every request runs holding a read guard on the lease
+//!   ([`Replica::admit`]); a takeover holds the write guard while it
+//!   persists the new generation, so once it returns no request of an older
+//!   engine is running and none will be admitted again.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::ids::{BlockIndex, Generation, LayerPos, Revision, BLOCK_SIZE};
+use crate::index::BlockMap;
+use crate::meta::{self, LayerMeta, ReplicaMeta, FORMAT_VERSION, REPLICA_META};
+use crate::state::{StateFile, StateRecord, STATE_FILE};
+
+/// Who may send requests: the engine holding the newest generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Owner {
+    pub generation: Generation,
+    pub engine_id: u64,
+}
+
+/// What a replica reports about itself (on connect and on request).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    pub volume_uuid: Uuid,
+    pub size: u64,
+    pub block_size: u64,
+    pub generation: Generation,
+    pub revision: Revision,
+    pub clean: bool,
+    pub rebuilding: bool,
+    pub chain: Vec<LayerInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    pub name: String,
+    pub created: u64,
+    pub user_created: bool,
+    pub removed: bool,
+}
+
+struct Layer {
+    name: String,
+    meta: LayerMeta,
+    file: Arc<File>,
+}
+
+/// An open replica; see the module documentation.
+pub struct Replica {
+    dir: PathBuf,
+    size: u64,
+    meta: Mutex<ReplicaMeta>,
+    layers: RwLock<Vec<Layer>>,
+    index: RwLock<BlockMap>,
+    revision: AtomicU64,
+    clean: AtomicBool,
+    state: Mutex<StateFile>,
+    lease: RwLock<Owner>,
+    flush_lock: Mutex<()>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn head_name(n: u32) -> String {
+    format!("volume-head-{n:03}.img")
+}
+
+fn layer_meta_path(dir: &Path, layer: &str) -> PathBuf {
+    dir.join(format!("{layer}.meta"))
+}
+
+/// Files this crate may leave behind in an interrupted create.
+fn is_our_file(name: &str) -> bool {
+    name.starts_with("volume-") || name == STATE_FILE || name.ends_with(".tmp")
+}
+
+impl Replica {
+    /// Opens the replica in `dir`, creating one of `size` bytes if the
+    /// directory holds none and `size` is given. An existing replica of
+    /// another size is refused.
+    pub fn open_or_create(dir: &Path, size: Option<u64>) -> Result<Replica> {
+        if dir.join(REPLICA_META).exists() {
+            let r = Replica::open(dir)?;
+            if let Some(size) = size {
+                if size != r.size {
+                    return Err(Error::Mismatch(format!(
+                        "{} already holds a replica of {} bytes, not {size}",
+                        dir.display(),
+                        r.size
+                    )));
+                }
+            }
+            return Ok(r);
+        }
+        match size {
+            Some(size) => Replica::create(dir, size),
+            None => Err(Error::NotAReplica(format!(
+                "{} holds no {REPLICA_META} (pass --size to create a replica)",
+                dir.display()
+            ))),
+        }
+    }
+
+    /// Creates a new, empty replica of `size` bytes in `dir`.
+    pub fn create(dir: &Path, size: u64) -> Result<Replica> {
+        if size == 0 || size % BLOCK_SIZE != 0 {
+            return Err(Error::Invalid(format!(
+                "volume size {size} is not a positive multiple of {BLOCK_SIZE}"
+            )));
+        }
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::NotAReplica(format!(
+                "{} is not a directory",
+                dir.display()
+            )));
+        }
+        fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let entries =
+            fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+        let mut leftovers = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == REPLICA_META {
+                return Err(Error::Mismatch(format!(
+                    "{} already holds a replica",
+                    dir.display()
+                )));
+            }
+            if !is_our_file(&name) && name != "lost+found" {
+                return Err(Error::NotAReplica(format!(
+                    "{} is not empty and holds no replica ({name} is not ours); refusing to create one there",
+                    dir.display()
+                )));
+            }
+            if name != "lost+found" {
+                leftovers.push(entry.path());
+            }
+        }
+        // Remains of a create that crashed before replica.json was written.
+        for p in leftovers {
+            fs::remove_file(&p).map_err(|e| Error::io(format!("removing {}", p.display()), e))?;
+        }
+        let head = head_name(0);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.join(&head))
+            .map_err(|e| Error::io(format!("creating {head}"), e))?;
+        f.set_len(size)
+            .map_err(|e| Error::io(format!("sizing {head}"), e))?;
+        f.sync_all()
+            .map_err(|e| Error::io(format!("syncing {head}"), e))?;
+        let lmeta = LayerMeta {
+            parent: None,
+            created: now_secs(),
+            user_created: false,
+            removed: false,
+            labels: Default::default(),
+        };
+        meta::write_json_atomic(&layer_meta_path(dir, &head), &lmeta)?;
+        StateFile::create(
+            dir,
+            StateRecord {
+                clean: true,
+                ..Default::default()
+            },
+        )?;
+        let rmeta = ReplicaMeta {
+            format_version: FORMAT_VERSION,
+            volume_uuid: Uuid::nil(),
+            size,
+            block_size: BLOCK_SIZE,
+            chain: vec![head],
+            rebuilding: false,
+        };
+        meta::write_json_atomic(&dir.join(REPLICA_META), &rmeta)?;
+        tracing::info!(dir = %dir.display(), size, "created replica");
+        Replica::open(dir)
+    }
+
+    /// Opens an existing replica, validating everything it is made of.
+    pub fn open(dir: &Path) -> Result<Replica> {
+        if !dir.is_dir() {
+            return Err(Error::NotAReplica(format!(
+                "{} is not a directory",
+                dir.display()
+            )));
+        }
+        let meta_path = dir.join(REPLICA_META);
+        if !meta_path.exists() {
+            return Err(Error::NotAReplica(format!(
+                "{} holds no {REPLICA_META}",
+                dir.display()
+            )));
+        }
+        let rmeta: ReplicaMeta = meta::read_json(&meta_path)?;
+        if rmeta.format_version != FORMAT_VERSION {
+            return Err(Error::Mismatch(format!(
+                "{}: format version {} is not supported (this build reads {FORMAT_VERSION})",
+                meta_path.display(),
+                rmeta.format_version
+            )));
+        }
+        if rmeta.block_size != BLOCK_SIZE || rmeta.size == 0 || rmeta.size % BLOCK_SIZE != 0 {
+            return Err(Error::Corrupt(format!(
+                "{}: size {} / block size {} are not valid",
+                meta_path.display(),
+                rmeta.size,
+                rmeta.block_size
+            )));
+        }
+        if rmeta.chain.is_empty() {
+            return Err(Error::Corrupt(format!(
+                "{}: empty layer chain",
+                meta_path.display()
+            )));
+        }
+        let mut layers = Vec::with_capacity(rmeta.chain.len());
+        for (pos, name) in rmeta.chain.iter().enumerate() {
+            if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                return Err(Error::Corrupt(format!(
+                    "layer name {name:?} is not a plain file name"
+                )));
+            }
+            let is_head = pos + 1 == rmeta.chain.len();
+            let path = dir.join(name);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(is_head)
+                .open(&path)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        Error::Corrupt(format!("layer file {} is missing", path.display()))
+                    }
+                    _ => Error::io(format!("opening layer {}", path.display()), e),
+                })?;
+            let len = file
+                .metadata()
+                .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+                .len();
+            if len != rmeta.size {
+                return Err(Error::Corrupt(format!(
+                    "layer {} is {len} bytes, the volume {}",
+                    path.display(),
+                    rmeta.size
+                )));
+            }
+            let lmeta: LayerMeta = meta::read_json(&layer_meta_path(dir, name))?;
+            layers.push(Layer {
+                name: name.clone(),
+                meta: lmeta,
+                file: Arc::new(file),
+            });
+        }
+        let state = StateFile::open(dir)?;
+        let rec = state.current();
+        let index = build_index(rmeta.size, &layers)?;
+        Ok(Replica {
+            dir: dir.to_path_buf(),
+            size: rmeta.size,
+            meta: Mutex::new(rmeta),
+            layers: RwLock::new(layers),
+            index: RwLock::new(index),
+            revision: AtomicU64::new(rec.revision.0),
+            clean: AtomicBool::new(rec.clean),
+            state: Mutex::new(state),
+            lease: RwLock::new(Owner {
+                generation: rec.generation,
+                engine_id: rec.engine_id,
+            }),
+            flush_lock: Mutex::new(()),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn info(&self) -> ReplicaInfo {
+        let meta = lock(&self.meta).clone();
+        let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());
+        ReplicaInfo {
+            volume_uuid: meta.volume_uuid,
+            size: self.size,
+            block_size: BLOCK_SIZE,
+            generation: self.owner().generation,
+            revision: Revision(self.revision.load(Ordering::Acquire)),
+            clean: self.clean.load(Ordering::Acquire),
+            rebuilding: meta.rebuilding,
+            chain: layers
+                .iter()
+                .map(|l| LayerInfo {
+                    name: l.name.clone(),
+                    created: l.meta.created,
+                    user_created: l.meta.user_created,
+                    removed: l.meta.removed,
+                })
+                .collect(),
+        }
+    }
+
+    /// Bytes of memory the block index uses.
+    pub fn index_memory_bytes(&self) -> usize {
+        self.index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .memory_bytes()
+    }
+
+    pub fn owner(&self) -> Owner {
+        *self.lease.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the replica over for `owner`, binding it to `volume` if it is
+    /// not bound yet. Refused for an older generation, for the same
+    /// generation held by another engine, and for another volume.
+    pub fn takeover(&self, owner: Owner, volume: Uuid) -> Result<ReplicaInfo> {
+        let mut lease = self.lease.write().unwrap_or_else(|e| e.into_inner());
+        if owner.generation < lease.generation {
+            return Err(Error::Fenced(format!(
+                "generation {} is older than this replica's generation {}",
+                owner.generation, lease.generation
+            )));
+        }
+        if owner.generation == lease.generation
+            && lease.engine_id != 0
+            && owner.engine_id != lease.engine_id
+        {
+            return Err(Error::Fenced(format!(
+                "generation {} is held by another engine",
+                owner.generation
+            )));
+        }
+        {
+            let mut meta = lock(&self.meta);
+            if meta.volume_uuid.is_nil() {
+                let mut bound = meta.clone();
+                bound.volume_uuid = volume;
+                meta::write_json_atomic(&self.dir.join(REPLICA_META), &bound)?;
+                *meta = bound;
+                tracing::info!(%volume, "replica bound to volume");
+            } else if meta.volume_uuid != volume {
+                return Err(Error::Mismatch(format!(
+                    "this replica belongs to volume {}, not {volume}",
+                    meta.volume_uuid
+                )));
+            }
+        }
+        if *lease != owner {
+            let mut state = lock(&self.state);
+            let rec = StateRecord {
+                generation: owner.generation,
+                engine_id: owner.engine_id,
+                ..state.current()
+            };
+            state.store(rec)?;
+            tracing::info!(generation = %owner.generation, "replica taken over");
+            *lease = owner;
+        }
+        drop(lease);
+        Ok(self.info())
+    }
+
+    /// Admits one request of `owner`: the guard keeps a takeover out until
+    /// the request is done. Refused once a newer engine has taken over.
+    pub fn admit(&self, owner: Owner) -> Result<RwLockReadGuard<'_, Owner>> {
+        let lease = self.lease.read().unwrap_or_else(|e| e.into_inner());
+        if *lease != owner {
+            return Err(Error::Fenced(format!(
+                "replica now belongs to generation {}",
+                lease.generation
+            )));
+        }
+        Ok(lease)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+            return Err(Error::Invalid(format!(
+                "offset {offset} / length {len} are not multiples of {BLOCK_SIZE}"
+            )));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::Invalid(format!(
+                "range {offset}+{len} is past the end of the volume ({} bytes)",
+                self.size
+            ))),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`, which must hold
+    /// zeros: holes are left as they are.
+    fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        let mut reads: Vec<(Arc<File>, u64, usize, usize)> = Vec::new();
+        {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());
+            let first = BlockIndex(offset / BLOCK_SIZE);
+            for (start, count, entry) in index.runs(first, len / BLOCK_SIZE) {
+                if let Some(LayerPos(pos)) = entry {
+                    let at = start.byte_offset();
+                    let file = layers.get(pos as usize).ok_or_else(|| {
+                        Error::Corrupt(format!("index names layer {pos}, chain is shorter"))
+                    })?;
+                    reads.push((
+                        file.file.clone(),
+                        at,
+                        (at - offset) as usize,
+                        (count * BLOCK_SIZE) as usize,
+                    ));
+                }
+            }
+        }
+        for (file, at, from, n) in reads {
+            file.read_exact_at(&mut buf[from..from + n], at)
+                .map_err(|e| Error::io(format!("reading {n} bytes at {at}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.check_range(offset, len)?;
+        let mut buf = vec![0u8; len as usize];
+        self.read_into(offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn head(&self) -> (Arc<File>, LayerPos, usize) {
+        let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());
+        let pos = layers.len() - 1;
+        (layers[pos].file.clone(), LayerPos(pos as u32), layers.len())
+    }
+
+    /// Persists `clean = false` before the first modification after a clean
+    /// point; see the module invariants.
+    fn mark_dirty(&self) -> Result<()> {
+        if !self.clean.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut state = lock(&self.state);
+        if self.clean.load(Ordering::Acquire) {
+            let rec = StateRecord {
+                clean: false,
+                ..state.current()
+            };
+            state.store(rec)?;
+            self.clean.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Writes whole blocks at `offset`.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        self.mark_dirty()?;
+        let (head, pos, _) = self.head();
+        head.write_all_at(data, offset)
+            .map_err(|e| Error::io(format!("writing {} bytes at {offset}", data.len()), e))?;
+        self.index.write().unwrap_or_else(|e| e.into_inner()).set(
+            BlockIndex(offset / BLOCK_SIZE),
+            data.len() as u64 / BLOCK_SIZE,
+            Some(pos),
+        );
+        self.revision.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Discards blocks. With no snapshot below the head this punches holes
+    /// and the blocks read as zeros; with snapshots it is a no-op (trim is a
+    /// hint: punching the head would only re-expose the snapshot's data,
+    /// and the snapshot work decides what reclaim means there).
+    pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.mark_dirty()?;
+        let (head, _, chain_len) = self.head();
+        if chain_len == 1 && len > 0 {
+            self.punch(&head, offset, len)?;
+        }
+        self.revision.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Makes blocks read as zeros: a hole where no snapshot lies below the
+    /// head, written zero blocks otherwise.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.mark_dirty()?;
+        let (head, pos, chain_len) = self.head();
+        if chain_len == 1 {
+            if len > 0 {
+                self.punch(&head, offset, len)?;
+            }
+        } else {
+            const STEP: u64 = 1 << 20;
+            let zeros = vec![0u8; STEP.min(len) as usize];
+            let mut at = offset;
+            while at < offset + len {
+                let n = STEP.min(offset + len - at);
+                head.write_all_at(&zeros[..n as usize], at)
+                    .map_err(|e| Error::io(format!("writing zeroes at {at}"), e))?;
+                at += n;
+            }
+            self.index.write().unwrap_or_else(|e| e.into_inner()).set(
+                BlockIndex(offset / BLOCK_SIZE),
+                len / BLOCK_SIZE,
+                Some(pos),
+            );
+        }
+        self.revision.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn punch(&self, head: &File, offset: u64, len: u64) -> Result<()> {
+        // SAFETY: fallocate on an fd we own, with plain integer arguments.
+        let rc = unsafe {
+            libc::fallocate(
+                head.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::io(
+                format!("punching {len} bytes at {offset}"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        self.index.write().unwrap_or_else(|e| e.into_inner()).set(
+            BlockIndex(offset / BLOCK_SIZE),
+            len / BLOCK_SIZE,
+            None,
+        );
+        Ok(())
+    }
+
+    /// Makes every write acknowledged before this call durable and persists
+    /// the revision counter with it; returns the persisted counter.
+    pub fn flush(&self) -> Result<Revision> {
+        let _serial = lock(&self.flush_lock);
+        let revision = Revision(self.revision.load(Ordering::Acquire));
+        let (head, _, _) = self.head();
+        head.sync_data()
+            .map_err(|e| Error::io("syncing the head layer", e))?;
+        let mut state = lock(&self.state);
+        let cur = state.current();
+        if cur.revision != revision {
+            state.store(StateRecord { revision, ..cur })?;
+        }
+        Ok(revision)
+    }
+
+    /// Flushes and records a clean shutdown.
+    pub fn mark_clean(&self) -> Result<Revision> {
+        let revision = self.flush()?;
+        let mut state = lock(&self.state);
+        // A write that slipped in after the flush keeps the replica dirty.
+        if self.revision.load(Ordering::Acquire) == revision.0 {
+            let cur = state.current();
+            if !cur.clean {
+                state.store(StateRecord { clean: true, ..cur })?;
+            }
+            self.clean.store(true, Ordering::Release);
+        }
+        Ok(revision)
+    }
+
+    /// Allocation of `[offset, offset + len)`: runs of `(bytes, allocated)`
+    /// through the whole chain, in order.
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        self.check_range(offset, len)?;
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        for (_, count, entry) in index.runs(BlockIndex(offset / BLOCK_SIZE), len / BLOCK_SIZE) {
+            let data = entry.is_some();
+            match out.last_mut() {
+                Some((n, d)) if *d == data => *n += count * BLOCK_SIZE,
+                _ => out.push((count * BLOCK_SIZE, data)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Builds the index from the layers' allocation, oldest layer first so
+/// newer layers overwrite the entries of older ones.
+fn build_index(size: u64, layers: &[Layer]) -> Result<BlockMap> {
+    let mut map = BlockMap::new(size / BLOCK_SIZE);
+    for (pos, layer) in layers.iter().enumerate() {
+        for (start, end) in data_extents(&layer.file, size)
+            .map_err(|e| Error::io(format!("mapping layer {}", layer.name), e))?
+        {
+            let first = start / BLOCK_SIZE;
+            let last = end.div_ceil(BLOCK_SIZE).min(size / BLOCK_SIZE);
+            map.set(BlockIndex(first), last - first, Some(LayerPos(pos as u32)));
+        }
+    }
+    Ok(map)
+}
+
+/// Data extents of a sparse file as `(start, end)` byte ranges, found with
+/// SEEK_DATA / SEEK_HOLE.
+pub fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < size {
+        // SAFETY: lseek on an fd we own.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(err);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (data, hole) = (data as u64, (hole as u64).min(size));
+        if hole > data {
+            out.push((data, hole));
+        }
+        pos = hole.max(data + 1);
+    }
+    Ok(out)
+}
