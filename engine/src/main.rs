@@ -1,1 +1,263 @@
-fn main() {}
+//! `rvol`: replicated block storage.
+//!
+//! ```text
+//! rvol replica --dir DIR --listen ADDR [--size SIZE]
+//! rvol engine  --name VOL --size SIZE --replica ADDR... --nbd-listen ADDR --admin-listen ADDR
+//! rvol volume status --admin ADDR [--json]
+//! rvol demo
+//! ```
+//!
+//! Exit status: 0 clean stop; 1 could not start or failed; 2 bad usage;
+//! 3 (engine) fenced by a newer engine.
+
+mod admin;
+mod demo;
+mod engine;
+mod freshness;
+mod range_lock;
+mod volume;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rvol_replica::server::{Endpoint, Listener};
+use rvol_replica::Replica;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser)]
+#[command(
+    name = "rvol",
+    version,
+    about = "Replicated block storage: engines, replicas and their tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve one replica directory to engines.
+    Replica {
+        /// The replica directory (created with --size if it holds no replica).
+        #[arg(long)]
+        dir: PathBuf,
+        /// host:port or unix:PATH.
+        #[arg(long)]
+        listen: Endpoint,
+        /// Create a replica of this size (e.g. 1G) if DIR holds none.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+    },
+    /// Serve a replicated volume.
+    Engine {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// A replica's address (host:port or unix:PATH); repeat for each.
+        #[arg(long = "replica", required = true)]
+        replicas: Vec<Endpoint>,
+        #[arg(long, default_value = "nbd", value_parser = ["nbd"])]
+        frontend: String,
+        /// Where NBD clients connect; repeat to listen on several.
+        #[arg(long = "nbd-listen", required = true)]
+        nbd_listen: Vec<Endpoint>,
+        #[arg(long)]
+        admin_listen: Endpoint,
+        /// A replica that does not answer within this many seconds is dropped.
+        #[arg(long, default_value_t = 5.0)]
+        replica_timeout: f64,
+        /// Pipelined connections to each replica.
+        #[arg(long, default_value_t = 2)]
+        connections_per_replica: usize,
+    },
+    /// Inspect a running volume.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
+    /// Run 3 replicas and an engine under a temporary directory, serving NBD.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Show the volume's status and its replicas.
+    Status {
+        #[arg(long)]
+        admin: Endpoint,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses `4096`, `64M`, `1G`, `1GiB`, `2T`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rvol: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("rvol: {e:#}");
+            ExitCode::from(engine::EXIT_START_FAILED)
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Replica { dir, listen, size } => run_replica(dir, listen, size).await,
+        Command::Engine {
+            name,
+            size,
+            replicas,
+            frontend: _,
+            nbd_listen,
+            admin_listen,
+            replica_timeout,
+            connections_per_replica,
+        } => {
+            engine::run(engine::EngineConfig {
+                name,
+                size,
+                replicas,
+                nbd_listen,
+                admin_listen,
+                replica_timeout: Duration::from_secs_f64(replica_timeout),
+                connections_per_replica,
+            })
+            .await
+        }
+        Command::Volume {
+            command: VolumeCommand::Status { admin, json },
+        } => {
+            let body = admin::get(&admin, "/v1/volume").await?;
+            if json {
+                println!("{body}");
+            } else {
+                let s: admin::VolumeStatus =
+                    serde_json::from_str(&body).context("parsing the status")?;
+                print_status(&s);
+            }
+            Ok(0)
+        }
+        Command::Demo(args) => demo::run(args).await,
+    }
+}
+
+async fn run_replica(dir: PathBuf, listen: Endpoint, size: Option<u64>) -> anyhow::Result<u8> {
+    let d = dir.clone();
+    let replica = tokio::task::spawn_blocking(move || Replica::open_or_create(&d, size))
+        .await?
+        .with_context(|| format!("opening replica {}", dir.display()))?;
+    let replica = Arc::new(replica);
+    let listener = Listener::bind(&listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let info = replica.info();
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "ready",
+            "replica": dir,
+            "listen": listener.local_endpoint()?.to_string(),
+            "size": info.size,
+            "generation": info.generation,
+            "revision": info.revision,
+            "clean": info.clean,
+        })
+    );
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    rvol_replica::server::serve(replica, listener, async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    })
+    .await?;
+    Ok(0)
+}
+
+fn print_status(s: &admin::VolumeStatus) {
+    println!(
+        "volume {}  size {}  generation {}  state {}  frontend {} {}",
+        s.volume,
+        s.size,
+        s.generation,
+        s.state,
+        s.frontend,
+        s.nbd.join(" ")
+    );
+    println!(
+        "{:<32} {:<5} {:>12}  LAST ERROR",
+        "REPLICA", "MODE", "REVISION"
+    );
+    for r in &s.replicas {
+        println!(
+            "{:<32} {:<5} {:>12}  {}",
+            r.address,
+            r.mode,
+            r.revision,
+            r.last_error.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2t"), Ok(2 << 40));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

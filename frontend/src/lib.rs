@@ -1,1 +1,13 @@
-//! placeholder
+//! rvol's frontends: how a volume reaches its users.
+//!
+//! A frontend serves any [`BlockVolume`]: the engine's replicated volume in
+//! production, a plain file or memory in tests. It knows nothing of
+//! replicas, and the engine knows nothing of NBD or ublk wire formats.
+//!
+//! - [`nbd`]: a Network Block Device server (fixed newstyle, structured
+//!   replies, `base:allocation`, multi-conn) over TCP or Unix sockets.
+
+pub mod nbd;
+mod volume;
+
+pub use volume::{BlockVolume, Extent, VolumeError};

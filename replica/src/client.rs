@@ -127,6 +127,13 @@ impl ReplicaClient {
         ))
     }
 
+    /// Asks a replica what it holds without taking it over.
+    pub async fn probe(endpoint: &Endpoint) -> Result<ReplicaInfo> {
+        let owner = Owner::default();
+        let (_, info) = ReplicaClient::connect(endpoint, Uuid::nil(), owner, 1).await?;
+        Ok(info)
+    }
+
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }

@@ -22,6 +22,9 @@
 //! ```
 //!
 //! The first request on a connection must be HELLO (payload: [`Hello`]).
+//! A HELLO with generation 0 is a probe: the replica answers with its
+//! [`ReplicaInfo`](crate::ReplicaInfo) and closes, taking nothing over, so
+//! an engine can learn every replica's generation before it picks its own.
 //! After it, requests are pipelined: the client may send many before the
 //! first reply, and replies may come back in any order, matched by `id`.
 

@@ -310,6 +310,12 @@ async fn read_requests<R: AsyncRead + Unpin>(
         ));
         return Err(Closed::Protocol("protocol version mismatch".into()));
     }
+    if hello.generation == 0 {
+        // A probe: report, take nothing over, serve nothing.
+        let json = serde_json::to_vec(&replica.info()).unwrap_or_default();
+        let _ = tx.send(Reply::ok(h.id, 0, json.into()));
+        return Ok(());
+    }
     let owner = Owner {
         generation: crate::Generation(hello.generation),
         engine_id: hello.engine_id,

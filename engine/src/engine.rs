@@ -1,0 +1,241 @@
+//! `rvol engine`: start-up, serving, and shutdown of one volume.
+//!
+//! Start-up: probe every replica (HELLO with generation 0), refuse to start
+//! if a replica reports another size, take every reachable replica over
+//! with a generation above all of theirs (which fences any older engine),
+//! then choose the fresh set by the [`freshness`](crate::freshness) rules.
+//! Serving: the NBD frontend and the admin API; one JSON line on stdout
+//! says where. Shutdown on SIGTERM/SIGINT: stop accepting, let in-flight
+//! requests finish, flush every replica and mark it clean, exit 0. If a
+//! newer engine fences this one, it stops serving and exits with
+//! [`EXIT_FENCED`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures::future::join_all;
+use rvol_frontend::nbd::{NbdListener, NbdServer};
+use rvol_replica::client::ReplicaClient;
+use rvol_replica::server::{Endpoint, Listener};
+use rvol_replica::{Generation, Owner};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::admin::{self, AdminState};
+use crate::freshness::{choose, Candidate, Verdict};
+use crate::volume::{Mode, ReplicaSlot, ReplicatedVolume};
+
+/// Exit status: stopped cleanly.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: could not start (bad arguments, no usable replica, ...).
+pub const EXIT_START_FAILED: u8 = 1;
+/// Exit status: a newer engine took the replicas over; this one stopped.
+pub const EXIT_FENCED: u8 = 3;
+
+pub struct EngineConfig {
+    pub name: String,
+    pub size: u64,
+    pub replicas: Vec<Endpoint>,
+    pub nbd_listen: Vec<Endpoint>,
+    pub admin_listen: Endpoint,
+    pub replica_timeout: Duration,
+    pub connections_per_replica: usize,
+}
+
+/// The UUID every replica of volume `name` is bound to.
+pub fn volume_uuid(name: &str) -> Uuid {
+    const NAMESPACE: Uuid = Uuid::from_u128(0x9d6f_2b1c_7a43_4e0b_a7c5_3f1e_8d20_6b91);
+    Uuid::new_v5(&NAMESPACE, name.as_bytes())
+}
+
+/// Connects to the replicas and builds the volume; see the module docs.
+pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume> {
+    let uuid = volume_uuid(&cfg.name);
+    let t = cfg.replica_timeout;
+    let probes = join_all(
+        cfg.replicas
+            .iter()
+            .map(|ep| tokio::time::timeout(t, ReplicaClient::probe(ep))),
+    )
+    .await;
+    let mut reachable = Vec::new();
+    let mut slots: Vec<Option<Arc<ReplicaSlot>>> = vec![None; cfg.replicas.len()];
+    let mut max_generation = Generation(0);
+    for (i, (ep, probe)) in cfg.replicas.iter().zip(probes).enumerate() {
+        let err = match probe {
+            Err(_) => format!("no answer within {t:?}"),
+            Ok(Err(e)) => e.to_string(),
+            Ok(Ok(info)) if info.size != cfg.size => {
+                bail!(
+                    "replica {ep} holds {} bytes but the volume is {} bytes; refusing to start",
+                    info.size,
+                    cfg.size
+                )
+            }
+            Ok(Ok(info)) if !info.volume_uuid.is_nil() && info.volume_uuid != uuid => {
+                format!("belongs to another volume ({})", info.volume_uuid)
+            }
+            Ok(Ok(info)) => {
+                max_generation = max_generation.max(info.generation);
+                reachable.push(i);
+                continue;
+            }
+        };
+        tracing::warn!(replica = %ep, error = %err, "replica not usable");
+        slots[i] = Some(Arc::new(ReplicaSlot::failed(ep.clone(), err)));
+    }
+    let owner = Owner {
+        generation: max_generation.next(),
+        engine_id: rand_u64(),
+    };
+    let conns = cfg.connections_per_replica;
+    let connected = join_all(reachable.iter().map(|&i| {
+        let ep = &cfg.replicas[i];
+        tokio::time::timeout(t, ReplicaClient::connect(ep, uuid, owner, conns))
+    }))
+    .await;
+    let mut taken = Vec::new();
+    for (&i, r) in reachable.iter().zip(connected) {
+        let ep = &cfg.replicas[i];
+        match r {
+            Ok(Ok((client, info))) => taken.push((i, client, info)),
+            Ok(Err(e)) => slots[i] = Some(Arc::new(ReplicaSlot::failed(ep.clone(), e.to_string()))),
+            Err(_) => {
+                slots[i] = Some(Arc::new(ReplicaSlot::failed(
+                    ep.clone(),
+                    format!("no answer within {t:?}"),
+                )))
+            }
+        }
+    }
+    let candidates: Vec<Candidate> = taken
+        .iter()
+        .map(|(_, _, info)| Candidate {
+            revision: info.revision.0,
+            clean: info.clean,
+            rebuilding: info.rebuilding,
+        })
+        .collect();
+    for ((i, client, info), verdict) in taken.into_iter().zip(choose(&candidates)) {
+        let ep = cfg.replicas[i].clone();
+        let slot = match verdict {
+            Verdict::Fresh => ReplicaSlot::new(ep, client, Mode::RW, info.revision.0),
+            Verdict::Stale(why) => {
+                tracing::warn!(replica = %ep, %why, "replica left out of the set");
+                ReplicaSlot::failed(ep, why)
+            }
+        };
+        slots[i] = Some(Arc::new(slot));
+    }
+    let slots: Vec<Arc<ReplicaSlot>> = slots.into_iter().flatten().collect();
+    if !slots.iter().any(|s| s.mode() == Mode::RW) {
+        let reasons: Vec<String> = slots
+            .iter()
+            .map(|s| format!("{}: {}", s.endpoint, s.last_error().unwrap_or_default()))
+            .collect();
+        bail!(
+            "no usable replica; refusing to start ({})",
+            reasons.join("; ")
+        );
+    }
+    tracing::info!(
+        volume = %cfg.name,
+        generation = %owner.generation,
+        fresh = slots.iter().filter(|s| s.mode() == Mode::RW).count(),
+        total = slots.len(),
+        "took the replicas over"
+    );
+    Ok(ReplicatedVolume::new(
+        cfg.name.clone(),
+        cfg.size,
+        owner.generation,
+        slots,
+        cfg.replica_timeout,
+    ))
+}
+
+fn rand_u64() -> u64 {
+    // Engine identities only need to differ between engines.
+    (Uuid::new_v4().as_u128() as u64).max(1)
+}
+
+/// Runs the engine to completion; returns its exit status.
+pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
+    let volume = Arc::new(open_volume(&cfg).await?);
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let nbd = NbdServer::new(
+        volume.clone(),
+        cfg.name.clone(),
+        format!("rvol volume {}", cfg.name),
+    );
+    let mut nbd_tasks = Vec::new();
+    let mut nbd_addrs = Vec::new();
+    for ep in &cfg.nbd_listen {
+        let listener = Listener::bind(ep)
+            .await
+            .with_context(|| format!("binding NBD listener {ep}"))?;
+        nbd_addrs.push(listener.local_endpoint()?.to_string());
+        let listener = match listener {
+            Listener::Tcp(l) => NbdListener::Tcp(l),
+            Listener::Unix(l) => NbdListener::Unix(l),
+        };
+        nbd_tasks.push(tokio::spawn(nbd.clone().serve(listener, stop_rx.clone())));
+    }
+    let admin_listener = Listener::bind(&cfg.admin_listen)
+        .await
+        .with_context(|| format!("binding admin listener {}", cfg.admin_listen))?;
+    let admin_addr = admin_listener.local_endpoint()?.to_string();
+    let admin_state = Arc::new(AdminState {
+        volume: volume.clone(),
+        frontend: "nbd".into(),
+        nbd: nbd_addrs.clone(),
+    });
+    let mut admin_stop = stop_rx.clone();
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, async move {
+        let _ = admin_stop.wait_for(|s| *s).await;
+    }));
+
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "ready",
+            "volume": cfg.name,
+            "size": cfg.size,
+            "generation": volume.generation.0,
+            "nbd": nbd_addrs,
+            "admin": admin_addr,
+        })
+    );
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut fenced = volume.fenced_watch();
+    let fenced_now = tokio::select! {
+        _ = sigterm.recv() => false,
+        _ = sigint.recv() => false,
+        _ = fenced.wait_for(|f| *f) => true,
+    };
+    tracing::info!(
+        fenced = fenced_now,
+        "stopping: no new requests, finishing those in flight"
+    );
+    let _ = stop_tx.send(true);
+    for t in nbd_tasks {
+        let _ = t.await;
+    }
+    let _ = admin_task.await;
+    if fenced_now || volume.is_fenced() {
+        tracing::error!("fenced by a newer engine; exiting without touching the replicas");
+        return Ok(EXIT_FENCED);
+    }
+    match volume.shutdown_clean().await {
+        Ok(()) => tracing::info!("replicas flushed and marked clean"),
+        Err(e) => {
+            tracing::error!(error = %e, "clean shutdown failed; the next start will treat replicas as unclean")
+        }
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,391 @@
+//! NBD server over any [`BlockVolume`].
+//!
+//! One task reads a connection's requests in order; each request then runs
+//! in its own task, so a slow flush does not hold up reads behind it, and
+//! replies are written by the connection's writer task in the order they
+//! complete (out of order, matched by the client's cookie). At most
+//! [`MAX_IN_FLIGHT`] requests run per connection; the reader waits for a
+//! slot, which pushes back on the client through TCP.
+//!
+//! Errors in a request (a range past the end, an unknown command, a read
+//! larger than we allow) get an error reply and the connection lives. A
+//! request whose framing cannot be trusted (bad magic, a write payload
+//! over the limit) closes that connection only.
+//!
+//! Multi-conn: flush is passed to the volume, whose flush covers every
+//! write completed before it on any connection, so NBD_FLAG_CAN_MULTI_CONN
+//! is advertised.
+
+pub mod handshake;
+pub mod proto;
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::{BlockVolume, Extent, VolumeError};
+use handshake::{negotiate, ExportInfo, Negotiated};
+use proto::*;
+
+/// Requests run concurrently per connection.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// Most descriptors in one BLOCK_STATUS reply.
+const MAX_EXTENTS: usize = 1024;
+
+pub enum NbdListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// An NBD server exporting one volume under one name.
+pub struct NbdServer<V> {
+    volume: Arc<V>,
+    name: String,
+    description: String,
+}
+
+impl<V: BlockVolume> NbdServer<V> {
+    pub fn new(
+        volume: Arc<V>,
+        name: impl Into<String>,
+        description: impl Into<String>,
+    ) -> Arc<Self> {
+        Arc::new(NbdServer {
+            volume,
+            name: name.into(),
+            description: description.into(),
+        })
+    }
+
+    /// Accepts connections until `stop` turns true, then lets every
+    /// connection finish its in-flight requests and returns.
+    pub async fn serve(self: Arc<Self>, listener: NbdListener, mut stop: watch::Receiver<bool>) {
+        let mut conns = JoinSet::new();
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                a = accept(&listener) => a,
+            };
+            match accepted {
+                Ok((Stream::Tcp(s), peer)) => {
+                    let _ = s.set_nodelay(true);
+                    conns.spawn(self.clone().serve_connection(s, peer, stop.clone()));
+                }
+                Ok((Stream::Unix(s), peer)) => {
+                    conns.spawn(self.clone().serve_connection(s, peer, stop.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "NBD accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+            while conns.try_join_next().is_some() {}
+        }
+        while conns.join_next().await.is_some() {}
+    }
+
+    /// Serves one client from handshake to disconnect.
+    pub async fn serve_connection<S>(
+        self: Arc<Self>,
+        mut stream: S,
+        peer: String,
+        stop: watch::Receiver<bool>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let export = ExportInfo {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            size: self.volume.size(),
+            transmission_flags: TFLAG_HAS_FLAGS
+                | TFLAG_SEND_FLUSH
+                | TFLAG_SEND_FUA
+                | TFLAG_SEND_TRIM
+                | TFLAG_SEND_WRITE_ZEROES
+                | TFLAG_CAN_MULTI_CONN
+                | TFLAG_SEND_CACHE,
+        };
+        let agreed = match negotiate(&mut stream, &export).await {
+            Ok(Some(a)) => a,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "NBD handshake failed");
+                return;
+            }
+        };
+        tracing::debug!(%peer, ?agreed, "NBD client connected");
+        let (rd, wr) = tokio::io::split(stream);
+        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+        let writer = tokio::spawn(write_replies(wr, rx));
+        if let Err(reason) = self
+            .transmit(BufReader::with_capacity(256 << 10, rd), agreed, tx, stop)
+            .await
+        {
+            tracing::warn!(%peer, %reason, "closing NBD connection");
+        }
+        let _ = writer.await;
+        tracing::debug!(%peer, "NBD client disconnected");
+    }
+
+    async fn transmit<R: AsyncRead + Unpin>(
+        self: &Arc<Self>,
+        mut rd: R,
+        agreed: Negotiated,
+        tx: mpsc::UnboundedSender<Bytes>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let mut running = JoinSet::new();
+        let result = loop {
+            let mut raw = [0u8; REQUEST_LEN];
+            let read = tokio::select! {
+                _ = stop.wait_for(|s| *s) => break Ok(()),
+                r = rd.read_exact(&mut raw) => r,
+            };
+            match read {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => break Err(format!("socket: {e}")),
+            }
+            let req = match Request::parse(&raw) {
+                Ok(r) => r,
+                Err(e) => break Err(e.to_string()),
+            };
+            let mut payload = BytesMut::zeroed(req.payload_len());
+            if let Err(e) = rd.read_exact(&mut payload).await {
+                break Err(format!("client went away mid-request: {e}"));
+            }
+            if req.command == CMD_DISC {
+                break Ok(());
+            }
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break Ok(());
+            };
+            let this = self.clone();
+            let tx = tx.clone();
+            let payload = payload.freeze();
+            running.spawn(async move {
+                let reply = this.execute(req, payload, agreed).await;
+                let _ = tx.send(reply);
+                drop(slot);
+            });
+            while running.try_join_next().is_some() {}
+        };
+        // In-flight requests complete and are answered before we close.
+        while running.join_next().await.is_some() {}
+        result
+    }
+
+    async fn execute(&self, req: Request, payload: Bytes, agreed: Negotiated) -> Bytes {
+        let v = &*self.volume;
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let len = req.length as u64;
+        let in_range = req
+            .offset
+            .checked_add(len)
+            .is_some_and(|end| end <= v.size());
+        let out_of_range = |kind: &str| {
+            VolumeError::Invalid(format!(
+                "{kind} of {len} bytes at {} is past the end ({})",
+                req.offset,
+                v.size()
+            ))
+        };
+        let result: Result<Option<Bytes>, (u32, VolumeError)> = match req.command {
+            CMD_READ if len > MAX_PAYLOAD as u64 => {
+                Err((EOVERFLOW, VolumeError::Invalid("read too large".into())))
+            }
+            CMD_READ if !in_range => Err((EINVAL, out_of_range("read"))),
+            CMD_READ => v
+                .read(req.offset, req.length)
+                .await
+                .map(Some)
+                .map_err(errno),
+            CMD_WRITE if !in_range => Err((ENOSPC, out_of_range("write"))),
+            CMD_WRITE => v
+                .write(req.offset, payload, fua)
+                .await
+                .map(|_| None)
+                .map_err(errno),
+            CMD_FLUSH => v.flush().await.map(|_| None).map_err(errno),
+            CMD_TRIM if !in_range => Err((EINVAL, out_of_range("trim"))),
+            CMD_TRIM => v
+                .trim(req.offset, len, fua)
+                .await
+                .map(|_| None)
+                .map_err(errno),
+            CMD_WRITE_ZEROES if req.flags & CMD_FLAG_FAST_ZERO != 0 => Err((
+                ENOTSUP,
+                VolumeError::Invalid("fast zero is not supported".into()),
+            )),
+            CMD_WRITE_ZEROES if !in_range => Err((ENOSPC, out_of_range("write-zeroes"))),
+            CMD_WRITE_ZEROES => {
+                let may_punch = req.flags & CMD_FLAG_NO_HOLE == 0;
+                v.write_zeroes(req.offset, len, may_punch, fua)
+                    .await
+                    .map(|_| None)
+                    .map_err(errno)
+            }
+            CMD_CACHE if !in_range => Err((EINVAL, out_of_range("cache"))),
+            CMD_CACHE => Ok(None),
+            CMD_BLOCK_STATUS if !agreed.base_allocation => Err((
+                EINVAL,
+                VolumeError::Invalid("no meta context selected".into()),
+            )),
+            CMD_BLOCK_STATUS if !in_range || len == 0 => {
+                Err((EINVAL, out_of_range("block status")))
+            }
+            CMD_BLOCK_STATUS => {
+                let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+                return match v.block_status(req.offset, len).await {
+                    Ok(extents) => block_status_reply(req.cookie, &extents, len, one),
+                    Err(e) => {
+                        let (code, e) = errno(e);
+                        error_reply(req.cookie, code, &e.to_string(), true)
+                    }
+                };
+            }
+            c => Err((EINVAL, VolumeError::Invalid(format!("unknown command {c}")))),
+        };
+        match result {
+            Ok(data) => ok_reply(
+                req.cookie,
+                req.offset,
+                data,
+                agreed.structured_replies && req.command == CMD_READ,
+            ),
+            Err((code, e)) => {
+                tracing::debug!(command = req.command, offset = req.offset, len, error = %e, "NBD request failed");
+                error_reply(req.cookie, code, &e.to_string(), agreed.structured_replies)
+            }
+        }
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &NbdListener) -> std::io::Result<(Stream, String)> {
+    Ok(match l {
+        NbdListener::Tcp(l) => {
+            let (s, a) = l.accept().await?;
+            (Stream::Tcp(s), a.to_string())
+        }
+        NbdListener::Unix(l) => (Stream::Unix(l.accept().await?.0), "unix".into()),
+    })
+}
+
+fn errno(e: VolumeError) -> (u32, VolumeError) {
+    let code = match e {
+        VolumeError::Invalid(_) => EINVAL,
+        VolumeError::NoSpace(_) => ENOSPC,
+        VolumeError::Io(_) => EIO,
+    };
+    (code, e)
+}
+
+fn simple_reply(cookie: u64, error: u32, data: Option<&[u8]>) -> Bytes {
+    let mut b = BytesMut::with_capacity(16 + data.map_or(0, |d| d.len()));
+    b.put_u32(SIMPLE_REPLY_MAGIC);
+    b.put_u32(error);
+    b.put_u64(cookie);
+    if let Some(d) = data {
+        b.put_slice(d);
+    }
+    b.freeze()
+}
+
+fn chunk_header(b: &mut BytesMut, cookie: u64, kind: u16, len: u32) {
+    b.put_u32(STRUCTURED_REPLY_MAGIC);
+    b.put_u16(REPLY_FLAG_DONE);
+    b.put_u16(kind);
+    b.put_u64(cookie);
+    b.put_u32(len);
+}
+
+fn ok_reply(cookie: u64, offset: u64, data: Option<Bytes>, structured_read: bool) -> Bytes {
+    match (data, structured_read) {
+        (Some(d), true) if !d.is_empty() => {
+            let mut b = BytesMut::with_capacity(28 + d.len());
+            chunk_header(&mut b, cookie, REPLY_TYPE_OFFSET_DATA, 8 + d.len() as u32);
+            b.put_u64(offset);
+            b.put_slice(&d);
+            b.freeze()
+        }
+        (_, true) => {
+            let mut b = BytesMut::with_capacity(20);
+            chunk_header(&mut b, cookie, REPLY_TYPE_NONE, 0);
+            b.freeze()
+        }
+        (d, false) => simple_reply(cookie, 0, d.as_deref()),
+    }
+}
+
+fn error_reply(cookie: u64, code: u32, message: &str, structured: bool) -> Bytes {
+    if !structured {
+        return simple_reply(cookie, code, None);
+    }
+    let msg = &message.as_bytes()[..message.len().min(4096)];
+    let mut b = BytesMut::with_capacity(26 + msg.len());
+    chunk_header(&mut b, cookie, REPLY_TYPE_ERROR, 6 + msg.len() as u32);
+    b.put_u32(code);
+    b.put_u16(msg.len() as u16);
+    b.put_slice(msg);
+    b.freeze()
+}
+
+fn block_status_reply(cookie: u64, extents: &[Extent], len: u64, one: bool) -> Bytes {
+    let mut descriptors = Vec::new();
+    let mut covered = 0u64;
+    for e in extents {
+        if covered >= len || descriptors.len() >= MAX_EXTENTS || (one && !descriptors.is_empty()) {
+            break;
+        }
+        let n = e.length.min(len - covered).min(u32::MAX as u64 & !4095);
+        if n == 0 {
+            break;
+        }
+        let flags = if e.hole { STATE_HOLE | STATE_ZERO } else { 0 };
+        descriptors.push((n as u32, flags));
+        covered += n;
+    }
+    let mut b = BytesMut::with_capacity(24 + 8 * descriptors.len());
+    chunk_header(
+        &mut b,
+        cookie,
+        REPLY_TYPE_BLOCK_STATUS,
+        4 + 8 * descriptors.len() as u32,
+    );
+    b.put_u32(BASE_ALLOCATION_ID);
+    for (n, flags) in descriptors {
+        b.put_u32(n);
+        b.put_u32(flags);
+    }
+    b.freeze()
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    let mut wr = BufWriter::with_capacity(256 << 10, wr);
+    while let Some(mut reply) = rx.recv().await {
+        loop {
+            if wr.write_all(&reply).await.is_err() {
+                return;
+            }
+            match rx.try_recv() {
+                Ok(next) => reply = next,
+                Err(_) => break,
+            }
+        }
+        if wr.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
