@@ -1,0 +1,232 @@
+//! Shared helpers for tests that run real `rvol` processes and real clients.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const RVOL: &str = env!("CARGO_BIN_EXE_rvol");
+
+/// A running `rvol` process; SIGKILLed when dropped if still running.
+pub struct Proc {
+    pub child: Child,
+    pub ready: serde_json::Value,
+}
+
+impl Proc {
+    /// Starts `rvol ARGS` and waits for its ready line.
+    pub fn start(args: &[&str]) -> Proc {
+        Self::try_start(args).unwrap_or_else(|e| panic!("rvol {args:?}: {e}"))
+    }
+
+    pub fn try_start(args: &[&str]) -> Result<Proc, String> {
+        let mut child = Command::new(RVOL)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(v) if v["event"] == "ready" => Ok(Proc { child, ready: v }),
+            _ => {
+                let status = child.wait().map_err(|e| e.to_string())?;
+                Err(format!("did not become ready ({status}); stdout: {line:?}"))
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, sig);
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit code.
+    pub fn stop(&mut self) -> i32 {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> i32 {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.kill9();
+        }
+    }
+}
+
+/// A replica process with its directory.
+pub struct ReplicaProc {
+    pub dir: PathBuf,
+    pub proc: Proc,
+    pub addr: String,
+}
+
+impl ReplicaProc {
+    /// Starts a replica in `dir` on a fresh loopback port (or the port it had).
+    pub fn start(dir: &Path, size: &str, listen: &str) -> ReplicaProc {
+        let proc = Proc::start(&[
+            "replica",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            listen,
+            "--size",
+            size,
+        ]);
+        let addr = proc.ready["listen"].as_str().unwrap().to_string();
+        ReplicaProc {
+            dir: dir.to_path_buf(),
+            proc,
+            addr,
+        }
+    }
+
+    pub fn restart(&mut self, size: &str) {
+        let addr = self.addr.clone();
+        *self = ReplicaProc::start(&self.dir.clone(), size, &addr);
+    }
+}
+
+/// A free loopback TCP port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An engine over the given replica addresses, NBD on a fresh port.
+pub fn start_engine(
+    name: &str,
+    size: &str,
+    replicas: &[String],
+    extra: &[&str],
+) -> (Proc, String, String) {
+    let nbd = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "engine",
+        "--name",
+        name,
+        "--size",
+        size,
+        "--nbd-listen",
+        &nbd,
+        "--admin-listen",
+        &admin,
+    ];
+    for r in replicas {
+        args.push("--replica");
+        args.push(r);
+    }
+    args.extend_from_slice(extra);
+    let p = Proc::start(&args);
+    (p, format!("nbd://{nbd}"), admin)
+}
+
+/// Runs a command, returning its output; panics if it cannot start.
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run {cmd}: {e} (is it installed? scripts/test.sh installs it)")
+    })
+}
+
+/// Runs a command and asserts it succeeded; returns stdout.
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = run(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The engine's status as JSON, through the CLI.
+pub fn status(admin: &str) -> serde_json::Value {
+    let out = run_ok(RVOL, &["volume", "status", "--admin", admin, "--json"]);
+    serde_json::from_str(&out).expect("status JSON")
+}
+
+pub fn tool_available(name: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Three replicas under `base`, each on a fresh port.
+pub fn three_replicas(base: &Path, size: &str) -> Vec<ReplicaProc> {
+    (0..3)
+        .map(|i| ReplicaProc::start(&base.join(format!("r{i}")), size, "127.0.0.1:0"))
+        .collect()
+}
+
+pub fn addrs(rs: &[ReplicaProc]) -> Vec<String> {
+    rs.iter().map(|r| r.addr.clone()).collect()
+}
+
+/// A deterministic pseudo-random byte stream (xorshift).
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    run_ok("sha256sum", &[path.to_str().unwrap()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Runs a Python script with libnbd's bindings (Debian's python3-libnbd,
+/// which lives beside Debian's python, whatever `python3` is on PATH).
+pub fn libnbd_python(script: &str) -> String {
+    run_ok("/usr/bin/python3", &["-c", script])
+}
