@@ -35,7 +35,9 @@ use tokio::sync::watch;
 
 use crate::range_lock::RangeLocks;
 
-/// What a replica is doing in the set.
+/// What a replica is doing in the set. (The names are the ones operators
+/// know from Longhorn, hence the capitals.)
+#[allow(clippy::upper_case_acronyms)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[repr(u8)]
 pub enum Mode {

@@ -321,7 +321,7 @@ pub fn encode_extents(runs: &[(u64, bool)]) -> Vec<u8> {
 }
 
 pub fn decode_extents(b: &[u8]) -> Option<Vec<(u64, bool)>> {
-    if b.len() % 9 != 0 {
+    if !b.len().is_multiple_of(9) {
         return None;
     }
     b.chunks_exact(9)

@@ -146,7 +146,7 @@ impl Replica {
 
     /// Creates a new, empty replica of `size` bytes in `dir`.
     pub fn create(dir: &Path, size: u64) -> Result<Replica> {
-        if size == 0 || size % BLOCK_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
             return Err(Error::Invalid(format!(
                 "volume size {size} is not a positive multiple of {BLOCK_SIZE}"
             )));
@@ -246,7 +246,10 @@ impl Replica {
                 rmeta.format_version
             )));
         }
-        if rmeta.block_size != BLOCK_SIZE || rmeta.size == 0 || rmeta.size % BLOCK_SIZE != 0 {
+        if rmeta.block_size != BLOCK_SIZE
+            || rmeta.size == 0
+            || !rmeta.size.is_multiple_of(BLOCK_SIZE)
+        {
             return Err(Error::Corrupt(format!(
                 "{}: size {} / block size {} are not valid",
                 meta_path.display(),
@@ -424,7 +427,7 @@ impl Replica {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+        if !offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE) {
             return Err(Error::Invalid(format!(
                 "offset {offset} / length {len} are not multiples of {BLOCK_SIZE}"
             )));

@@ -1,0 +1,27 @@
+# Installs (from Debian's packages and crates.io) what rvol's scripts need,
+# only where it is missing. Sourced by scripts/*.sh.
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+install_run_deps() {
+  # qemu-img/qemu-io come with qemu-utils; nbdinfo with libnbd-bin.
+  command -v qemu-img >/dev/null || apt_install qemu-utils
+  apt_install libnbd-bin fio
+}
+
+install_test_deps() {
+  install_run_deps
+  apt_install python3-libnbd nbdkit
+  command -v cargo >/dev/null || { echo "cargo is required (rustup.rs)"; exit 1; }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# rvol's test command: installs what the tests need, then runs formatting,
+# lint, unit, integration and (briefly) fuzz checks.
+#
+#   scripts/test.sh            # everything CI runs
+#   RVOL_FUZZ_SECONDS=0 ...    # skip the fuzz smoke run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/deps.sh
+install_test_deps
+
+export CARGO_TERM_COLOR=never
+echo "== cargo fmt"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --workspace 2>&1 | tee target/test.log
+echo "== fuzz smoke"
+scripts/fuzz.sh "${RVOL_FUZZ_SECONDS:-15}"
+# One line for the CI log reader: totals over every test binary.
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test.log
