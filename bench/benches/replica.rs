@@ -20,7 +20,7 @@ fn store(c: &mut Criterion) {
     g.bench_function("write_4k_random", |b| {
         b.iter(|| {
             i = (i + 7919) % blocks;
-            r.write(i * BLOCK_SIZE, &data).unwrap();
+            r.write(i * BLOCK_SIZE, &data, 0).unwrap();
         })
     });
     g.bench_function("read_4k_random", |b| {
@@ -34,7 +34,7 @@ fn store(c: &mut Criterion) {
     g.bench_function("write_1m_seq", |b| {
         b.iter(|| {
             i = (i + 256) % (blocks - 256);
-            r.write(i * BLOCK_SIZE, &big).unwrap();
+            r.write(i * BLOCK_SIZE, &big, 0).unwrap();
         })
     });
     g.bench_function("read_1m_seq", |b| {
@@ -83,6 +83,7 @@ fn frames(c: &mut Criterion) {
         id: 1,
         offset: 0,
         length: BLOCK_SIZE,
+        epoch: 0,
         payload_len: 0,
         crc: 0,
     };

@@ -22,6 +22,8 @@ pub struct VolumeStatus {
     pub size: u64,
     pub generation: u64,
     pub state: String,
+    /// Bytes copied at start to reconcile replicas after an unclean stop.
+    pub reconciled_bytes: u64,
     pub frontend: String,
     pub nbd: Vec<String>,
     pub replicas: Vec<ReplicaStatus>,
@@ -68,6 +70,7 @@ pub fn status(s: &AdminState) -> VolumeStatus {
         size: v.size(),
         generation: v.generation.0,
         state: state.into(),
+        reconciled_bytes: v.reconciled_bytes,
         frontend: s.frontend.clone(),
         nbd: s.nbd.clone(),
         replicas,

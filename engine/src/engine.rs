@@ -3,7 +3,8 @@
 //! Start-up: probe every replica (HELLO with generation 0), refuse to start
 //! if a replica reports another size, take every reachable replica over
 //! with a generation above all of theirs (which fences any older engine),
-//! then choose the fresh set by the [`freshness`](crate::freshness) rules.
+//! choose the fresh set by the [`freshness`](crate::freshness) rules, and
+//! [`reconcile`](crate::reconcile) replicas an unclean stop left different.
 //! Serving: the NBD frontend and the admin API; one JSON line on stdout
 //! says where. Shutdown on SIGTERM/SIGINT: stop accepting, let in-flight
 //! requests finish, flush every replica and mark it clean, exit 0. If a
@@ -25,7 +26,8 @@ use uuid::Uuid;
 
 use crate::admin::{self, AdminState};
 use crate::freshness::{choose, Candidate, Verdict};
-use crate::volume::{Mode, ReplicaSlot, ReplicatedVolume};
+use crate::reconcile::reconcile;
+use crate::volume::{Mode, ReplicaSlot, ReplicatedVolume, VolumeParams};
 
 /// Exit status: stopped cleanly.
 pub const EXIT_OK: u8 = 0;
@@ -113,16 +115,59 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
     let candidates: Vec<Candidate> = taken
         .iter()
         .map(|(_, _, info)| Candidate {
-            revision: info.revision.0,
+            flush_epoch: info.flush_epoch,
             clean: info.clean,
+            dirty_known: info.dirty_known,
             rebuilding: info.rebuilding,
         })
         .collect();
-    for ((i, client, info), verdict) in taken.into_iter().zip(choose(&candidates)) {
+    // Above every epoch any replica saw, so old tags never look current.
+    let reconcile_epoch = taken
+        .iter()
+        .map(|(_, _, i)| i.epoch_seen)
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let verdicts = choose(&candidates);
+    let mut outcome: Vec<Result<(), String>> = verdicts
+        .iter()
+        .map(|v| match v {
+            Verdict::Stale(why) => Err(why.clone()),
+            Verdict::Fresh | Verdict::Reconcile => Ok(()),
+        })
+        .collect();
+    let targets: Vec<usize> = (0..verdicts.len())
+        .filter(|&i| verdicts[i] == Verdict::Reconcile)
+        .collect();
+    let mut reconciled_bytes = 0;
+    if let (false, Some(source)) = (
+        targets.is_empty(),
+        verdicts.iter().position(|v| *v == Verdict::Fresh),
+    ) {
+        let clients: Vec<&ReplicaClient> = targets.iter().map(|&i| &taken[i].1).collect();
+        let results = reconcile(&taken[source].1, &clients, reconcile_epoch)
+            .await
+            .with_context(|| {
+                format!("reconciling from source {}", cfg.replicas[taken[source].0])
+            })?;
+        for (&i, r) in targets.iter().zip(results) {
+            match r {
+                Ok(n) => reconciled_bytes += n,
+                Err(e) => outcome[i] = Err(format!("reconciliation failed: {e}")),
+            }
+        }
+        tracing::info!(
+            source = %cfg.replicas[taken[source].0],
+            targets = targets.len(),
+            bytes = reconciled_bytes,
+            "reconciled replicas after an unclean stop"
+        );
+    }
+    for ((i, client, info), outcome) in taken.into_iter().zip(outcome) {
         let ep = cfg.replicas[i].clone();
-        let slot = match verdict {
-            Verdict::Fresh => ReplicaSlot::new(ep, client, Mode::RW, info.revision.0),
-            Verdict::Stale(why) => {
+        let slot = match outcome {
+            Ok(()) => ReplicaSlot::new(ep, client, Mode::RW, info.revision.0),
+            Err(why) => {
                 tracing::warn!(replica = %ep, %why, "replica left out of the set");
                 ReplicaSlot::failed(ep, why)
             }
@@ -147,13 +192,15 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
         total = slots.len(),
         "took the replicas over"
     );
-    Ok(ReplicatedVolume::new(
-        cfg.name.clone(),
-        cfg.size,
-        owner.generation,
-        slots,
-        cfg.replica_timeout,
-    ))
+    let params = VolumeParams {
+        name: cfg.name.clone(),
+        size: cfg.size,
+        generation: owner.generation,
+        first_epoch: reconcile_epoch + 1,
+        reconciled_bytes,
+        timeout: cfg.replica_timeout,
+    };
+    Ok(ReplicatedVolume::new(params, slots))
 }
 
 fn rand_u64() -> u64 {
@@ -205,6 +252,7 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
             "volume": cfg.name,
             "size": cfg.size,
             "generation": volume.generation.0,
+            "reconciled_bytes": volume.reconciled_bytes,
             "nbd": nbd_addrs,
             "admin": admin_addr,
         })

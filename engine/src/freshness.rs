@@ -1,52 +1,66 @@
 //! Which replicas an engine may serve from when it starts.
 //!
-//! Every replica reports, on connect, its persisted revision counter (the
-//! number of modifications it had applied at its last flush), whether it
-//! was shut down cleanly, and whether a rebuild of it was interrupted.
+//! Every replica reports, on connect, the newest *barrier flush epoch* it
+//! completed (persisted with the flush), whether the last engine shut it
+//! down cleanly, whether it still knows the regions it modified since that
+//! flush (its dirty map, see `rvol_replica::dirty`), and whether a rebuild
+//! of it was interrupted. The generation does not enter the choice: every
+//! engine raises it on all replicas it takes over, so it tells who may
+//! write, not who has the data.
 //!
 //! # Rules
 //!
-//! 1. A replica that is being rebuilt, belongs to another volume or has
-//!    another size is never a source.
-//! 2. The best revision `R` is the highest persisted revision among the
-//!    rest. Anything acknowledged by a flush was persisted with a revision
-//!    at least as high on every replica that acknowledged the flush, so a
-//!    replica below `R` may miss flushed data: it is stale (ERR).
-//! 3. Among replicas at `R`, the clean ones hold exactly `R` modifications,
-//!    all durable, and, having received the same writes in the same order
-//!    (range locks serialize overlapping writes), hold the same data: they
-//!    are all fresh (RW).
-//! 4. If no replica at `R` is clean, the last engine died. Replicas at `R`
-//!    agree on everything up to the last flush but may differ in writes
-//!    after it (applied on one, not yet on another). One of them is picked
-//!    as the only RW source, so every read sees one consistent history; the
-//!    others are ERR until they are reconciled with it. Writes that were
-//!    never flushed may be lost, which flush semantics allow.
+//! 1. A replica being rebuilt is never a source.
+//! 2. `E` is the newest flush epoch among the rest. A barrier flush `E` is
+//!    sent only after every earlier write was answered by every replica in
+//!    the set, so a replica that completed `E` holds all writes up to `E`; a
+//!    replica that did not complete `E` may miss acknowledged and flushed
+//!    data: it is stale (ERR) and needs a rebuild.
+//! 3. If every replica at `E` is clean, they hold the same data (the last
+//!    engine's final barrier flush came after its last write): all fresh.
+//! 4. Otherwise the last engine died, or a replica was dropped after `E`.
+//!    Replicas at `E` agree on every block outside the union of their dirty
+//!    maps. One is chosen as the source (a clean one if any, else one that
+//!    knows its dirty map); every other replica at `E` that knows its dirty
+//!    map (a clean one knows it is empty) is reconciled: the union of the
+//!    dirty regions is copied to it from the source. A replica that
+//!    restarted uncleanly has lost its map and is stale. If the source
+//!    itself does not know its map, nothing can be reconciled from it and
+//!    it serves alone. Writes never flushed may be lost, as flush semantics
+//!    allow; nothing a flush acknowledged is.
+//!
+//! The revision counter is reported and kept, but is not used here: it
+//! counts applied writes, and two replicas can apply the same number of
+//! different concurrent writes.
 
 use serde::Serialize;
 
 /// What the engine learned from one replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
-    pub revision: u64,
+    pub flush_epoch: u64,
     pub clean: bool,
+    pub dirty_known: bool,
     pub rebuilding: bool,
 }
 
 /// The verdict for one replica.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Verdict {
+    /// Serve from it as it is.
     Fresh,
+    /// Serve from it after copying the dirty regions from the source
+    /// (the one [`Verdict::Fresh`] replica).
+    Reconcile,
     Stale(String),
 }
 
 /// Applies the rules to the candidates, in order.
 pub fn choose(candidates: &[Candidate]) -> Vec<Verdict> {
-    let usable = |c: &Candidate| !c.rebuilding;
-    let Some(best) = candidates
+    let Some(newest) = candidates
         .iter()
-        .filter(|c| usable(c))
-        .map(|c| c.revision)
+        .filter(|c| !c.rebuilding)
+        .map(|c| c.flush_epoch)
         .max()
     else {
         return candidates
@@ -54,31 +68,39 @@ pub fn choose(candidates: &[Candidate]) -> Vec<Verdict> {
             .map(|_| Verdict::Stale("interrupted rebuild: not a source".into()))
             .collect();
     };
-    let any_clean_at_best = candidates
+    let at_newest = |c: &Candidate| !c.rebuilding && c.flush_epoch == newest;
+    let all_clean = candidates.iter().filter(|c| at_newest(c)).all(|c| c.clean);
+    let source = candidates
         .iter()
-        .any(|c| usable(c) && c.revision == best && c.clean);
-    let mut picked_unclean = false;
+        .position(|c| at_newest(c) && c.clean)
+        .or_else(|| {
+            candidates
+                .iter()
+                .position(|c| at_newest(c) && c.dirty_known)
+        })
+        .or_else(|| candidates.iter().position(at_newest));
+    let source_knows = source.is_some_and(|s| candidates[s].clean || candidates[s].dirty_known);
     candidates
         .iter()
-        .map(|c| {
+        .enumerate()
+        .map(|(i, c)| {
             if c.rebuilding {
                 Verdict::Stale("interrupted rebuild: not a source".into())
-            } else if c.revision < best {
-                Verdict::Stale(format!("stale: revision {} < {best}", c.revision))
-            } else if any_clean_at_best {
-                if c.clean {
-                    Verdict::Fresh
-                } else {
-                    Verdict::Stale("unclean, while a clean replica has the same revision".into())
-                }
-            } else if !picked_unclean {
-                picked_unclean = true;
+            } else if c.flush_epoch < newest {
+                Verdict::Stale(format!(
+                    "stale: missed flush epoch {newest} (completed {})",
+                    c.flush_epoch
+                ))
+            } else if all_clean || Some(i) == source {
                 Verdict::Fresh
-            } else {
+            } else if !source_knows {
                 Verdict::Stale(
-                    "unclean shutdown: may differ from the chosen source after the last flush"
-                        .into(),
+                    "the source restarted uncleanly; no dirty map to reconcile from".into(),
                 )
+            } else if c.clean || c.dirty_known {
+                Verdict::Reconcile
+            } else {
+                Verdict::Stale("restarted uncleanly: its dirty map is lost, needs a rebuild".into())
             }
         })
         .collect()
@@ -88,32 +110,49 @@ pub fn choose(candidates: &[Candidate]) -> Vec<Verdict> {
 mod tests {
     use super::*;
 
-    fn c(revision: u64, clean: bool) -> Candidate {
+    fn c(flush_epoch: u64, clean: bool, dirty_known: bool) -> Candidate {
         Candidate {
-            revision,
+            flush_epoch,
             clean,
+            dirty_known,
             rebuilding: false,
         }
     }
 
     #[test]
-    fn clean_replicas_at_the_best_revision_are_all_fresh() {
-        let v = choose(&[c(10, true), c(10, true), c(7, true)]);
-        assert_eq!(v[0], Verdict::Fresh);
-        assert_eq!(v[1], Verdict::Fresh);
+    fn clean_replicas_at_the_newest_epoch_are_all_fresh() {
+        let v = choose(&[c(10, true, true), c(10, true, true), c(7, true, true)]);
+        assert_eq!(v[..2], [Verdict::Fresh, Verdict::Fresh]);
         assert!(matches!(v[2], Verdict::Stale(_)));
     }
 
     #[test]
-    fn after_an_engine_crash_exactly_one_source_is_picked() {
-        let v = choose(&[c(10, false), c(10, false), c(10, false)]);
-        assert_eq!(v.iter().filter(|v| **v == Verdict::Fresh).count(), 1);
+    fn after_an_engine_crash_one_source_and_the_rest_reconciled() {
+        let v = choose(&[c(10, false, true), c(10, false, true), c(10, false, true)]);
+        assert_eq!(v, [Verdict::Fresh, Verdict::Reconcile, Verdict::Reconcile]);
     }
 
     #[test]
-    fn a_replica_that_stopped_cleanly_earlier_loses_to_a_newer_flush() {
+    fn a_clean_replica_is_the_preferred_source() {
+        let v = choose(&[c(4, false, true), c(4, true, true)]);
+        assert_eq!(v, [Verdict::Reconcile, Verdict::Fresh]);
+    }
+
+    #[test]
+    fn replicas_that_lost_their_dirty_map_are_not_reconciled() {
+        let v = choose(&[c(4, false, true), c(4, false, false)]);
+        assert_eq!(v[0], Verdict::Fresh);
+        assert!(matches!(v[1], Verdict::Stale(_)));
+        // Nobody knows: one serves alone.
+        let v = choose(&[c(4, false, false), c(4, false, false)]);
+        assert_eq!(v[0], Verdict::Fresh);
+        assert!(matches!(v[1], Verdict::Stale(_)));
+    }
+
+    #[test]
+    fn a_replica_that_missed_the_newest_flush_is_stale_even_if_clean() {
         // r0 was dropped and shut down cleanly at 5; r1 went on and flushed at 9.
-        let v = choose(&[c(5, true), c(9, false)]);
+        let v = choose(&[c(5, true, true), c(9, false, true)]);
         assert!(matches!(v[0], Verdict::Stale(_)));
         assert_eq!(v[1], Verdict::Fresh);
     }
@@ -121,11 +160,12 @@ mod tests {
     #[test]
     fn rebuilding_replicas_are_never_sources() {
         let r = Candidate {
-            revision: 100,
+            flush_epoch: 100,
             clean: true,
+            dirty_known: true,
             rebuilding: true,
         };
-        let v = choose(&[r, c(3, true)]);
+        let v = choose(&[r, c(3, true, true)]);
         assert!(matches!(v[0], Verdict::Stale(_)));
         assert_eq!(v[1], Verdict::Fresh);
         assert!(choose(&[r]).iter().all(|v| matches!(v, Verdict::Stale(_))));

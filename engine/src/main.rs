@@ -13,8 +13,10 @@
 mod admin;
 mod demo;
 mod engine;
+mod epoch;
 mod freshness;
 mod range_lock;
+mod reconcile;
 mod volume;
 
 use std::path::PathBuf;

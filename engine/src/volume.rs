@@ -14,7 +14,9 @@
 //!   touches, held until every replica has answered.
 //! - FLUSH flushes every replica in the set: a write completed before the
 //!   flush was issued is then durable on every replica that stays in the
-//!   set. A FUA write is sent with FUA to every replica.
+//!   set. It is also a barrier of the [`EpochGate`]: it first waits for the
+//!   writes of the epoch it closes, so replicas can forget which regions
+//!   those writes touched. A FUA write is sent with FUA to every replica.
 //! - A replica that errors or does not answer within the timeout is set to
 //!   ERR and logged. If it answers `Fenced`, a newer engine owns the volume:
 //!   this engine refuses all further writes and reports itself fenced.
@@ -33,6 +35,7 @@ use rvol_replica::{Generation, BLOCK_SIZE};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::epoch::EpochGate;
 use crate::range_lock::RangeLocks;
 
 /// What a replica is doing in the set. (The names are the ones operators
@@ -133,6 +136,9 @@ pub struct ReplicatedVolume {
     pub generation: Generation,
     slots: Vec<Arc<ReplicaSlot>>,
     locks: RangeLocks,
+    epochs: EpochGate,
+    /// Bytes copied at start to reconcile replicas after an unclean stop.
+    pub reconciled_bytes: u64,
     timeout: Duration,
     next_read: AtomicUsize,
     fenced: AtomicBool,
@@ -142,20 +148,34 @@ pub struct ReplicatedVolume {
 
 type OpResult<T> = Result<T, VolumeError>;
 
+pub struct VolumeParams {
+    pub name: String,
+    pub size: u64,
+    pub generation: Generation,
+    /// First flush epoch of this engine: above every epoch replicas saw.
+    pub first_epoch: u64,
+    pub reconciled_bytes: u64,
+    pub timeout: Duration,
+}
+
 impl ReplicatedVolume {
-    pub fn new(
-        name: String,
-        size: u64,
-        generation: Generation,
-        slots: Vec<Arc<ReplicaSlot>>,
-        timeout: Duration,
-    ) -> Self {
+    pub fn new(p: VolumeParams, slots: Vec<Arc<ReplicaSlot>>) -> Self {
+        let VolumeParams {
+            name,
+            size,
+            generation,
+            first_epoch,
+            reconciled_bytes,
+            timeout,
+        } = p;
         ReplicatedVolume {
             name,
             size: AtomicU64::new(size),
             generation,
             slots,
             locks: RangeLocks::default(),
+            epochs: EpochGate::new(first_epoch),
+            reconciled_bytes,
             timeout,
             next_read: AtomicUsize::new(0),
             fenced: AtomicBool::new(false),
@@ -314,11 +334,14 @@ impl ReplicatedVolume {
             let n = (data.len() - at).min(MAX_PAYLOAD as usize);
             let piece = data.slice(at..at + n);
             let off = offset + at as u64;
+            let ticket = self.epochs.enter();
+            let epoch = ticket.epoch;
             self.fan_out("write", |c| {
                 let piece = piece.clone();
-                async move { c.write(off, piece, fua).await }
+                async move { c.write(off, piece, fua, epoch).await }
             })
             .await?;
+            drop(ticket);
             self.count_modification();
             at += n;
         }
@@ -337,6 +360,7 @@ impl ReplicatedVolume {
 
     /// Flushes and marks every replica in the set clean (clean shutdown).
     pub async fn shutdown_clean(&self) -> OpResult<()> {
+        self.flush().await?;
         self.fan_out(
             "mark clean",
             |c| async move { c.mark_clean().await.map(drop) },
@@ -395,7 +419,8 @@ impl BlockVolume for ReplicatedVolume {
     }
 
     async fn flush(&self) -> OpResult<()> {
-        self.fan_out("flush", |c| async move { c.flush().await.map(drop) })
+        let epoch = self.epochs.barrier().await;
+        self.fan_out("flush", |c| async move { c.flush(epoch).await.map(drop) })
             .await
     }
 
@@ -405,8 +430,12 @@ impl BlockVolume for ReplicatedVolume {
         let (start, end) = (align_up(offset), align_down(offset + len));
         if end > start {
             let _lock = self.locks.lock(start / BLOCK_SIZE, end / BLOCK_SIZE).await;
-            self.fan_out("trim", |c| async move { c.trim(start, end - start).await })
-                .await?;
+            let ticket = self.epochs.enter();
+            let epoch = ticket.epoch;
+            self.fan_out("trim", |c| async move {
+                c.trim(start, end - start, epoch).await
+            })
+            .await?;
             self.count_modification();
         }
         if fua {
@@ -460,8 +489,10 @@ impl BlockVolume for ReplicatedVolume {
                 .lock(inner_start / BLOCK_SIZE, inner_end / BLOCK_SIZE)
                 .await;
             let n = inner_end - inner_start;
+            let ticket = self.epochs.enter();
+            let epoch = ticket.epoch;
             self.fan_out("write zeroes", |c| async move {
-                c.write_zeroes(inner_start, n).await
+                c.write_zeroes(inner_start, n, epoch).await
             })
             .await?;
             self.count_modification();

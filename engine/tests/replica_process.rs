@@ -114,12 +114,11 @@ async fn acknowledged_flushes_survive_sigkill_in_20_rounds() {
             for &(b, id) in &writes {
                 issued_since_flush.entry(b).or_default().push(id);
             }
-            let results = join_all(
-                writes
-                    .iter()
-                    .map(|&(b, id)| c.write(b * BLOCK_SIZE, Bytes::from(block_for(id, b)), false)),
-            )
-            .await;
+            let results =
+                join_all(writes.iter().map(|&(b, id)| {
+                    c.write(b * BLOCK_SIZE, Bytes::from(block_for(id, b)), false, 0)
+                }))
+                .await;
             for (&(b, id), r) in writes.iter().zip(results) {
                 if r.is_err() {
                     break 'writing;
@@ -129,7 +128,7 @@ async fn acknowledged_flushes_survive_sigkill_in_20_rounds() {
             if batch % 4 == 0 {
                 // No write is in flight: the flush covers everything acked.
                 let covered = acked.clone();
-                match c.flush().await {
+                match c.flush(0).await {
                     Ok(rev) => {
                         durable = covered;
                         issued_since_flush.clear();
@@ -180,7 +179,7 @@ async fn generations_fence_older_engines() {
     let ep = sock(tmp.path());
     let _p = start_replica(tmp.path(), &ep, "1M");
     let old = connect(&ep, 5, 1).await.unwrap();
-    old.write(0, Bytes::from(vec![1u8; 4096]), false)
+    old.write(0, Bytes::from(vec![1u8; 4096]), false, 0)
         .await
         .unwrap();
     // Lower generation: refused.
@@ -200,11 +199,11 @@ async fn generations_fence_older_engines() {
     // A newer engine takes over; the old one's next request is fenced.
     let new = connect(&ep, 6, 2).await.unwrap();
     let e = old
-        .write(0, Bytes::from(vec![2u8; 4096]), false)
+        .write(0, Bytes::from(vec![2u8; 4096]), false, 0)
         .await
         .unwrap_err();
     assert!(e.is_fenced(), "{e}");
-    assert!(old.flush().await.unwrap_err().is_fenced());
+    assert!(old.flush(0).await.unwrap_err().is_fenced());
     assert_eq!(new.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
     assert_eq!(new.info().await.unwrap().generation, Generation(6));
 }
@@ -227,6 +226,7 @@ fn raw_session(sock_path: &Path, frames: &[u8]) -> (bool, Vec<u8>) {
         id: 0,
         offset: 0,
         length: 0,
+        epoch: 0,
         payload_len: 0,
         crc: 0,
     };
@@ -255,6 +255,7 @@ fn frame(op: Op, offset: u64, length: u64, payload: &[u8]) -> Vec<u8> {
         id: 7,
         offset,
         length,
+        epoch: 0,
         payload_len: 0,
         crc: 0,
     };
@@ -280,10 +281,10 @@ async fn bad_frames_close_the_connection_and_touch_nothing() {
     );
     // Oversized frame: closed before the payload is read.
     let mut f = frame(Op::Write, 0, 4096, &[]);
-    f[32..36].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    f[40..44].copy_from_slice(&(64u32 << 20).to_le_bytes());
     assert!(raw_session(&path, &f).0);
     // Garbage: closed.
-    assert!(raw_session(&path, &[0xab; 40]).0);
+    assert!(raw_session(&path, &[0xab; rvol_replica::proto::REQUEST_HEADER_LEN]).0);
     // I/O past the end and unknown ops get error replies; the connection lives.
     let c = connect(&ep, 1, 1).await.unwrap();
     let e = c.read(1 << 20, 4096).await.unwrap_err();
@@ -298,11 +299,11 @@ async fn bad_frames_close_the_connection_and_touch_nothing() {
         "{e}"
     );
     assert!(c
-        .write(4096 * 255, Bytes::from(vec![1u8; 8192]), false)
+        .write(4096 * 255, Bytes::from(vec![1u8; 8192]), false, 0)
         .await
         .is_err());
     assert!(c
-        .write(100, Bytes::from(vec![1u8; 4096]), false)
+        .write(100, Bytes::from(vec![1u8; 4096]), false, 0)
         .await
         .is_err());
     let f = frame(Op::Read, 0, 4096, &[]);
@@ -360,7 +361,7 @@ async fn broken_replica_directories_give_clear_errors_and_stay_as_they_were() {
     {
         let mut p = start_replica(tmp.path(), &ep, "1M");
         let c = connect(&ep, 1, 1).await.unwrap();
-        c.write(0, Bytes::from(vec![9u8; 4096]), true)
+        c.write(0, Bytes::from(vec![9u8; 4096]), true, 0)
             .await
             .unwrap();
         drop(c);
@@ -456,14 +457,14 @@ async fn a_full_disk_fails_writes_cleanly_and_keeps_earlier_data() {
         "64M",
     ]);
     let c = connect(&ep, 1, 1).await.unwrap();
-    c.write(0, Bytes::from(vec![3u8; 65536]), false)
+    c.write(0, Bytes::from(vec![3u8; 65536]), false, 0)
         .await
         .unwrap();
-    c.flush().await.unwrap();
+    c.flush(0).await.unwrap();
     let mut failed = None;
     for i in 1..64u64 {
         if let Err(e) = c
-            .write(i << 20, Bytes::from(vec![4u8; 1 << 20]), false)
+            .write(i << 20, Bytes::from(vec![4u8; 1 << 20]), false, 0)
             .await
         {
             failed = Some(e);

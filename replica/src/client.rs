@@ -149,6 +149,7 @@ impl ReplicaClient {
         flags: u8,
         offset: u64,
         length: u64,
+        epoch: u64,
         payload: Bytes,
     ) -> Result<Reply> {
         let n = self.conns.len();
@@ -168,6 +169,7 @@ impl ReplicaClient {
                 id,
                 offset,
                 length,
+                epoch,
                 payload_len: payload.len() as u32,
                 crc: 0,
             }
@@ -194,7 +196,9 @@ impl ReplicaClient {
     }
 
     pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes> {
-        let r = self.call(Op::Read, 0, offset, length, Bytes::new()).await?;
+        let r = self
+            .call(Op::Read, 0, offset, length, 0, Bytes::new())
+            .await?;
         if r.payload.len() as u64 != length {
             return Err(ClientError::Lost(format!(
                 "read of {length} bytes returned {}",
@@ -204,49 +208,61 @@ impl ReplicaClient {
         Ok(r.payload)
     }
 
-    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+    /// Writes whole blocks, tagged with flush epoch `epoch`.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool, epoch: u64) -> Result<()> {
         let len = data.len() as u64;
         let flags = if fua { FLAG_FUA } else { 0 };
-        self.call(Op::Write, flags, offset, len, data)
+        self.call(Op::Write, flags, offset, len, epoch, data)
             .await
             .map(drop)
     }
 
-    pub async fn trim(&self, offset: u64, length: u64) -> Result<()> {
-        self.call(Op::Trim, 0, offset, length, Bytes::new())
+    pub async fn trim(&self, offset: u64, length: u64, epoch: u64) -> Result<()> {
+        self.call(Op::Trim, 0, offset, length, epoch, Bytes::new())
             .await
             .map(drop)
     }
 
-    pub async fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
-        self.call(Op::WriteZeroes, 0, offset, length, Bytes::new())
+    pub async fn write_zeroes(&self, offset: u64, length: u64, epoch: u64) -> Result<()> {
+        self.call(Op::WriteZeroes, 0, offset, length, epoch, Bytes::new())
             .await
             .map(drop)
     }
 
-    /// Flushes; returns the revision counter the replica persisted.
-    pub async fn flush(&self) -> Result<Revision> {
+    /// Flushes; a nonzero `epoch` makes it a barrier flush (see
+    /// [`crate::dirty`]). Returns the revision counter the replica persisted.
+    pub async fn flush(&self, epoch: u64) -> Result<Revision> {
         Ok(Revision(
-            self.call(Op::Flush, 0, 0, 0, Bytes::new()).await?.value,
+            self.call(Op::Flush, 0, 0, 0, epoch, Bytes::new())
+                .await?
+                .value,
         ))
     }
 
     pub async fn mark_clean(&self) -> Result<Revision> {
         Ok(Revision(
-            self.call(Op::MarkClean, 0, 0, 0, Bytes::new()).await?.value,
+            self.call(Op::MarkClean, 0, 0, 0, 0, Bytes::new())
+                .await?
+                .value,
         ))
     }
 
     pub async fn info(&self) -> Result<ReplicaInfo> {
-        let r = self.call(Op::Info, 0, 0, 0, Bytes::new()).await?;
+        let r = self.call(Op::Info, 0, 0, 0, 0, Bytes::new()).await?;
         serde_json::from_slice(&r.payload)
             .map_err(|e| ClientError::Lost(format!("bad INFO payload: {e}")))
+    }
+
+    /// Regions modified since the last barrier flush, as `(bytes, dirty)` runs.
+    pub async fn dirty_runs(&self) -> Result<Vec<(u64, bool)>> {
+        let r = self.call(Op::Dirty, 0, 0, 0, 0, Bytes::new()).await?;
+        decode_extents(&r.payload).ok_or_else(|| ClientError::Lost("bad DIRTY payload".into()))
     }
 
     /// Allocation runs `(bytes, allocated)` of a range.
     pub async fn allocation(&self, offset: u64, length: u64) -> Result<Vec<(u64, bool)>> {
         let r = self
-            .call(Op::Allocation, 0, offset, length, Bytes::new())
+            .call(Op::Allocation, 0, offset, length, 0, Bytes::new())
             .await?;
         decode_extents(&r.payload).ok_or_else(|| ClientError::Lost("bad ALLOCATION payload".into()))
     }
@@ -277,6 +293,7 @@ where
         id: 0,
         offset: 0,
         length: 0,
+        epoch: 0,
         payload_len: payload.len() as u32,
         crc: 0,
     };

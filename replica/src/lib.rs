@@ -16,6 +16,7 @@
 //! owned buffers out) is shaped so it can move there without changes above.
 
 pub mod client;
+pub mod dirty;
 pub mod error;
 pub mod ids;
 pub mod index;

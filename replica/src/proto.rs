@@ -15,8 +15,9 @@
 //! in replies to HELLO and INFO) are JSON.
 //!
 //! ```text
-//! request  (40 bytes): magic u32 "RVQ1" | op u8 | flags u8 | 0 u16 | id u64
-//!                      | offset u64 | length u64 | payload_len u32 | crc u32
+//! request  (48 bytes): magic u32 "RVQ1" | op u8 | flags u8 | 0 u16 | id u64
+//!                      | offset u64 | length u64 | epoch u64
+//!                      | payload_len u32 | crc u32
 //! reply    (32 bytes): magic u32 "RVR1" | status u16 | 0 u16 | id u64
 //!                      | value u64 | payload_len u32 | crc u32
 //! ```
@@ -27,12 +28,15 @@
 //! an engine can learn every replica's generation before it picks its own.
 //! After it, requests are pipelined: the client may send many before the
 //! first reply, and replies may come back in any order, matched by `id`.
+//!
+//! `epoch` tags modifications and flushes with the engine's flush epoch;
+//! see [`crate::dirty`] for what the replica does with it.
 
 use uuid::Uuid;
 
 pub const REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"RVQ1");
 pub const REPLY_MAGIC: u32 = u32::from_le_bytes(*b"RVR1");
-pub const REQUEST_HEADER_LEN: usize = 40;
+pub const REQUEST_HEADER_LEN: usize = 48;
 pub const REPLY_HEADER_LEN: usize = 32;
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest payload of any frame, and largest read a request may ask for.
@@ -56,6 +60,9 @@ pub enum Op {
     MarkClean = 8,
     /// Allocation of a range (payload of the reply: [`encode_extents`]).
     Allocation = 9,
+    /// Regions modified since the last barrier flush (payload of the reply:
+    /// [`encode_extents`] runs of `(bytes, dirty)` over the whole volume).
+    Dirty = 10,
 }
 
 impl Op {
@@ -70,6 +77,7 @@ impl Op {
             7 => Op::Info,
             8 => Op::MarkClean,
             9 => Op::Allocation,
+            10 => Op::Dirty,
             _ => return None,
         })
     }
@@ -114,6 +122,7 @@ pub struct RequestHeader {
     pub id: u64,
     pub offset: u64,
     pub length: u64,
+    pub epoch: u64,
     pub payload_len: u32,
     pub crc: u32,
 }
@@ -167,9 +176,10 @@ impl RequestHeader {
         b[8..16].copy_from_slice(&self.id.to_le_bytes());
         b[16..24].copy_from_slice(&self.offset.to_le_bytes());
         b[24..32].copy_from_slice(&self.length.to_le_bytes());
-        b[32..36].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = frame_crc(&b[..36], payload);
-        b[36..40].copy_from_slice(&crc.to_le_bytes());
+        b[32..40].copy_from_slice(&self.epoch.to_le_bytes());
+        b[40..44].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        let crc = frame_crc(&b[..44], payload);
+        b[44..48].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -185,7 +195,7 @@ impl RequestHeader {
         if u16_at(b, 6) != 0 {
             return Err(FrameError::Reserved);
         }
-        let payload_len = u32_at(b, 32);
+        let payload_len = u32_at(b, 40);
         if payload_len > MAX_PAYLOAD {
             return Err(FrameError::TooLong(payload_len));
         }
@@ -195,14 +205,15 @@ impl RequestHeader {
             id: u64_at(b, 8),
             offset: u64_at(b, 16),
             length: u64_at(b, 24),
+            epoch: u64_at(b, 32),
             payload_len,
-            crc: u32_at(b, 36),
+            crc: u32_at(b, 44),
         })
     }
 
     /// Checks the crc of a decoded header (`raw`) and its payload.
     pub fn verify(&self, raw: &[u8], payload: &[u8]) -> Result<(), FrameError> {
-        let actual = frame_crc(&raw[..36], payload);
+        let actual = frame_crc(&raw[..44], payload);
         if actual != self.crc {
             return Err(FrameError::BadCrc {
                 expected: self.crc,
@@ -344,6 +355,7 @@ mod tests {
             id: 42,
             offset: 4096,
             length: 4096,
+            epoch: 3,
             payload_len: 4096,
             crc: 0,
         };
@@ -361,7 +373,7 @@ mod tests {
         ));
         // Oversized frames are refused from the header alone.
         let mut big = h.encode(&[]);
-        big[32..36].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        big[40..44].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
         assert_eq!(
             RequestHeader::decode(&big),
             Err(FrameError::TooLong(MAX_PAYLOAD + 1))

@@ -177,15 +177,17 @@ pub async fn serve(
     }
     // Requests run to completion between await points, so aborting the
     // connections leaves every request either applied or not started.
+    // The replica flushes, but only an engine can declare it clean: the
+    // engine may still have had writes in flight to its peers.
     conns.shutdown().await;
     let r = replica.clone();
-    let rev = tokio::task::spawn_blocking(move || r.mark_clean())
+    let rev = tokio::task::spawn_blocking(move || r.flush(0))
         .await
         .map_err(|e| Error::Io {
             context: "clean shutdown".into(),
             source: std::io::Error::other(e),
         })??;
-    tracing::info!(revision = %rev, "replica stopped cleanly");
+    tracing::info!(revision = %rev, "replica flushed and stopped");
     Ok(())
 }
 
@@ -343,18 +345,19 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 return Err(Closed::Protocol("HELLO sent twice".into()));
             }
             Some(op @ (Op::Flush | Op::MarkClean)) => {
+                let epoch = h.epoch;
                 spawn_durable(replica, owner, tx, h.id, move |r| match op {
-                    Op::Flush => r.flush(),
+                    Op::Flush => r.flush(epoch),
                     _ => r.mark_clean(),
                 });
                 continue;
             }
             Some(Op::Write) if h.flags & FLAG_FUA != 0 => {
                 let data = std::mem::take(&mut payload);
-                let offset = h.offset;
+                let (offset, epoch) = (h.offset, h.epoch);
                 spawn_durable(replica, owner, tx, h.id, move |r| {
-                    r.write(offset, &data)?;
-                    r.flush()
+                    r.write(offset, &data, epoch)?;
+                    r.flush(0)
                 });
                 continue;
             }
@@ -397,21 +400,27 @@ fn run_inline(
                     payload.len()
                 )));
             }
-            replica.write(h.offset, payload)?;
+            replica.write(h.offset, payload, h.epoch)?;
             ok(Bytes::new())
         }
         Op::Trim => {
-            replica.trim(h.offset, h.length)?;
+            replica.trim(h.offset, h.length, h.epoch)?;
             ok(Bytes::new())
         }
         Op::WriteZeroes => {
-            replica.write_zeroes(h.offset, h.length)?;
+            replica.write_zeroes(h.offset, h.length, h.epoch)?;
             ok(Bytes::new())
         }
         Op::Info => ok(serde_json::to_vec(&replica.info())
             .unwrap_or_default()
             .into()),
         Op::Allocation => ok(encode_extents(&replica.allocation(h.offset, h.length)?).into()),
+        Op::Dirty => match replica.dirty_runs() {
+            Some(runs) => ok(encode_extents(&runs).into()),
+            None => Err(Error::Invalid(
+                "this replica restarted uncleanly: its dirty map is unknown".into(),
+            )),
+        },
         Op::Hello | Op::Flush | Op::MarkClean => {
             Err(Error::Invalid(format!("{op:?} is not inline")))
         }

@@ -34,6 +34,8 @@ pub struct StateRecord {
     pub clean: bool,
     /// Identity of the engine holding `generation` (0: none yet).
     pub engine_id: u64,
+    /// The newest barrier flush epoch this replica completed.
+    pub flush_epoch: u64,
 }
 
 impl StateRecord {
@@ -45,6 +47,7 @@ impl StateRecord {
         b[24..32].copy_from_slice(&self.revision.0.to_le_bytes());
         b[32] = self.clean as u8;
         b[40..48].copy_from_slice(&self.engine_id.to_le_bytes());
+        b[48..56].copy_from_slice(&self.flush_epoch.to_le_bytes());
         let crc = crc32c::crc32c(&b[..SLOT as usize - 4]);
         b[SLOT as usize - 4..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -67,6 +70,7 @@ impl StateRecord {
                 revision: Revision(u64_at(24)),
                 clean: b[32] == 1,
                 engine_id: u64_at(40),
+                flush_epoch: u64_at(48),
             },
         ))
     }
@@ -158,6 +162,7 @@ mod tests {
             revision: Revision(10),
             clean: false,
             engine_id: 7,
+            flush_epoch: 2,
         };
         s.store(r1).unwrap();
         let r2 = StateRecord {

@@ -44,6 +44,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::dirty::DirtyMap;
 use crate::error::{Error, Result};
 use crate::ids::{BlockIndex, Generation, LayerPos, Revision, BLOCK_SIZE};
 use crate::index::BlockMap;
@@ -67,6 +68,13 @@ pub struct ReplicaInfo {
     pub revision: Revision,
     pub clean: bool,
     pub rebuilding: bool,
+    /// Newest barrier flush completed (persisted).
+    pub flush_epoch: u64,
+    /// Newest epoch seen in any request since the replica opened.
+    pub epoch_seen: u64,
+    /// Whether the replica knows which regions it modified since its last
+    /// barrier flush (see [`crate::dirty`]).
+    pub dirty_known: bool,
     pub chain: Vec<LayerInfo>,
 }
 
@@ -96,6 +104,7 @@ pub struct Replica {
     state: Mutex<StateFile>,
     lease: RwLock<Owner>,
     flush_lock: Mutex<()>,
+    dirty: Mutex<DirtyMap>,
 }
 
 fn now_secs() -> u64 {
@@ -317,6 +326,7 @@ impl Replica {
                 engine_id: rec.engine_id,
             }),
             flush_lock: Mutex::new(()),
+            dirty: Mutex::new(DirtyMap::new(rec.clean)),
         })
     }
 
@@ -331,7 +341,15 @@ impl Replica {
     pub fn info(&self) -> ReplicaInfo {
         let meta = lock(&self.meta).clone();
         let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());
+        let (dirty_known, epoch_seen) = {
+            let d = lock(&self.dirty);
+            (d.known(), d.epoch_seen())
+        };
+        let flush_epoch = lock(&self.state).current().flush_epoch;
         ReplicaInfo {
+            flush_epoch,
+            epoch_seen: epoch_seen.max(flush_epoch),
+            dirty_known,
             volume_uuid: meta.volume_uuid,
             size: self.size,
             block_size: BLOCK_SIZE,
@@ -504,10 +522,18 @@ impl Replica {
         Ok(())
     }
 
-    /// Writes whole blocks at `offset`.
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.check_range(offset, data.len() as u64)?;
+    /// Marks the replica unclean (durably, once) and records the range in
+    /// the dirty map, before a modification touches the disk.
+    fn before_modify(&self, offset: u64, len: u64, epoch: u64) -> Result<()> {
         self.mark_dirty()?;
+        lock(&self.dirty).mark(offset, len, epoch);
+        Ok(())
+    }
+
+    /// Writes whole blocks at `offset`, in flush epoch `epoch`.
+    pub fn write(&self, offset: u64, data: &[u8], epoch: u64) -> Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        self.before_modify(offset, data.len() as u64, epoch)?;
         let (head, pos, _) = self.head();
         head.write_all_at(data, offset)
             .map_err(|e| Error::io(format!("writing {} bytes at {offset}", data.len()), e))?;
@@ -524,9 +550,9 @@ impl Replica {
     /// and the blocks read as zeros; with snapshots it is a no-op (trim is a
     /// hint: punching the head would only re-expose the snapshot's data,
     /// and the snapshot work decides what reclaim means there).
-    pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+    pub fn trim(&self, offset: u64, len: u64, epoch: u64) -> Result<()> {
         self.check_range(offset, len)?;
-        self.mark_dirty()?;
+        self.before_modify(offset, len, epoch)?;
         let (head, _, chain_len) = self.head();
         if chain_len == 1 && len > 0 {
             self.punch(&head, offset, len)?;
@@ -537,9 +563,9 @@ impl Replica {
 
     /// Makes blocks read as zeros: a hole where no snapshot lies below the
     /// head, written zero blocks otherwise.
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+    pub fn write_zeroes(&self, offset: u64, len: u64, epoch: u64) -> Result<()> {
         self.check_range(offset, len)?;
-        self.mark_dirty()?;
+        self.before_modify(offset, len, epoch)?;
         let (head, pos, chain_len) = self.head();
         if chain_len == 1 {
             if len > 0 {
@@ -590,8 +616,9 @@ impl Replica {
     }
 
     /// Makes every write acknowledged before this call durable and persists
-    /// the revision counter with it; returns the persisted counter.
-    pub fn flush(&self) -> Result<Revision> {
+    /// the revision counter with it; returns the persisted counter. A
+    /// nonzero `epoch` marks a barrier flush (see [`crate::dirty`]).
+    pub fn flush(&self, epoch: u64) -> Result<Revision> {
         let _serial = lock(&self.flush_lock);
         let revision = Revision(self.revision.load(Ordering::Acquire));
         let (head, _, _) = self.head();
@@ -599,15 +626,26 @@ impl Replica {
             .map_err(|e| Error::io("syncing the head layer", e))?;
         let mut state = lock(&self.state);
         let cur = state.current();
-        if cur.revision != revision {
-            state.store(StateRecord { revision, ..cur })?;
+        let rec = StateRecord {
+            revision,
+            flush_epoch: cur.flush_epoch.max(epoch),
+            ..cur
+        };
+        if rec != cur {
+            state.store(rec)?;
+        }
+        drop(state);
+        if epoch > 0 {
+            lock(&self.dirty).flushed(epoch);
         }
         Ok(revision)
     }
 
-    /// Flushes and records a clean shutdown.
+    /// The engine's last word before a clean shutdown: flushes, forgets the
+    /// dirty map (the engine's final barrier flush made replicas identical)
+    /// and records the clean state.
     pub fn mark_clean(&self) -> Result<Revision> {
-        let revision = self.flush()?;
+        let revision = self.flush(0)?;
         let mut state = lock(&self.state);
         // A write that slipped in after the flush keeps the replica dirty.
         if self.revision.load(Ordering::Acquire) == revision.0 {
@@ -616,8 +654,16 @@ impl Replica {
                 state.store(StateRecord { clean: true, ..cur })?;
             }
             self.clean.store(true, Ordering::Release);
+            lock(&self.dirty).clear();
         }
         Ok(revision)
+    }
+
+    /// Regions modified since the last barrier flush, as `(bytes, dirty)`
+    /// runs over the volume; `None` if the replica does not know them.
+    pub fn dirty_runs(&self) -> Option<Vec<(u64, bool)>> {
+        let d = lock(&self.dirty);
+        d.known().then(|| d.runs(self.size))
     }
 
     /// Allocation of `[offset, offset + len)`: runs of `(bytes, allocated)`

@@ -54,7 +54,7 @@ proptest! {
             match op {
                 Op::Write { block, count, seed } => {
                     let data = pattern(seed, block, (count * BLOCK_SIZE) as usize);
-                    replica.write(block * BLOCK_SIZE, &data).unwrap();
+                    replica.write(block * BLOCK_SIZE, &data, 0).unwrap();
                     let at = (block * BLOCK_SIZE) as usize;
                     model[at..at + data.len()].copy_from_slice(&data);
                     revision += 1;
@@ -62,23 +62,23 @@ proptest! {
                 Op::Trim { block, count } | Op::WriteZeroes { block, count } => {
                     let (off, len) = (block * BLOCK_SIZE, count * BLOCK_SIZE);
                     if matches!(op, Op::Trim { .. }) {
-                        replica.trim(off, len).unwrap();
+                        replica.trim(off, len, 0).unwrap();
                     } else {
-                        replica.write_zeroes(off, len).unwrap();
+                        replica.write_zeroes(off, len, 0).unwrap();
                     }
                     // With no snapshot below the head, both read back as zeros.
                     model[off as usize..(off + len) as usize].fill(0);
                     revision += 1;
                 }
                 Op::Flush => {
-                    prop_assert_eq!(replica.flush().unwrap().0, revision);
+                    prop_assert_eq!(replica.flush(0).unwrap().0, revision);
                 }
                 Op::Reopen { clean } => {
                     if clean {
                         replica.mark_clean().unwrap();
                         clean_now = true;
                     } else {
-                        replica.flush().unwrap();
+                        replica.flush(0).unwrap();
                     }
                     drop(replica);
                     replica = Replica::open(dir.path()).unwrap();
@@ -108,7 +108,7 @@ proptest! {
 fn out_of_range_and_unaligned_io_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let r = Replica::create(dir.path(), SIZE).unwrap();
-    r.write(0, &[7u8; 4096]).unwrap();
+    r.write(0, &[7u8; 4096], 0).unwrap();
     for (off, len) in [
         (SIZE, 4096),
         (SIZE - 4096, 8192),
@@ -117,11 +117,11 @@ fn out_of_range_and_unaligned_io_is_refused_and_changes_nothing() {
         (u64::MAX - 4095, 4096),
     ] {
         assert!(r.read(off, len).is_err(), "read {off}+{len}");
-        assert!(r.trim(off, len).is_err());
-        assert!(r.write_zeroes(off, len).is_err());
+        assert!(r.trim(off, len, 0).is_err());
+        assert!(r.write_zeroes(off, len, 0).is_err());
     }
-    assert!(r.write(SIZE, &[1u8; 4096]).is_err());
-    assert!(r.write(100, &[1u8; 4096]).is_err());
+    assert!(r.write(SIZE, &[1u8; 4096], 0).is_err());
+    assert!(r.write(100, &[1u8; 4096], 0).is_err());
     assert_eq!(r.info().revision.0, 1);
     assert_eq!(r.read(0, 4096).unwrap(), vec![7u8; 4096]);
 }
@@ -134,7 +134,7 @@ fn open_time_and_index_memory_are_reported() {
     let size = 1u64 << 30;
     let r = Replica::create(dir.path(), size).unwrap();
     for mib in (0..1024u64).step_by(4) {
-        r.write(mib << 20, &[1u8; 8192]).unwrap();
+        r.write(mib << 20, &[1u8; 8192], 0).unwrap();
     }
     r.mark_clean().unwrap();
     drop(r);
