@@ -1,7 +1,8 @@
 //! Shared helpers for tests that run real `rvol` processes and real clients.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -229,4 +230,128 @@ pub fn sha256_file(path: &Path) -> String {
 /// which lives beside Debian's python, whatever `python3` is on PATH).
 pub fn libnbd_python(script: &str) -> String {
     run_ok("/usr/bin/python3", &["-c", script])
+}
+
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_ABORT: u32 = 2;
+pub const OPT_GO: u32 = 7;
+pub const REP_ACK: u32 = 1;
+pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+
+/// A raw NBD client: every byte on the wire is the test's choice.
+pub struct RawNbd(pub TcpStream);
+
+impl RawNbd {
+    pub fn connect(uri: &str) -> RawNbd {
+        let addr = uri.trim_start_matches("nbd://");
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = RawNbd(s);
+        let mut hello = [0u8; 18];
+        r.0.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        r.0.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
+        r
+    }
+
+    pub fn option(&mut self, opt: u32, data: &[u8]) {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.0.write_all(&b).unwrap();
+    }
+
+    /// Reads one option reply: (type, data).
+    pub fn option_reply(&mut self) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.0.read_exact(&mut h).unwrap();
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut d = vec![0u8; len as usize];
+        self.0.read_exact(&mut d).unwrap();
+        (kind, d)
+    }
+
+    pub fn go(&mut self, name: &str) -> u32 {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        self.option(OPT_GO, &d);
+        loop {
+            let (kind, _) = self.option_reply();
+            if kind != 3 {
+                return kind;
+            }
+        }
+    }
+
+    pub fn request(&mut self, cmd: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&cmd.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        self.0.write_all(&b).unwrap();
+    }
+
+    /// Reads a simple reply: (error, cookie), then `data` bytes on success.
+    pub fn reply(&mut self, data: usize) -> (u32, u64, Vec<u8>) {
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h).unwrap();
+        assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), 0x6744_6698);
+        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let mut d = vec![0u8; if err == 0 { data } else { 0 }];
+        self.0.read_exact(&mut d).unwrap();
+        (err, cookie, d)
+    }
+
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.0.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+impl RawNbd {
+    /// Like `request`, but reports a broken connection instead of panicking.
+    pub fn try_request(
+        &mut self,
+        cmd: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&cmd.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        self.0.write_all(&b)
+    }
+
+    /// Like `reply`, but reports a broken connection instead of panicking.
+    pub fn try_reply(&mut self, data: usize) -> std::io::Result<(u32, u64, Vec<u8>)> {
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h)?;
+        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let mut d = vec![0u8; if err == 0 { data } else { 0 }];
+        self.0.read_exact(&mut d)?;
+        Ok((err, cookie, d))
+    }
+
+    /// Connects and enters transmission on the default export.
+    pub fn open(uri: &str) -> RawNbd {
+        let mut c = RawNbd::connect(uri);
+        assert_eq!(c.go(""), REP_ACK);
+        c
+    }
 }

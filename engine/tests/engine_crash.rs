@@ -1,0 +1,195 @@
+//! The engine dies; nothing acknowledged by a flush is lost, replicas end
+//! identical, and only the regions that may differ are copied.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use common::*;
+
+const SIZE: u64 = 1 << 30;
+const BLOCK: u64 = 4096;
+const BLOCKS: u64 = SIZE / BLOCK;
+
+/// Block contents that name the write that produced them.
+fn block_for(id: u64, block: u64) -> Vec<u8> {
+    let mut b = pseudo_random(id.wrapping_mul(0x9e37_79b9) ^ block, BLOCK as usize);
+    b[..8].copy_from_slice(&id.to_le_bytes());
+    b[8..16].copy_from_slice(&block.to_le_bytes());
+    b
+}
+
+fn id_of(data: &[u8], block: u64) -> Option<u64> {
+    if data.iter().all(|&b| b == 0) {
+        return None;
+    }
+    let id = u64::from_le_bytes(data[..8].try_into().unwrap());
+    assert_eq!(
+        data,
+        &block_for(id, block)[..],
+        "block {block} holds a torn or foreign write"
+    );
+    Some(id)
+}
+
+/// The replicas' head files hold the same bytes at every block ever written.
+fn assert_replicas_identical(rs: &[ReplicaProc], blocks: &BTreeSet<u64>, round: u32) {
+    use std::os::unix::fs::FileExt;
+    let files: Vec<std::fs::File> = rs
+        .iter()
+        .map(|r| std::fs::File::open(r.dir.join("volume-head-000.img")).unwrap())
+        .collect();
+    for &b in blocks {
+        let mut first = vec![0u8; BLOCK as usize];
+        files[0].read_exact_at(&mut first, b * BLOCK).unwrap();
+        for (f, r) in files.iter().zip(rs).skip(1) {
+            let mut other = vec![0u8; BLOCK as usize];
+            f.read_exact_at(&mut other, b * BLOCK).unwrap();
+            assert!(
+                first == other,
+                "round {round}: replica {} differs at block {b}",
+                r.addr
+            );
+        }
+    }
+}
+
+#[test]
+fn engine_sigkill_loses_no_flushed_write_and_reconciles_only_dirty_regions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rs = three_replicas(tmp.path(), "1G");
+    let (mut engine, mut uri, mut admin) = start_engine("crash", "1G", &addrs(&rs), &[]);
+    let mut durable: HashMap<u64, u64> = HashMap::new();
+    let mut next_id = 0u64;
+    let mut rng = 0xc0ffee_u64;
+    let mut rand = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut copied = Vec::new();
+    let mut touched = BTreeSet::new();
+    for round in 1..=20 {
+        let mut issued_since_flush: HashMap<u64, Vec<u64>> = HashMap::new();
+        let mut acked = durable.clone();
+        let pid = engine.child.id() as libc::pid_t;
+        let delay = Duration::from_millis(40 + rand() % 300);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            // SAFETY: kill(2) on the engine we started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        let mut c = RawNbd::open(&uri);
+        'writing: for batch in 1.. {
+            let blocks: BTreeSet<u64> = (0..16).map(|_| rand() % BLOCKS).collect();
+            let mut cookies = HashMap::new();
+            for b in blocks {
+                next_id += 1;
+                issued_since_flush.entry(b).or_default().push(next_id);
+                touched.insert(b);
+                cookies.insert(next_id, b);
+                if c.try_request(1, next_id, b * BLOCK, BLOCK as u32, &block_for(next_id, b))
+                    .is_err()
+                {
+                    break 'writing;
+                }
+            }
+            for _ in 0..cookies.len() {
+                match c.try_reply(0) {
+                    Ok((0, cookie, _)) => {
+                        acked.insert(cookies[&cookie], cookie);
+                    }
+                    _ => break 'writing,
+                }
+            }
+            if batch % 4 == 0 {
+                let covered = acked.clone();
+                if c.try_request(3, 0, 0, 0, &[]).is_err() {
+                    break;
+                }
+                match c.try_reply(0) {
+                    Ok((0, _, _)) => {
+                        durable = covered;
+                        issued_since_flush.clear();
+                    }
+                    _ => break,
+                }
+            }
+        }
+        killer.join().unwrap();
+        engine.kill9();
+
+        (engine, uri, admin) = start_engine("crash", "1G", &addrs(&rs), &[]);
+        let s = status(&admin);
+        let modes: Vec<&str> = s["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["mode"].as_str().unwrap())
+            .collect();
+        assert_eq!(modes, ["RW", "RW", "RW"], "round {round}: {s}");
+        let bytes = s["reconciled_bytes"].as_u64().unwrap();
+        copied.push(bytes);
+        assert!(
+            bytes < SIZE / 20,
+            "round {round}: reconciliation copied {bytes} of {SIZE} bytes"
+        );
+        assert_replicas_identical(&rs, &touched, round);
+
+        // Every block ever written, and a sample of the rest, reads right.
+        let mut c = RawNbd::open(&uri);
+        let sample: BTreeSet<u64> = (0..256).map(|_| rand() % BLOCKS).collect();
+        for &b in touched.union(&sample) {
+            c.request(0, b, b * BLOCK, BLOCK as u32, &[]);
+            let (err, _, data) = c.reply(BLOCK as usize);
+            assert_eq!(err, 0);
+            let got = id_of(&data, b);
+            let flushed = durable.get(&b).copied();
+            let later = issued_since_flush.get(&b);
+            let ok = got == flushed || later.is_some_and(|l| got.is_some_and(|g| l.contains(&g)));
+            assert!(ok, "round {round}: block {b} holds {got:?}, flushed {flushed:?}, issued after {later:?}");
+            match got {
+                Some(g) => durable.insert(b, g),
+                None => durable.remove(&b),
+            };
+        }
+    }
+    let total: u64 = copied.iter().sum();
+    println!(
+        "reconciliation over 20 engine kills: {total} bytes copied in all (max {} per round, volume {SIZE})",
+        copied.iter().max().unwrap()
+    );
+    assert_eq!(engine.stop(), 0);
+}
+
+#[test]
+fn a_second_engine_fences_the_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rs = three_replicas(tmp.path(), "16M");
+    let (mut first, uri1, admin1) = start_engine("fence", "16M", &addrs(&rs), &[]);
+    let mut c1 = RawNbd::open(&uri1);
+    c1.request(1, 1, 0, 4096, &[0x11; 4096]);
+    assert_eq!(c1.reply(0).0, 0);
+    assert_eq!(status(&admin1)["generation"], 1);
+
+    let (_second, uri2, admin2) = start_engine("fence", "16M", &addrs(&rs), &[]);
+    assert_eq!(status(&admin2)["generation"], 2);
+    // The first engine's next write is refused by every replica: it fails,
+    // and the first engine stops serving and exits with the fenced code.
+    c1.request(1, 2, 0, 4096, &[0x22; 4096]);
+    let (err, _, _) = c1.try_reply(0).unwrap_or((5, 2, vec![]));
+    assert_ne!(err, 0, "a fenced engine must not acknowledge writes");
+    assert_eq!(first.wait_exit(Duration::from_secs(10)), 3);
+    // Nothing of the first engine landed after the fence.
+    let mut c2 = RawNbd::open(&uri2);
+    c2.request(0, 3, 0, 4096, &[]);
+    let (err, _, data) = c2.reply(4096);
+    assert_eq!(err, 0);
+    assert_eq!(data, vec![0x11; 4096]);
+    for r in &rs {
+        let head = std::fs::read(r.dir.join("volume-head-000.img")).unwrap();
+        assert_eq!(&head[..4096], &[0x11; 4096][..], "replica {}", r.addr);
+    }
+}
