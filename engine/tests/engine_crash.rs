@@ -59,7 +59,7 @@ fn assert_replicas_identical(rs: &[ReplicaProc], blocks: &BTreeSet<u64>, round: 
 fn engine_sigkill_loses_no_flushed_write_and_reconciles_only_dirty_regions() {
     let tmp = tempfile::tempdir().unwrap();
     let rs = three_replicas(tmp.path(), "1G");
-    let (mut engine, mut uri, mut admin) = start_engine("crash", "1G", &addrs(&rs), &[]);
+    let (mut engine, mut uri, _) = start_engine("crash", "1G", &addrs(&rs), &[]);
     let mut durable: HashMap<u64, u64> = HashMap::new();
     let mut next_id = 0u64;
     let mut rng = 0xc0ffee_u64;
@@ -121,6 +121,7 @@ fn engine_sigkill_loses_no_flushed_write_and_reconciles_only_dirty_regions() {
         killer.join().unwrap();
         engine.kill9();
 
+        let admin;
         (engine, uri, admin) = start_engine("crash", "1G", &addrs(&rs), &[]);
         let s = status(&admin);
         let modes: Vec<&str> = s["replicas"]
