@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""rvol's fio benchmark: the same fio jobs against local io_uring, nbdkit,
+qemu-nbd, rvol with 1 replica and rvol with 3 replicas, in one run on one
+file system. Prints a markdown table (each figure also as a ratio against
+nbdkit file) and writes the results as JSON.
+
+  scripts/bench.sh [--quick] [--out DIR] [--only TARGET,...]
+"""
+import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RVOL = os.path.join(ROOT, "target", "release", "rvol")
+CLK = os.sysconf("SC_CLK_TCK")
+
+JOBS = [
+    # name, rw, bs, iodepth, extra
+    ("seqwrite-1m-qd8", "write", "1M", 8, []),
+    ("randwrite-4k-qd1", "randwrite", "4k", 1, []),
+    ("randwrite-4k-qd32", "randwrite", "4k", 32, []),
+    ("randwrite-4k-qd32-fsync256", "randwrite", "4k", 32, ["--fsync=256"]),
+    ("randread-4k-qd1", "randread", "4k", 1, []),
+    ("randread-4k-qd32", "randread", "4k", 32, []),
+    ("seqread-1m-qd8", "read", "1M", 8, []),
+]
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            # utime, stime, cutime, cstime are fields 14-17 (1-based) of the line.
+            total += sum(int(x) for x in fields[11:15])
+        except FileNotFoundError:
+            pass
+    return total / CLK
+
+
+def wait_port(port, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+class Target:
+    """A server (or none) and how fio reaches it."""
+
+    def __init__(self, name, work, size):
+        self.name, self.work, self.size, self.procs = name, work, size, []
+
+    def spawn(self, args, ready_line=False):
+        p = subprocess.Popen(args, stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+        if ready_line:
+            line = p.stdout.readline()
+            ready = json.loads(line)
+            assert ready.get("event") == "ready", line
+            return ready
+        return None
+
+    def pids(self):
+        return [p.pid for p in self.procs]
+
+    def stop(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def start(name, work, size):
+    t = Target(name, work, size)
+    img = os.path.join(work, f"{name}.img")
+    if name == "local":
+        with open(img, "wb") as f:
+            f.truncate(size)
+        t.fio = ["--ioengine=io_uring", f"--filename={img}"]
+        return t
+    port = free_port()
+    t.fio = ["--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/"]
+    if name == "nbdkit":
+        with open(img, "wb") as f:
+            f.truncate(size)
+        t.spawn(["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "file", img])
+        wait_port(port)
+    elif name == "qemu-nbd":
+        with open(img, "wb") as f:
+            f.truncate(size)
+        t.spawn(["qemu-nbd", "-t", "-p", str(port), "-b", "127.0.0.1", "-f", "raw", "--cache=writeback", img])
+        wait_port(port)
+    else:
+        n = 1 if name == "rvol-1" else 3
+        replicas = []
+        for i in range(n):
+            r = t.spawn([RVOL, "replica", "--dir", os.path.join(work, f"{name}-r{i}"),
+                         "--listen", "127.0.0.1:0", "--size", str(size)], ready_line=True)
+            replicas += ["--replica", r["listen"]]
+        t.spawn([RVOL, "engine", "--name", "bench", "--size", str(size), "--nbd-listen", f"127.0.0.1:{port}",
+                 "--admin-listen", f"127.0.0.1:{free_port()}"] + replicas, ready_line=True)
+    return t
+
+
+def run_job(t, job, runtime, ramp, size):
+    name, rw, bs, qd, extra = job
+    args = ["fio", "--name=" + name, f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--size={size}",
+            f"--runtime={runtime}", f"--ramp_time={ramp}", "--time_based", "--output-format=json",
+            "--randrepeat=0", "--norandommap"] + t.fio + extra
+    before = cpu_seconds(t.pids())
+    out = subprocess.run(args, capture_output=True, text=True)
+    server_cpu = cpu_seconds(t.pids()) - before
+    if out.returncode != 0:
+        raise RuntimeError(f"fio {name} on {t.name} failed: {out.stderr[-2000:]}")
+    j = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    side = j["write"] if "write" in rw else j["read"]
+    secs = max(side["runtime"] / 1000.0, 1e-9)
+    moved_gib = side["io_bytes"] / 2**30
+    fio_cpu = (j["usr_cpu"] + j["sys_cpu"]) / 100.0 * secs
+    pct = side["clat_ns"].get("percentile", {})
+    return {
+        "iops": side["iops"],
+        "mib_s": side["bw_bytes"] / 2**20,
+        "p50_us": pct.get("50.000000", 0) / 1000.0,
+        "p99_us": pct.get("99.000000", 0) / 1000.0,
+        # fio's own CPU plus the servers' over the whole job (ramp included).
+        "cpu_s_per_gib": (server_cpu + fio_cpu) / moved_gib if moved_gib > 0 else None,
+        "io_errors": j.get("error", 0),
+    }
+
+
+def table(results, targets):
+    base = results.get("nbdkit", {})
+    lines = ["| job | target | IOPS | MiB/s | p50 µs | p99 µs | CPU s/GiB | IOPS vs nbdkit | p99 vs nbdkit |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for job in JOBS:
+        for t in targets:
+            r = results.get(t, {}).get(job[0])
+            if not r:
+                continue
+            b = base.get(job[0])
+            ratio = f"{r['iops'] / b['iops']:.2f}×" if b and b["iops"] else "-"
+            p99 = f"{r['p99_us'] / b['p99_us']:.2f}×" if b and b["p99_us"] else "-"
+            cpu = f"{r['cpu_s_per_gib']:.2f}" if r["cpu_s_per_gib"] is not None else "-"
+            lines.append(f"| {job[0]} | {t} | {r['iops']:.0f} | {r['mib_s']:.1f} | {r['p50_us']:.0f} | "
+                         f"{r['p99_us']:.0f} | {cpu} | {ratio} | {p99} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a few seconds per job (CI regression check)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"))
+    ap.add_argument("--only", default="local,nbdkit,qemu-nbd,rvol-1,rvol-3")
+    ap.add_argument("--check", action="store_true",
+                    help="fail on gross breakage: rvol below 1/10 of nbdkit, or any I/O error")
+    a = ap.parse_args()
+    runtime, ramp, size = (3, 1, 256 << 20) if a.quick else (20, 5, 1 << 30)
+    targets = a.only.split(",")
+    os.makedirs(a.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="rvol-bench-", dir=os.path.join(ROOT, "target"))
+    results = {}
+    try:
+        for name in targets:
+            t = start(name, work, size)
+            try:
+                results[name] = {}
+                for job in JOBS:
+                    results[name][job[0]] = run_job(t, job, runtime, ramp, size)
+                    print(f"{name:9} {job[0]:28} {results[name][job[0]]['iops']:10.0f} IOPS", file=sys.stderr)
+            finally:
+                t.stop()
+            shutil.rmtree(work, ignore_errors=True)
+            os.makedirs(work, exist_ok=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": f"{os.cpu_count()} CPUs, {os.uname().release}",
+        "runtime_s": runtime, "ramp_s": ramp, "size": size,
+        "fio": subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip(),
+    }
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    md = table(results, targets)
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+    if a.check:
+        bad = []
+        for t in targets:
+            for job, r in results[t].items():
+                if r["io_errors"]:
+                    bad.append(f"{t} {job}: I/O errors")
+                b = results.get("nbdkit", {}).get(job)
+                if t.startswith("rvol") and b and r["iops"] < b["iops"] / 10:
+                    bad.append(f"{t} {job}: {r['iops']:.0f} IOPS < 1/10 of nbdkit's {b['iops']:.0f}")
+        if bad:
+            print("bench check FAILED:\n  " + "\n  ".join(bad), file=sys.stderr)
+            sys.exit(1)
+        print("bench check: ok (no target below 1/10 of nbdkit, no I/O errors)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# rvol's benchmark: fio against local io_uring, nbdkit, qemu-nbd, rvol x1
+# and rvol x3 in one run. See scripts/bench.py for options (--quick, --only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/deps.sh
+install_run_deps
+apt_install nbdkit
+cargo build --release --bin rvol
+exec python3 scripts/bench.py "$@"
