@@ -241,9 +241,17 @@ async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedRece
             {
                 return;
             }
+            // Yield once before flushing, so replies of requests that are
+            // finishing right now share one socket write.
             match rx.try_recv() {
                 Ok(next) => reply = next,
-                Err(_) => break,
+                Err(_) => {
+                    tokio::task::yield_now().await;
+                    match rx.try_recv() {
+                        Ok(next) => reply = next,
+                        Err(_) => break,
+                    }
+                }
             }
         }
         if wr.flush().await.is_err() {
