@@ -34,6 +34,8 @@ pub struct ReplicaStatus {
     pub address: String,
     pub mode: String,
     pub revision: u64,
+    /// Missed an acknowledged write while out of the set: needs a rebuild.
+    pub stale: bool,
     pub last_error: Option<String>,
 }
 
@@ -52,13 +54,14 @@ pub fn status(s: &AdminState) -> VolumeStatus {
             address: r.endpoint.to_string(),
             mode: format!("{:?}", r.mode()),
             revision: r.revision(),
+            stale: r.missed(),
             last_error: r.last_error(),
         })
         .collect();
     let rw = v.slots().iter().filter(|r| r.mode() == Mode::RW).count();
     let state = if v.is_fenced() {
         "fenced"
-    } else if rw == 0 {
+    } else if rw == 0 || v.is_faulted() {
         "faulted"
     } else if rw < replicas.len() {
         "degraded"

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::admin::{self, AdminState};
 use crate::freshness::{choose, Candidate, Verdict};
 use crate::reconcile::reconcile;
-use crate::volume::{Mode, ReplicaSlot, ReplicatedVolume, VolumeParams};
+use crate::volume::{AttachInfo, Mode, ReplicaSlot, ReplicatedVolume, VolumeParams};
 
 /// Exit status: stopped cleanly.
 pub const EXIT_OK: u8 = 0;
@@ -44,6 +44,8 @@ pub struct EngineConfig {
     pub admin_listen: Endpoint,
     pub replica_timeout: Duration,
     pub connections_per_replica: usize,
+    /// How long I/O waits for a current replica when none is left.
+    pub io_hold: Duration,
 }
 
 /// The UUID every replica of volume `name` is bound to.
@@ -199,6 +201,12 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
         first_epoch: reconcile_epoch + 1,
         reconciled_bytes,
         timeout: cfg.replica_timeout,
+        attach: AttachInfo {
+            volume: uuid,
+            owner,
+            connections: conns,
+        },
+        hold: cfg.io_hold,
     };
     Ok(ReplicatedVolume::new(params, slots))
 }
@@ -258,6 +266,18 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
         })
     );
 
+    // Replicas that dropped out without missing anything come back by
+    // themselves.
+    let retry = {
+        let v = volume.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                v.reattach_current().await;
+            }
+        })
+    };
+
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut fenced = volume.fenced_watch();
@@ -271,6 +291,7 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
         "stopping: no new requests, finishing those in flight"
     );
     let _ = stop_tx.send(true);
+    retry.abort();
     for t in nbd_tasks {
         let _ = t.await;
     }

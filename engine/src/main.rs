@@ -77,6 +77,10 @@ enum Command {
         /// Pipelined connections to each replica.
         #[arg(long, default_value_t = 2)]
         connections_per_replica: usize,
+        /// With no healthy replica left, I/O waits this many seconds for one
+        /// with current data to return before failing.
+        #[arg(long, default_value_t = 60.0)]
+        io_hold_timeout: f64,
     },
     /// Inspect a running volume.
     Volume {
@@ -160,6 +164,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             admin_listen,
             replica_timeout,
             connections_per_replica,
+            io_hold_timeout,
         } => {
             engine::run(engine::EngineConfig {
                 name,
@@ -169,6 +174,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 admin_listen,
                 replica_timeout: Duration::from_secs_f64(replica_timeout),
                 connections_per_replica,
+                io_hold: Duration::from_secs_f64(io_hold_timeout),
             })
             .await
         }

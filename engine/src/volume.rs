@@ -20,10 +20,26 @@
 //! - A replica that errors or does not answer within the timeout is set to
 //!   ERR and logged. If it answers `Fenced`, a newer engine owns the volume:
 //!   this engine refuses all further writes and reports itself fenced.
+//!
+//! # Losing replicas and getting them back
+//!
+//! A replica is *current* while it has missed no acknowledged modification:
+//! every write, trim or write-zeroes answered to the frontend while the
+//! replica was not among the replicas that applied it sets its `missed`
+//! flag. A current replica in ERR (a dropped connection, a restarted
+//! process) can rejoin as it is: it is reattached in WO mode, a barrier of
+//! the [`EpochGate`] waits out every modification that started without it,
+//! and if it still missed nothing it becomes RW. A replica that missed
+//! something stays ERR until it is rebuilt.
+//!
+//! When no RW replica is left, I/O is not failed at once: requests wait for
+//! up to the hold time while current replicas are reconnected; if one
+//! returns, they go on without an error, otherwise they fail with EIO and
+//! the volume is faulted (until a current replica returns).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
@@ -31,7 +47,7 @@ use rvol_frontend::{BlockVolume, Extent, VolumeError};
 use rvol_replica::client::{ClientError, ReplicaClient};
 use rvol_replica::proto::{Status, MAX_PAYLOAD};
 use rvol_replica::server::Endpoint;
-use rvol_replica::{Generation, BLOCK_SIZE};
+use rvol_replica::{Generation, Owner, BLOCK_SIZE};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -65,8 +81,13 @@ impl Mode {
 /// One replica of the volume, as the engine sees it.
 pub struct ReplicaSlot {
     pub endpoint: Endpoint,
-    client: Option<Arc<ReplicaClient>>,
+    client: Mutex<Option<Arc<ReplicaClient>>>,
     mode: AtomicU8,
+    /// Missed an acknowledged modification: stale until rebuilt.
+    missed: AtomicBool,
+    /// Bumped whenever the replica leaves or rejoins the set, so a reply
+    /// sent on an earlier attachment never counts as applied.
+    attachment: AtomicU64,
     /// The replica's revision counter as far as the engine knows it.
     revision: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -76,8 +97,10 @@ impl ReplicaSlot {
     pub fn new(endpoint: Endpoint, client: ReplicaClient, mode: Mode, revision: u64) -> Self {
         ReplicaSlot {
             endpoint,
-            client: Some(Arc::new(client)),
+            client: Mutex::new(Some(Arc::new(client))),
             mode: AtomicU8::new(mode as u8),
+            missed: AtomicBool::new(false),
+            attachment: AtomicU64::new(0),
             revision: AtomicU64::new(revision),
             last_error: Mutex::new(None),
         }
@@ -87,8 +110,11 @@ impl ReplicaSlot {
     pub fn failed(endpoint: Endpoint, error: String) -> Self {
         ReplicaSlot {
             endpoint,
-            client: None,
+            client: Mutex::new(None),
             mode: AtomicU8::new(Mode::ERR as u8),
+            // Left out at start: whatever it holds is not known to be current.
+            missed: AtomicBool::new(true),
+            attachment: AtomicU64::new(0),
             revision: AtomicU64::new(0),
             last_error: Mutex::new(Some(error)),
         }
@@ -110,7 +136,17 @@ impl ReplicaSlot {
     }
 
     fn client(&self) -> Option<Arc<ReplicaClient>> {
-        self.client.clone().filter(|_| self.mode() != Mode::ERR)
+        if self.mode() == Mode::ERR {
+            return None;
+        }
+        self.client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn missed(&self) -> bool {
+        self.missed.load(Ordering::Acquire)
     }
 }
 
@@ -144,6 +180,21 @@ pub struct ReplicatedVolume {
     fenced: AtomicBool,
     /// Turns true when a newer engine has taken the replicas over.
     fenced_tx: watch::Sender<bool>,
+    /// How to reconnect a replica: as whom, for which volume.
+    attach: AttachInfo,
+    /// How long I/O waits for a current replica when none is left.
+    hold: Duration,
+    faulted: AtomicBool,
+    /// Serializes reattachment and the hold.
+    recovery: tokio::sync::Mutex<()>,
+}
+
+/// What reconnecting a replica needs.
+#[derive(Clone)]
+pub struct AttachInfo {
+    pub volume: uuid::Uuid,
+    pub owner: Owner,
+    pub connections: usize,
 }
 
 type OpResult<T> = Result<T, VolumeError>;
@@ -156,6 +207,8 @@ pub struct VolumeParams {
     pub first_epoch: u64,
     pub reconciled_bytes: u64,
     pub timeout: Duration,
+    pub attach: AttachInfo,
+    pub hold: Duration,
 }
 
 impl ReplicatedVolume {
@@ -167,6 +220,8 @@ impl ReplicatedVolume {
             first_epoch,
             reconciled_bytes,
             timeout,
+            attach,
+            hold,
         } = p;
         ReplicatedVolume {
             name,
@@ -180,6 +235,10 @@ impl ReplicatedVolume {
             next_read: AtomicUsize::new(0),
             fenced: AtomicBool::new(false),
             fenced_tx: watch::channel(false).0,
+            attach,
+            hold,
+            faulted: AtomicBool::new(false),
+            recovery: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -220,6 +279,7 @@ impl ReplicatedVolume {
             }
         }
         *slot.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
+        slot.attachment.fetch_add(1, Ordering::AcqRel);
         let was = Mode::from_u8(slot.mode.swap(Mode::ERR as u8, Ordering::AcqRel));
         if was != Mode::ERR {
             tracing::warn!(replica = %slot.endpoint, was = ?was, error = %why, "replica set to ERR");
@@ -243,44 +303,172 @@ impl ReplicatedVolume {
     }
 
     /// Runs `op` on every writable replica, setting those that fail to ERR.
-    /// Succeeds if at least one RW replica succeeded.
+    /// Succeeds if at least one RW replica succeeded; with none left, holds
+    /// (see the module documentation) and retries.
     async fn fan_out<F, Fut>(&self, what: &str, op: F) -> OpResult<()>
     where
         F: Fn(Arc<ReplicaClient>) -> Fut,
         Fut: std::future::Future<Output = Result<(), ClientError>>,
     {
-        if self.is_fenced() {
-            return Err(VolumeError::Io(
-                "fenced: a newer engine owns this volume".into(),
-            ));
-        }
-        let targets = self.writable();
-        let results = join_all(targets.iter().map(|s| self.call(s, &op))).await;
-        let mut ok_rw = 0;
-        let mut invalid = None;
-        for (slot, r) in targets.iter().zip(results) {
-            match r {
-                Ok(()) => {
-                    if slot.mode() == Mode::RW {
-                        ok_rw += 1;
+        loop {
+            if self.is_fenced() {
+                return Err(VolumeError::Io(
+                    "fenced: a newer engine owns this volume".into(),
+                ));
+            }
+            let targets = self.writable();
+            let attachments: Vec<u64> = targets
+                .iter()
+                .map(|s| s.attachment.load(Ordering::Acquire))
+                .collect();
+            let results = join_all(targets.iter().map(|s| self.call(s, &op))).await;
+            let mut applied = Vec::with_capacity(targets.len());
+            let mut ok_rw = 0;
+            let mut invalid = None;
+            for ((slot, r), attachment) in targets.iter().zip(results).zip(attachments) {
+                match r {
+                    Ok(()) if slot.attachment.load(Ordering::Acquire) == attachment => {
+                        ok_rw += usize::from(slot.mode() == Mode::RW);
+                        applied.push(slot.clone());
                     }
+                    Ok(()) => {}
+                    // A request the replica found wrong is our bug or the
+                    // client's, not the replica's fault: keep it in the set.
+                    Err(ReplicaFailure::Client(ClientError::Remote {
+                        status: Status::Invalid,
+                        message,
+                    })) => invalid = Some(message),
+                    Err(e) => self.fail(slot, &e),
                 }
-                // A request the replica found wrong is our bug or the
-                // client's, not the replica's fault: keep it in the set.
-                Err(ReplicaFailure::Client(ClientError::Remote {
-                    status: Status::Invalid,
-                    message,
-                })) => invalid = Some(message),
-                Err(e) => self.fail(slot, &e),
+            }
+            if let Some(m) = invalid {
+                return Err(VolumeError::Invalid(m));
+            }
+            if ok_rw == 0 {
+                self.hold_for_replicas(what).await?;
+                continue;
+            }
+            for slot in &self.slots {
+                if !applied.iter().any(|a| Arc::ptr_eq(a, slot)) {
+                    slot.missed.store(true, Ordering::Release);
+                }
+            }
+            return Ok(());
+        }
+    }
+
+    fn rw_count(&self) -> usize {
+        self.slots.iter().filter(|s| s.mode() == Mode::RW).count()
+    }
+
+    pub fn is_faulted(&self) -> bool {
+        self.faulted.load(Ordering::Acquire)
+    }
+
+    /// No RW replica is left: waits up to the hold time for a current one
+    /// to come back. Errors if none does (the volume is then faulted).
+    async fn hold_for_replicas(&self, what: &str) -> OpResult<()> {
+        // Poll rather than queue on the lock: a reattachment that holds it
+        // may be waiting, in a barrier, for this very request.
+        let _one = loop {
+            if self.rw_count() > 0 {
+                return Ok(());
+            }
+            if let Ok(guard) =
+                tokio::time::timeout(Duration::from_millis(100), self.recovery.lock()).await
+            {
+                break guard;
+            }
+        };
+        let deadline = Instant::now() + self.hold;
+        let mut announced = false;
+        loop {
+            if self.rw_count() > 0 {
+                return Ok(());
+            }
+            if self.is_fenced() {
+                return Err(VolumeError::Io(
+                    "fenced: a newer engine owns this volume".into(),
+                ));
+            }
+            if self.is_faulted() {
+                return Err(VolumeError::Io(format!(
+                    "{what}: volume is faulted: no replica with current data"
+                )));
+            }
+            if !announced {
+                tracing::warn!(hold = ?self.hold, "no healthy replica left: holding I/O while reconnecting");
+                announced = true;
+            }
+            self.reattach_locked().await;
+            if self.rw_count() > 0 {
+                tracing::info!("a current replica is back: I/O resumes");
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.faulted.store(true, Ordering::Release);
+                tracing::error!(hold = ?self.hold, "no replica with current data returned: volume faulted");
+                return Err(VolumeError::Io(format!(
+                    "{what}: no replica with current data returned"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Reconnects ERR replicas that missed nothing (background retry).
+    pub async fn reattach_current(&self) {
+        let _one = self.recovery.lock().await;
+        self.reattach_locked().await;
+        if self.rw_count() > 0 && self.faulted.swap(false, Ordering::AcqRel) {
+            tracing::info!("a current replica is back: volume no longer faulted");
+        }
+    }
+
+    async fn reattach_locked(&self) {
+        // With no RW replica nothing can be acknowledged meanwhile, and the
+        // requests in flight are the held ones: no barrier then (it would
+        // wait for them). Otherwise the barrier waits out modifications that
+        // started without the returning replicas.
+        let barrier = self.rw_count() > 0;
+        let mut joining = Vec::new();
+        for slot in &self.slots {
+            if slot.mode() != Mode::ERR || slot.missed() {
+                continue;
+            }
+            let a = &self.attach;
+            let connect = ReplicaClient::connect(&slot.endpoint, a.volume, a.owner, a.connections);
+            match tokio::time::timeout(self.timeout, connect).await {
+                Ok(Ok((client, _))) => {
+                    let client = Arc::new(client);
+                    *slot.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
+                    slot.attachment.fetch_add(1, Ordering::AcqRel);
+                    // Writes from now on include it.
+                    slot.mode.store(Mode::WO as u8, Ordering::Release);
+                    joining.push((slot, client));
+                }
+                Ok(Err(e)) if e.is_fenced() => self.fail(slot, &ReplicaFailure::Client(e)),
+                _ => {}
             }
         }
-        if let Some(m) = invalid {
-            return Err(VolumeError::Invalid(m));
+        if joining.is_empty() {
+            return;
         }
-        if ok_rw == 0 {
-            return Err(VolumeError::Io(format!("{what}: no healthy replica left")));
+        if barrier {
+            self.epochs.barrier().await;
         }
-        Ok(())
+        for (slot, client) in joining {
+            // What it applied before it was lost may not be durable yet.
+            let flushed = tokio::time::timeout(self.timeout, client.flush(0)).await;
+            if slot.missed() || !matches!(flushed, Ok(Ok(_))) {
+                slot.attachment.fetch_add(1, Ordering::AcqRel);
+                slot.mode.store(Mode::ERR as u8, Ordering::Release);
+                continue;
+            }
+            slot.mode.store(Mode::RW as u8, Ordering::Release);
+            *slot.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            tracing::info!(replica = %slot.endpoint, "replica reattached: it missed no acknowledged write");
+        }
     }
 
     fn count_modification(&self) {
@@ -304,26 +492,25 @@ impl ReplicatedVolume {
     }
 
     async fn read_piece(&self, offset: u64, len: u64) -> OpResult<Bytes> {
-        let candidates = self.readable();
-        if candidates.is_empty() {
-            return Err(VolumeError::Io("read: no healthy replica left".into()));
-        }
-        let first = self.next_read.fetch_add(1, Ordering::Relaxed);
-        for k in 0..candidates.len() {
-            let slot = &candidates[(first + k) % candidates.len()];
-            match self
-                .call(slot, |c| async move { c.read(offset, len).await })
-                .await
-            {
-                Ok(data) => return Ok(data),
-                Err(ReplicaFailure::Client(ClientError::Remote {
-                    status: Status::Invalid,
-                    message,
-                })) => return Err(VolumeError::Invalid(message)),
-                Err(e) => self.fail(slot, &e),
+        loop {
+            let candidates = self.readable();
+            let first = self.next_read.fetch_add(1, Ordering::Relaxed);
+            for k in 0..candidates.len() {
+                let slot = &candidates[(first + k) % candidates.len()];
+                match self
+                    .call(slot, |c| async move { c.read(offset, len).await })
+                    .await
+                {
+                    Ok(data) => return Ok(data),
+                    Err(ReplicaFailure::Client(ClientError::Remote {
+                        status: Status::Invalid,
+                        message,
+                    })) => return Err(VolumeError::Invalid(message)),
+                    Err(e) => self.fail(slot, &e),
+                }
             }
+            self.hold_for_replicas("read").await?;
         }
-        Err(VolumeError::Io("read failed on every replica".into()))
     }
 
     /// Writes whole aligned blocks to every replica, in pieces the replica
