@@ -126,6 +126,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    // Keep large I/O buffers on the heap: glibc would mmap every buffer of
+    // 128 KiB or more and unmap it when freed, paying page faults and page
+    // zeroing on every large request.
+    // SAFETY: mallopt only tunes the allocator; called before any thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

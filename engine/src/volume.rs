@@ -481,6 +481,9 @@ impl ReplicatedVolume {
 
     /// Reads aligned blocks from one RW replica, failing over on error.
     async fn read_aligned(&self, offset: u64, len: u64) -> OpResult<Bytes> {
+        if len <= MAX_PAYLOAD as u64 {
+            return self.read_piece(offset, len).await;
+        }
         let mut out = BytesMut::with_capacity(len as usize);
         let mut at = offset;
         while at < offset + len {

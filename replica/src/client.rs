@@ -332,8 +332,8 @@ async fn read_reply<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<(ReplyHea
         Err(e) => return Err(ClientError::Lost(e.to_string())),
     }
     let h = ReplyHeader::decode(&raw)?;
-    let mut payload = vec![0u8; h.payload_len as usize];
-    rd.read_exact(&mut payload)
+    let mut payload = Vec::with_capacity(h.payload_len as usize);
+    crate::proto::read_payload(rd, &mut payload, h.payload_len as usize)
         .await
         .map_err(|e| ClientError::Lost(e.to_string()))?;
     h.verify(&raw, &payload)?;

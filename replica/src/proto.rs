@@ -32,6 +32,7 @@
 //! `epoch` tags modifications and flushes with the engine's flush epoch;
 //! see [`crate::dirty`] for what the replica does with it.
 
+use tokio::io::{AsyncRead, AsyncReadExt};
 use uuid::Uuid;
 
 pub const REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"RVQ1");
@@ -285,6 +286,21 @@ pub fn decode_request(buf: &[u8]) -> Result<(RequestHeader, &[u8], usize), Frame
     let payload = &buf[REQUEST_HEADER_LEN..end];
     h.verify(&buf[..REQUEST_HEADER_LEN], payload)?;
     Ok((h, payload, end))
+}
+
+/// Reads exactly `n` more bytes into `buf` without zeroing it first.
+pub async fn read_payload<R: AsyncRead + Unpin, B: bytes::BufMut>(
+    rd: &mut R,
+    buf: &mut B,
+    n: usize,
+) -> std::io::Result<()> {
+    let mut limited = bytes::BufMut::limit(buf, n);
+    while bytes::BufMut::has_remaining_mut(&limited) {
+        if rd.read_buf(&mut limited).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
 }
 
 /// Payload of HELLO: who is asking, for which volume.

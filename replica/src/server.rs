@@ -283,8 +283,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
     let h = RequestHeader::decode(&raw)?;
     payload.clear();
-    payload.resize(h.payload_len as usize, 0);
-    rd.read_exact(payload).await?;
+    crate::proto::read_payload(rd, payload, h.payload_len as usize).await?;
     h.verify(&raw, payload)?;
     Ok(Some(h))
 }

@@ -120,7 +120,7 @@ impl<V: BlockVolume> NbdServer<V> {
         };
         tracing::debug!(%peer, ?agreed, "NBD client connected");
         let (rd, wr) = tokio::io::split(stream);
-        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+        let (tx, rx) = mpsc::unbounded_channel::<Reply>();
         let writer = tokio::spawn(write_replies(wr, rx));
         if let Err(reason) = self
             .transmit(BufReader::with_capacity(256 << 10, rd), agreed, tx, stop)
@@ -136,7 +136,7 @@ impl<V: BlockVolume> NbdServer<V> {
         self: &Arc<Self>,
         mut rd: R,
         agreed: Negotiated,
-        tx: mpsc::UnboundedSender<Bytes>,
+        tx: mpsc::UnboundedSender<Reply>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), String> {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -156,8 +156,8 @@ impl<V: BlockVolume> NbdServer<V> {
                 Ok(r) => r,
                 Err(e) => break Err(e.to_string()),
             };
-            let mut payload = BytesMut::zeroed(req.payload_len());
-            if let Err(e) = rd.read_exact(&mut payload).await {
+            let mut payload = BytesMut::with_capacity(req.payload_len());
+            if let Err(e) = read_payload(&mut rd, &mut payload, req.payload_len()).await {
                 break Err(format!("client went away mid-request: {e}"));
             }
             if req.command == CMD_DISC {
@@ -181,7 +181,7 @@ impl<V: BlockVolume> NbdServer<V> {
         result
     }
 
-    async fn execute(&self, req: Request, payload: Bytes, agreed: Negotiated) -> Bytes {
+    async fn execute(&self, req: Request, payload: Bytes, agreed: Negotiated) -> Reply {
         let v = &*self.volume;
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let len = req.length as u64;
@@ -267,6 +267,21 @@ impl<V: BlockVolume> NbdServer<V> {
     }
 }
 
+/// Reads exactly `n` more bytes into `buf` without zeroing it first.
+async fn read_payload<R: AsyncRead + Unpin, B: bytes::BufMut>(
+    rd: &mut R,
+    buf: &mut B,
+    n: usize,
+) -> std::io::Result<()> {
+    let mut limited = bytes::BufMut::limit(buf, n);
+    while bytes::BufMut::has_remaining_mut(&limited) {
+        if rd.read_buf(&mut limited).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
 enum Stream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
@@ -291,15 +306,31 @@ fn errno(e: VolumeError) -> (u32, VolumeError) {
     (code, e)
 }
 
-fn simple_reply(cookie: u64, error: u32, data: Option<&[u8]>) -> Bytes {
-    let mut b = BytesMut::with_capacity(16 + data.map_or(0, |d| d.len()));
+/// A reply as written to the socket: a header, then data (for reads) that
+/// is passed through without being copied next to its header.
+struct Reply {
+    head: Bytes,
+    data: Bytes,
+}
+
+impl From<BytesMut> for Reply {
+    fn from(head: BytesMut) -> Reply {
+        Reply {
+            head: head.freeze(),
+            data: Bytes::new(),
+        }
+    }
+}
+
+fn simple_reply(cookie: u64, error: u32, data: Option<Bytes>) -> Reply {
+    let mut b = BytesMut::with_capacity(16);
     b.put_u32(SIMPLE_REPLY_MAGIC);
     b.put_u32(error);
     b.put_u64(cookie);
-    if let Some(d) = data {
-        b.put_slice(d);
+    Reply {
+        head: b.freeze(),
+        data: data.unwrap_or_default(),
     }
-    b.freeze()
 }
 
 fn chunk_header(b: &mut BytesMut, cookie: u64, kind: u16, len: u32) {
@@ -310,25 +341,27 @@ fn chunk_header(b: &mut BytesMut, cookie: u64, kind: u16, len: u32) {
     b.put_u32(len);
 }
 
-fn ok_reply(cookie: u64, offset: u64, data: Option<Bytes>, structured_read: bool) -> Bytes {
+fn ok_reply(cookie: u64, offset: u64, data: Option<Bytes>, structured_read: bool) -> Reply {
     match (data, structured_read) {
         (Some(d), true) if !d.is_empty() => {
-            let mut b = BytesMut::with_capacity(28 + d.len());
+            let mut b = BytesMut::with_capacity(28);
             chunk_header(&mut b, cookie, REPLY_TYPE_OFFSET_DATA, 8 + d.len() as u32);
             b.put_u64(offset);
-            b.put_slice(&d);
-            b.freeze()
+            Reply {
+                head: b.freeze(),
+                data: d,
+            }
         }
         (_, true) => {
             let mut b = BytesMut::with_capacity(20);
             chunk_header(&mut b, cookie, REPLY_TYPE_NONE, 0);
-            b.freeze()
+            b.into()
         }
-        (d, false) => simple_reply(cookie, 0, d.as_deref()),
+        (d, false) => simple_reply(cookie, 0, d),
     }
 }
 
-fn error_reply(cookie: u64, code: u32, message: &str, structured: bool) -> Bytes {
+fn error_reply(cookie: u64, code: u32, message: &str, structured: bool) -> Reply {
     if !structured {
         return simple_reply(cookie, code, None);
     }
@@ -338,10 +371,10 @@ fn error_reply(cookie: u64, code: u32, message: &str, structured: bool) -> Bytes
     b.put_u32(code);
     b.put_u16(msg.len() as u16);
     b.put_slice(msg);
-    b.freeze()
+    b.into()
 }
 
-fn block_status_reply(cookie: u64, extents: &[Extent], len: u64, one: bool) -> Bytes {
+fn block_status_reply(cookie: u64, extents: &[Extent], len: u64, one: bool) -> Reply {
     let mut descriptors = Vec::new();
     let mut covered = 0u64;
     for e in extents {
@@ -368,14 +401,15 @@ fn block_status_reply(cookie: u64, extents: &[Extent], len: u64, one: bool) -> B
         b.put_u32(n);
         b.put_u32(flags);
     }
-    b.freeze()
+    b.into()
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
     let mut wr = BufWriter::with_capacity(256 << 10, wr);
     while let Some(mut reply) = rx.recv().await {
         loop {
-            if wr.write_all(&reply).await.is_err() {
+            if wr.write_all(&reply.head).await.is_err() || wr.write_all(&reply.data).await.is_err()
+            {
                 return;
             }
             // Yield once before flushing, so replies of requests that are
