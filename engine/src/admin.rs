@@ -27,6 +27,10 @@ pub struct VolumeStatus {
     pub frontend: String,
     pub nbd: Vec<String>,
     pub replicas: Vec<ReplicaStatus>,
+    /// The rebuild in progress, if any.
+    pub rebuild: Option<crate::rebuild::RebuildStatus>,
+    /// Bytes copied by finished rebuilds since the engine started.
+    pub rebuilt_bytes: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -77,6 +81,11 @@ pub fn status(s: &AdminState) -> VolumeStatus {
         frontend: s.frontend.clone(),
         nbd: s.nbd.clone(),
         replicas,
+        rebuild: v.rebuilds.status(),
+        rebuilt_bytes: v
+            .rebuilds
+            .copied_total
+            .load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 

@@ -46,6 +46,8 @@ pub struct EngineConfig {
     pub connections_per_replica: usize,
     /// How long I/O waits for a current replica when none is left.
     pub io_hold: Duration,
+    /// Rebuild copy rate limit in MiB/s (0: none).
+    pub rebuild_rate_mib: f64,
 }
 
 /// The UUID every replica of volume `name` is bound to.
@@ -168,7 +170,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
     for ((i, client, info), outcome) in taken.into_iter().zip(outcome) {
         let ep = cfg.replicas[i].clone();
         let slot = match outcome {
-            Ok(()) => ReplicaSlot::new(ep, client, Mode::RW, info.revision.0),
+            Ok(()) => ReplicaSlot::new(ep, client, info.replica_uuid, Mode::RW, info.revision.0),
             Err(why) => {
                 tracing::warn!(replica = %ep, %why, "replica left out of the set");
                 ReplicaSlot::failed(ep, why)
@@ -266,14 +268,17 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
         })
     );
 
-    // Replicas that dropped out without missing anything come back by
-    // themselves.
+    // Replicas that dropped out come back by themselves: as they are if
+    // they missed nothing, through a rebuild otherwise.
     let retry = {
         let v = volume.clone();
+        let rate = cfg.rebuild_rate_mib;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
+                v.check_connections();
                 v.reattach_current().await;
+                v.rebuild_stale(rate).await;
             }
         })
     };

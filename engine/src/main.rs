@@ -16,6 +16,7 @@ mod engine;
 mod epoch;
 mod freshness;
 mod range_lock;
+mod rebuild;
 mod reconcile;
 mod volume;
 
@@ -81,6 +82,9 @@ enum Command {
         /// with current data to return before failing.
         #[arg(long, default_value_t = 60.0)]
         io_hold_timeout: f64,
+        /// Rebuild copy rate limit in MiB/s (0: unlimited).
+        #[arg(long, default_value_t = 0.0)]
+        rebuild_rate_mib: f64,
     },
     /// Inspect a running volume.
     Volume {
@@ -172,6 +176,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             replica_timeout,
             connections_per_replica,
             io_hold_timeout,
+            rebuild_rate_mib,
         } => {
             engine::run(engine::EngineConfig {
                 name,
@@ -182,6 +187,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 replica_timeout: Duration::from_secs_f64(replica_timeout),
                 connections_per_replica,
                 io_hold: Duration::from_secs_f64(io_hold_timeout),
+                rebuild_rate_mib,
             })
             .await
         }

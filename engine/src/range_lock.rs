@@ -17,6 +17,9 @@ pub struct RangeLocks {
     held: Mutex<Vec<(u64, u64, u64)>>,
     next_id: Mutex<u64>,
     released: Notify,
+    /// Whole-volume lockers waiting: new range locks queue behind them so
+    /// a steady stream of writes cannot starve a snapshot cut.
+    exclusive_waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// Held range `[start, end)` of blocks; released on drop.
@@ -39,13 +42,31 @@ impl RangeLocks {
             released.as_mut().enable();
             {
                 let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-                if !held.iter().any(|&(s, e, _)| s < end && start < e) {
+                let whole = start == 0 && end == u64::MAX;
+                let yielding = !whole
+                    && self
+                        .exclusive_waiting
+                        .load(std::sync::atomic::Ordering::Acquire)
+                        > 0;
+                if !yielding && !held.iter().any(|&(s, e, _)| s < end && start < e) {
                     held.push((start, end, id));
                     return RangeGuard { locks: self, id };
                 }
             }
             released.await;
         }
+    }
+}
+
+impl RangeLocks {
+    /// Holds every block: waits for all modifications in flight and keeps
+    /// new ones out until dropped.
+    pub async fn lock_all(&self) -> RangeGuard<'_> {
+        use std::sync::atomic::Ordering;
+        self.exclusive_waiting.fetch_add(1, Ordering::AcqRel);
+        let g = self.lock(0, u64::MAX).await;
+        self.exclusive_waiting.fetch_sub(1, Ordering::AcqRel);
+        g
     }
 }
 

@@ -88,19 +88,28 @@ pub struct ReplicaSlot {
     /// Bumped whenever the replica leaves or rejoins the set, so a reply
     /// sent on an earlier attachment never counts as applied.
     attachment: AtomicU64,
+    /// Identity of the replica whose data this slot holds (nil: none).
+    identity: Mutex<uuid::Uuid>,
     /// The replica's revision counter as far as the engine knows it.
     revision: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
 impl ReplicaSlot {
-    pub fn new(endpoint: Endpoint, client: ReplicaClient, mode: Mode, revision: u64) -> Self {
+    pub fn new(
+        endpoint: Endpoint,
+        client: ReplicaClient,
+        identity: uuid::Uuid,
+        mode: Mode,
+        revision: u64,
+    ) -> Self {
         ReplicaSlot {
             endpoint,
             client: Mutex::new(Some(Arc::new(client))),
             mode: AtomicU8::new(mode as u8),
             missed: AtomicBool::new(false),
             attachment: AtomicU64::new(0),
+            identity: Mutex::new(identity),
             revision: AtomicU64::new(revision),
             last_error: Mutex::new(None),
         }
@@ -115,6 +124,7 @@ impl ReplicaSlot {
             // Left out at start: whatever it holds is not known to be current.
             missed: AtomicBool::new(true),
             attachment: AtomicU64::new(0),
+            identity: Mutex::new(uuid::Uuid::nil()),
             revision: AtomicU64::new(0),
             last_error: Mutex::new(Some(error)),
         }
@@ -147,6 +157,18 @@ impl ReplicaSlot {
 
     pub fn missed(&self) -> bool {
         self.missed.load(Ordering::Acquire)
+    }
+
+    pub fn identity(&self) -> uuid::Uuid {
+        *self.identity.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The client of the current attachment, whatever the mode.
+    pub fn current_client(&self) -> Option<Arc<ReplicaClient>> {
+        self.client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -187,6 +209,7 @@ pub struct ReplicatedVolume {
     faulted: AtomicBool,
     /// Serializes reattachment and the hold.
     recovery: tokio::sync::Mutex<()>,
+    pub rebuilds: crate::rebuild::RebuildState,
 }
 
 /// What reconnecting a replica needs.
@@ -239,6 +262,7 @@ impl ReplicatedVolume {
             hold,
             faulted: AtomicBool::new(false),
             recovery: tokio::sync::Mutex::new(()),
+            rebuilds: Default::default(),
         }
     }
 
@@ -357,6 +381,71 @@ impl ReplicatedVolume {
         }
     }
 
+    pub fn attach_info(&self) -> AttachInfo {
+        self.attach.clone()
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub fn locks(&self) -> &RangeLocks {
+        &self.locks
+    }
+
+    /// A replica starts receiving writes (and serves no reads); from now on
+    /// the slot stands for replica `identity`.
+    pub fn join_write_only(
+        &self,
+        slot: &ReplicaSlot,
+        client: Arc<ReplicaClient>,
+        identity: uuid::Uuid,
+    ) {
+        *slot.identity.lock().unwrap_or_else(|e| e.into_inner()) = identity;
+        *slot.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(client);
+        slot.attachment.fetch_add(1, Ordering::AcqRel);
+        slot.mode.store(Mode::WO as u8, Ordering::Release);
+    }
+
+    /// A rebuilt replica serves reads again.
+    pub fn promote(&self, slot: &ReplicaSlot, revision: u64) {
+        slot.revision.store(revision, Ordering::Relaxed);
+        slot.missed.store(false, Ordering::Release);
+        *slot.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        slot.mode.store(Mode::RW as u8, Ordering::Release);
+    }
+
+    /// Takes a replica out of the set; it stays stale.
+    pub fn leave(&self, slot: &ReplicaSlot, why: &str) {
+        slot.missed.store(true, Ordering::Release);
+        slot.attachment.fetch_add(1, Ordering::AcqRel);
+        slot.mode.store(Mode::ERR as u8, Ordering::Release);
+        *slot.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
+    }
+
+    /// Takes system snapshot `name` on every writable replica. The caller
+    /// holds every range lock. A WO replica that fails fails the call; an RW
+    /// one that fails is dropped.
+    pub async fn snapshot_all(&self, name: &str) -> Result<(), String> {
+        for slot in self.writable() {
+            let r = self
+                .call(
+                    &slot,
+                    |c| async move { c.snapshot(name, false).await.map(drop) },
+                )
+                .await;
+            match r {
+                Ok(()) => {}
+                Err(e) if slot.mode() == Mode::WO => return Err(e.to_string()),
+                Err(e) => self.fail(&slot, &e),
+            }
+        }
+        if self.rw_count() == 0 {
+            return Err("no RW replica took the snapshot".into());
+        }
+        Ok(())
+    }
+
     fn rw_count(&self) -> usize {
         self.slots.iter().filter(|s| s.mode() == Mode::RW).count()
     }
@@ -416,6 +505,19 @@ impl ReplicatedVolume {
         }
     }
 
+    /// Sets replicas whose every connection has died to ERR, so a replica
+    /// that goes away while idle is noticed without waiting for I/O.
+    pub fn check_connections(&self) {
+        for slot in &self.slots {
+            if let Some(c) = slot.client() {
+                if !c.is_alive() {
+                    let lost = ClientError::Lost("every connection to the replica closed".into());
+                    self.fail(slot, &ReplicaFailure::Client(lost));
+                }
+            }
+        }
+    }
+
     /// Reconnects ERR replicas that missed nothing (background retry).
     pub async fn reattach_current(&self) {
         let _one = self.recovery.lock().await;
@@ -439,6 +541,12 @@ impl ReplicatedVolume {
             let a = &self.attach;
             let connect = ReplicaClient::connect(&slot.endpoint, a.volume, a.owner, a.connections);
             match tokio::time::timeout(self.timeout, connect).await {
+                Ok(Ok((_, info))) if info.replica_uuid != slot.identity() => {
+                    // Another replica now answers at this address (a
+                    // replaced disk): it holds none of our data.
+                    slot.missed.store(true, Ordering::Release);
+                    tracing::warn!(replica = %slot.endpoint, "a different replica answers at this address: it will be rebuilt");
+                }
                 Ok(Ok((client, _))) => {
                     let client = Arc::new(client);
                     *slot.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());

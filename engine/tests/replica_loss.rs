@@ -40,7 +40,7 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 }
 
 #[test]
-fn current_replicas_rejoin_and_stale_ones_stay_out() {
+fn current_replicas_rejoin_and_stale_ones_are_rebuilt() {
     let tmp = tempfile::tempdir().unwrap();
     let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "16M");
     let (_engine, uri, admin) =
@@ -48,7 +48,7 @@ fn current_replicas_rejoin_and_stale_ones_stay_out() {
     let mut c = RawNbd::open(&uri);
     c.request(1, 1, 0, 4096, &[1; 4096]);
     assert_eq!(c.reply(0).0, 0);
-    // r0 goes away while nothing is written, and comes back: it rejoins.
+    // r0 goes away while nothing is written, and comes back as it is.
     rs[0].proc.kill9();
     c.request(0, 2, 0, 4096, &[]); // reads may pick r0 and fail over
     assert_eq!(c.reply(4096).0, 0);
@@ -56,16 +56,30 @@ fn current_replicas_rejoin_and_stale_ones_stay_out() {
     wait_for("r0 to rejoin", Duration::from_secs(15), || {
         modes(&admin)[0] == "RW"
     });
-    // r1 goes away and misses a write: it stays out, marked stale.
+    assert_eq!(
+        status(&admin)["rebuilt_bytes"],
+        0,
+        "a current replica needs no copy"
+    );
+    // r1 goes away and misses a write: it is rebuilt when it returns.
     rs[1].proc.kill9();
     c.request(1, 3, 8192, 4096, &[3; 4096]);
     assert_eq!(c.reply(0).0, 0);
+    assert_eq!(status(&admin)["replicas"][1]["stale"], true);
     rs[1].restart("16M");
-    std::thread::sleep(Duration::from_secs(5));
+    wait_for("r1 to be rebuilt", Duration::from_secs(20), || {
+        modes(&admin)[1] == "RW"
+    });
     let s = status(&admin);
-    assert_eq!(modes(&admin), ["RW", "ERR", "RW"], "{s}");
-    assert_eq!(s["replicas"][1]["stale"], true);
-    assert_eq!(s["replicas"][0]["stale"], false);
+    assert!(s["rebuilt_bytes"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["replicas"][1]["stale"], false);
+    // r1 alone serves what it missed.
+    rs[0].proc.kill9();
+    rs[2].proc.kill9();
+    c.request(0, 4, 8192, 4096, &[]);
+    let (err, _, data) = c.reply(4096);
+    assert_eq!(err, 0);
+    assert_eq!(data, vec![3; 4096]);
 }
 
 #[test]

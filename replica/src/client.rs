@@ -259,6 +259,69 @@ impl ReplicaClient {
         decode_extents(&r.payload).ok_or_else(|| ClientError::Lost("bad DIRTY payload".into()))
     }
 
+    /// Freezes the head as snapshot `name`; returns the layer's file name.
+    pub async fn snapshot(&self, name: &str, user_created: bool) -> Result<String> {
+        let payload = Bytes::copy_from_slice(name.as_bytes());
+        let r = self
+            .call(Op::Snapshot, user_created as u8, 0, 0, 0, payload)
+            .await?;
+        String::from_utf8(r.payload.to_vec())
+            .map_err(|_| ClientError::Lost("bad SNAPSHOT reply".into()))
+    }
+
+    /// Checksums of each rebuild chunk of a layer (`None`: no data there).
+    pub async fn layer_checksums(
+        &self,
+        layer: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<Option<u32>>> {
+        let payload = Bytes::copy_from_slice(layer.as_bytes());
+        let r = self
+            .call(Op::LayerChecksums, 0, offset, length, 0, payload)
+            .await?;
+        crate::proto::decode_checksums(&r.payload)
+            .ok_or_else(|| ClientError::Lost("bad LAYER_CHECKSUMS reply".into()))
+    }
+
+    pub async fn read_layer(&self, layer: &str, offset: u64, length: u64) -> Result<Bytes> {
+        let payload = Bytes::copy_from_slice(layer.as_bytes());
+        Ok(self
+            .call(Op::ReadLayer, 0, offset, length, 0, payload)
+            .await?
+            .payload)
+    }
+
+    pub async fn write_layer(&self, layer: &str, offset: u64, data: &[u8]) -> Result<()> {
+        let mut payload = Vec::with_capacity(2 + layer.len() + data.len());
+        payload.extend_from_slice(&(layer.len() as u16).to_le_bytes());
+        payload.extend_from_slice(layer.as_bytes());
+        payload.extend_from_slice(data);
+        self.call(
+            Op::WriteLayer,
+            0,
+            offset,
+            data.len() as u64,
+            0,
+            payload.into(),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn prepare_rebuild(&self, chain: &[(String, crate::meta::LayerMeta)]) -> Result<()> {
+        let payload = serde_json::to_vec(chain).map_err(|e| ClientError::Lost(e.to_string()))?;
+        self.call(Op::PrepareRebuild, 0, 0, 0, 0, payload.into())
+            .await
+            .map(drop)
+    }
+
+    pub async fn finish_rebuild(&self, revision: Revision) -> Result<()> {
+        self.call(Op::FinishRebuild, 0, revision.0, 0, 0, Bytes::new())
+            .await
+            .map(drop)
+    }
+
     /// Allocation runs `(bytes, allocated)` of a range.
     pub async fn allocation(&self, offset: u64, length: u64) -> Result<Vec<(u64, bool)>> {
         let r = self

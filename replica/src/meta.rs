@@ -35,6 +35,9 @@ pub struct ReplicaMeta {
     pub format_version: u32,
     /// The volume this replica belongs to; nil until an engine first binds it.
     pub volume_uuid: Uuid,
+    /// This replica's own identity, made when it is created: an engine can
+    /// tell a replica that came back from a new one at the same address.
+    pub replica_uuid: Uuid,
     pub size: u64,
     pub block_size: u64,
     /// Layer file names, oldest snapshot first, the writable head last.
@@ -120,6 +123,7 @@ mod tests {
         let m = ReplicaMeta {
             format_version: FORMAT_VERSION,
             volume_uuid: Uuid::nil(),
+            replica_uuid: Uuid::new_v4(),
             size: 1 << 20,
             block_size: 4096,
             chain: vec!["volume-head-000.img".into()],

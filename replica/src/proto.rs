@@ -64,6 +64,21 @@ pub enum Op {
     /// Regions modified since the last barrier flush (payload of the reply:
     /// [`encode_extents`] runs of `(bytes, dirty)` over the whole volume).
     Dirty = 10,
+    /// Freeze the head as snapshot layer `payload` (flag 1: user-created);
+    /// reply payload: the layer's file name.
+    Snapshot = 11,
+    /// crc32c per rebuild chunk of layer `payload` over offset/length;
+    /// reply payload: 5 bytes a chunk, `[present u8][crc u32]`.
+    LayerChecksums = 12,
+    /// Read offset/length of layer `payload`.
+    ReadLayer = 13,
+    /// Write into a layer below the head at offset; payload
+    /// `[name_len u16][name][data]`.
+    WriteLayer = 14,
+    /// Payload: JSON list of `[name, LayerMeta]`, the chain below the head.
+    PrepareRebuild = 15,
+    /// End a rebuild; `offset` carries the revision counter to adopt.
+    FinishRebuild = 16,
 }
 
 impl Op {
@@ -79,6 +94,12 @@ impl Op {
             8 => Op::MarkClean,
             9 => Op::Allocation,
             10 => Op::Dirty,
+            11 => Op::Snapshot,
+            12 => Op::LayerChecksums,
+            13 => Op::ReadLayer,
+            14 => Op::WriteLayer,
+            15 => Op::PrepareRebuild,
+            16 => Op::FinishRebuild,
             _ => return None,
         })
     }
@@ -301,6 +322,36 @@ pub async fn read_payload<R: AsyncRead + Unpin, B: bytes::BufMut>(
         }
     }
     Ok(())
+}
+
+/// Checksums as sent in a LAYER_CHECKSUMS reply.
+pub fn encode_checksums(sums: &[Option<u32>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(sums.len() * 5);
+    for s in sums {
+        out.push(s.is_some() as u8);
+        out.extend_from_slice(&s.unwrap_or(0).to_le_bytes());
+    }
+    out
+}
+
+pub fn decode_checksums(b: &[u8]) -> Option<Vec<Option<u32>>> {
+    if !b.len().is_multiple_of(5) {
+        return None;
+    }
+    b.chunks_exact(5)
+        .map(|c| match c[0] {
+            0 => Some(None),
+            1 => Some(Some(u32_at(c, 1))),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Splits a WRITE_LAYER payload into layer name and data.
+pub fn split_layer_payload(b: &[u8]) -> Option<(&str, &[u8])> {
+    let n = u16::from_le_bytes([*b.first()?, *b.get(1)?]) as usize;
+    let name = std::str::from_utf8(b.get(2..2 + n)?).ok()?;
+    Some((name, &b[2 + n..]))
 }
 
 /// Payload of HELLO: who is asking, for which volume.

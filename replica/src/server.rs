@@ -368,6 +368,21 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 });
                 continue;
             }
+            Some(
+                op @ (Op::Snapshot
+                | Op::LayerChecksums
+                | Op::ReadLayer
+                | Op::WriteLayer
+                | Op::PrepareRebuild
+                | Op::FinishRebuild),
+            ) => {
+                // Rebuild and snapshot work is slow: off the connection's task.
+                let (data, h) = (std::mem::take(&mut payload), h);
+                spawn_blocking_reply(replica, owner, tx, h.id, move |r| {
+                    run_layer_op(r, op, &h, &data)
+                });
+                continue;
+            }
             Some(op) => match run_inline(replica, owner, op, &h, &payload) {
                 Ok(reply) => reply,
                 Err(e) => Reply::from_err(h.id, &e),
@@ -428,9 +443,7 @@ fn run_inline(
                 "this replica restarted uncleanly: its dirty map is unknown".into(),
             )),
         },
-        Op::Hello | Op::Flush | Op::MarkClean => {
-            Err(Error::Invalid(format!("{op:?} is not inline")))
-        }
+        _ => Err(Error::Invalid(format!("{op:?} is not inline"))),
     }
 }
 
@@ -443,13 +456,79 @@ fn spawn_durable(
     id: u64,
     f: impl FnOnce(&Replica) -> crate::Result<crate::Revision> + Send + 'static,
 ) {
+    spawn_blocking_reply(replica, owner, tx, id, move |r| {
+        f(r).map(|rev| (rev.0, Bytes::new()))
+    });
+}
+
+/// Runs `f` on the blocking pool under the lease and queues its reply
+/// `(value, payload)`.
+fn spawn_blocking_reply(
+    replica: &Arc<Replica>,
+    owner: Owner,
+    tx: &mpsc::UnboundedSender<Reply>,
+    id: u64,
+    f: impl FnOnce(&Replica) -> crate::Result<(u64, Bytes)> + Send + 'static,
+) {
     let r = replica.clone();
     let tx = tx.clone();
     tokio::task::spawn_blocking(move || {
         let reply = match r.admit(owner).and_then(|_lease| f(&r)) {
-            Ok(rev) => Reply::ok(id, rev.0, Bytes::new()),
+            Ok((value, payload)) => Reply::ok(id, value, payload),
             Err(e) => Reply::from_err(id, &e),
         };
         let _ = tx.send(reply);
     });
+}
+
+fn layer_name(payload: &[u8]) -> crate::Result<&str> {
+    std::str::from_utf8(payload).map_err(|_| Error::Invalid("layer name is not UTF-8".into()))
+}
+
+fn run_layer_op(
+    r: &Replica,
+    op: Op,
+    h: &RequestHeader,
+    payload: &[u8],
+) -> crate::Result<(u64, Bytes)> {
+    match op {
+        Op::Snapshot => {
+            let layer = r.snapshot(layer_name(payload)?, h.flags & 1 != 0)?;
+            Ok((0, layer.into_bytes().into()))
+        }
+        Op::LayerChecksums => {
+            let sums = r.layer_checksums(layer_name(payload)?, h.offset, h.length)?;
+            Ok((0, crate::proto::encode_checksums(&sums).into()))
+        }
+        Op::ReadLayer => {
+            if h.length > MAX_PAYLOAD as u64 {
+                return Err(Error::Invalid(format!(
+                    "read of {} bytes exceeds {MAX_PAYLOAD}",
+                    h.length
+                )));
+            }
+            Ok((
+                0,
+                r.read_layer(layer_name(payload)?, h.offset, h.length)?
+                    .into(),
+            ))
+        }
+        Op::WriteLayer => {
+            let (name, data) = crate::proto::split_layer_payload(payload)
+                .ok_or_else(|| Error::Invalid("malformed WRITE_LAYER payload".into()))?;
+            r.write_layer(name, h.offset, data)?;
+            Ok((0, Bytes::new()))
+        }
+        Op::PrepareRebuild => {
+            let chain: Vec<(String, crate::meta::LayerMeta)> = serde_json::from_slice(payload)
+                .map_err(|e| Error::Invalid(format!("malformed rebuild chain: {e}")))?;
+            r.prepare_rebuild(&chain)?;
+            Ok((0, Bytes::new()))
+        }
+        Op::FinishRebuild => {
+            r.finish_rebuild(crate::Revision(h.offset))?;
+            Ok((0, Bytes::new()))
+        }
+        _ => Err(Error::Invalid(format!("{op:?} is not a layer operation"))),
+    }
 }

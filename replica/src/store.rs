@@ -62,6 +62,7 @@ pub struct Owner {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaInfo {
     pub volume_uuid: Uuid,
+    pub replica_uuid: Uuid,
     pub size: u64,
     pub block_size: u64,
     pub generation: Generation,
@@ -84,6 +85,8 @@ pub struct LayerInfo {
     pub created: u64,
     pub user_created: bool,
     pub removed: bool,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 struct Layer {
@@ -222,6 +225,7 @@ impl Replica {
         let rmeta = ReplicaMeta {
             format_version: FORMAT_VERSION,
             volume_uuid: Uuid::nil(),
+            replica_uuid: Uuid::new_v4(),
             size,
             block_size: BLOCK_SIZE,
             chain: vec![head],
@@ -347,6 +351,7 @@ impl Replica {
         };
         let flush_epoch = lock(&self.state).current().flush_epoch;
         ReplicaInfo {
+            replica_uuid: meta.replica_uuid,
             flush_epoch,
             epoch_seen: epoch_seen.max(flush_epoch),
             dirty_known,
@@ -364,6 +369,7 @@ impl Replica {
                     created: l.meta.created,
                     user_created: l.meta.user_created,
                     removed: l.meta.removed,
+                    labels: l.meta.labels.clone(),
                 })
                 .collect(),
         }
@@ -498,10 +504,15 @@ impl Replica {
         Ok(buf)
     }
 
-    fn head(&self) -> (Arc<File>, LayerPos, usize) {
-        let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());
+    fn layers(&self) -> std::sync::RwLockReadGuard<'_, Vec<Layer>> {
+        self.layers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The chain, held for the duration of a modification: a snapshot
+    /// (which takes it exclusively) never splits a write between layers.
+    fn head_of(layers: &[Layer]) -> (&File, LayerPos, usize) {
         let pos = layers.len() - 1;
-        (layers[pos].file.clone(), LayerPos(pos as u32), layers.len())
+        (&layers[pos].file, LayerPos(pos as u32), layers.len())
     }
 
     /// Persists `clean = false` before the first modification after a clean
@@ -534,7 +545,8 @@ impl Replica {
     pub fn write(&self, offset: u64, data: &[u8], epoch: u64) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
         self.before_modify(offset, data.len() as u64, epoch)?;
-        let (head, pos, _) = self.head();
+        let layers = self.layers();
+        let (head, pos, _) = Self::head_of(&layers);
         head.write_all_at(data, offset)
             .map_err(|e| Error::io(format!("writing {} bytes at {offset}", data.len()), e))?;
         self.index.write().unwrap_or_else(|e| e.into_inner()).set(
@@ -553,9 +565,10 @@ impl Replica {
     pub fn trim(&self, offset: u64, len: u64, epoch: u64) -> Result<()> {
         self.check_range(offset, len)?;
         self.before_modify(offset, len, epoch)?;
-        let (head, _, chain_len) = self.head();
+        let layers = self.layers();
+        let (head, _, chain_len) = Self::head_of(&layers);
         if chain_len == 1 && len > 0 {
-            self.punch(&head, offset, len)?;
+            self.punch(head, offset, len)?;
         }
         self.revision.fetch_add(1, Ordering::AcqRel);
         Ok(())
@@ -566,10 +579,11 @@ impl Replica {
     pub fn write_zeroes(&self, offset: u64, len: u64, epoch: u64) -> Result<()> {
         self.check_range(offset, len)?;
         self.before_modify(offset, len, epoch)?;
-        let (head, pos, chain_len) = self.head();
+        let layers = self.layers();
+        let (head, pos, chain_len) = Self::head_of(&layers);
         if chain_len == 1 {
             if len > 0 {
-                self.punch(&head, offset, len)?;
+                self.punch(head, offset, len)?;
             }
         } else {
             const STEP: u64 = 1 << 20;
@@ -592,21 +606,7 @@ impl Replica {
     }
 
     fn punch(&self, head: &File, offset: u64, len: u64) -> Result<()> {
-        // SAFETY: fallocate on an fd we own, with plain integer arguments.
-        let rc = unsafe {
-            libc::fallocate(
-                head.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc != 0 {
-            return Err(Error::io(
-                format!("punching {len} bytes at {offset}"),
-                std::io::Error::last_os_error(),
-            ));
-        }
+        punch_file(head, offset, len)?;
         self.index.write().unwrap_or_else(|e| e.into_inner()).set(
             BlockIndex(offset / BLOCK_SIZE),
             len / BLOCK_SIZE,
@@ -621,7 +621,8 @@ impl Replica {
     pub fn flush(&self, epoch: u64) -> Result<Revision> {
         let _serial = lock(&self.flush_lock);
         let revision = Revision(self.revision.load(Ordering::Acquire));
-        let (head, _, _) = self.head();
+        let layers = self.layers();
+        let (head, _, _) = Self::head_of(&layers);
         head.sync_data()
             .map_err(|e| Error::io("syncing the head layer", e))?;
         let mut state = lock(&self.state);
@@ -683,6 +684,282 @@ impl Replica {
     }
 }
 
+/// Snapshots and rebuild.
+///
+/// A snapshot freezes the head as a read-only layer and starts an empty
+/// head above it. Crash safety: the frozen head gets its snapshot name as a
+/// hard link first, the new head file is created, and only then does the
+/// atomic rewrite of `replica.json` switch the chain; a crash before that
+/// leaves the old chain intact plus stray files, which the next open
+/// removes. The index needs no change: the old head keeps its position.
+///
+/// A rebuild makes a target replica's layers below its head equal to a
+/// source's, chunk by chunk: [`Replica::prepare_rebuild`] sets up the
+/// source's chain (keeping same-named layers, whose chunks will mostly
+/// match), the engine compares [`Replica::layer_checksums`] and copies what
+/// differs with [`Replica::write_layer`], and [`Replica::finish_rebuild`]
+/// syncs, rebuilds the index and clears the rebuilding flag. The head is
+/// never touched by the copy, so writes arriving meanwhile are never
+/// overwritten by it.
+impl Replica {
+    pub fn snapshot(&self, name: &str, user_created: bool) -> Result<String> {
+        if name.is_empty()
+            || name.len() > 128
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(Error::Invalid(format!(
+                "snapshot name {name:?}: use 1-128 of [A-Za-z0-9._-]"
+            )));
+        }
+        let _serial = lock(&self.flush_lock);
+        let mut layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
+        let mut meta = lock(&self.meta);
+        let snap = format!("volume-snap-{name}.img");
+        if meta.chain.contains(&snap) {
+            return Err(Error::Mismatch(format!("snapshot {name} exists")));
+        }
+        let head = layers.last().expect("chain is never empty");
+        head.file
+            .sync_all()
+            .map_err(|e| Error::io("syncing the head", e))?;
+        let old_head = head.name.clone();
+        let next = old_head
+            .strip_prefix("volume-head-")
+            .and_then(|s| s.strip_suffix(".img"))
+            .and_then(|n| n.parse::<u32>().ok())
+            .map_or(0, |n| n + 1);
+        let new_head = head_name(next);
+        let dir = &self.dir;
+        fs::hard_link(dir.join(&old_head), dir.join(&snap))
+            .map_err(|e| Error::io(format!("linking {snap}"), e))?;
+        let snap_meta = LayerMeta {
+            user_created,
+            created: now_secs(),
+            ..head.meta.clone()
+        };
+        meta::write_json_atomic(&layer_meta_path(dir, &snap), &snap_meta)?;
+        let file = create_layer_file(dir, &new_head, self.size)?;
+        let head_meta = LayerMeta {
+            parent: Some(snap.clone()),
+            created: now_secs(),
+            user_created: false,
+            removed: false,
+            labels: Default::default(),
+        };
+        meta::write_json_atomic(&layer_meta_path(dir, &new_head), &head_meta)?;
+        let mut next_meta = meta.clone();
+        next_meta.chain.pop();
+        next_meta.chain.push(snap.clone());
+        next_meta.chain.push(new_head.clone());
+        meta::write_json_atomic(&dir.join(REPLICA_META), &next_meta)?;
+        *meta = next_meta;
+        // The switch is durable; the old head's name is now a stray.
+        let _ = fs::remove_file(dir.join(&old_head));
+        let _ = fs::remove_file(layer_meta_path(dir, &old_head));
+        let last = layers.last_mut().expect("chain is never empty");
+        last.name = snap.clone();
+        last.meta = snap_meta;
+        layers.push(Layer {
+            name: new_head,
+            meta: head_meta,
+            file: Arc::new(file),
+        });
+        tracing::info!(snapshot = %snap, "snapshot taken");
+        Ok(snap)
+    }
+
+    fn layer_file(&self, name: &str) -> Result<Arc<File>> {
+        let layers = self.layers();
+        let (_, below_head) = layers.split_last().expect("chain is never empty");
+        below_head
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.file.clone())
+            .ok_or_else(|| Error::Invalid(format!("no snapshot layer {name:?} below the head")))
+    }
+
+    /// crc32c of each [`REBUILD_CHUNK`] of layer `name` in the range;
+    /// `None` for a chunk holding no data.
+    pub fn layer_checksums(&self, name: &str, offset: u64, len: u64) -> Result<Vec<Option<u32>>> {
+        self.check_range(offset, len)?;
+        let file = self.layer_file(name)?;
+        let end = offset + len;
+        let extents = data_extents_in(&file, offset, end)
+            .map_err(|e| Error::io(format!("mapping {name}"), e))?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; REBUILD_CHUNK as usize];
+        let mut at = offset;
+        while at < end {
+            let n = REBUILD_CHUNK.min(end - at);
+            if extents.iter().any(|&(s, e)| s < at + n && at < e) {
+                file.read_exact_at(&mut buf[..n as usize], at)
+                    .map_err(|e| Error::io(format!("reading {name}"), e))?;
+                out.push(Some(crc32c::crc32c(&buf[..n as usize])));
+            } else {
+                out.push(None);
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// Reads a range of one layer (its holes read as zeros).
+    pub fn read_layer(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.check_range(offset, len)?;
+        let file = self.layer_file(name)?;
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| Error::io(format!("reading {name}"), e))?;
+        Ok(buf)
+    }
+
+    /// Writes a range of one layer below the head; all-zero blocks become
+    /// holes, so holes stay holes.
+    pub fn write_layer(&self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        let file = self.layer_file(name)?;
+        let bs = BLOCK_SIZE as usize;
+        let mut i = 0;
+        while i < data.len() {
+            let zero = data[i..i + bs].iter().all(|&b| b == 0);
+            let mut j = i + bs;
+            while j < data.len() && data[j..j + bs].iter().all(|&b| b == 0) == zero {
+                j += bs;
+            }
+            let at = offset + i as u64;
+            if zero {
+                punch_file(&file, at, (j - i) as u64)?;
+            } else {
+                file.write_all_at(&data[i..j], at)
+                    .map_err(|e| Error::io(format!("writing {name}"), e))?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Gives this replica the layer chain `chain` below its head (same-named
+    /// layers are kept, others created empty or removed) and marks it as
+    /// being rebuilt.
+    pub fn prepare_rebuild(&self, chain: &[(String, LayerMeta)]) -> Result<()> {
+        let _serial = lock(&self.flush_lock);
+        let mut layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
+        let mut meta = lock(&self.meta);
+        let dir = &self.dir;
+        let head = layers.pop().expect("chain is never empty");
+        let mut old: Vec<Layer> = std::mem::take(&mut *layers);
+        let mut next = Vec::with_capacity(chain.len() + 1);
+        for (name, lmeta) in chain {
+            if name == &head.name || !name.starts_with("volume-snap-") || name.contains('/') {
+                return Err(Error::Invalid(format!(
+                    "bad layer name {name:?} in a rebuild chain"
+                )));
+            }
+            let file = match old.iter().position(|l| &l.name == name) {
+                Some(i) => {
+                    old.remove(i);
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(dir.join(name))
+                        .map_err(|e| Error::io(format!("opening {name}"), e))?
+                }
+                None => create_layer_file(dir, name, self.size)?,
+            };
+            meta::write_json_atomic(&layer_meta_path(dir, name), lmeta)?;
+            next.push(Layer {
+                name: name.clone(),
+                meta: lmeta.clone(),
+                file: Arc::new(file),
+            });
+        }
+        let mut next_meta = meta.clone();
+        next_meta.chain = next
+            .iter()
+            .map(|l| l.name.clone())
+            .chain([head.name.clone()])
+            .collect();
+        next_meta.rebuilding = true;
+        meta::write_json_atomic(&dir.join(REPLICA_META), &next_meta)?;
+        *meta = next_meta;
+        for l in old {
+            let _ = fs::remove_file(dir.join(&l.name));
+            let _ = fs::remove_file(layer_meta_path(dir, &l.name));
+        }
+        next.push(head);
+        *layers = next;
+        tracing::info!(layers = chain.len(), "rebuild prepared");
+        Ok(())
+    }
+
+    /// Ends a rebuild: syncs the copied layers, rebuilds the index, adopts
+    /// the source's revision counter and clears the rebuilding flag.
+    pub fn finish_rebuild(&self, revision: Revision) -> Result<()> {
+        let layers = self.layers();
+        for l in layers.iter() {
+            l.file
+                .sync_all()
+                .map_err(|e| Error::io(format!("syncing {}", l.name), e))?;
+        }
+        {
+            // Under the index lock, so head writes in flight land after.
+            let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+            *index = build_index(self.size, &layers)?;
+        }
+        drop(layers);
+        let mut meta = lock(&self.meta);
+        let mut next_meta = meta.clone();
+        next_meta.rebuilding = false;
+        meta::write_json_atomic(&self.dir.join(REPLICA_META), &next_meta)?;
+        *meta = next_meta;
+        drop(meta);
+        self.revision.store(revision.0, Ordering::Release);
+        self.flush(0)?;
+        tracing::info!(revision = %revision, "rebuild finished");
+        Ok(())
+    }
+}
+
+fn create_layer_file(dir: &Path, name: &str, size: u64) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join(name))
+        .map_err(|e| Error::io(format!("creating {name}"), e))?;
+    f.set_len(size)
+        .map_err(|e| Error::io(format!("sizing {name}"), e))?;
+    f.sync_all()
+        .map_err(|e| Error::io(format!("syncing {name}"), e))?;
+    Ok(f)
+}
+
+/// Unit of rebuild comparison and copy.
+pub const REBUILD_CHUNK: u64 = 1 << 20;
+
+/// Punches a hole in `file` (keeping its size).
+fn punch_file(file: &File, offset: u64, len: u64) -> Result<()> {
+    // SAFETY: fallocate on an fd we own, with plain integer arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io(
+            format!("punching {len} bytes at {offset}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -706,9 +983,14 @@ fn build_index(size: u64, layers: &[Layer]) -> Result<BlockMap> {
 /// Data extents of a sparse file as `(start, end)` byte ranges, found with
 /// SEEK_DATA / SEEK_HOLE.
 pub fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    data_extents_in(file, 0, size)
+}
+
+/// Data extents of a sparse file within `[from, size)`, clipped to it.
+pub fn data_extents_in(file: &File, from: u64, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let mut out = Vec::new();
-    let mut pos: u64 = 0;
+    let mut pos: u64 = from;
     while pos < size {
         // SAFETY: lseek on an fd we own.
         let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };

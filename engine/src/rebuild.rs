@@ -1,0 +1,224 @@
+//! Online rebuild: bringing a stale or new replica back while the volume
+//! stays in use.
+//!
+//! 1. The replica joins in WO mode: every write from now on reaches it too,
+//!    but it serves no reads.
+//! 2. With every modification paused ([`RangeLocks::lock_all`]), each
+//!    writable replica, the joining one included, freezes its head as the
+//!    same system snapshot. Below that cut the volume cannot change; above
+//!    it, every replica's new head receives the same writes.
+//! 3. The joining replica takes the source's chain below its head
+//!    (`prepare_rebuild`), then each layer is compared per 1 MiB chunk by
+//!    crc32c and only differing chunks are copied. A new replica receives
+//!    all the source's data (holes stay holes); a returning one keeps its
+//!    old layers and receives what changed while it was away.
+//! 4. `finish_rebuild` syncs, rebuilds its index and adopts the source's
+//!    revision counter (as read just before: writes racing with that read
+//!    may leave it a few counts low, which decides nothing); it turns RW.
+//!
+//! The copy writes only layers below the head, and new writes only the
+//! head, so the two never race.
+//!
+//! [`RangeLocks::lock_all`]: crate::range_lock::RangeLocks::lock_all
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rvol_replica::client::ReplicaClient;
+use rvol_replica::meta::LayerMeta;
+use rvol_replica::store::REBUILD_CHUNK;
+use serde::{Deserialize, Serialize};
+
+use crate::volume::{Mode, ReplicaSlot, ReplicatedVolume};
+
+/// Chunks compared per checksum request (64 MiB).
+const WINDOW: u64 = 64 * REBUILD_CHUNK;
+
+/// The rebuild in progress, for status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RebuildStatus {
+    pub replica: String,
+    /// Bytes of layers compared so far, of `total`.
+    pub scanned: u64,
+    pub total: u64,
+    /// Bytes sent to the replica.
+    pub copied: u64,
+    pub mib_per_s: f64,
+}
+
+#[derive(Default)]
+pub struct RebuildState {
+    current: Mutex<Option<RebuildStatus>>,
+    snapshots: AtomicU64,
+    /// Total bytes copied by finished rebuilds.
+    pub copied_total: AtomicU64,
+}
+
+impl RebuildState {
+    pub fn status(&self) -> Option<RebuildStatus> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set(&self, s: Option<RebuildStatus>) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+}
+
+impl ReplicatedVolume {
+    /// Rebuilds every ERR replica that answers, one after the other.
+    pub async fn rebuild_stale(&self, rate_mib_s: f64) {
+        for slot in self.slots().to_vec() {
+            if slot.mode() != Mode::ERR || !slot.missed() || self.is_fenced() {
+                continue;
+            }
+            if !self.slots().iter().any(|s| s.mode() == Mode::RW) {
+                return;
+            }
+            match self.rebuild(&slot, rate_mib_s).await {
+                Ok(copied) => tracing::info!(replica = %slot.endpoint, copied, "replica rebuilt"),
+                Err(e) => {
+                    tracing::debug!(replica = %slot.endpoint, error = %e, "rebuild not possible now");
+                    self.leave(&slot, &format!("rebuild failed: {e}"));
+                }
+            }
+            self.rebuilds.set(None);
+        }
+    }
+
+    async fn rebuild(&self, slot: &Arc<ReplicaSlot>, rate_mib_s: f64) -> Result<u64, String> {
+        let a = self.attach_info();
+        let connect = ReplicaClient::connect(&slot.endpoint, a.volume, a.owner, a.connections);
+        let (client, joining) = tokio::time::timeout(self.timeout(), connect)
+            .await
+            .map_err(|_| "no answer".to_string())?
+            .map_err(|e| e.to_string())?;
+        let client = Arc::new(client);
+        tracing::info!(replica = %slot.endpoint, "rebuilding replica: joined in WO mode");
+        self.join_write_only(slot, client.clone(), joining.replica_uuid);
+
+        // The cut.
+        let name = format!(
+            "rebuild-g{}-{}-{}",
+            self.generation.0,
+            std::process::id(),
+            self.rebuilds.snapshots.fetch_add(1, Ordering::Relaxed)
+        );
+        {
+            let _all = self.locks().lock_all().await;
+            self.snapshot_all(&name)
+                .await
+                .map_err(|e| format!("snapshot {name}: {e}"))?;
+        }
+        let source = self
+            .slots()
+            .iter()
+            .find(|s| s.mode() == Mode::RW)
+            .and_then(|s| s.current_client())
+            .ok_or("no RW replica to copy from")?;
+        let info = source.info().await.map_err(|e| e.to_string())?;
+        let below_head = &info.chain[..info.chain.len() - 1];
+        let chain: Vec<(String, LayerMeta)> = below_head
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let meta = LayerMeta {
+                    parent: i.checked_sub(1).map(|p| below_head[p].name.clone()),
+                    created: l.created,
+                    user_created: l.user_created,
+                    removed: l.removed,
+                    labels: l.labels.clone(),
+                };
+                (l.name.clone(), meta)
+            })
+            .collect();
+        client
+            .prepare_rebuild(&chain)
+            .await
+            .map_err(|e| e.to_string())?;
+
+        let size = info.size;
+        let total = size * chain.len() as u64;
+        let started = Instant::now();
+        let (mut scanned, mut copied) = (0u64, 0u64);
+        let zeros = vec![0u8; REBUILD_CHUNK as usize];
+        for (layer, _) in &chain {
+            let mut window = 0;
+            while window < size {
+                let len = WINDOW.min(size - window);
+                let theirs = source
+                    .layer_checksums(layer, window, len)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let ours = client
+                    .layer_checksums(layer, window, len)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                for (i, (s, o)) in theirs.iter().zip(&ours).enumerate() {
+                    if s == o {
+                        continue;
+                    }
+                    let at = window + i as u64 * REBUILD_CHUNK;
+                    let n = REBUILD_CHUNK.min(size - at);
+                    match s {
+                        Some(_) => {
+                            let data = source
+                                .read_layer(layer, at, n)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            client
+                                .write_layer(layer, at, &data)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                        }
+                        // Holes stay holes.
+                        None => client
+                            .write_layer(layer, at, &zeros[..n as usize])
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    }
+                    copied += n;
+                    if rate_mib_s > 0.0 {
+                        let due = Duration::from_secs_f64(copied as f64 / (rate_mib_s * 1048576.0));
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                }
+                scanned += len;
+                window += len;
+                self.rebuilds.set(Some(RebuildStatus {
+                    replica: slot.endpoint.to_string(),
+                    scanned,
+                    total,
+                    copied,
+                    mib_per_s: copied as f64
+                        / 1048576.0
+                        / started.elapsed().as_secs_f64().max(1e-3),
+                }));
+                if slot.mode() != Mode::WO {
+                    return Err("replica failed during the rebuild".into());
+                }
+            }
+        }
+        let revision = source.info().await.map_err(|e| e.to_string())?.revision;
+        client
+            .finish_rebuild(revision)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.promote(slot, revision.0);
+        self.rebuilds
+            .copied_total
+            .fetch_add(copied, Ordering::Relaxed);
+        tracing::info!(
+            replica = %slot.endpoint,
+            copied,
+            seconds = started.elapsed().as_secs_f64(),
+            "rebuild done: replica is RW"
+        );
+        Ok(copied)
+    }
+}
