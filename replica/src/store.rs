@@ -313,6 +313,7 @@ impl Replica {
                 file: Arc::new(file),
             });
         }
+        remove_strays(dir, &rmeta.chain);
         let state = StateFile::open(dir)?;
         let rec = state.current();
         let index = build_index(rmeta.size, &layers)?;
@@ -939,6 +940,23 @@ fn create_layer_file(dir: &Path, name: &str, size: u64) -> Result<File> {
 
 /// Unit of rebuild comparison and copy.
 pub const REBUILD_CHUNK: u64 = 1 << 20;
+
+/// Removes layer files and metadata not in `chain`: what a snapshot or a
+/// rebuild interrupted by a crash leaves behind (see the snapshot docs).
+fn remove_strays(dir: &Path, chain: &[String]) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let layer = name.strip_suffix(".meta").unwrap_or(&name);
+        let ours = layer.starts_with("volume-") && layer.ends_with(".img");
+        if ours && !chain.iter().any(|c| c == layer) {
+            tracing::info!(file = %name, "removing a stray file of an interrupted snapshot or rebuild");
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
 
 /// Punches a hole in `file` (keeping its size).
 fn punch_file(file: &File, offset: u64, len: u64) -> Result<()> {

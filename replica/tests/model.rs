@@ -15,6 +15,7 @@ enum Op {
     Flush,
     Reopen { clean: bool },
     Read { block: u64, count: u64 },
+    Snapshot,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -26,6 +27,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Flush),
         1 => any::<bool>().prop_map(|clean| Op::Reopen { clean }),
         3 => range.prop_map(|(block, count)| Op::Read { block, count }),
+        1 => Just(Op::Snapshot),
     ]
 }
 
@@ -47,6 +49,7 @@ proptest! {
         // A new replica is clean; any modification makes it dirty until
         // the next clean shutdown.
         let mut clean_now = true;
+        let mut snapshots = 0;
         for op in ops {
             if matches!(op, Op::Write { .. } | Op::Trim { .. } | Op::WriteZeroes { .. }) {
                 clean_now = false;
@@ -61,14 +64,23 @@ proptest! {
                 }
                 Op::Trim { block, count } | Op::WriteZeroes { block, count } => {
                     let (off, len) = (block * BLOCK_SIZE, count * BLOCK_SIZE);
-                    if matches!(op, Op::Trim { .. }) {
+                    let trim = matches!(op, Op::Trim { .. });
+                    if trim {
                         replica.trim(off, len, 0).unwrap();
                     } else {
                         replica.write_zeroes(off, len, 0).unwrap();
                     }
-                    // With no snapshot below the head, both read back as zeros.
-                    model[off as usize..(off + len) as usize].fill(0);
+                    // Write-zeroes always reads back as zeros; trim does
+                    // only while no snapshot lies below the head.
+                    if !trim || snapshots == 0 {
+                        model[off as usize..(off + len) as usize].fill(0);
+                    }
                     revision += 1;
+                }
+                Op::Snapshot => {
+                    snapshots += 1;
+                    replica.snapshot(&format!("s{snapshots}"), true).unwrap();
+                    prop_assert_eq!(replica.info().chain.len(), snapshots + 1);
                 }
                 Op::Flush => {
                     prop_assert_eq!(replica.flush(0).unwrap().0, revision);
@@ -153,4 +165,34 @@ fn open_time_and_index_memory_are_reported() {
         "index memory {mem} exceeds the bound"
     );
     assert_eq!(r.read(4 << 20, 8192).unwrap(), vec![1u8; 8192]);
+}
+
+#[test]
+fn a_snapshot_cut_short_by_a_crash_leaves_the_old_chain_and_no_strays() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Replica::create(dir.path(), SIZE).unwrap();
+    r.write(0, &[5u8; 4096], 0).unwrap();
+    r.mark_clean().unwrap();
+    drop(r);
+    // What a crash after the hard link and the new head, but before the
+    // chain switch, leaves behind.
+    let d = dir.path();
+    std::fs::hard_link(d.join("volume-head-000.img"), d.join("volume-snap-x.img")).unwrap();
+    std::fs::write(d.join("volume-snap-x.img.meta"), b"{}").unwrap();
+    std::fs::write(d.join("volume-head-001.img"), b"").unwrap();
+    let r = Replica::open(d).unwrap();
+    assert_eq!(r.info().chain.len(), 1);
+    assert_eq!(r.read(0, 4096).unwrap(), vec![5u8; 4096]);
+    assert!(!d.join("volume-snap-x.img").exists() && !d.join("volume-head-001.img").exists());
+    // And the same snapshot can be taken again.
+    r.snapshot("x", true).unwrap();
+    r.write(0, &[6u8; 4096], 0).unwrap();
+    drop(r);
+    let r = Replica::open(d).unwrap();
+    assert_eq!(r.info().chain.len(), 2);
+    assert_eq!(r.read(0, 4096).unwrap(), vec![6u8; 4096]);
+    assert_eq!(
+        r.read_layer("volume-snap-x.img", 0, 4096).unwrap(),
+        vec![5u8; 4096]
+    );
 }
