@@ -4,6 +4,7 @@
 #
 #   scripts/test.sh            # everything CI runs
 #   RVOL_FUZZ_SECONDS=0 ...    # skip the fuzz smoke run
+#   RVOL_BENCH_CHECK=0 ...     # skip the benchmark regression check
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/deps.sh
@@ -18,5 +19,10 @@ echo "== cargo test"
 cargo test --workspace 2>&1 | tee target/test.log
 echo "== fuzz smoke"
 scripts/fuzz.sh "${RVOL_FUZZ_SECONDS:-15}"
+echo "== benchmark regression check (a few seconds per job; fails only on gross breakage)"
+if [ "${RVOL_BENCH_CHECK:-1}" = 1 ]; then
+  cargo build --release --bin rvol
+  python3 scripts/bench.py --quick --only nbdkit,rvol-1,rvol-3 --check --out target/bench-check | tail -n 1
+fi
 # One line for the CI log reader: totals over every test binary.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test.log

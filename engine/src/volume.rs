@@ -149,10 +149,7 @@ impl ReplicaSlot {
         if self.mode() == Mode::ERR {
             return None;
         }
-        self.client
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current_client()
     }
 
     pub fn missed(&self) -> bool {

@@ -1,6 +1,8 @@
 //! Shared helpers for tests that run real `rvol` processes and real clients.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -22,7 +24,24 @@ impl Proc {
     }
 
     pub fn try_start(args: &[&str]) -> Result<Proc, String> {
-        let mut child = Command::new(RVOL)
+        Self::try_start_in(None, args)
+    }
+
+    /// Starts `rvol ARGS` inside network namespace `ns`.
+    pub fn start_in(ns: &str, args: &[&str]) -> Proc {
+        Self::try_start_in(Some(ns), args).unwrap_or_else(|e| panic!("rvol {args:?} in {ns}: {e}"))
+    }
+
+    fn try_start_in(ns: Option<&str>, args: &[&str]) -> Result<Proc, String> {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, RVOL]);
+                c
+            }
+            None => Command::new(RVOL),
+        };
+        let mut child = cmd
             .args(args)
             .env(
                 "RUST_LOG",
@@ -354,4 +373,11 @@ impl RawNbd {
         assert_eq!(c.go(""), REP_ACK);
         c
     }
+}
+
+/// Runs a command inside network namespace `ns`; asserts success.
+pub fn run_in_ok(ns: &str, cmd: &str, args: &[&str]) -> String {
+    let mut all = vec!["netns", "exec", ns, cmd];
+    all.extend_from_slice(args);
+    run_ok("ip", &all)
 }

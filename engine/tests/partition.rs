@@ -1,0 +1,138 @@
+//! Replicas on hosts of their own (network namespaces): a replica whose
+//! link is cut during writes drops out, and is rebuilt by itself when the
+//! link comes back; the data is verified by fio throughout.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::netns::Lab;
+use common::*;
+
+fn status_in(ns: &str, admin: &str) -> serde_json::Value {
+    serde_json::from_str(&run_in_ok(
+        ns,
+        RVOL,
+        &["volume", "status", "--admin", admin, "--json"],
+    ))
+    .unwrap()
+}
+
+#[test]
+fn a_partitioned_replica_drops_out_and_is_rebuilt_when_the_link_returns() {
+    if !Lab::available() {
+        eprintln!("SKIPPED: network namespaces need root and iproute2");
+        return;
+    }
+    let lab = Lab::new(&["r0", "r1", "r2", "eng"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut replicas = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let h = lab.host(i);
+        let listen = format!("{}:4001", h.ip);
+        let dir = tmp.path().join(format!("r{i}"));
+        replicas.push(Proc::start_in(
+            &h.ns,
+            &[
+                "replica",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--size",
+                "256M",
+            ],
+        ));
+        addrs.push(listen);
+    }
+    let eng = &lab.host(3).ns;
+    let mut args = vec![
+        "engine",
+        "--name",
+        "part",
+        "--size",
+        "256M",
+        "--nbd-listen",
+        "127.0.0.1:10809",
+        "--admin-listen",
+        "127.0.0.1:9800",
+        "--replica-timeout",
+        "2",
+    ];
+    for a in &addrs {
+        args.push("--replica");
+        args.push(a);
+    }
+    let _engine = Proc::start_in(eng, &args);
+    let fio = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            eng,
+            "fio",
+            "--name=part",
+            "--ioengine=nbd",
+            "--uri=nbd://127.0.0.1:10809/",
+        ])
+        .args([
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=96M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("fio");
+    std::thread::sleep(Duration::from_secs(2));
+    lab.link(1, false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status_in(eng, "127.0.0.1:9800")["replicas"][1]["mode"] != "ERR" {
+        assert!(
+            Instant::now() < deadline,
+            "the cut replica never dropped out"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    lab.link(1, true);
+    let out = fio.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("verify: bad"),
+        "fio failed: {text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status_in(eng, "127.0.0.1:9800");
+        if s["state"] == "healthy" {
+            assert!(s["rebuilt_bytes"].as_u64().unwrap() > 0, "{s}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica was not rebuilt: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The rebuilt replica alone serves data fio can verify.
+    replicas[0].kill9();
+    replicas[2].kill9();
+    run_in_ok(
+        eng,
+        "fio",
+        &[
+            "--name=part",
+            "--ioengine=nbd",
+            "--uri=nbd://127.0.0.1:10809/",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=96M",
+            "--verify=crc32c",
+            "--verify_only",
+            "--verify_fatal=1",
+        ],
+    );
+}
