@@ -10,9 +10,20 @@ toolchain=+nightly
 rustup toolchain list | grep -q nightly || toolchain=
 for t in replica_frame replica_metadata nbd_request nbd_handshake; do
   echo "fuzz: $t for ${secs}s"
+  log=$(mktemp)
   if [ -n "$toolchain" ]; then
-    cargo $toolchain fuzz run --fuzz-dir fuzz "$t" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -n 2
+    run=(cargo "$toolchain" fuzz run --fuzz-dir fuzz "$t" -- -max_total_time="$secs" -rss_limit_mb=2048)
   else
-    cargo fuzz run -s none --fuzz-dir fuzz "$t" -- -max_total_time="$secs" 2>&1 | tail -n 2
+    run=(cargo fuzz run -s none --fuzz-dir fuzz "$t" -- -max_total_time="$secs")
   fi
+  if "${run[@]}" >"$log" 2>&1; then
+    tail -n 1 "$log"
+  else
+    # A crash: show the panic and the reproducer libFuzzer saved.
+    grep -E "panicked|Test unit written|SUMMARY|error" "$log" | head -n 20
+    tail -n 40 "$log"
+    rm -f "$log"
+    exit 1
+  fi
+  rm -f "$log"
 done

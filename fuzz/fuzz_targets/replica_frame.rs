@@ -7,7 +7,7 @@ use rvol_replica::proto::{decode_extents, decode_request, Hello, RequestHeader, 
 fuzz_target!(|data: &[u8]| {
     if let Ok((h, payload, used)) = decode_request(data) {
         assert!(used <= data.len());
-        assert_eq!(&h.encode(payload)[..], &data[..40]);
+        assert_eq!(&h.encode(payload)[..], &data[..rvol_replica::proto::REQUEST_HEADER_LEN]);
     }
     let _ = ReplyHeader::decode(data);
     let _ = RequestHeader::decode(data);
