@@ -1,6 +1,10 @@
 //! The admin API: HTTP/JSON on the admin listener.
 //!
 //! - `GET /v1/volume`: [`VolumeStatus`].
+//! - `GET /v1/replicas`: the replicas ([`ReplicaStatus`] each).
+//! - `POST /v1/replicas`, `DELETE /v1/replicas` with `{"address": ADDR}`:
+//!   add a replica (it is rebuilt in the background) or remove one (never
+//!   the last RW replica). Errors: 400/409 with `{"error": ...}`.
 //!
 //! The CLI's side ([`get`]) is a minimal HTTP/1.1 client over TCP or a
 //! Unix socket, enough for our own JSON endpoints.
@@ -8,6 +12,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use axum::http::StatusCode;
 use axum::{extract::State, routing::get as get_route, Json, Router};
 use rvol_frontend::BlockVolume;
 use rvol_replica::server::{Endpoint, Listener};
@@ -93,9 +98,59 @@ async fn volume_status(State(s): State<Arc<AdminState>>) -> Json<VolumeStatus> {
     Json(status(&s))
 }
 
+async fn list_replicas(State(s): State<Arc<AdminState>>) -> Json<Vec<ReplicaStatus>> {
+    Json(status(&s).replicas)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReplicaRequest {
+    pub address: String,
+}
+
+type Answer = (StatusCode, Json<serde_json::Value>);
+
+fn answer(r: Result<(), String>) -> Answer {
+    match r {
+        Ok(()) => (StatusCode::OK, Json(serde_json::json!({ "ok": true }))),
+        Err(e) => (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({ "error": e })),
+        ),
+    }
+}
+
+fn parse_address(a: &str) -> Result<Endpoint, Answer> {
+    a.parse().map_err(|e: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": e })),
+        )
+    })
+}
+
+async fn add_replica(State(s): State<Arc<AdminState>>, Json(r): Json<ReplicaRequest>) -> Answer {
+    match parse_address(&r.address) {
+        Ok(ep) => answer(s.volume.add_replica(ep)),
+        Err(a) => a,
+    }
+}
+
+async fn remove_replica(State(s): State<Arc<AdminState>>, Json(r): Json<ReplicaRequest>) -> Answer {
+    match parse_address(&r.address) {
+        Ok(ep) => answer(s.volume.remove_replica(&ep)),
+        Err(a) => a,
+    }
+}
+
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/v1/volume", get_route(volume_status))
+        .route(
+            "/v1/replicas",
+            get_route(list_replicas)
+                .post(add_replica)
+                .delete(remove_replica),
+        )
         .with_state(state)
 }
 
@@ -114,7 +169,22 @@ pub async fn serve(
 
 /// GETs `path` from an admin endpoint and returns the body of a 200 reply.
 pub async fn get(endpoint: &Endpoint, path: &str) -> anyhow::Result<String> {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: rvol\r\nConnection: close\r\n\r\n");
+    request(endpoint, "GET", path, None).await
+}
+
+/// Sends one request with an optional JSON body; returns the body of a
+/// 200 reply, or an error carrying the status and body.
+pub async fn request(
+    endpoint: &Endpoint,
+    method: &str,
+    path: &str,
+    json: Option<&str>,
+) -> anyhow::Result<String> {
+    let body = json.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: rvol\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     let mut raw = Vec::new();
     match endpoint {
         Endpoint::Tcp(a) => {

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! rvol replica --dir DIR --listen ADDR [--size SIZE]
+//! rvol replica add|rm ADDR --admin ADMIN;  rvol replica ls --admin ADMIN [--json]
 //! rvol engine  --name VOL --size SIZE --replica ADDR... --nbd-listen ADDR --admin-listen ADDR
 //! rvol volume status --admin ADDR [--json]
 //! rvol demo
@@ -44,18 +45,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve one replica directory to engines.
-    Replica {
-        /// The replica directory (created with --size if it holds no replica).
-        #[arg(long)]
-        dir: PathBuf,
-        /// host:port or unix:PATH.
-        #[arg(long)]
-        listen: Endpoint,
-        /// Create a replica of this size (e.g. 1G) if DIR holds none.
-        #[arg(long, value_parser = parse_size)]
-        size: Option<u64>,
-    },
+    /// Serve one replica directory to engines (`--dir`, `--listen`), or
+    /// manage a running volume's replicas (`add`, `rm`, `ls`).
+    Replica(ReplicaArgs),
     /// Serve a replicated volume.
     Engine {
         #[arg(long)]
@@ -93,6 +85,45 @@ enum Command {
     },
     /// Run 3 replicas and an engine under a temporary directory, serving NBD.
     Demo(demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ReplicaArgs {
+    #[command(subcommand)]
+    command: Option<ReplicaCommand>,
+    /// The replica directory (created with --size if it holds no replica).
+    #[arg(long, required = true)]
+    dir: Option<PathBuf>,
+    /// host:port or unix:PATH.
+    #[arg(long, required = true)]
+    listen: Option<Endpoint>,
+    /// Create a replica of this size (e.g. 1G) if DIR holds none.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum ReplicaCommand {
+    /// Add a replica to a running volume; it is rebuilt online.
+    Add {
+        address: Endpoint,
+        #[arg(long)]
+        admin: Endpoint,
+    },
+    /// Remove a replica from a running volume (never the last RW one).
+    Rm {
+        address: Endpoint,
+        #[arg(long)]
+        admin: Endpoint,
+    },
+    /// List a running volume's replicas.
+    Ls {
+        #[arg(long)]
+        admin: Endpoint,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -165,7 +196,18 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<u8> {
     match command {
-        Command::Replica { dir, listen, size } => run_replica(dir, listen, size).await,
+        Command::Replica(ReplicaArgs {
+            command: Some(c), ..
+        }) => replica_command(c).await,
+        Command::Replica(ReplicaArgs {
+            command: None,
+            dir: Some(dir),
+            listen: Some(listen),
+            size,
+        }) => run_replica(dir, listen, size).await,
+        Command::Replica(_) => {
+            anyhow::bail!("rvol replica needs --dir and --listen, or a subcommand")
+        }
         Command::Engine {
             name,
             size,
@@ -242,29 +284,70 @@ async fn run_replica(dir: PathBuf, listen: Endpoint, size: Option<u64>) -> anyho
     Ok(0)
 }
 
+async fn replica_command(c: ReplicaCommand) -> anyhow::Result<u8> {
+    let change = |method: &'static str, address: Endpoint, admin: Endpoint| async move {
+        let body = serde_json::json!({ "address": address.to_string() }).to_string();
+        admin::request(&admin, method, "/v1/replicas", Some(&body)).await
+    };
+    match c {
+        ReplicaCommand::Add { address, admin } => {
+            change("POST", address.clone(), admin).await?;
+            println!("added {address}; it is being rebuilt (see rvol replica ls)");
+        }
+        ReplicaCommand::Rm { address, admin } => {
+            change("DELETE", address.clone(), admin).await?;
+            println!("removed {address}");
+        }
+        ReplicaCommand::Ls { admin, json } => {
+            let body = admin::get(&admin, "/v1/volume").await?;
+            let s: admin::VolumeStatus =
+                serde_json::from_str(&body).context("parsing the status")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s.replicas)?);
+            } else {
+                print_replicas(&s);
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn print_replicas(s: &admin::VolumeStatus) {
+    println!(
+        "{:<32} {:<5} {:>12} {:<6} LAST ERROR",
+        "REPLICA", "MODE", "REVISION", "STALE"
+    );
+    for r in &s.replicas {
+        println!(
+            "{:<32} {:<5} {:>12} {:<6} {}",
+            r.address,
+            r.mode,
+            r.revision,
+            r.stale,
+            r.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    if let Some(b) = &s.rebuild {
+        println!(
+            "rebuilding {}: {} of {} bytes compared, {} copied, {:.1} MiB/s",
+            b.replica, b.scanned, b.total, b.copied, b.mib_per_s
+        );
+    }
+}
+
 fn print_status(s: &admin::VolumeStatus) {
     println!(
-        "volume {}  size {}  generation {}  state {}  frontend {} {}",
+        "volume {}  size {}  generation {}  state {}  frontend {} {}  reconciled {} B  rebuilt {} B",
         s.volume,
         s.size,
         s.generation,
         s.state,
         s.frontend,
-        s.nbd.join(" ")
+        s.nbd.join(" "),
+        s.reconciled_bytes,
+        s.rebuilt_bytes
     );
-    println!(
-        "{:<32} {:<5} {:>12}  LAST ERROR",
-        "REPLICA", "MODE", "REVISION"
-    );
-    for r in &s.replicas {
-        println!(
-            "{:<32} {:<5} {:>12}  {}",
-            r.address,
-            r.mode,
-            r.revision,
-            r.last_error.as_deref().unwrap_or("-")
-        );
-    }
+    print_replicas(s);
 }
 
 #[cfg(test)]

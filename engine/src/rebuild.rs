@@ -71,7 +71,7 @@ impl RebuildState {
 impl ReplicatedVolume {
     /// Rebuilds every ERR replica that answers, one after the other.
     pub async fn rebuild_stale(&self, rate_mib_s: f64) {
-        for slot in self.slots().to_vec() {
+        for slot in self.slots() {
             if slot.mode() != Mode::ERR || !slot.missed() || self.is_fenced() {
                 continue;
             }

@@ -189,7 +189,7 @@ pub struct ReplicatedVolume {
     pub name: String,
     size: AtomicU64,
     pub generation: Generation,
-    slots: Vec<Arc<ReplicaSlot>>,
+    slots: std::sync::RwLock<Vec<Arc<ReplicaSlot>>>,
     locks: RangeLocks,
     epochs: EpochGate,
     /// Bytes copied at start to reconcile replicas after an unclean stop.
@@ -247,7 +247,7 @@ impl ReplicatedVolume {
             name,
             size: AtomicU64::new(size),
             generation,
-            slots,
+            slots: std::sync::RwLock::new(slots),
             locks: RangeLocks::default(),
             epochs: EpochGate::new(first_epoch),
             reconciled_bytes,
@@ -263,8 +263,45 @@ impl ReplicatedVolume {
         }
     }
 
-    pub fn slots(&self) -> &[Arc<ReplicaSlot>] {
-        &self.slots
+    /// The replicas, in order (a snapshot: the set may change meanwhile).
+    pub fn slots(&self) -> Vec<Arc<ReplicaSlot>> {
+        self.slots.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Adds a replica to the set; it is rebuilt in the background.
+    pub fn add_replica(&self, endpoint: Endpoint) -> Result<(), String> {
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        if slots.iter().any(|s| s.endpoint == endpoint) {
+            return Err(format!("{endpoint} is already a replica of this volume"));
+        }
+        tracing::info!(replica = %endpoint, "replica added: it will be rebuilt");
+        slots.push(Arc::new(ReplicaSlot::failed(
+            endpoint,
+            "added: waiting for its rebuild".into(),
+        )));
+        Ok(())
+    }
+
+    /// Removes a replica from the set. The last RW replica cannot go.
+    pub fn remove_replica(&self, endpoint: &Endpoint) -> Result<(), String> {
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let i = slots
+            .iter()
+            .position(|s| &s.endpoint == endpoint)
+            .ok_or_else(|| format!("{endpoint} is not a replica of this volume"))?;
+        let others_rw = slots
+            .iter()
+            .enumerate()
+            .any(|(j, s)| j != i && s.mode() == Mode::RW);
+        if slots[i].mode() == Mode::RW && !others_rw {
+            return Err(format!(
+                "{endpoint} is the last RW replica; refusing to remove it"
+            ));
+        }
+        let slot = slots.remove(i);
+        self.leave(&slot, "removed");
+        tracing::info!(replica = %endpoint, "replica removed");
+        Ok(())
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -277,7 +314,7 @@ impl ReplicatedVolume {
 
     /// Replicas that receive writes (RW and WO).
     fn writable(&self) -> Vec<Arc<ReplicaSlot>> {
-        self.slots
+        self.slots()
             .iter()
             .filter(|s| s.client().is_some())
             .cloned()
@@ -285,7 +322,7 @@ impl ReplicatedVolume {
     }
 
     fn readable(&self) -> Vec<Arc<ReplicaSlot>> {
-        self.slots
+        self.slots()
             .iter()
             .filter(|s| s.mode() == Mode::RW)
             .cloned()
@@ -369,7 +406,7 @@ impl ReplicatedVolume {
                 self.hold_for_replicas(what).await?;
                 continue;
             }
-            for slot in &self.slots {
+            for slot in &self.slots() {
                 if !applied.iter().any(|a| Arc::ptr_eq(a, slot)) {
                     slot.missed.store(true, Ordering::Release);
                 }
@@ -444,7 +481,7 @@ impl ReplicatedVolume {
     }
 
     fn rw_count(&self) -> usize {
-        self.slots.iter().filter(|s| s.mode() == Mode::RW).count()
+        self.slots().iter().filter(|s| s.mode() == Mode::RW).count()
     }
 
     pub fn is_faulted(&self) -> bool {
@@ -505,7 +542,7 @@ impl ReplicatedVolume {
     /// Sets replicas whose every connection has died to ERR, so a replica
     /// that goes away while idle is noticed without waiting for I/O.
     pub fn check_connections(&self) {
-        for slot in &self.slots {
+        for slot in &self.slots() {
             if let Some(c) = slot.client() {
                 if !c.is_alive() {
                     let lost = ClientError::Lost("every connection to the replica closed".into());
@@ -531,7 +568,8 @@ impl ReplicatedVolume {
         // started without the returning replicas.
         let barrier = self.rw_count() > 0;
         let mut joining = Vec::new();
-        for slot in &self.slots {
+        let slots = self.slots();
+        for slot in &slots {
             if slot.mode() != Mode::ERR || slot.missed() {
                 continue;
             }
@@ -577,7 +615,7 @@ impl ReplicatedVolume {
     }
 
     fn count_modification(&self) {
-        for s in &self.slots {
+        for s in &self.slots() {
             if s.mode() != Mode::ERR {
                 s.revision.fetch_add(1, Ordering::Relaxed);
             }

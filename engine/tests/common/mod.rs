@@ -259,15 +259,24 @@ pub const REP_ACK: u32 = 1;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 
+/// A byte stream to an NBD server (TCP or Unix).
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
 /// A raw NBD client: every byte on the wire is the test's choice.
-pub struct RawNbd(pub TcpStream);
+pub struct RawNbd(pub Box<dyn Stream>);
 
 impl RawNbd {
     pub fn connect(uri: &str) -> RawNbd {
-        let addr = uri.trim_start_matches("nbd://");
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut r = RawNbd(s);
+        let mut r = if let Some(path) = uri.strip_prefix("unix:") {
+            let s = std::os::unix::net::UnixStream::connect(path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            RawNbd(Box::new(s))
+        } else {
+            let s = TcpStream::connect(uri.trim_start_matches("nbd://")).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            RawNbd(Box::new(s))
+        };
         let mut hello = [0u8; 18];
         r.0.read_exact(&mut hello).unwrap();
         assert_eq!(&hello[..8], b"NBDMAGIC");
@@ -380,4 +389,86 @@ pub fn run_in_ok(ns: &str, cmd: &str, args: &[&str]) -> String {
     let mut all = vec!["netns", "exec", ns, cmd];
     all.extend_from_slice(args);
     run_ok("ip", &all)
+}
+
+/// A writer thread: 4 KiB writes of unique data with a flush every 32,
+/// failing on any error reply; on `finish` it reads every block back and
+/// checks it holds the newest acknowledged write.
+pub struct Writer {
+    pub acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    pub fn start(uri: &str, blocks: u64) -> Writer {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let acked = std::sync::Arc::new(AtomicU64::new(0));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (a, st, uri) = (acked.clone(), stop.clone(), uri.to_string());
+        let handle = std::thread::spawn(move || {
+            let mut c = RawNbd::open(&uri);
+            let mut newest = std::collections::HashMap::new();
+            let mut n = 0u64;
+            while !st.load(Ordering::Acquire) {
+                n += 1;
+                let block = (n * 7919) % blocks;
+                let data = pseudo_random(n, 4096);
+                c.request(1, n, block * 4096, 4096, &data);
+                assert_eq!(c.reply(0).0, 0, "write {n} failed");
+                if n.is_multiple_of(32) {
+                    c.request(3, 0, 0, 0, &[]);
+                    assert_eq!(c.reply(0).0, 0, "flush failed");
+                }
+                newest.insert(block, data);
+                a.fetch_add(1, Ordering::Release);
+            }
+            for (b, d) in newest {
+                c.request(0, b, b * 4096, 4096, &[]);
+                let (err, _, got) = c.reply(4096);
+                assert_eq!(err, 0);
+                assert!(got == d, "block {b} lost an acknowledged write");
+            }
+        });
+        Writer {
+            acked,
+            stop,
+            handle,
+        }
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.acked.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until `more` further writes are acknowledged.
+    pub fn wait_progress(&self, more: u64, limit: Duration) {
+        let target = self.acked() + more;
+        let deadline = Instant::now() + limit;
+        while self.acked() < target {
+            assert!(
+                Instant::now() < deadline,
+                "the writer made no progress ({} acked)",
+                self.acked()
+            );
+            assert!(!self.handle.is_finished(), "the writer failed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops, then verifies every block; panics if the writer saw an error.
+    pub fn finish(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.handle
+            .join()
+            .expect("the writer saw an error or lost data");
+    }
+}
+
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
