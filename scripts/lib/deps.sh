@@ -14,7 +14,14 @@ apt_install() {
   fi
 }
 
+install_build_deps() {
+  # libublk's sys crate runs bindgen, which needs libclang.
+  apt_install libclang-dev
+  command -v cargo >/dev/null || { echo "cargo is required (rustup.rs)"; exit 1; }
+}
+
 install_run_deps() {
+  install_build_deps
   # qemu-img/qemu-io come with qemu-utils; nbdinfo with libnbd-bin.
   command -v qemu-img >/dev/null || apt_install qemu-utils
   apt_install libnbd-bin fio
@@ -23,5 +30,4 @@ install_run_deps() {
 install_test_deps() {
   install_run_deps
   apt_install python3-libnbd nbdkit
-  command -v cargo >/dev/null || { echo "cargo is required (rustup.rs)"; exit 1; }
 }
