@@ -31,6 +31,9 @@ pub struct VolumeStatus {
     pub reconciled_bytes: u64,
     pub frontend: String,
     pub nbd: Vec<String>,
+    /// The block device (`/dev/ublkbN`) when the ublk frontend serves.
+    #[serde(default)]
+    pub device: Option<String>,
     pub replicas: Vec<ReplicaStatus>,
     /// The rebuild in progress, if any.
     pub rebuild: Option<crate::rebuild::RebuildStatus>,
@@ -52,6 +55,7 @@ pub struct AdminState {
     pub volume: Arc<ReplicatedVolume>,
     pub frontend: String,
     pub nbd: Vec<String>,
+    pub device: Option<String>,
 }
 
 pub fn status(s: &AdminState) -> VolumeStatus {
@@ -85,6 +89,7 @@ pub fn status(s: &AdminState) -> VolumeStatus {
         reconciled_bytes: v.reconciled_bytes,
         frontend: s.frontend.clone(),
         nbd: s.nbd.clone(),
+        device: s.device.clone(),
         replicas,
         rebuild: v.rebuilds.status(),
         rebuilt_bytes: v

@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use futures::future::join_all;
 use rvol_frontend::nbd::{NbdListener, NbdServer};
+use rvol_frontend::ublk::{UblkConfig, UblkTarget};
 use rvol_replica::client::ReplicaClient;
 use rvol_replica::server::{Endpoint, Listener};
 use rvol_replica::{Generation, Owner};
@@ -41,6 +42,8 @@ pub struct EngineConfig {
     pub size: u64,
     pub replicas: Vec<Endpoint>,
     pub nbd_listen: Vec<Endpoint>,
+    /// Serve the volume as /dev/ublkbN too.
+    pub ublk: Option<UblkConfig>,
     pub admin_listen: Endpoint,
     pub replica_timeout: Duration,
     pub connections_per_replica: usize,
@@ -241,14 +244,30 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
         };
         nbd_tasks.push(tokio::spawn(nbd.clone().serve(listener, stop_rx.clone())));
     }
+    let ublk = match &cfg.ublk {
+        Some(ucfg) => {
+            let (v, rt, ucfg) = (
+                volume.clone(),
+                tokio::runtime::Handle::current(),
+                ucfg.clone(),
+            );
+            let target = tokio::task::spawn_blocking(move || UblkTarget::start(v, rt, &ucfg))
+                .await?
+                .context("starting the ublk frontend")?;
+            Some(target)
+        }
+        None => None,
+    };
+    let device = ublk.as_ref().map(|t| t.device().clone());
     let admin_listener = Listener::bind(&cfg.admin_listen)
         .await
         .with_context(|| format!("binding admin listener {}", cfg.admin_listen))?;
     let admin_addr = admin_listener.local_endpoint()?.to_string();
     let admin_state = Arc::new(AdminState {
         volume: volume.clone(),
-        frontend: "nbd".into(),
+        frontend: if device.is_some() { "ublk" } else { "nbd" }.into(),
         nbd: nbd_addrs.clone(),
+        device: device.as_ref().map(|d| d.path.clone()),
     });
     let mut admin_stop = stop_rx.clone();
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, async move {
@@ -264,6 +283,9 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
             "generation": volume.generation.0,
             "reconciled_bytes": volume.reconciled_bytes,
             "nbd": nbd_addrs,
+            "device": device.as_ref().map(|d| &d.path),
+            "ublk_id": device.as_ref().map(|d| d.id),
+            "recovered": device.as_ref().is_some_and(|d| d.recovered),
             "admin": admin_addr,
         })
     );
@@ -297,6 +319,13 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
     );
     let _ = stop_tx.send(true);
     retry.abort();
+    if let Some(target) = ublk {
+        // The kernel drains the device through our queues while it stops.
+        match tokio::task::spawn_blocking(move || target.stop()).await? {
+            Ok(()) => tracing::info!("ublk device stopped and deleted"),
+            Err(e) => tracing::error!(error = %e, "stopping the ublk device"),
+        }
+    }
     for t in nbd_tasks {
         let _ = t.await;
     }

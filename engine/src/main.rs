@@ -57,11 +57,31 @@ enum Command {
         /// A replica's address (host:port or unix:PATH); repeat for each.
         #[arg(long = "replica", required = true)]
         replicas: Vec<Endpoint>,
-        #[arg(long, default_value = "nbd", value_parser = ["nbd"])]
+        /// `nbd`: serve NBD on --nbd-listen. `ublk`: create /dev/ublkbN
+        /// (NBD listeners may be added beside it).
+        #[arg(long, default_value = "nbd", value_parser = ["nbd", "ublk"])]
         frontend: String,
         /// Where NBD clients connect; repeat to listen on several.
-        #[arg(long = "nbd-listen", required = true)]
+        #[arg(long = "nbd-listen", required_if_eq("frontend", "nbd"))]
         nbd_listen: Vec<Endpoint>,
+        /// ublk device id (/dev/ublkbN). A device with this id left by an
+        /// engine that died is recovered (or, if it cannot be, replaced).
+        #[arg(long)]
+        ublk_id: Option<u32>,
+        /// ublk hardware queues, each served by its own thread (default:
+        /// one per CPU).
+        #[arg(long)]
+        queues: Option<u16>,
+        /// ublk queue depth.
+        #[arg(long, default_value_t = 128)]
+        depth: u16,
+        /// Logical block size of the ublk device: 4096 or 512.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        /// Delete the ublk device when the engine dies instead of keeping
+        /// it for a new engine to recover.
+        #[arg(long)]
+        no_user_recovery: bool,
         #[arg(long)]
         admin_listen: Endpoint,
         /// A replica that does not answer within this many seconds is dropped.
@@ -175,6 +195,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Engine { frontend, .. } = &cli.command {
+        // Must happen before the runtime starts threads.
+        if frontend == "ublk" {
+            if let Err(e) = rvol_frontend::ublk::isolate_mount_namespace() {
+                eprintln!("rvol: cannot get a private mount namespace for ublk: {e}");
+                return ExitCode::from(engine::EXIT_START_FAILED);
+            }
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -212,8 +241,13 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             name,
             size,
             replicas,
-            frontend: _,
+            frontend,
             nbd_listen,
+            ublk_id,
+            queues,
+            depth,
+            block_size,
+            no_user_recovery,
             admin_listen,
             replica_timeout,
             connections_per_replica,
@@ -225,6 +259,16 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 size,
                 replicas,
                 nbd_listen,
+                ublk: (frontend == "ublk").then(|| {
+                    let default = rvol_frontend::ublk::UblkConfig::default();
+                    rvol_frontend::ublk::UblkConfig {
+                        id: ublk_id,
+                        queues: queues.unwrap_or(default.queues),
+                        depth,
+                        logical_block_size: block_size,
+                        user_recovery: !no_user_recovery,
+                    }
+                }),
                 admin_listen,
                 replica_timeout: Duration::from_secs_f64(replica_timeout),
                 connections_per_replica,
@@ -343,7 +387,7 @@ fn print_status(s: &admin::VolumeStatus) {
         s.generation,
         s.state,
         s.frontend,
-        s.nbd.join(" "),
+        s.device.iter().chain(&s.nbd).cloned().collect::<Vec<_>>().join(" "),
         s.reconciled_bytes,
         s.rebuilt_bytes
     );

@@ -6,8 +6,11 @@
 //!
 //! - [`nbd`]: a Network Block Device server (fixed newstyle, structured
 //!   replies, `base:allocation`, multi-conn) over TCP or Unix sockets.
+//! - [`ublk`]: a multi-queue Linux ublk target (`/dev/ublkbN`) with user
+//!   recovery, so an engine restart does not take the device away.
 
 pub mod nbd;
+pub mod ublk;
 mod volume;
 
 pub use volume::{BlockVolume, Extent, VolumeError};
