@@ -5,6 +5,7 @@
 #   scripts/test.sh            # everything CI runs
 #   RVOL_FUZZ_SECONDS=0 ...    # skip the fuzz smoke run
 #   RVOL_BENCH_CHECK=0 ...     # skip the benchmark regression check
+#   RVOL_VM_TESTS=0 ...        # skip the guest tests (real ublk and nbd drivers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/deps.sh
@@ -17,6 +18,10 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee target/test.log
+echo "== guest tests: ublk and kernel NBD in a QEMU guest (skipped, saying so, where it cannot boot)"
+if [ "${RVOL_VM_TESTS:-1}" = 1 ]; then
+  scripts/vm-test.sh
+fi
 echo "== fuzz smoke"
 scripts/fuzz.sh "${RVOL_FUZZ_SECONDS:-15}"
 echo "== benchmark regression check (a few seconds per job; fails only on gross breakage)"

@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# rvol's tests against real kernel block drivers (ublk_drv, nbd). Runs
+# INSIDE the guest that scripts/vm-test.sh boots; every step uses real rvol
+# processes, the kernel's drivers, mkfs/mount and fio.
+#
+#   RVOL=target/release/rvol scripts/vm/guest-tests.sh [all|bench]
+#
+# all:   ext4 across an engine restart (ublk, then kernel NBD); fio verify
+#        with a replica SIGKILLed; fio verify across an engine SIGKILL with
+#        user recovery; a stale device cleaned up by the next engine.
+# bench: fio on /dev/ublkb0 and /dev/nbd0 attached to the same volume.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+rvol=$(realpath "${RVOL:-$root/target/release/rvol}")
+what=${1:-all}
+work=$(mktemp -d /tmp/rvol-guest.XXXXXX)
+cd "$work" # fio writes state files here; the host tree is read-only
+size=512M
+pids=()
+
+log() { echo "guest: $*"; }
+fail() {
+  echo "guest: FAIL: $*" >&2
+  for f in "$work"/*.log; do
+    echo "--- $f" >&2
+    tail -n 15 "$f" >&2
+  done
+  exit 1
+}
+cleanup() {
+  umount /mnt/t 2>/dev/null || true
+  nbd-client -d /dev/nbd0 >/dev/null 2>&1 || true
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+start_replica() { # N: replica N on 127.0.0.1:410N
+  "$rvol" replica --dir "$work/r$1" --listen "127.0.0.1:410$1" --size "$size" >>"$work/r$1.log" 2>&1 &
+  replica_pid[$1]=$!
+  pids+=($!)
+}
+
+# start_engine TAG ARGS...: starts an engine, waits for its ready line.
+start_engine() {
+  local tag=$1
+  shift
+  : >"$work/$tag.ready"
+  "$rvol" engine --name vol --size "$size" \
+    --replica 127.0.0.1:4101 --replica 127.0.0.1:4102 --replica 127.0.0.1:4103 \
+    --admin-listen "unix:$work/admin.sock" "$@" >"$work/$tag.ready" 2>>"$work/$tag.log" &
+  engine_pid=$!
+  pids+=($!)
+  for _ in $(seq 600); do
+    grep -q '"ready"' "$work/$tag.ready" && return 0
+    kill -0 $engine_pid 2>/dev/null || fail "engine $tag exited before it was ready"
+    sleep 0.1
+  done
+  fail "engine $tag not ready within 60 s"
+}
+
+stop_engine() { # SIGTERM; expects exit 0
+  kill -TERM $engine_pid
+  local rc=0
+  wait $engine_pid || rc=$?
+  [ $rc = 0 ] || fail "engine exited with $rc on SIGTERM"
+}
+
+# files_write DEV: mkfs, mount, write files, record checksums, unmount.
+files_write() {
+  mkfs.ext4 -q -F "$1" || fail "mkfs.ext4 $1"
+  mkdir -p /mnt/t
+  mount "$1" /mnt/t || fail "mount $1"
+  head -c 24M /dev/urandom >/mnt/t/random.bin
+  cp -r "$root/engine/src" /mnt/t/src
+  (cd /mnt/t && find . -type f -print0 | sort -z | xargs -0 sha256sum) >"$work/files.sha256"
+  umount /mnt/t
+}
+
+files_check() { # DEV
+  mount "$1" /mnt/t || fail "mount $1 after the restart"
+  (cd /mnt/t && sha256sum --quiet -c "$work/files.sha256") || fail "files differ after the restart"
+  umount /mnt/t
+}
+
+# fio_start DEV NAME: random writes over 48 MiB, then a verify of all of
+# them, in the background (fio_pid).
+fio_start() {
+  fio --name="$2" --filename="$1" --ioengine=io_uring --direct=1 \
+    --rw=randwrite --bs=4k --iodepth=32 --size=48M --verify=crc32c \
+    --verify_fatal=1 --do_verify=1 --randrepeat=0 --output="$work/$2.fio" &
+  fio_pid=$!
+}
+
+fio_wait() { # NAME: fio must end with status 0 and no error
+  local rc=0
+  wait $fio_pid || rc=$?
+  [ $rc = 0 ] && grep -q "err= 0" "$work/$1.fio" || fail "fio $1 (status $rc): $(tail -n 8 "$work/$1.fio")"
+}
+
+# still_running WHAT: the disruption must land while fio is still at work.
+fio_still_running() {
+  kill -0 $fio_pid 2>/dev/null || fail "fio ended before $1; the test proves nothing (raise --size)"
+}
+
+mkdir -p /mnt/t
+for i in 1 2 3; do start_replica $i; done
+
+if [ "$what" = bench ]; then
+  start_engine bench --frontend ublk --ublk-id 0 --nbd-listen 127.0.0.1:10809
+  nbd-client -N vol -b 4096 127.0.0.1 10809 /dev/nbd0 >/dev/null || fail "nbd-client"
+  printf '%-22s %12s %12s %8s\n' job ublk nbd ublk/nbd
+  for job in "randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8"; do
+    set -- $job
+    r=()
+    for dev in /dev/ublkb0 /dev/nbd0; do
+      out=$(fio --name=b --filename=$dev --ioengine=io_uring --direct=1 --rw="$1" --bs="$2" \
+        --iodepth="$3" --size=256M --runtime=10 --time_based --output-format=json)
+      r+=("$(echo "$out" | python3 -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round(j['read']['iops']+j['write']['iops']))")")
+    done
+    printf '%-22s %12s %12s %8.2f\n' "$1 $2 qd$3 (IOPS)" "${r[0]}" "${r[1]}" "$(echo "${r[0]} ${r[1]}" | awk '{print $1/$2}')"
+  done
+  nbd-client -d /dev/nbd0 >/dev/null
+  stop_engine
+  exit 0
+fi
+
+log "ublk: ext4 survives an engine stop and start"
+start_engine u1 --frontend ublk --ublk-id 0
+grep -q '"device":"/dev/ublkb0"' "$work/u1.ready" || fail "ready line has no device: $(cat "$work/u1.ready")"
+[ -b /dev/ublkb0 ] || fail "/dev/ublkb0 missing"
+[ "$(cat /sys/block/ublkb0/queue/logical_block_size)" = 4096 ] || fail "logical block size"
+[ "$(cat /sys/block/ublkb0/queue/write_cache)" = "write back" ] || fail "volatile cache not set"
+[ "$(ls /sys/block/ublkb0/mq | wc -l)" -ge 2 ] || fail "expected several hardware queues"
+files_write /dev/ublkb0
+stop_engine
+[ ! -e /dev/ublkb0 ] || fail "SIGTERM left /dev/ublkb0 behind"
+start_engine u2 --frontend ublk --ublk-id 0
+files_check /dev/ublkb0
+log "PASS ext4 on ublk across an engine restart"
+
+log "ublk: fio verify while replica 2 is SIGKILLed"
+fio_start /dev/ublkb0 ublk-replica-kill
+sleep 3
+fio_still_running "replica 2 was killed"
+kill -9 "${replica_pid[2]}"
+fio_wait ublk-replica-kill
+start_replica 2
+log "PASS fio verify on ublk with a replica killed"
+
+log "ublk: engine SIGKILLed during fio verify; a new engine recovers the device"
+fio_start /dev/ublkb0 recover
+sleep 4
+fio_still_running "the engine was killed"
+kill -9 $engine_pid
+wait $engine_pid 2>/dev/null || true
+sleep 1
+[ -b /dev/ublkb0 ] || fail "the device vanished with its engine"
+start_engine u3 --frontend ublk --ublk-id 0
+grep -q '"recovered":true' "$work/u3.ready" || fail "the new engine did not recover the device: $(cat "$work/u3.ready")"
+fio_wait recover
+stop_engine
+log "PASS fio verify across an engine SIGKILL (user recovery)"
+
+log "ublk: a device left by a killed engine without recovery is replaced"
+start_engine u4 --frontend ublk --ublk-id 0 --no-user-recovery
+kill -9 $engine_pid
+wait $engine_pid 2>/dev/null || true
+sleep 1
+start_engine u5 --frontend ublk --ublk-id 0
+grep -q "deleting stale ublk device" "$work/u5.log" || fail "no message about the stale device"
+[ -b /dev/ublkb0 ] || fail "no device after replacing the stale one"
+dd if=/dev/ublkb0 of=/dev/null bs=1M count=4 iflag=direct status=none || fail "reading the new device"
+stop_engine
+log "PASS stale device cleanup"
+
+log "kernel NBD: ext4 across an engine restart, fio verify"
+start_engine n1 --nbd-listen 127.0.0.1:10809
+nbd-client -N vol 127.0.0.1 10809 /dev/nbd0 >/dev/null || fail "nbd-client attach"
+files_write /dev/nbd0
+nbd-client -d /dev/nbd0 >/dev/null
+stop_engine
+start_engine n2 --nbd-listen 127.0.0.1:10809
+nbd-client -N vol 127.0.0.1 10809 /dev/nbd0 >/dev/null || fail "nbd-client attach"
+files_check /dev/nbd0
+fio_start /dev/nbd0 nbd-verify
+fio_wait nbd-verify
+nbd-client -d /dev/nbd0 >/dev/null
+stop_engine
+log "PASS ext4 and fio verify on /dev/nbd0"
+log "all guest tests passed"
