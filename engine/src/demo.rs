@@ -2,7 +2,8 @@
 //!
 //! Creates 3 replicas under a temporary directory, starts them as `rvol
 //! replica` processes on loopback TCP, starts an `rvol engine` process
-//! serving NBD, prints how to reach it, and on Ctrl-C (or SIGTERM) stops
+//! serving NBD (and `/dev/ublkbN` where the kernel has ublk), prints how to
+//! reach it, and on Ctrl-C (or SIGTERM) stops
 //! the engine, then the replicas, each with SIGTERM, so everything is
 //! flushed and marked clean.
 
@@ -26,6 +27,9 @@ pub struct DemoArgs {
     nbd_listen: String,
     #[arg(long, default_value = "127.0.0.1:9800")]
     admin_listen: String,
+    /// Do not create a ublk device even where the kernel offers ublk.
+    #[arg(long)]
+    no_ublk: bool,
 }
 
 /// A child process that is stopped with SIGTERM when dropped.
@@ -122,7 +126,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
         engine_args.push("--replica".into());
         engine_args.push(a.clone());
     }
-    let (mut engine, _) = Proc::spawn("engine", &engine_args)?;
+    let ublk = !args.no_ublk && std::path::Path::new("/dev/ublk-control").exists();
+    if ublk {
+        engine_args.extend(["--frontend".into(), "ublk".into()]);
+    }
+    let (mut engine, ready) = Proc::spawn("engine", &engine_args)?;
+    match ready["device"].as_str() {
+        Some(dev) => println!("\nrvol demo: block device {dev} (ublk)"),
+        None if ublk => println!("\nrvol demo: ublk requested but no device reported"),
+        None => {
+            println!("\nrvol demo: this kernel has no ublk (modprobe ublk_drv); serving NBD only")
+        }
+    }
     let nbd = format!("nbd://{}", args.nbd_listen);
     println!(
         "\nrvol demo: volume \"demo\" ({} bytes), {} replicas under {}\n\
