@@ -147,6 +147,44 @@ async fn remove_replica(State(s): State<Arc<AdminState>>, Json(r): Json<ReplicaR
     }
 }
 
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    /// Generated (`snap-<unix seconds>`) when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+async fn create_snapshot(
+    State(s): State<Arc<AdminState>>,
+    Json(r): Json<SnapshotRequest>,
+) -> Answer {
+    let name = r.name.unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        format!("snap-{secs}")
+    });
+    match s.volume.snapshot_user(&name, &r.labels).await {
+        Ok(paused) => {
+            tracing::info!(snapshot = %name, paused_ms = paused.as_secs_f64() * 1e3, "user snapshot taken");
+            (
+                StatusCode::OK,
+                Json(serde_json::json!({ "name": name, "paused_ms": paused.as_secs_f64() * 1e3 })),
+            )
+        }
+        Err(e) => answer(Err(e)),
+    }
+}
+
+async fn list_snapshots(State(s): State<Arc<AdminState>>) -> Answer {
+    match s.volume.layers().await {
+        Ok(chain) => (StatusCode::OK, Json(serde_json::json!(chain))),
+        Err(e) => answer(Err(e)),
+    }
+}
+
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/v1/volume", get_route(volume_status))
@@ -155,6 +193,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
             get_route(list_replicas)
                 .post(add_replica)
                 .delete(remove_replica),
+        )
+        .route(
+            "/v1/snapshots",
+            get_route(list_snapshots).post(create_snapshot),
         )
         .with_state(state)
 }

@@ -53,6 +53,8 @@ pub struct RebuildState {
     snapshots: AtomicU64,
     /// Total bytes copied by finished rebuilds.
     pub copied_total: AtomicU64,
+    /// Held for the whole of a rebuild: the chain must not change under it.
+    pub running: tokio::sync::Mutex<()>,
 }
 
 impl RebuildState {
@@ -78,6 +80,7 @@ impl ReplicatedVolume {
             if !self.slots().iter().any(|s| s.mode() == Mode::RW) {
                 return;
             }
+            let _running = self.rebuilds.running.lock().await;
             match self.rebuild(&slot, rate_mib_s).await {
                 Ok(copied) => tracing::info!(replica = %slot.endpoint, copied, "replica rebuilt"),
                 Err(e) => {
@@ -109,7 +112,7 @@ impl ReplicatedVolume {
         );
         {
             let _all = self.locks().lock_all().await;
-            self.snapshot_all(&name)
+            self.snapshot_all(&name, false, &Default::default())
                 .await
                 .map_err(|e| format!("snapshot {name}: {e}"))?;
         }

@@ -37,6 +37,7 @@
 //! returns, they go on without an error, otherwise they fail with EIO and
 //! the volume is faulted (until a current replica returns).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -457,16 +458,20 @@ impl ReplicatedVolume {
         *slot.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
     }
 
-    /// Takes system snapshot `name` on every writable replica. The caller
-    /// holds every range lock. A WO replica that fails fails the call; an RW
-    /// one that fails is dropped.
-    pub async fn snapshot_all(&self, name: &str) -> Result<(), String> {
+    /// Takes snapshot `name` on every writable replica. The caller holds
+    /// every range lock. A WO replica that fails fails the call; an RW one
+    /// that fails is dropped.
+    pub async fn snapshot_all(
+        &self,
+        name: &str,
+        user_created: bool,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
         for slot in self.writable() {
             let r = self
-                .call(
-                    &slot,
-                    |c| async move { c.snapshot(name, false).await.map(drop) },
-                )
+                .call(&slot, |c| async move {
+                    c.snapshot(name, user_created, labels).await.map(drop)
+                })
                 .await;
             match r {
                 Ok(()) => {}
@@ -478,6 +483,47 @@ impl ReplicatedVolume {
             return Err("no RW replica took the snapshot".into());
         }
         Ok(())
+    }
+
+    /// A user snapshot: a crash-consistent cut across every replica. New
+    /// writes wait and those in flight drain (the whole-volume range lock),
+    /// every replica syncs its head and freezes it as `name`, then writes
+    /// resume. Returns how long writes were paused. Refused while a
+    /// rebuild runs, since the rebuild copies a chain fixed at its start.
+    pub async fn snapshot_user(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Duration, String> {
+        let _no_rebuild = self
+            .rebuilds
+            .running
+            .try_lock()
+            .map_err(|_| "a rebuild is in progress; take the snapshot when it has finished")?;
+        // Refuse what every replica would refuse before asking any: a
+        // replica that fails a snapshot is dropped from the set.
+        rvol_replica::store::check_snapshot_name(name).map_err(|e| e.to_string())?;
+        let file = format!("volume-snap-{name}.img");
+        if self.layers().await?.iter().any(|l| l.name == file) {
+            return Err(format!("snapshot {name} exists"));
+        }
+        let started = Instant::now();
+        let _all = self.locks().lock_all().await;
+        self.snapshot_all(name, true, labels).await?;
+        Ok(started.elapsed())
+    }
+
+    /// The layer chain as an RW replica reports it, oldest first.
+    pub async fn layers(&self) -> Result<Vec<rvol_replica::store::LayerInfo>, String> {
+        let slot = self
+            .slots()
+            .into_iter()
+            .find(|s| s.mode() == Mode::RW)
+            .ok_or("no RW replica")?;
+        self.call(&slot, |c| async move { c.info().await })
+            .await
+            .map(|i| i.chain)
+            .map_err(|e| e.to_string())
     }
 
     fn rw_count(&self) -> usize {

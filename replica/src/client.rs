@@ -8,7 +8,7 @@
 //! client stays usable on its remaining connections, and is dead (every
 //! request fails) when none remain. Timeouts are the caller's business.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -260,8 +260,18 @@ impl ReplicaClient {
     }
 
     /// Freezes the head as snapshot `name`; returns the layer's file name.
-    pub async fn snapshot(&self, name: &str, user_created: bool) -> Result<String> {
-        let payload = Bytes::copy_from_slice(name.as_bytes());
+    pub async fn snapshot(
+        &self,
+        name: &str,
+        user_created: bool,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<String> {
+        let labels = if labels.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(labels).map_err(|e| ClientError::Lost(e.to_string()))?
+        };
+        let payload = Bytes::from(crate::proto::layer_payload(name, &labels));
         let r = self
             .call(Op::Snapshot, user_created as u8, 0, 0, 0, payload)
             .await?;
@@ -293,10 +303,7 @@ impl ReplicaClient {
     }
 
     pub async fn write_layer(&self, layer: &str, offset: u64, data: &[u8]) -> Result<()> {
-        let mut payload = Vec::with_capacity(2 + layer.len() + data.len());
-        payload.extend_from_slice(&(layer.len() as u16).to_le_bytes());
-        payload.extend_from_slice(layer.as_bytes());
-        payload.extend_from_slice(data);
+        let payload = crate::proto::layer_payload(layer, data);
         self.call(
             Op::WriteLayer,
             0,

@@ -64,8 +64,9 @@ pub enum Op {
     /// Regions modified since the last barrier flush (payload of the reply:
     /// [`encode_extents`] runs of `(bytes, dirty)` over the whole volume).
     Dirty = 10,
-    /// Freeze the head as snapshot layer `payload` (flag 1: user-created);
-    /// reply payload: the layer's file name.
+    /// Freeze the head as a snapshot layer (flag 1: user-created); payload
+    /// `[name_len u16][name][labels as JSON, may be empty]`; reply payload:
+    /// the layer's file name.
     Snapshot = 11,
     /// crc32c per rebuild chunk of layer `payload` over offset/length;
     /// reply payload: 5 bytes a chunk, `[present u8][crc u32]`.
@@ -347,7 +348,16 @@ pub fn decode_checksums(b: &[u8]) -> Option<Vec<Option<u32>>> {
         .collect()
 }
 
-/// Splits a WRITE_LAYER payload into layer name and data.
+/// Builds a `[name_len u16][name][data]` payload (WRITE_LAYER, SNAPSHOT).
+pub fn layer_payload(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(2 + name.len() + data.len());
+    b.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+/// Splits a `[name_len u16][name][data]` payload into name and data.
 pub fn split_layer_payload(b: &[u8]) -> Option<(&str, &[u8])> {
     let n = u16::from_le_bytes([*b.first()?, *b.get(1)?]) as usize;
     let name = std::str::from_utf8(b.get(2..2 + n)?).ok()?;

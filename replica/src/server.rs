@@ -493,9 +493,18 @@ fn run_layer_op(
 ) -> crate::Result<(u64, Bytes)> {
     match op {
         Op::Snapshot => {
-            let layer = r.snapshot(layer_name(payload)?, h.flags & 1 != 0)?;
+            let (name, labels) = crate::proto::split_layer_payload(payload)
+                .ok_or_else(|| Error::Invalid("malformed SNAPSHOT payload".into()))?;
+            let labels = if labels.is_empty() {
+                Default::default()
+            } else {
+                serde_json::from_slice(labels)
+                    .map_err(|e| Error::Invalid(format!("snapshot labels: {e}")))?
+            };
+            let layer = r.snapshot(name, h.flags & 1 != 0, labels)?;
             Ok((0, layer.into_bytes().into()))
         }
+
         Op::LayerChecksums => {
             let sums = r.layer_checksums(layer_name(payload)?, h.offset, h.length)?;
             Ok((0, crate::proto::encode_checksums(&sums).into()))

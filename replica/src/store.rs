@@ -33,6 +33,7 @@
 //!   persists the new generation, so once it returns no request of an older
 //!   engine is running and none will be admitted again.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -86,7 +87,25 @@ pub struct LayerInfo {
     pub user_created: bool,
     pub removed: bool,
     #[serde(default)]
-    pub labels: std::collections::BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    /// Bytes the layer's sparse file has allocated on disk.
+    #[serde(default)]
+    pub allocated_bytes: u64,
+}
+
+/// Snapshot names become file names: 1-128 of `[A-Za-z0-9._-]`.
+pub fn check_snapshot_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 128
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(Error::Invalid(format!(
+            "snapshot name {name:?}: use 1-128 of [A-Za-z0-9._-]"
+        )));
+    }
+    Ok(())
 }
 
 struct Layer {
@@ -371,6 +390,11 @@ impl Replica {
                     user_created: l.meta.user_created,
                     removed: l.meta.removed,
                     labels: l.meta.labels.clone(),
+                    allocated_bytes: l
+                        .file
+                        .metadata()
+                        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                        .unwrap_or(0),
                 })
                 .collect(),
         }
@@ -703,17 +727,13 @@ impl Replica {
 /// never touched by the copy, so writes arriving meanwhile are never
 /// overwritten by it.
 impl Replica {
-    pub fn snapshot(&self, name: &str, user_created: bool) -> Result<String> {
-        if name.is_empty()
-            || name.len() > 128
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(Error::Invalid(format!(
-                "snapshot name {name:?}: use 1-128 of [A-Za-z0-9._-]"
-            )));
-        }
+    pub fn snapshot(
+        &self,
+        name: &str,
+        user_created: bool,
+        labels: BTreeMap<String, String>,
+    ) -> Result<String> {
+        check_snapshot_name(name)?;
         let _serial = lock(&self.flush_lock);
         let mut layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
         let mut meta = lock(&self.meta);
@@ -738,6 +758,7 @@ impl Replica {
         let snap_meta = LayerMeta {
             user_created,
             created: now_secs(),
+            labels,
             ..head.meta.clone()
         };
         meta::write_json_atomic(&layer_meta_path(dir, &snap), &snap_meta)?;

@@ -79,7 +79,7 @@ proptest! {
                 }
                 Op::Snapshot => {
                     snapshots += 1;
-                    replica.snapshot(&format!("s{snapshots}"), true).unwrap();
+                    replica.snapshot(&format!("s{snapshots}"), true, Default::default()).unwrap();
                     prop_assert_eq!(replica.info().chain.len(), snapshots + 1);
                 }
                 Op::Flush => {
@@ -185,7 +185,7 @@ fn a_snapshot_cut_short_by_a_crash_leaves_the_old_chain_and_no_strays() {
     assert_eq!(r.read(0, 4096).unwrap(), vec![5u8; 4096]);
     assert!(!d.join("volume-snap-x.img").exists() && !d.join("volume-head-001.img").exists());
     // And the same snapshot can be taken again.
-    r.snapshot("x", true).unwrap();
+    r.snapshot("x", true, Default::default()).unwrap();
     r.write(0, &[6u8; 4096], 0).unwrap();
     drop(r);
     let r = Replica::open(d).unwrap();
@@ -208,7 +208,8 @@ fn open_time_and_index_memory_with_100_snapshots() {
         for mib in (s * 4..1024).step_by(400) {
             r.write(mib << 20, &[1u8; 8192], 0).unwrap();
         }
-        r.snapshot(&format!("s{s}"), true).unwrap();
+        r.snapshot(&format!("s{s}"), true, Default::default())
+            .unwrap();
     }
     r.mark_clean().unwrap();
     drop(r);
