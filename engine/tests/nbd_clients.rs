@@ -153,6 +153,7 @@ fn fio_verify(uri: &str, size: &str, extra: &[&str]) -> std::process::Child {
         "--iodepth=16".into(),
         format!("--size={size}"),
         "--verify=crc32c".into(),
+        "--verify_state_save=0".into(),
         "--verify_fatal=1".into(),
         "--do_verify=1".into(),
     ];

@@ -81,6 +81,7 @@ fn a_partitioned_replica_drops_out_and_is_rebuilt_when_the_link_returns() {
             "--iodepth=16",
             "--size=96M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--verify_fatal=1",
         ])
         .stdout(std::process::Stdio::piped())
@@ -131,6 +132,7 @@ fn a_partitioned_replica_drops_out_and_is_rebuilt_when_the_link_returns() {
             "--bs=4k",
             "--size=96M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--verify_only",
             "--verify_fatal=1",
         ],

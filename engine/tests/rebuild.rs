@@ -8,14 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn mode(admin: &str, i: usize) -> String {
     status(admin)["replicas"][i]["mode"]
         .as_str()
@@ -60,15 +52,7 @@ fn assert_same_layers(a: &ReplicaProc, b: &ReplicaProc) {
 #[test]
 fn a_returning_replica_receives_only_what_changed() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut rs: Vec<ReplicaProc> = (0..3)
-        .map(|i| {
-            ReplicaProc::start(
-                &tmp.path().join(format!("r{i}")),
-                "1G",
-                &format!("127.0.0.1:{}", free_port()),
-            )
-        })
-        .collect();
+    let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "1G");
     let (_engine, uri, admin) =
         start_engine("delta", "1G", &addrs(&rs), &["--replica-timeout", "2"]);
     // Half the volume holds data.
@@ -98,7 +82,7 @@ fn a_returning_replica_receives_only_what_changed() {
         &cmds.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     rs[2].restart("1G");
-    wait_for("r2 to be rebuilt", Duration::from_secs(120), || {
+    wait_until("r2 to be rebuilt", Duration::from_secs(120), || {
         mode(&admin, 2) == "RW"
     });
     let copied = status(&admin)["rebuilt_bytes"].as_u64().unwrap();
@@ -138,15 +122,7 @@ fn a_returning_replica_receives_only_what_changed() {
 #[test]
 fn a_replaced_replica_is_rebuilt_in_full_and_timed_against_cp() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut rs: Vec<ReplicaProc> = (0..2)
-        .map(|i| {
-            ReplicaProc::start(
-                &tmp.path().join(format!("r{i}")),
-                "1G",
-                &format!("127.0.0.1:{}", free_port()),
-            )
-        })
-        .collect();
+    let mut rs = replicas_on_fixed_ports(tmp.path(), 2, "1G");
     let (_engine, uri, admin) =
         start_engine("full", "1G", &addrs(&rs), &["--replica-timeout", "2"]);
     run_ok(
@@ -168,7 +144,7 @@ fn a_replaced_replica_is_rebuilt_in_full_and_timed_against_cp() {
     std::fs::remove_dir_all(&rs[1].dir).unwrap();
     let t = Instant::now();
     rs[1].restart("1G");
-    wait_for("r1 to be rebuilt", Duration::from_secs(180), || {
+    wait_until("r1 to be rebuilt", Duration::from_secs(180), || {
         let s = status(&admin);
         s["rebuilt_bytes"].as_u64() > Some(0) && s["replicas"][1]["mode"] == "RW"
     });

@@ -10,35 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn replicas_on_fixed_ports(base: &std::path::Path, n: usize, size: &str) -> Vec<ReplicaProc> {
-    (0..n)
-        .map(|i| {
-            ReplicaProc::start(
-                &base.join(format!("r{i}")),
-                size,
-                &format!("127.0.0.1:{}", free_port()),
-            )
-        })
-        .collect()
-}
-
-fn modes(admin: &str) -> Vec<String> {
-    status(admin)["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["mode"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn current_replicas_rejoin_and_stale_ones_are_rebuilt() {
     let tmp = tempfile::tempdir().unwrap();
@@ -53,7 +24,7 @@ fn current_replicas_rejoin_and_stale_ones_are_rebuilt() {
     c.request(0, 2, 0, 4096, &[]); // reads may pick r0 and fail over
     assert_eq!(c.reply(4096).0, 0);
     rs[0].restart("16M");
-    wait_for("r0 to rejoin", Duration::from_secs(15), || {
+    wait_until("r0 to rejoin", Duration::from_secs(15), || {
         modes(&admin)[0] == "RW"
     });
     assert_eq!(
@@ -67,7 +38,7 @@ fn current_replicas_rejoin_and_stale_ones_are_rebuilt() {
     assert_eq!(c.reply(0).0, 0);
     assert_eq!(status(&admin)["replicas"][1]["stale"], true);
     rs[1].restart("16M");
-    wait_for("r1 to be rebuilt", Duration::from_secs(20), || {
+    wait_until("r1 to be rebuilt", Duration::from_secs(20), || {
         modes(&admin)[1] == "RW"
     });
     let s = status(&admin);
@@ -135,7 +106,7 @@ fn io_is_held_while_every_replica_is_gone_and_resumes_without_error() {
             }
         })
     };
-    wait_for("some writes", Duration::from_secs(10), || {
+    wait_until("some writes", Duration::from_secs(10), || {
         acked.load(Ordering::Acquire) > 500
     });
     for r in rs.iter_mut() {
@@ -153,7 +124,7 @@ fn io_is_held_while_every_replica_is_gone_and_resumes_without_error() {
     for r in rs.iter_mut() {
         r.restart("64M");
     }
-    wait_for("I/O to resume", Duration::from_secs(20), || {
+    wait_until("I/O to resume", Duration::from_secs(20), || {
         acked.load(Ordering::Acquire) > stalled_at + 500
     });
     stop.store(true, Ordering::Release);
@@ -189,7 +160,7 @@ fn when_the_hold_time_passes_io_fails_and_the_volume_is_faulted() {
     assert_eq!(status(&admin)["state"], "faulted");
     // The replica returns: the volume serves again.
     rs[0].restart("16M");
-    wait_for("the volume to recover", Duration::from_secs(15), || {
+    wait_until("the volume to recover", Duration::from_secs(15), || {
         status(&admin)["state"] == "healthy"
     });
     c.request(0, 3, 0, 4096, &[]);

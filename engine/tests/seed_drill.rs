@@ -9,15 +9,6 @@ use std::time::Duration;
 use common::netns::Lab;
 use common::*;
 
-fn modes(admin: &str) -> Vec<String> {
-    status(admin)["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["mode"].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[test]
 fn seed_drill() {
     if !Lab::available() {
@@ -140,15 +131,7 @@ fn seed_drill() {
 #[test]
 fn replicas_are_added_listed_and_removed_online() {
     let tmp = tempfile::tempdir().unwrap();
-    let rs: Vec<ReplicaProc> = (0..2)
-        .map(|i| {
-            ReplicaProc::start(
-                &tmp.path().join(format!("r{i}")),
-                "32M",
-                &format!("127.0.0.1:{}", free_port()),
-            )
-        })
-        .collect();
+    let rs = replicas_on_fixed_ports(tmp.path(), 2, "32M");
     let (_engine, uri, admin) = start_engine("addrm", "32M", &[rs[0].addr.clone()], &[]);
     run_ok(
         "qemu-io",

@@ -20,17 +20,8 @@ fn chain(admin: &str) -> Vec<serde_json::Value> {
 #[test]
 fn snapshots_are_taken_on_every_replica_under_load_and_listed() {
     let tmp = tempfile::tempdir().unwrap();
-    let rs: Vec<ReplicaProc> = (0..3)
-        .map(|i| {
-            ReplicaProc::start(
-                &tmp.path().join(format!("r{i}")),
-                "32M",
-                &format!("127.0.0.1:{}", free_port()),
-            )
-        })
-        .collect();
-    let addrs: Vec<String> = rs.iter().map(|r| r.addr.clone()).collect();
-    let (mut engine, uri, admin) = start_engine("snaps", "32M", &addrs, &[]);
+    let rs = three_replicas(tmp.path(), "32M");
+    let (mut engine, uri, admin) = start_engine("snaps", "32M", &addrs(&rs), &[]);
     // 4 MiB of 0x61 at 16 MiB; the writer works on the first 8 MiB.
     run_ok(
         "qemu-io",
@@ -103,7 +94,7 @@ fn snapshots_are_taken_on_every_replica_under_load_and_listed() {
 
     // The chain survives an engine restart.
     assert_eq!(engine.stop(), 0);
-    let (_engine, uri, admin) = start_engine("snaps", "32M", &addrs, &[]);
+    let (_engine, uri, admin) = start_engine("snaps", "32M", &addrs(&rs), &[]);
     assert_eq!(chain(&admin).len(), 3);
     run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x62 16M 4M"]);
 }

@@ -87,7 +87,7 @@ files_check() { # DEV
 fio_start() {
   fio --name="$2" --filename="$1" --ioengine=io_uring --direct=1 \
     --rw=randwrite --bs=4k --iodepth=32 --size=48M --verify=crc32c \
-    --verify_fatal=1 --do_verify=1 --randrepeat=0 --output="$work/$2.fio" &
+    --verify_fatal=1 --do_verify=1 --randrepeat=0 --verify_state_save=0 --output="$work/$2.fio" &
   fio_pid=$!
 }
 

@@ -219,6 +219,30 @@ pub fn three_replicas(base: &Path, size: &str) -> Vec<ReplicaProc> {
         .collect()
 }
 
+/// Replicas on ports chosen now, so that each can be restarted at the same
+/// address.
+pub fn replicas_on_fixed_ports(base: &Path, n: usize, size: &str) -> Vec<ReplicaProc> {
+    (0..n)
+        .map(|i| {
+            ReplicaProc::start(
+                &base.join(format!("r{i}")),
+                size,
+                &format!("127.0.0.1:{}", free_port()),
+            )
+        })
+        .collect()
+}
+
+/// Each replica's mode (RW/WO/ERR) as the engine's status reports it.
+pub fn modes(admin: &str) -> Vec<String> {
+    status(admin)["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["mode"].as_str().unwrap().to_string())
+        .collect()
+}
+
 pub fn addrs(rs: &[ReplicaProc]) -> Vec<String> {
     rs.iter().map(|r| r.addr.clone()).collect()
 }
