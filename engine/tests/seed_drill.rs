@@ -98,18 +98,7 @@ fn seed_drill() {
             }
         }
         let _ = std::fs::remove_file(&whole);
-        run_ok(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                &format!("nbd+unix:///?socket={}", &nbd[5..]),
-                whole.to_str().unwrap(),
-            ],
-        );
+        export_to_file(&format!("nbd+unix:///?socket={}", &nbd[5..]), &whole);
         sha256_file(&whole)
     };
     let mut sums = Vec::new();

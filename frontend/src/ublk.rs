@@ -330,7 +330,6 @@ fn prepare_existing(id: u32, user_recovery: bool) -> Result<bool, UblkTargetErro
 
 fn set_params(dev: &mut UblkDev, size: u64, lbs_shift: u8) {
     dev.set_default_params(size);
-    let max_sectors = dev.dev_info.max_io_buf_bytes >> 9;
     let p = &mut dev.tgt.params;
     p.types |= sys::UBLK_PARAM_TYPE_DISCARD;
     p.basic.attrs = sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
@@ -338,7 +337,6 @@ fn set_params(dev: &mut UblkDev, size: u64, lbs_shift: u8) {
     p.basic.physical_bs_shift = 12;
     p.basic.io_min_shift = 12;
     p.basic.io_opt_shift = 12;
-    p.basic.max_sectors = max_sectors;
     p.discard.discard_granularity = 4096;
     // Large discards are cheap (hole punches), but keep one request's work
     // bounded: 1 GiB.

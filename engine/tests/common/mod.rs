@@ -247,6 +247,15 @@ pub fn addrs(rs: &[ReplicaProc]) -> Vec<String> {
     rs.iter().map(|r| r.addr.clone()).collect()
 }
 
+/// Copies the whole export at `uri` into the raw file `dest` with qemu-img.
+pub fn export_to_file(uri: &str, dest: &Path) {
+    let dest = dest.to_str().unwrap();
+    run_ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", uri, dest],
+    );
+}
+
 /// A deterministic pseudo-random byte stream (xorshift).
 pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
