@@ -4,7 +4,13 @@
 //! - `GET /v1/replicas`: the replicas ([`ReplicaStatus`] each).
 //! - `POST /v1/replicas`, `DELETE /v1/replicas` with `{"address": ADDR}`:
 //!   add a replica (it is rebuilt in the background) or remove one (never
-//!   the last RW replica). Errors: 400/409 with `{"error": ...}`.
+//!   the last RW replica).
+//! - `GET /v1/snapshots`: the chain; `POST /v1/snapshots` with
+//!   `{"name"?, "labels"?}`: take one; `DELETE /v1/snapshots/NAME`: remove
+//!   one (purged in the background); `POST /v1/snapshots/NAME/revert`.
+//! - `POST /v1/volume/expand` with `{"size": BYTES}`.
+//!
+//! Errors: 400/409 with `{"error": ...}`.
 //!
 //! The CLI's side ([`get`]) is a minimal HTTP/1.1 client over TCP or a
 //! Unix socket, enough for our own JSON endpoints.
@@ -12,8 +18,10 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::{extract::State, routing::get as get_route, Json, Router};
+use axum::routing::{delete as delete_route, get as get_route, post as post_route};
+use axum::{Json, Router};
 use rvol_frontend::BlockVolume;
 use rvol_replica::server::{Endpoint, Listener};
 use serde::{Deserialize, Serialize};
@@ -39,6 +47,12 @@ pub struct VolumeStatus {
     pub rebuild: Option<crate::rebuild::RebuildStatus>,
     /// Bytes copied by finished rebuilds since the engine started.
     pub rebuilt_bytes: u64,
+    /// The purge of removed snapshots in progress, if any.
+    #[serde(default)]
+    pub purge: Option<crate::chain::PurgeStatus>,
+    /// Bytes of removed layers purged since the engine started.
+    #[serde(default)]
+    pub purged_bytes: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -95,6 +109,11 @@ pub fn status(s: &AdminState) -> VolumeStatus {
         rebuilt_bytes: v
             .rebuilds
             .copied_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        purge: v.chain.purge_status(),
+        purged_bytes: v
+            .chain
+            .purged_total
             .load(std::sync::atomic::Ordering::Relaxed),
     }
 }
@@ -185,6 +204,23 @@ async fn list_snapshots(State(s): State<Arc<AdminState>>) -> Answer {
     }
 }
 
+async fn remove_snapshot(State(s): State<Arc<AdminState>>, Path(name): Path<String>) -> Answer {
+    answer(s.volume.remove_snapshot(&name).await)
+}
+
+async fn revert_snapshot(State(s): State<Arc<AdminState>>, Path(name): Path<String>) -> Answer {
+    answer(s.volume.revert(&name).await)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExpandRequest {
+    pub size: u64,
+}
+
+async fn expand(State(s): State<Arc<AdminState>>, Json(r): Json<ExpandRequest>) -> Answer {
+    answer(s.volume.expand(r.size).await)
+}
+
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/v1/volume", get_route(volume_status))
@@ -198,6 +234,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/v1/snapshots",
             get_route(list_snapshots).post(create_snapshot),
         )
+        .route("/v1/snapshots/{name}", delete_route(remove_snapshot))
+        .route("/v1/snapshots/{name}/revert", post_route(revert_snapshot))
+        .route("/v1/volume/expand", post_route(expand))
         .with_state(state)
 }
 

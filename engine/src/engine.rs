@@ -1,7 +1,8 @@
 //! `rvol engine`: start-up, serving, and shutdown of one volume.
 //!
-//! Start-up: probe every replica (HELLO with generation 0), refuse to start
-//! if a replica reports another size, take every reachable replica over
+//! Start-up: probe every replica (HELLO with generation 0), serve the
+//! largest size any reports (`rvol expand` grows replicas past `--size`;
+//! one that missed that is grown too), take every reachable replica over
 //! with a generation above all of theirs (which fences any older engine),
 //! choose the fresh set by the [`freshness`](crate::freshness) rules, and
 //! [`reconcile`](crate::reconcile) replicas an unclean stop left different.
@@ -18,6 +19,7 @@ use anyhow::{bail, Context};
 use futures::future::join_all;
 use rvol_frontend::nbd::{NbdListener, NbdServer};
 use rvol_frontend::ublk::{UblkConfig, UblkTarget};
+use rvol_frontend::BlockVolume;
 use rvol_replica::client::ReplicaClient;
 use rvol_replica::server::{Endpoint, Listener};
 use rvol_replica::{Generation, Owner};
@@ -72,28 +74,39 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
     let mut reachable = Vec::new();
     let mut slots: Vec<Option<Arc<ReplicaSlot>>> = vec![None; cfg.replicas.len()];
     let mut max_generation = Generation(0);
+    // `--size` is what the volume was created with; `rvol expand` may have
+    // grown its replicas since.
+    let mut size = 0;
     for (i, (ep, probe)) in cfg.replicas.iter().zip(probes).enumerate() {
         let err = match probe {
             Err(_) => format!("no answer within {t:?}"),
             Ok(Err(e)) => e.to_string(),
-            Ok(Ok(info)) if info.size != cfg.size => {
-                bail!(
-                    "replica {ep} holds {} bytes but the volume is {} bytes; refusing to start",
-                    info.size,
-                    cfg.size
-                )
-            }
             Ok(Ok(info)) if !info.volume_uuid.is_nil() && info.volume_uuid != uuid => {
                 format!("belongs to another volume ({})", info.volume_uuid)
             }
             Ok(Ok(info)) => {
                 max_generation = max_generation.max(info.generation);
+                size = size.max(info.size);
                 reachable.push(i);
                 continue;
             }
         };
         tracing::warn!(replica = %ep, error = %err, "replica not usable");
         slots[i] = Some(Arc::new(ReplicaSlot::failed(ep.clone(), err)));
+    }
+    if !reachable.is_empty() && size < cfg.size {
+        bail!(
+            "the replicas hold {size} bytes but the volume is {} bytes; refusing to start \
+             (grow a volume with rvol expand)",
+            cfg.size
+        );
+    }
+    let size = size.max(cfg.size);
+    if size > cfg.size {
+        tracing::info!(
+            size,
+            "the volume was expanded beyond --size; serving its current size"
+        );
     }
     let owner = Owner {
         generation: max_generation.next(),
@@ -109,6 +122,20 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
     for (&i, r) in reachable.iter().zip(connected) {
         let ep = &cfg.replicas[i];
         match r {
+            // It missed an expansion: the tail it lacks is a hole everywhere
+            // it was not written, and freshness decides about the rest.
+            Ok(Ok((client, mut info))) if info.size < size => match client.expand(size).await {
+                Ok(()) => {
+                    info.size = size;
+                    taken.push((i, client, info))
+                }
+                Err(e) => {
+                    slots[i] = Some(Arc::new(ReplicaSlot::failed(
+                        ep.clone(),
+                        format!("growing it to {size} bytes: {e}"),
+                    )))
+                }
+            },
             Ok(Ok((client, info))) => taken.push((i, client, info)),
             Ok(Err(e)) => slots[i] = Some(Arc::new(ReplicaSlot::failed(ep.clone(), e.to_string()))),
             Err(_) => {
@@ -201,7 +228,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
     );
     let params = VolumeParams {
         name: cfg.name.clone(),
-        size: cfg.size,
+        size,
         generation: owner.generation,
         first_epoch: reconcile_epoch + 1,
         reconciled_bytes,
@@ -263,9 +290,18 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
         .await
         .with_context(|| format!("binding admin listener {}", cfg.admin_listen))?;
     let admin_addr = admin_listener.local_endpoint()?.to_string();
+    let frontend = match (&device, nbd_addrs.is_empty()) {
+        (Some(_), _) => "ublk",
+        (None, false) => "nbd",
+        (None, true) => "none",
+    };
+    volume
+        .chain
+        .frontend_attached
+        .store(frontend != "none", std::sync::atomic::Ordering::Release);
     let admin_state = Arc::new(AdminState {
         volume: volume.clone(),
-        frontend: if device.is_some() { "ublk" } else { "nbd" }.into(),
+        frontend: frontend.into(),
         nbd: nbd_addrs.clone(),
         device: device.as_ref().map(|d| d.path.clone()),
     });
@@ -279,7 +315,7 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
         serde_json::json!({
             "event": "ready",
             "volume": cfg.name,
-            "size": cfg.size,
+            "size": volume.size(),
             "generation": volume.generation.0,
             "reconciled_bytes": volume.reconciled_bytes,
             "nbd": nbd_addrs,
@@ -289,6 +325,10 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
             "admin": admin_addr,
         })
     );
+
+    // Removed snapshots left from before (or by a crash mid-purge).
+    let purge = tokio::spawn(volume.clone().purge_task());
+    volume.chain.request_purge();
 
     // Replicas that dropped out come back by themselves: as they are if
     // they missed nothing, through a rebuild otherwise.
@@ -319,6 +359,7 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
     );
     let _ = stop_tx.send(true);
     retry.abort();
+    purge.abort();
     if let Some(target) = ublk {
         // The kernel drains the device through our queues while it stops.
         match tokio::task::spawn_blocking(move || target.stop()).await? {

@@ -4,7 +4,9 @@
 //! rvol replica --dir DIR --listen ADDR [--size SIZE]
 //! rvol replica add|rm ADDR --admin ADMIN;  rvol replica ls --admin ADMIN [--json]
 //! rvol engine  --name VOL --size SIZE --replica ADDR... --nbd-listen ADDR --admin-listen ADDR
-//! rvol volume status --admin ADDR [--json]
+//!              [--frontend nbd|ublk|none]
+//! rvol volume status --admin ADDR [--json];  rvol expand SIZE --admin ADDR
+//! rvol snapshot create [NAME] | ls | rm NAME | revert NAME  --admin ADDR
 //! rvol demo
 //! ```
 //!
@@ -12,6 +14,7 @@
 //! 3 (engine) fenced by a newer engine.
 
 mod admin;
+mod chain;
 mod demo;
 mod engine;
 mod epoch;
@@ -58,8 +61,9 @@ enum Command {
         #[arg(long = "replica", required = true)]
         replicas: Vec<Endpoint>,
         /// `nbd`: serve NBD on --nbd-listen. `ublk`: create /dev/ublkbN
-        /// (NBD listeners may be added beside it).
-        #[arg(long, default_value = "nbd", value_parser = ["nbd", "ublk"])]
+        /// (NBD listeners may be added beside it). `none`: maintenance
+        /// mode, the admin API only (needed for snapshot revert).
+        #[arg(long, default_value = "nbd", value_parser = ["nbd", "ublk", "none"])]
         frontend: String,
         /// Where NBD clients connect; repeat to listen on several.
         #[arg(long = "nbd-listen", required_if_eq("frontend", "nbd"))]
@@ -98,7 +102,14 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         rebuild_rate_mib: f64,
     },
-    /// Take and list snapshots of a running volume.
+    /// Grow a running volume to SIZE on every replica.
+    Expand {
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        #[arg(long)]
+        admin: Endpoint,
+    },
+    /// Take, list, remove and revert to snapshots of a running volume.
     Snapshot {
         #[command(subcommand)]
         command: SnapshotCommand,
@@ -169,6 +180,19 @@ enum SnapshotCommand {
         admin: Endpoint,
         #[arg(long)]
         json: bool,
+    },
+    /// Remove a snapshot; its data is purged in the background (see status).
+    Rm {
+        name: String,
+        #[arg(long)]
+        admin: Endpoint,
+    },
+    /// Make the volume read as snapshot NAME again (engine started with
+    /// --frontend none; newer snapshots must be removed first).
+    Revert {
+        name: String,
+        #[arg(long)]
+        admin: Endpoint,
     },
 }
 
@@ -287,6 +311,9 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             io_hold_timeout,
             rebuild_rate_mib,
         } => {
+            if frontend == "none" && !nbd_listen.is_empty() {
+                anyhow::bail!("--frontend none serves no NBD: drop --nbd-listen");
+            }
             engine::run(engine::EngineConfig {
                 name,
                 size,
@@ -311,6 +338,12 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             .await
         }
         Command::Snapshot { command } => snapshot_command(command).await,
+        Command::Expand { size, admin } => {
+            let body = serde_json::json!({ "size": size }).to_string();
+            admin::request(&admin, "POST", "/v1/volume/expand", Some(&body)).await?;
+            println!("volume grown to {size} bytes");
+            Ok(0)
+        }
         Command::Volume {
             command: VolumeCommand::Status { admin, json },
         } => {
@@ -396,7 +429,7 @@ async fn snapshot_command(c: SnapshotCommand) -> anyhow::Result<u8> {
                 return Ok(0);
             }
             println!(
-                "{:<32} {:<6} {:>12} {:>14} LABELS",
+                "{:<32} {:<7} {:>12} {:>14} LABELS",
                 "NAME", "KIND", "CREATED", "BYTES"
             );
             for l in &chain {
@@ -405,13 +438,14 @@ async fn snapshot_command(c: SnapshotCommand) -> anyhow::Result<u8> {
                     .strip_prefix("volume-snap-")
                     .and_then(|n| n.strip_suffix(".img"))
                 {
+                    Some(n) if l.removed => (n, "removed"),
                     Some(n) => (n, if l.user_created { "user" } else { "system" }),
                     None => ("(head)", "head"),
                 };
                 let labels: Vec<String> =
                     l.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 println!(
-                    "{:<32} {:<6} {:>12} {:>14} {}",
+                    "{:<32} {:<7} {:>12} {:>14} {}",
                     name,
                     kind,
                     l.created,
@@ -419,6 +453,16 @@ async fn snapshot_command(c: SnapshotCommand) -> anyhow::Result<u8> {
                     labels.join(",")
                 );
             }
+        }
+        SnapshotCommand::Rm { name, admin } => {
+            let path = format!("/v1/snapshots/{name}");
+            admin::request(&admin, "DELETE", &path, None).await?;
+            println!("snapshot {name} removed; its data is purged in the background");
+        }
+        SnapshotCommand::Revert { name, admin } => {
+            let path = format!("/v1/snapshots/{name}/revert");
+            admin::request(&admin, "POST", &path, None).await?;
+            println!("volume reverted to snapshot {name}");
         }
     }
     Ok(0)
@@ -487,6 +531,12 @@ fn print_status(s: &admin::VolumeStatus) {
         s.reconciled_bytes,
         s.rebuilt_bytes
     );
+    if let Some(p) = &s.purge {
+        println!(
+            "purging removed snapshots: {:?} {} ({} B in {} steps so far)",
+            p.action, p.layer, p.bytes, p.steps
+        );
+    }
     print_replicas(s);
 }
 

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rvol_frontend::BlockVolume;
 use rvol_replica::client::ReplicaClient;
 use rvol_replica::meta::LayerMeta;
 use rvol_replica::store::REBUILD_CHUNK;
@@ -65,6 +66,20 @@ impl RebuildState {
             .clone()
     }
 
+    /// Holds off rebuilds (which copy a chain fixed at their start) for a
+    /// chain change. Refused while a rebuild runs; waits out a purge round.
+    pub async fn chain_steady(
+        &self,
+        what: &str,
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, String> {
+        if self.status().is_some() {
+            return Err(format!(
+                "a rebuild is in progress; {what} when it has finished"
+            ));
+        }
+        Ok(self.running.lock().await)
+    }
+
     fn set(&self, s: Option<RebuildStatus>) {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
@@ -99,6 +114,13 @@ impl ReplicatedVolume {
             .await
             .map_err(|_| "no answer".to_string())?
             .map_err(|e| e.to_string())?;
+        if joining.size < self.size() {
+            // It missed an expansion; the new tail is a hole, like the source's.
+            client
+                .expand(self.size())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         let client = Arc::new(client);
         tracing::info!(replica = %slot.endpoint, "rebuilding replica: joined in WO mode");
         self.join_write_only(slot, client.clone(), joining.replica_uuid);

@@ -157,6 +157,12 @@ impl ReplicaSlot {
         self.missed.load(Ordering::Acquire)
     }
 
+    /// It missed a modification or a chain change: only a rebuild brings
+    /// it back.
+    pub fn mark_missed(&self) {
+        self.missed.store(true, Ordering::Release);
+    }
+
     pub fn identity(&self) -> uuid::Uuid {
         *self.identity.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -171,7 +177,7 @@ impl ReplicaSlot {
 }
 
 /// Why an operation on one replica failed.
-enum ReplicaFailure {
+pub(crate) enum ReplicaFailure {
     Client(ClientError),
     Timeout(Duration),
 }
@@ -208,6 +214,7 @@ pub struct ReplicatedVolume {
     /// Serializes reattachment and the hold.
     recovery: tokio::sync::Mutex<()>,
     pub rebuilds: crate::rebuild::RebuildState,
+    pub chain: crate::chain::ChainState,
 }
 
 /// What reconnecting a replica needs.
@@ -261,6 +268,7 @@ impl ReplicatedVolume {
             faulted: AtomicBool::new(false),
             recovery: tokio::sync::Mutex::new(()),
             rebuilds: Default::default(),
+            chain: Default::default(),
         }
     }
 
@@ -345,7 +353,11 @@ impl ReplicatedVolume {
         }
     }
 
-    async fn call<T, F, Fut>(&self, slot: &ReplicaSlot, f: F) -> Result<T, ReplicaFailure>
+    pub(crate) async fn call<T, F, Fut>(
+        &self,
+        slot: &ReplicaSlot,
+        f: F,
+    ) -> Result<T, ReplicaFailure>
     where
         F: FnOnce(Arc<ReplicaClient>) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
@@ -416,6 +428,11 @@ impl ReplicatedVolume {
         }
     }
 
+    /// The volume grew (see [`ReplicatedVolume::expand`]).
+    pub fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Release);
+    }
+
     pub fn attach_info(&self) -> AttachInfo {
         self.attach.clone()
     }
@@ -467,6 +484,7 @@ impl ReplicatedVolume {
         user_created: bool,
         labels: &BTreeMap<String, String>,
     ) -> Result<(), String> {
+        let mut applied = Vec::new();
         for slot in self.writable() {
             let r = self
                 .call(&slot, |c| async move {
@@ -474,9 +492,16 @@ impl ReplicatedVolume {
                 })
                 .await;
             match r {
-                Ok(()) => {}
+                Ok(()) => applied.push(slot),
                 Err(e) if slot.mode() == Mode::WO => return Err(e.to_string()),
                 Err(e) => self.fail(&slot, &e),
+            }
+        }
+        // A replica without this layer has another chain: it comes back
+        // through a rebuild, never as it is.
+        for slot in self.slots() {
+            if !applied.iter().any(|a| Arc::ptr_eq(a, &slot)) {
+                slot.mark_missed();
             }
         }
         if self.rw_count() == 0 {
@@ -495,11 +520,7 @@ impl ReplicatedVolume {
         name: &str,
         labels: &BTreeMap<String, String>,
     ) -> Result<Duration, String> {
-        let _no_rebuild = self
-            .rebuilds
-            .running
-            .try_lock()
-            .map_err(|_| "a rebuild is in progress; take the snapshot when it has finished")?;
+        let _no_rebuild = self.rebuilds.chain_steady("take the snapshot").await?;
         // Refuse what every replica would refuse before asking any: a
         // replica that fails a snapshot is dropped from the set.
         rvol_replica::store::check_snapshot_name(name).map_err(|e| e.to_string())?;

@@ -10,67 +10,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::direct::*;
 use common::*;
 use futures::future::join_all;
 use rvol_replica::client::ReplicaClient;
 use rvol_replica::proto::{Hello, Op, RequestHeader, Status, PROTOCOL_VERSION, REPLY_HEADER_LEN};
-use rvol_replica::server::Endpoint;
 use rvol_replica::{Generation, Owner, BLOCK_SIZE};
 use uuid::Uuid;
-
-const VOLUME: Uuid = Uuid::from_u128(0x1234);
-
-fn sock(dir: &Path) -> String {
-    format!("unix:{}", dir.join("r.sock").display())
-}
-
-fn start_replica(dir: &Path, sock: &str, size: &str) -> Proc {
-    Proc::start(&[
-        "replica",
-        "--dir",
-        dir.join("data").to_str().unwrap(),
-        "--listen",
-        sock,
-        "--size",
-        size,
-    ])
-}
-
-async fn connect(
-    ep: &str,
-    generation: u64,
-    engine_id: u64,
-) -> Result<ReplicaClient, rvol_replica::client::ClientError> {
-    let ep: Endpoint = ep.parse().unwrap();
-    let owner = Owner {
-        generation: Generation(generation),
-        engine_id,
-    };
-    ReplicaClient::connect(&ep, VOLUME, owner, 2)
-        .await
-        .map(|(c, _)| c)
-}
-
-/// Block contents that name the write that produced them.
-fn block_for(id: u64, block: u64) -> Vec<u8> {
-    let mut b = pseudo_random(id.wrapping_mul(0x9e37_79b9) ^ block, BLOCK_SIZE as usize);
-    b[..8].copy_from_slice(&id.to_le_bytes());
-    b[8..16].copy_from_slice(&block.to_le_bytes());
-    b
-}
-
-fn id_of(data: &[u8], block: u64) -> Option<u64> {
-    if data.iter().all(|&b| b == 0) {
-        return None;
-    }
-    let id = u64::from_le_bytes(data[..8].try_into().unwrap());
-    assert_eq!(
-        data,
-        &block_for(id, block)[..],
-        "block {block} holds a torn or foreign write"
-    );
-    Some(id)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_flushes_survive_sigkill_in_20_rounds() {

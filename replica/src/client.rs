@@ -329,6 +329,38 @@ impl ReplicaClient {
             .map(drop)
     }
 
+    /// Marks snapshot `name` removed; true if it was not removed before.
+    pub async fn remove_snapshot(&self, name: &str) -> Result<bool> {
+        let payload = Bytes::copy_from_slice(name.as_bytes());
+        Ok(self
+            .call(Op::RemoveSnapshot, 0, 0, 0, 0, payload)
+            .await?
+            .value
+            == 1)
+    }
+
+    /// One purge step; `None` when there is nothing left to purge.
+    pub async fn purge_step(&self) -> Result<Option<crate::maintenance::PurgeReport>> {
+        let r = self.call(Op::PurgeStep, 0, 0, 0, 0, Bytes::new()).await?;
+        if r.payload.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(&r.payload)
+            .map(Some)
+            .map_err(|e| ClientError::Lost(format!("bad PURGE_STEP reply: {e}")))
+    }
+
+    pub async fn revert(&self, name: &str) -> Result<()> {
+        let payload = Bytes::copy_from_slice(name.as_bytes());
+        self.call(Op::Revert, 0, 0, 0, 0, payload).await.map(drop)
+    }
+
+    pub async fn expand(&self, size: u64) -> Result<()> {
+        self.call(Op::Expand, 0, size, 0, 0, Bytes::new())
+            .await
+            .map(drop)
+    }
+
     /// Allocation runs `(bytes, allocated)` of a range.
     pub async fn allocation(&self, offset: u64, length: u64) -> Result<Vec<(u64, bool)>> {
         let r = self

@@ -142,6 +142,37 @@ impl BlockMap {
         }
     }
 
+    /// Sets the blocks of `[start, start + count)` that resolve to `from`
+    /// to `to`, leaving the others as they are.
+    pub fn replace(&mut self, start: BlockIndex, count: u64, from: Entry, to: Entry) {
+        let runs: Vec<_> = self
+            .runs(start, count)
+            .filter(|&(_, _, e)| e == from)
+            .collect();
+        for (b, n, _) in runs {
+            self.set(b, n, to);
+        }
+    }
+
+    /// Renumbers entries after layer `pos` leaves the chain: positions above
+    /// it move down by one. No block may still resolve to `pos`.
+    pub fn remove_layer(&mut self, pos: LayerPos) {
+        let shift = |v: &mut u32| {
+            if *v != HOLE && *v > pos.0 {
+                *v -= 1;
+            }
+        };
+        for c in &mut self.chunks {
+            match c {
+                Chunk::Uniform(v) => shift(v),
+                // A palette may keep an unused `pos`; a duplicate value
+                // after the shift is harmless.
+                Chunk::Mixed(m) => m.palette.iter_mut().for_each(shift),
+                Chunk::Wide(w) => w.iter_mut().for_each(shift),
+            }
+        }
+    }
+
     /// Runs of equal entries covering `[start, start + count)`, in order.
     pub fn runs(&self, start: BlockIndex, count: u64) -> Runs<'_> {
         Runs {

@@ -20,6 +20,7 @@ pub mod dirty;
 pub mod error;
 pub mod ids;
 pub mod index;
+pub mod maintenance;
 pub mod meta;
 pub mod proto;
 pub mod server;

@@ -80,6 +80,14 @@ pub enum Op {
     PrepareRebuild = 15,
     /// End a rebuild; `offset` carries the revision counter to adopt.
     FinishRebuild = 16,
+    /// Mark snapshot `payload` removed; reply value 1 if it was not before.
+    RemoveSnapshot = 17,
+    /// One purge step; reply payload: JSON `PurgeReport`, empty when done.
+    PurgeStep = 18,
+    /// Make the head a new empty layer on snapshot `payload`.
+    Revert = 19,
+    /// Grow the volume to `offset` bytes.
+    Expand = 20,
 }
 
 impl Op {
@@ -101,6 +109,10 @@ impl Op {
             14 => Op::WriteLayer,
             15 => Op::PrepareRebuild,
             16 => Op::FinishRebuild,
+            17 => Op::RemoveSnapshot,
+            18 => Op::PurgeStep,
+            19 => Op::Revert,
+            20 => Op::Expand,
             _ => return None,
         })
     }

@@ -374,7 +374,11 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 | Op::ReadLayer
                 | Op::WriteLayer
                 | Op::PrepareRebuild
-                | Op::FinishRebuild),
+                | Op::FinishRebuild
+                | Op::RemoveSnapshot
+                | Op::PurgeStep
+                | Op::Revert
+                | Op::Expand),
             ) => {
                 // Rebuild and snapshot work is slow: off the connection's task.
                 let (data, h) = (std::mem::take(&mut payload), h);
@@ -536,6 +540,25 @@ fn run_layer_op(
         }
         Op::FinishRebuild => {
             r.finish_rebuild(crate::Revision(h.offset))?;
+            Ok((0, Bytes::new()))
+        }
+        Op::RemoveSnapshot => Ok((
+            r.remove_snapshot(layer_name(payload)?)? as u64,
+            Bytes::new(),
+        )),
+        Op::PurgeStep => Ok((
+            0,
+            match r.purge_step()? {
+                Some(report) => serde_json::to_vec(&report).unwrap_or_default().into(),
+                None => Bytes::new(),
+            },
+        )),
+        Op::Revert => {
+            r.revert(layer_name(payload)?)?;
+            Ok((0, Bytes::new()))
+        }
+        Op::Expand => {
+            r.expand(h.offset)?;
             Ok((0, Bytes::new()))
         }
         _ => Err(Error::Invalid(format!("{op:?} is not a layer operation"))),

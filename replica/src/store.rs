@@ -108,38 +108,56 @@ pub fn check_snapshot_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-struct Layer {
-    name: String,
-    meta: LayerMeta,
-    file: Arc<File>,
+pub(crate) struct Layer {
+    pub(crate) name: String,
+    pub(crate) meta: LayerMeta,
+    pub(crate) file: Arc<File>,
 }
 
 /// An open replica; see the module documentation.
 pub struct Replica {
-    dir: PathBuf,
-    size: u64,
-    meta: Mutex<ReplicaMeta>,
-    layers: RwLock<Vec<Layer>>,
-    index: RwLock<BlockMap>,
-    revision: AtomicU64,
+    pub(crate) dir: PathBuf,
+    /// Bytes; grows with [`Replica::expand`], never shrinks.
+    pub(crate) size: AtomicU64,
+    pub(crate) meta: Mutex<ReplicaMeta>,
+    pub(crate) layers: RwLock<Vec<Layer>>,
+    pub(crate) index: RwLock<BlockMap>,
+    pub(crate) revision: AtomicU64,
     clean: AtomicBool,
     state: Mutex<StateFile>,
     lease: RwLock<Owner>,
-    flush_lock: Mutex<()>,
+    /// Serializes flushes and changes of the chain.
+    pub(crate) flush_lock: Mutex<()>,
     dirty: Mutex<DirtyMap>,
+    /// Held shared by every read from resolving its layers to finishing its
+    /// `pread`s, and exclusively by anything that punches a layer below
+    /// the head; see [`crate::maintenance`].
+    pub(crate) lower_gate: RwLock<()>,
+    /// Serializes purge steps and holds where pruning got to.
+    pub(crate) purge: Mutex<crate::maintenance::PurgeCursor>,
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-fn head_name(n: u32) -> String {
+pub(crate) fn head_name(n: u32) -> String {
     format!("volume-head-{n:03}.img")
 }
 
-fn layer_meta_path(dir: &Path, layer: &str) -> PathBuf {
+/// The head file that follows `head` (`volume-head-007.img` after 006).
+pub(crate) fn next_head_name(head: &str) -> String {
+    let next = head
+        .strip_prefix("volume-head-")
+        .and_then(|s| s.strip_suffix(".img"))
+        .and_then(|n| n.parse::<u32>().ok())
+        .map_or(0, |n| n + 1);
+    head_name(next)
+}
+
+pub(crate) fn layer_meta_path(dir: &Path, layer: &str) -> PathBuf {
     dir.join(format!("{layer}.meta"))
 }
 
@@ -150,17 +168,19 @@ fn is_our_file(name: &str) -> bool {
 
 impl Replica {
     /// Opens the replica in `dir`, creating one of `size` bytes if the
-    /// directory holds none and `size` is given. An existing replica of
-    /// another size is refused.
+    /// directory holds none and `size` is given. An existing replica smaller
+    /// than `size` is refused; a larger one was expanded and is opened.
     pub fn open_or_create(dir: &Path, size: Option<u64>) -> Result<Replica> {
         if dir.join(REPLICA_META).exists() {
             let r = Replica::open(dir)?;
+            // A larger replica was expanded online after `size` was chosen.
             if let Some(size) = size {
-                if size != r.size {
+                if size > r.size() {
                     return Err(Error::Mismatch(format!(
-                        "{} already holds a replica of {} bytes, not {size}",
+                        "{} already holds a replica of {} bytes, not {size} (if it missed an \
+                         expansion, start it with its own size and the engine grows it)",
                         dir.display(),
-                        r.size
+                        r.size()
                     )));
                 }
             }
@@ -296,17 +316,18 @@ impl Replica {
             )));
         }
         let mut layers = Vec::with_capacity(rmeta.chain.len());
-        for (pos, name) in rmeta.chain.iter().enumerate() {
+        for name in rmeta.chain.iter() {
             if name.is_empty() || name.contains('/') || name.starts_with('.') {
                 return Err(Error::Corrupt(format!(
                     "layer name {name:?} is not a plain file name"
                 )));
             }
-            let is_head = pos + 1 == rmeta.chain.len();
             let path = dir.join(name);
+            // Snapshot layers are writable too: purge folds and punches them
+            // (see `maintenance`). Only the head takes client writes.
             let file = OpenOptions::new()
                 .read(true)
-                .write(is_head)
+                .write(true)
                 .open(&path)
                 .map_err(|e| match e.kind() {
                     std::io::ErrorKind::NotFound => {
@@ -318,7 +339,9 @@ impl Replica {
                 .metadata()
                 .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
                 .len();
-            if len != rmeta.size {
+            // Longer is an expansion cut short before replica.json was
+            // rewritten: the tail is a hole, and nothing reads past `size`.
+            if len < rmeta.size {
                 return Err(Error::Corrupt(format!(
                     "layer {} is {len} bytes, the volume {}",
                     path.display(),
@@ -338,7 +361,7 @@ impl Replica {
         let index = build_index(rmeta.size, &layers)?;
         Ok(Replica {
             dir: dir.to_path_buf(),
-            size: rmeta.size,
+            size: AtomicU64::new(rmeta.size),
             meta: Mutex::new(rmeta),
             layers: RwLock::new(layers),
             index: RwLock::new(index),
@@ -351,6 +374,8 @@ impl Replica {
             }),
             flush_lock: Mutex::new(()),
             dirty: Mutex::new(DirtyMap::new(rec.clean)),
+            lower_gate: RwLock::new(()),
+            purge: Mutex::new(Default::default()),
         })
     }
 
@@ -359,7 +384,7 @@ impl Replica {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     pub fn info(&self) -> ReplicaInfo {
@@ -376,7 +401,7 @@ impl Replica {
             epoch_seen: epoch_seen.max(flush_epoch),
             dirty_known,
             volume_uuid: meta.volume_uuid,
-            size: self.size,
+            size: self.size(),
             block_size: BLOCK_SIZE,
             generation: self.owner().generation,
             revision: Revision(self.revision.load(Ordering::Acquire)),
@@ -475,17 +500,17 @@ impl Replica {
         Ok(lease)
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         if !offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE) {
             return Err(Error::Invalid(format!(
                 "offset {offset} / length {len} are not multiples of {BLOCK_SIZE}"
             )));
         }
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= self.size() => Ok(()),
             _ => Err(Error::Invalid(format!(
                 "range {offset}+{len} is past the end of the volume ({} bytes)",
-                self.size
+                self.size()
             ))),
         }
     }
@@ -494,19 +519,21 @@ impl Replica {
     /// zeros: holes are left as they are.
     fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
-        let mut reads: Vec<(Arc<File>, u64, usize, usize)> = Vec::new();
+        // Lock order everywhere: layers, then the lower gate, then the index.
+        let layers = self.layers();
+        let _gate = self.lower_gate.read().unwrap_or_else(|e| e.into_inner());
+        let mut reads: Vec<(&File, u64, usize, usize)> = Vec::new();
         {
             let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-            let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());
             let first = BlockIndex(offset / BLOCK_SIZE);
             for (start, count, entry) in index.runs(first, len / BLOCK_SIZE) {
                 if let Some(LayerPos(pos)) = entry {
                     let at = start.byte_offset();
-                    let file = layers.get(pos as usize).ok_or_else(|| {
+                    let layer = layers.get(pos as usize).ok_or_else(|| {
                         Error::Corrupt(format!("index names layer {pos}, chain is shorter"))
                     })?;
                     reads.push((
-                        file.file.clone(),
+                        &layer.file,
                         at,
                         (at - offset) as usize,
                         (count * BLOCK_SIZE) as usize,
@@ -529,20 +556,27 @@ impl Replica {
         Ok(buf)
     }
 
-    fn layers(&self) -> std::sync::RwLockReadGuard<'_, Vec<Layer>> {
+    pub(crate) fn layers(&self) -> std::sync::RwLockReadGuard<'_, Vec<Layer>> {
         self.layers.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The chain, held for the duration of a modification: a snapshot
     /// (which takes it exclusively) never splits a write between layers.
-    fn head_of(layers: &[Layer]) -> (&File, LayerPos, usize) {
+    fn head_of(layers: &[Layer]) -> (&File, LayerPos) {
         let pos = layers.len() - 1;
-        (&layers[pos].file, LayerPos(pos as u32), layers.len())
+        (&layers[pos].file, LayerPos(pos as u32))
+    }
+
+    /// Whether nothing below the head is visible: every layer there is
+    /// removed (or there is none), so a hole in the head reads as zeros and
+    /// the layers behind it can be punched too.
+    fn only_removed_below_head(layers: &[Layer]) -> bool {
+        layers[..layers.len() - 1].iter().all(|l| l.meta.removed)
     }
 
     /// Persists `clean = false` before the first modification after a clean
     /// point; see the module invariants.
-    fn mark_dirty(&self) -> Result<()> {
+    pub(crate) fn mark_dirty(&self) -> Result<()> {
         if !self.clean.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -571,7 +605,7 @@ impl Replica {
         self.check_range(offset, data.len() as u64)?;
         self.before_modify(offset, data.len() as u64, epoch)?;
         let layers = self.layers();
-        let (head, pos, _) = Self::head_of(&layers);
+        let (head, pos) = Self::head_of(&layers);
         head.write_all_at(data, offset)
             .map_err(|e| Error::io(format!("writing {} bytes at {offset}", data.len()), e))?;
         self.index.write().unwrap_or_else(|e| e.into_inner()).set(
@@ -583,34 +617,32 @@ impl Replica {
         Ok(())
     }
 
-    /// Discards blocks. With no snapshot below the head this punches holes
-    /// and the blocks read as zeros; with snapshots it is a no-op (trim is a
-    /// hint: punching the head would only re-expose the snapshot's data,
-    /// and the snapshot work decides what reclaim means there).
+    /// Discards blocks. Where only removed layers lie below the head, it
+    /// punches the head and all of them, and the blocks read as zeros.
+    /// Where a kept snapshot lies below, it is a no-op: trim is a hint,
+    /// punching the head would only re-expose the snapshot's data, and the
+    /// snapshot holds the space anyway until it is removed.
     pub fn trim(&self, offset: u64, len: u64, epoch: u64) -> Result<()> {
         self.check_range(offset, len)?;
         self.before_modify(offset, len, epoch)?;
         let layers = self.layers();
-        let (head, _, chain_len) = Self::head_of(&layers);
-        if chain_len == 1 && len > 0 {
-            self.punch(head, offset, len)?;
+        if Self::only_removed_below_head(&layers) {
+            self.punch_through(&layers, offset, len)?;
         }
         self.revision.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
-    /// Makes blocks read as zeros: a hole where no snapshot lies below the
-    /// head, written zero blocks otherwise.
+    /// Makes blocks read as zeros: holes through the chain where only
+    /// removed layers lie below the head, written zero blocks otherwise.
     pub fn write_zeroes(&self, offset: u64, len: u64, epoch: u64) -> Result<()> {
         self.check_range(offset, len)?;
         self.before_modify(offset, len, epoch)?;
         let layers = self.layers();
-        let (head, pos, chain_len) = Self::head_of(&layers);
-        if chain_len == 1 {
-            if len > 0 {
-                self.punch(head, offset, len)?;
-            }
+        if Self::only_removed_below_head(&layers) {
+            self.punch_through(&layers, offset, len)?;
         } else {
+            let (head, pos) = Self::head_of(&layers);
             const STEP: u64 = 1 << 20;
             let zeros = vec![0u8; STEP.min(len) as usize];
             let mut at = offset;
@@ -630,8 +662,16 @@ impl Replica {
         Ok(())
     }
 
-    fn punch(&self, head: &File, offset: u64, len: u64) -> Result<()> {
-        punch_file(head, offset, len)?;
+    /// Punches `[offset, offset + len)` in every layer (all of them are the
+    /// head or removed) and marks it a hole in the index.
+    fn punch_through(&self, layers: &[Layer], offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let _gate = self.lower_gate.write().unwrap_or_else(|e| e.into_inner());
+        for layer in layers.iter().rev() {
+            punch_file(&layer.file, offset, len)?;
+        }
         self.index.write().unwrap_or_else(|e| e.into_inner()).set(
             BlockIndex(offset / BLOCK_SIZE),
             len / BLOCK_SIZE,
@@ -647,7 +687,7 @@ impl Replica {
         let _serial = lock(&self.flush_lock);
         let revision = Revision(self.revision.load(Ordering::Acquire));
         let layers = self.layers();
-        let (head, _, _) = Self::head_of(&layers);
+        let (head, _) = Self::head_of(&layers);
         head.sync_data()
             .map_err(|e| Error::io("syncing the head layer", e))?;
         let mut state = lock(&self.state);
@@ -689,7 +729,7 @@ impl Replica {
     /// runs over the volume; `None` if the replica does not know them.
     pub fn dirty_runs(&self) -> Option<Vec<(u64, bool)>> {
         let d = lock(&self.dirty);
-        d.known().then(|| d.runs(self.size))
+        d.known().then(|| d.runs(self.size()))
     }
 
     /// Allocation of `[offset, offset + len)`: runs of `(bytes, allocated)`
@@ -746,12 +786,7 @@ impl Replica {
             .sync_all()
             .map_err(|e| Error::io("syncing the head", e))?;
         let old_head = head.name.clone();
-        let next = old_head
-            .strip_prefix("volume-head-")
-            .and_then(|s| s.strip_suffix(".img"))
-            .and_then(|n| n.parse::<u32>().ok())
-            .map_or(0, |n| n + 1);
-        let new_head = head_name(next);
+        let new_head = next_head_name(&old_head);
         let dir = &self.dir;
         fs::hard_link(dir.join(&old_head), dir.join(&snap))
             .map_err(|e| Error::io(format!("linking {snap}"), e))?;
@@ -762,7 +797,7 @@ impl Replica {
             ..head.meta.clone()
         };
         meta::write_json_atomic(&layer_meta_path(dir, &snap), &snap_meta)?;
-        let file = create_layer_file(dir, &new_head, self.size)?;
+        let file = create_layer_file(dir, &new_head, self.size())?;
         let head_meta = LayerMeta {
             parent: Some(snap.clone()),
             created: now_secs(),
@@ -888,7 +923,7 @@ impl Replica {
                         .open(dir.join(name))
                         .map_err(|e| Error::io(format!("opening {name}"), e))?
                 }
-                None => create_layer_file(dir, name, self.size)?,
+                None => create_layer_file(dir, name, self.size())?,
             };
             meta::write_json_atomic(&layer_meta_path(dir, name), lmeta)?;
             next.push(Layer {
@@ -928,7 +963,7 @@ impl Replica {
         {
             // Under the index lock, so head writes in flight land after.
             let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
-            *index = build_index(self.size, &layers)?;
+            *index = build_index(self.size(), &layers)?;
         }
         drop(layers);
         let mut meta = lock(&self.meta);
@@ -944,7 +979,7 @@ impl Replica {
     }
 }
 
-fn create_layer_file(dir: &Path, name: &str, size: u64) -> Result<File> {
+pub(crate) fn create_layer_file(dir: &Path, name: &str, size: u64) -> Result<File> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -980,7 +1015,7 @@ fn remove_strays(dir: &Path, chain: &[String]) {
 }
 
 /// Punches a hole in `file` (keeping its size).
-fn punch_file(file: &File, offset: u64, len: u64) -> Result<()> {
+pub(crate) fn punch_file(file: &File, offset: u64, len: u64) -> Result<()> {
     // SAFETY: fallocate on an fd we own, with plain integer arguments.
     let rc = unsafe {
         libc::fallocate(
@@ -999,13 +1034,13 @@ fn punch_file(file: &File, offset: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Builds the index from the layers' allocation, oldest layer first so
 /// newer layers overwrite the entries of older ones.
-fn build_index(size: u64, layers: &[Layer]) -> Result<BlockMap> {
+pub(crate) fn build_index(size: u64, layers: &[Layer]) -> Result<BlockMap> {
     let mut map = BlockMap::new(size / BLOCK_SIZE);
     for (pos, layer) in layers.iter().enumerate() {
         for (start, end) in data_extents(&layer.file, size)
@@ -1027,10 +1062,22 @@ pub fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> 
 
 /// Data extents of a sparse file within `[from, size)`, clipped to it.
 pub fn data_extents_in(file: &File, from: u64, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    data_extents_upto(file, from, size, u64::MAX)
+}
+
+/// Like [`data_extents_in`], stopping once the extents found add up to
+/// `max_bytes` (the last one cut to fit).
+pub fn data_extents_upto(
+    file: &File,
+    from: u64,
+    size: u64,
+    max_bytes: u64,
+) -> std::io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let mut out = Vec::new();
     let mut pos: u64 = from;
-    while pos < size {
+    let mut found = 0u64;
+    while pos < size && found < max_bytes {
         // SAFETY: lseek on an fd we own.
         let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
@@ -1045,9 +1092,13 @@ pub fn data_extents_in(file: &File, from: u64, size: u64) -> std::io::Result<Vec
         if hole < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let (data, hole) = (data as u64, (hole as u64).min(size));
+        let data = data as u64;
+        let hole = (hole as u64)
+            .min(size)
+            .min(data.saturating_add(max_bytes - found));
         if hole > data {
             out.push((data, hole));
+            found += hole - data;
         }
         pos = hole.max(data + 1);
     }

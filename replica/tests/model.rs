@@ -1,21 +1,52 @@
-//! Model-based test: random write / trim / write-zeroes / flush / reopen
-//! sequences against an in-memory model of the volume.
+//! Model-based test: random write / trim / write-zeroes / flush / reopen /
+//! snapshot / remove / purge / revert / expand sequences against an
+//! in-memory model of the volume and of every snapshot's view.
 
 use proptest::prelude::*;
 use rvol_replica::{Replica, BLOCK_SIZE};
 
-const BLOCKS: u64 = 96; // spans more than one 4 MiB index chunk when scaled below
+const BLOCKS: u64 = 96;
 const SIZE: u64 = BLOCKS * BLOCK_SIZE;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { block: u64, count: u64, seed: u8 },
-    Trim { block: u64, count: u64 },
-    WriteZeroes { block: u64, count: u64 },
+    Write {
+        block: u64,
+        count: u64,
+        seed: u8,
+    },
+    Trim {
+        block: u64,
+        count: u64,
+    },
+    WriteZeroes {
+        block: u64,
+        count: u64,
+    },
     Flush,
-    Reopen { clean: bool },
-    Read { block: u64, count: u64 },
+    Reopen {
+        clean: bool,
+    },
+    Read {
+        block: u64,
+        count: u64,
+    },
     Snapshot,
+    /// Remove the n-th kept snapshot (modulo their number).
+    Remove {
+        nth: usize,
+    },
+    /// Purge steps, or a purge to the end when `steps` is 0.
+    Purge {
+        steps: usize,
+    },
+    /// Revert to the n-th kept snapshot.
+    Revert {
+        nth: usize,
+    },
+    Expand {
+        blocks: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -27,7 +58,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Flush),
         1 => any::<bool>().prop_map(|clean| Op::Reopen { clean }),
         3 => range.prop_map(|(block, count)| Op::Read { block, count }),
-        1 => Just(Op::Snapshot),
+        2 => Just(Op::Snapshot),
+        2 => any::<usize>().prop_map(|nth| Op::Remove { nth }),
+        2 => (0..4usize).prop_map(|steps| Op::Purge { steps }),
+        1 => any::<usize>().prop_map(|nth| Op::Revert { nth }),
+        1 => (1..8u64).prop_map(|blocks| Op::Expand { blocks }),
     ]
 }
 
@@ -37,19 +72,32 @@ fn pattern(seed: u8, block: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A snapshot as the model sees it: its name, its view, and whether it
+/// was removed.
+struct ModelSnapshot {
+    name: String,
+    view: Vec<u8>,
+    removed: bool,
+}
+
+fn kept(snaps: &[ModelSnapshot]) -> Vec<usize> {
+    (0..snaps.len()).filter(|&i| !snaps[i].removed).collect()
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
     #[test]
-    fn replica_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+    fn replica_matches_model(ops in proptest::collection::vec(op(), 1..80)) {
         let dir = tempfile::tempdir().unwrap();
         let mut replica = Replica::create(dir.path(), SIZE).unwrap();
         let mut model = vec![0u8; SIZE as usize];
+        let mut snaps: Vec<ModelSnapshot> = Vec::new();
         let mut revision = 0u64;
         // A new replica is clean; any modification makes it dirty until
         // the next clean shutdown.
         let mut clean_now = true;
-        let mut snapshots = 0;
+        let mut taken = 0;
         for op in ops {
             if matches!(op, Op::Write { .. } | Op::Trim { .. } | Op::WriteZeroes { .. }) {
                 clean_now = false;
@@ -71,16 +119,88 @@ proptest! {
                         replica.write_zeroes(off, len, 0).unwrap();
                     }
                     // Write-zeroes always reads back as zeros; trim does
-                    // only while no snapshot lies below the head.
-                    if !trim || snapshots == 0 {
+                    // only while no kept snapshot lies below the head.
+                    if !trim || kept(&snaps).is_empty() {
                         model[off as usize..(off + len) as usize].fill(0);
                     }
                     revision += 1;
                 }
                 Op::Snapshot => {
-                    snapshots += 1;
-                    replica.snapshot(&format!("s{snapshots}"), true, Default::default()).unwrap();
-                    prop_assert_eq!(replica.info().chain.len(), snapshots + 1);
+                    taken += 1;
+                    let name = format!("s{taken}");
+                    replica.snapshot(&name, true, Default::default()).unwrap();
+                    snaps.push(ModelSnapshot { name, view: model.clone(), removed: false });
+                    prop_assert_eq!(replica.info().chain.len(), snaps.len() + 1);
+                }
+                Op::Remove { nth } => {
+                    let kept = kept(&snaps);
+                    if kept.is_empty() {
+                        prop_assert!(replica.remove_snapshot("nosuch").is_err());
+                        continue;
+                    }
+                    let s = &mut snaps[kept[nth % kept.len()]];
+                    prop_assert!(replica.remove_snapshot(&s.name).unwrap());
+                    prop_assert!(!replica.remove_snapshot(&s.name).unwrap(), "removing twice");
+                    s.removed = true;
+                }
+                Op::Purge { steps } => {
+                    let mut n = 0;
+                    while steps == 0 || n < steps {
+                        if replica.purge_step().unwrap().is_none() {
+                            break;
+                        }
+                        n += 1;
+                        prop_assert!(n < 10_000, "purge does not end");
+                    }
+                    // The chain in the replica keeps every kept snapshot, in order.
+                    let chain = replica.info().chain;
+                    let names: Vec<String> = chain.iter().filter(|l| !l.removed)
+                        .filter_map(|l| l.name.strip_prefix("volume-snap-")?.strip_suffix(".img").map(String::from))
+                        .collect();
+                    let want: Vec<String> = kept(&snaps).iter().map(|&i| snaps[i].name.clone()).collect();
+                    prop_assert_eq!(&names, &want);
+                    if steps == 0 {
+                        // A finished purge leaves at most the removed layer
+                        // directly below the head, holding visible data.
+                        let removed: Vec<usize> = (0..chain.len()).filter(|&i| chain[i].removed).collect();
+                        prop_assert!(removed.is_empty() || removed == vec![chain.len() - 2],
+                            "removed layers left: {:?}", removed);
+                    }
+                    // The model keeps removed snapshots only for their order.
+                    let live: Vec<String> = chain.iter().filter_map(|l| l.name.strip_prefix("volume-snap-")?.strip_suffix(".img").map(String::from)).collect();
+                    snaps.retain(|s| live.contains(&s.name));
+                }
+                Op::Revert { nth } => {
+                    let kept = kept(&snaps);
+                    if kept.is_empty() {
+                        continue;
+                    }
+                    let i = kept[nth % kept.len()];
+                    let newer_kept = snaps[i + 1..].iter().any(|s| !s.removed);
+                    let before = replica.info().chain;
+                    match replica.revert(&snaps[i].name) {
+                        Ok(()) => {
+                            prop_assert!(!newer_kept, "reverted past a kept snapshot");
+                            model = snaps[i].view.clone();
+                            snaps.truncate(i + 1);
+                            revision += 1;
+                            clean_now = false;
+                        }
+                        Err(e) => {
+                            prop_assert!(newer_kept, "revert failed: {}", e);
+                            prop_assert_eq!(replica.info().chain, before);
+                        }
+                    }
+                }
+                Op::Expand { blocks } => {
+                    let size = model.len() as u64 + blocks * BLOCK_SIZE;
+                    replica.expand(size).unwrap();
+                    prop_assert!(replica.expand(size - BLOCK_SIZE).is_err(), "shrinking");
+                    model.resize(size as usize, 0);
+                    for s in &mut snaps {
+                        s.view.resize(size as usize, 0);
+                    }
+                    prop_assert_eq!(replica.size(), size);
                 }
                 Op::Flush => {
                     prop_assert_eq!(replica.flush(0).unwrap().0, revision);
@@ -97,6 +217,7 @@ proptest! {
                     let info = replica.info();
                     prop_assert_eq!(info.revision.0, revision);
                     prop_assert_eq!(info.clean, clean_now);
+                    prop_assert_eq!(info.size, model.len() as u64);
                 }
                 Op::Read { block, count } => {
                     let got = replica.read(block * BLOCK_SIZE, count * BLOCK_SIZE).unwrap();
@@ -105,13 +226,24 @@ proptest! {
                 }
             }
         }
-        prop_assert!(replica.read(0, SIZE).unwrap() == model, "final contents differ");
+        prop_assert!(replica.read(0, model.len() as u64).unwrap() == model, "final contents differ");
         // Allocation agrees with the model's non-zero blocks being data.
         for (i, chunk) in model.chunks(BLOCK_SIZE as usize).enumerate() {
             let alloc = replica.allocation(i as u64 * BLOCK_SIZE, BLOCK_SIZE).unwrap();
             if chunk.iter().any(|&b| b != 0) {
                 prop_assert_eq!(alloc, vec![(BLOCK_SIZE, true)]);
             }
+        }
+        // Every kept snapshot still reads as it was cut: revert to each,
+        // newest first (removing the newer ones on the way).
+        for i in (0..snaps.len()).rev() {
+            if snaps[i].removed {
+                continue;
+            }
+            replica.revert(&snaps[i].name).unwrap();
+            prop_assert!(replica.read(0, model.len() as u64).unwrap() == snaps[i].view,
+                "snapshot {} reads differently", snaps[i].name);
+            replica.remove_snapshot(&snaps[i].name).unwrap();
         }
     }
 }

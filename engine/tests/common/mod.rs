@@ -1,6 +1,7 @@
 //! Shared helpers for tests that run real `rvol` processes and real clients.
 #![allow(dead_code)]
 
+pub mod direct;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Read, Write};
