@@ -1,6 +1,7 @@
 //! User snapshots through the engine: taken under a live writer on every
-//! replica, listed with their labels and sizes, and kept across an engine
-//! restart.
+//! replica, listed with their labels and sizes, kept across an engine
+//! restart; removed and purged; reverted to; and the space a removed
+//! snapshot and a trim give back. Volume expansion, too.
 
 mod common;
 
@@ -97,4 +98,199 @@ fn snapshots_are_taken_on_every_replica_under_load_and_listed() {
     let (_engine, uri, admin) = start_engine("snaps", "32M", &addrs(&rs), &[]);
     assert_eq!(chain(&admin).len(), 3);
     run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x62 16M 4M"]);
+}
+
+fn export_sha(uri: &str, tmp: &std::path::Path) -> String {
+    let out = tmp.join("export.img");
+    export_to_file(uri, &out);
+    let sha = sha256_file(&out);
+    std::fs::remove_file(&out).unwrap();
+    sha
+}
+
+#[test]
+fn revert_brings_back_what_a_snapshot_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rs = three_replicas(tmp.path(), "32M");
+    let (mut engine, uri, admin) = start_engine("revert", "32M", &addrs(&rs), &[]);
+    let src = tmp.path().join("src.img");
+    std::fs::write(&src, pseudo_random(11, 32 << 20)).unwrap();
+    import_file(&src, &uri);
+    let good = sha256_file(&src);
+    run_ok(RVOL, &["snapshot", "create", "good", "--admin", &admin]);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x77 4M 8M",
+            "-c",
+            "write -z 20M 4M",
+        ],
+    );
+    assert_ne!(export_sha(&uri, tmp.path()), good);
+
+    // Not while a frontend serves the volume.
+    let busy = run(RVOL, &["snapshot", "revert", "good", "--admin", &admin]);
+    assert!(!busy.status.success());
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("--frontend none"));
+    assert_eq!(engine.stop(), 0);
+
+    let (mut m, madmin) = start_maintenance_engine("revert", "32M", &addrs(&rs));
+    assert_eq!(status(&madmin)["frontend"], "none");
+    run_ok(RVOL, &["snapshot", "create", "newer", "--admin", &madmin]);
+    let refused = run(RVOL, &["snapshot", "revert", "good", "--admin", &madmin]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("newer"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let missing = run(RVOL, &["snapshot", "revert", "nosuch", "--admin", &madmin]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no snapshot nosuch"));
+    run_ok(RVOL, &["snapshot", "rm", "newer", "--admin", &madmin]);
+    let out = run_ok(RVOL, &["snapshot", "revert", "good", "--admin", &madmin]);
+    assert!(out.contains("reverted"), "{out}");
+    assert_eq!(m.stop(), 0);
+
+    let (_engine, uri, admin) = start_engine("revert", "32M", &addrs(&rs), &[]);
+    assert_eq!(export_sha(&uri, tmp.path()), good, "reverted volume");
+    let layers = chain(&admin);
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    assert_eq!(layers[0]["name"], "volume-snap-good.img");
+    // Every replica took the short chain.
+    for r in &rs {
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(r.dir.join("replica.json")).unwrap()).unwrap();
+        let chain = meta["chain"].as_array().unwrap();
+        assert_eq!(chain.len(), 2, "{}: {chain:?}", r.addr);
+        assert_eq!(chain[0], "volume-snap-good.img");
+    }
+    // And the reverted volume takes writes as usual.
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x12 0 1M",
+            "-c",
+            "read -P 0x12 0 1M",
+        ],
+    );
+}
+
+#[test]
+fn removed_snapshots_are_purged_and_trim_gives_the_space_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rs = three_replicas(tmp.path(), "256M");
+    let (_engine, uri, admin) = start_engine("space", "256M", &addrs(&rs), &[]);
+    let src = tmp.path().join("src.img");
+    std::fs::write(&src, vec![0x5a; 256 << 20]).unwrap();
+    import_file(&src, &uri);
+    let written: Vec<u64> = rs.iter().map(|r| du(&r.dir)).collect();
+    assert!(written.iter().all(|&d| d >= 256 << 20), "{written:?}");
+
+    // Fold: s1 holds 256 MiB, s2 the 64 MiB overwritten after it.
+    run_ok(RVOL, &["snapshot", "create", "s1", "--admin", &admin]);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x6b 0 32M",
+            "-c",
+            "write -P 0x6b 32M 32M",
+        ],
+    );
+    run_ok(RVOL, &["snapshot", "create", "s2", "--admin", &admin]);
+    let before = export_sha(&uri, tmp.path());
+    let out = run_ok(RVOL, &["snapshot", "rm", "s1", "--admin", &admin]);
+    assert!(out.contains("purged in the background"), "{out}");
+    let again = run(RVOL, &["snapshot", "rm", "s1", "--admin", &admin]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already removed"));
+    wait_until("s1 to be purged", Duration::from_secs(120), || {
+        status(&admin)["purge"].is_null() && chain(&admin).len() == 2
+    });
+    assert!(status(&admin)["purged_bytes"].as_u64().unwrap() >= 3 * (256 << 20));
+    assert_eq!(chain(&admin)[0]["name"], "volume-snap-s2.img");
+    assert_eq!(
+        export_sha(&uri, tmp.path()),
+        before,
+        "the purge changed data"
+    );
+    // Replicas folded the same: their s2 layers are identical.
+    let s2: Vec<String> = rs
+        .iter()
+        .map(|r| sha256_file(&r.dir.join("volume-snap-s2.img")))
+        .collect();
+    assert!(s2.iter().all(|h| *h == s2[0]), "{s2:?}");
+
+    // Space: remove the last snapshot, trim the whole volume.
+    run_ok(RVOL, &["snapshot", "rm", "s2", "--admin", &admin]);
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "discard 0 256M"]);
+    let map = run_ok("nbdinfo", &["--map", &uri]);
+    assert!(
+        map.lines().count() == 1 && map.contains("hole"),
+        "block status after trim: {map}"
+    );
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0 0 32M"]);
+    wait_until("s2 to leave the chain", Duration::from_secs(60), || {
+        status(&admin)["purge"].is_null() && chain(&admin).len() == 1
+    });
+    for (r, was) in rs.iter().zip(&written) {
+        let now = du(&r.dir);
+        println!(
+            "{}: du {was} B after writing 256 MiB, {now} B after rm + trim",
+            r.addr
+        );
+        assert!(now * 100 < *was, "{}: du {now} of {was}", r.addr);
+    }
+}
+
+#[test]
+fn expand_grows_the_volume_online() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "16M");
+    let (mut engine, uri, admin) = start_engine("grow", "16M", &addrs(&rs), &[]);
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", &uri, "-c", "write -P 0x41 12M 4M"],
+    );
+    let shrink = run(RVOL, &["expand", "8M", "--admin", &admin]);
+    assert!(String::from_utf8_lossy(&shrink.stderr).contains("must be larger"));
+    let out = run_ok(RVOL, &["expand", "48M", "--admin", &admin]);
+    assert!(out.contains("50331648"), "{out}");
+    assert_eq!(status(&admin)["size"], 48 << 20);
+    // New connections see the new size and can use it.
+    assert_eq!(run_ok("nbdinfo", &["--size", &uri]).trim(), "50331648");
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x42 40M 8M",
+            "-c",
+            "read -P 0x41 12M 4M",
+            "-c",
+            "read -P 0 16M 24M",
+        ],
+    );
+    // Restarted with their old --size, replicas and engine keep 48 MiB.
+    assert_eq!(engine.stop(), 0);
+    for r in &mut rs {
+        r.proc.stop();
+        r.restart("16M");
+        assert_eq!(r.proc.ready["size"], 48 << 20);
+    }
+    let (_engine, uri, admin) = start_engine("grow", "16M", &addrs(&rs), &[]);
+    assert_eq!(status(&admin)["size"], 48 << 20);
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x42 40M 8M"]);
 }

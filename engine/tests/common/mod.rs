@@ -249,6 +249,54 @@ pub fn addrs(rs: &[ReplicaProc]) -> Vec<String> {
 }
 
 /// Copies the whole export at `uri` into the raw file `dest` with qemu-img.
+/// Copies a raw image file into the volume at `uri` (qemu-img).
+pub fn import_file(src: &Path, uri: &str) {
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            src.to_str().unwrap(),
+            uri,
+        ],
+    );
+}
+
+/// Starts an engine in maintenance mode (`--frontend none`): the admin API
+/// only. Returns it and its admin address.
+pub fn start_maintenance_engine(name: &str, size: &str, replicas: &[String]) -> (Proc, String) {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "engine",
+        "--name",
+        name,
+        "--size",
+        size,
+        "--frontend",
+        "none",
+        "--admin-listen",
+        &admin,
+    ];
+    for r in replicas {
+        args.push("--replica");
+        args.push(r);
+    }
+    (Proc::start(&args), admin)
+}
+
+/// Bytes allocated on disk by the files of a directory.
+pub fn du(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
 pub fn export_to_file(uri: &str, dest: &Path) {
     let dest = dest.to_str().unwrap();
     run_ok(
