@@ -361,7 +361,24 @@ async fn run(command: Command) -> anyhow::Result<u8> {
     }
 }
 
+/// Every layer of the chain stays open: lift the soft file limit to the
+/// hard one so long chains (10,000 layers and more) open.
+fn raise_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 async fn run_replica(dir: PathBuf, listen: Endpoint, size: Option<u64>) -> anyhow::Result<u8> {
+    raise_file_limit();
     let d = dir.clone();
     let replica = tokio::task::spawn_blocking(move || Replica::open_or_create(&d, size))
         .await?

@@ -188,22 +188,33 @@ impl ReplicatedVolume {
                     }
                     let at = window + i as u64 * REBUILD_CHUNK;
                     let n = REBUILD_CHUNK.min(size - at);
-                    match s {
-                        Some(_) => {
-                            let data = source
-                                .read_layer(layer, at, n)
-                                .await
-                                .map_err(|e| e.to_string())?;
-                            client
-                                .write_layer(layer, at, &data)
-                                .await
-                                .map_err(|e| e.to_string())?;
-                        }
-                        // Holes stay holes.
-                        None => client
-                            .write_layer(layer, at, &zeros[..n as usize])
+                    // Clear the chunk, then copy what the source has
+                    // allocated as it is: an allocated zero block shadows
+                    // the layers below, a hole does not, so zeros must not
+                    // turn into holes (or holes into zeros).
+                    client
+                        .write_layer(layer, at, &zeros[..n as usize], false)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if s.is_some() {
+                        let runs = source
+                            .layer_allocation(layer, at, n)
                             .await
-                            .map_err(|e| e.to_string())?,
+                            .map_err(|e| e.to_string())?;
+                        let mut pos = at;
+                        for (len, allocated) in runs {
+                            if allocated {
+                                let data = source
+                                    .read_layer(layer, pos, len)
+                                    .await
+                                    .map_err(|e| e.to_string())?;
+                                client
+                                    .write_layer(layer, pos, &data, true)
+                                    .await
+                                    .map_err(|e| e.to_string())?;
+                            }
+                            pos += len;
+                        }
                     }
                     copied += n;
                     if rate_mib_s > 0.0 {

@@ -199,3 +199,54 @@ fn a_replaced_replica_is_rebuilt_in_full_and_timed_against_cp() {
         ],
     );
 }
+
+#[test]
+fn a_rebuild_keeps_zeroed_blocks_that_shadow_a_snapshot() {
+    // Write-zeroes above a kept snapshot writes zero blocks as data; a
+    // rebuild that turned them into holes would let the snapshot's data
+    // show through on the rebuilt replica.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "16M");
+    let (mut engine, uri, admin) =
+        start_engine("zeroes", "16M", &addrs(&rs), &["--replica-timeout", "2"]);
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x33 0 8M"]);
+    run_ok(RVOL, &["snapshot", "create", "base", "--admin", &admin]);
+    rs[2].proc.kill9();
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -z 0 2M",
+            "-c",
+            "write -z -u 2M 2M",
+            "-c",
+            "write -P 0x44 8M 1M",
+        ],
+    );
+    rs[2].restart("16M");
+    wait_until("r2 to be rebuilt", Duration::from_secs(60), || {
+        mode(&admin, 2) == "RW"
+    });
+    assert!(status(&admin)["rebuilt_bytes"].as_u64().unwrap() > 0);
+    assert_same_layers(&rs[0], &rs[2]);
+    assert_eq!(engine.stop(), 0);
+    // The rebuilt replica alone.
+    let (_engine, uri, _) = start_engine("zeroes", "16M", &addrs(&rs[2..]), &[]);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "read -P 0 0 4M",
+            "-c",
+            "read -P 0x33 4M 4M",
+            "-c",
+            "read -P 0x44 8M 1M",
+        ],
+    );
+}

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::ids::Revision;
 use crate::proto::{
     decode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA,
-    PROTOCOL_VERSION, REPLY_HEADER_LEN,
+    FLAG_VERBATIM, PROTOCOL_VERSION, REPLY_HEADER_LEN,
 };
 use crate::server::Endpoint;
 use crate::store::{Owner, ReplicaInfo};
@@ -302,11 +302,18 @@ impl ReplicaClient {
             .payload)
     }
 
-    pub async fn write_layer(&self, layer: &str, offset: u64, data: &[u8]) -> Result<()> {
+    /// Writes into a layer below the head; see [`crate::proto::FLAG_VERBATIM`].
+    pub async fn write_layer(
+        &self,
+        layer: &str,
+        offset: u64,
+        data: &[u8],
+        verbatim: bool,
+    ) -> Result<()> {
         let payload = crate::proto::layer_payload(layer, data);
         self.call(
             Op::WriteLayer,
-            0,
+            if verbatim { FLAG_VERBATIM } else { 0 },
             offset,
             data.len() as u64,
             0,
@@ -359,6 +366,21 @@ impl ReplicaClient {
         self.call(Op::Expand, 0, size, 0, 0, Bytes::new())
             .await
             .map(drop)
+    }
+
+    /// Allocation runs `(bytes, allocated)` of a range of one layer.
+    pub async fn layer_allocation(
+        &self,
+        layer: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<(u64, bool)>> {
+        let payload = Bytes::copy_from_slice(layer.as_bytes());
+        let r = self
+            .call(Op::LayerAllocation, 0, offset, length, 0, payload)
+            .await?;
+        decode_extents(&r.payload)
+            .ok_or_else(|| ClientError::Lost("bad LAYER_ALLOCATION payload".into()))
     }
 
     /// Allocation runs `(bytes, allocated)` of a range.

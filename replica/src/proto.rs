@@ -46,6 +46,9 @@ pub const HELLO_LEN: usize = 40;
 
 /// Write flag: durable before the reply (forced unit access).
 pub const FLAG_FUA: u8 = 1;
+/// WRITE_LAYER flag: write zero blocks as data instead of punching them
+/// (an allocated zero block shadows the layers below it; a hole does not).
+pub const FLAG_VERBATIM: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -74,7 +77,8 @@ pub enum Op {
     /// Read offset/length of layer `payload`.
     ReadLayer = 13,
     /// Write into a layer below the head at offset; payload
-    /// `[name_len u16][name][data]`.
+    /// `[name_len u16][name][data]`; all-zero blocks become holes unless
+    /// [`FLAG_VERBATIM`] is set.
     WriteLayer = 14,
     /// Payload: JSON list of `[name, LayerMeta]`, the chain below the head.
     PrepareRebuild = 15,
@@ -88,6 +92,9 @@ pub enum Op {
     Revert = 19,
     /// Grow the volume to `offset` bytes.
     Expand = 20,
+    /// Allocation of offset/length in layer `payload` (reply payload:
+    /// [`encode_extents`]).
+    LayerAllocation = 21,
 }
 
 impl Op {
@@ -113,6 +120,7 @@ impl Op {
             18 => Op::PurgeStep,
             19 => Op::Revert,
             20 => Op::Expand,
+            21 => Op::LayerAllocation,
             _ => return None,
         })
     }

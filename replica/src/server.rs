@@ -28,8 +28,8 @@ use tokio::task::JoinSet;
 
 use crate::error::Error;
 use crate::proto::{
-    encode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA, HELLO_LEN,
-    MAX_PAYLOAD, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
+    encode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA,
+    FLAG_VERBATIM, HELLO_LEN, MAX_PAYLOAD, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
 };
 use crate::store::{Owner, Replica};
 
@@ -378,7 +378,8 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 | Op::RemoveSnapshot
                 | Op::PurgeStep
                 | Op::Revert
-                | Op::Expand),
+                | Op::Expand
+                | Op::LayerAllocation),
             ) => {
                 // Rebuild and snapshot work is slow: off the connection's task.
                 let (data, h) = (std::mem::take(&mut payload), h);
@@ -529,7 +530,7 @@ fn run_layer_op(
         Op::WriteLayer => {
             let (name, data) = crate::proto::split_layer_payload(payload)
                 .ok_or_else(|| Error::Invalid("malformed WRITE_LAYER payload".into()))?;
-            r.write_layer(name, h.offset, data)?;
+            r.write_layer(name, h.offset, data, h.flags & FLAG_VERBATIM != 0)?;
             Ok((0, Bytes::new()))
         }
         Op::PrepareRebuild => {
@@ -561,6 +562,10 @@ fn run_layer_op(
             r.expand(h.offset)?;
             Ok((0, Bytes::new()))
         }
+        Op::LayerAllocation => Ok((
+            0,
+            encode_extents(&r.layer_allocation(layer_name(payload)?, h.offset, h.length)?).into(),
+        )),
         _ => Err(Error::Invalid(format!("{op:?} is not a layer operation"))),
     }
 }

@@ -837,8 +837,8 @@ impl Replica {
             .ok_or_else(|| Error::Invalid(format!("no snapshot layer {name:?} below the head")))
     }
 
-    /// crc32c of each [`REBUILD_CHUNK`] of layer `name` in the range;
-    /// `None` for a chunk holding no data.
+    /// crc32c of each [`REBUILD_CHUNK`] of layer `name` in the range, over
+    /// its contents and its allocation; `None` for a chunk holding no data.
     pub fn layer_checksums(&self, name: &str, offset: u64, len: u64) -> Result<Vec<Option<u32>>> {
         self.check_range(offset, len)?;
         let file = self.layer_file(name)?;
@@ -853,7 +853,17 @@ impl Replica {
             if extents.iter().any(|&(s, e)| s < at + n && at < e) {
                 file.read_exact_at(&mut buf[..n as usize], at)
                     .map_err(|e| Error::io(format!("reading {name}"), e))?;
-                out.push(Some(crc32c::crc32c(&buf[..n as usize])));
+                // Allocation counts as much as contents: an allocated zero
+                // block and a hole read the same but differ in a chain.
+                let mut crc = crc32c::crc32c(&buf[..n as usize]);
+                for &(s, e) in &extents {
+                    let (s, e) = (s.max(at), e.min(at + n));
+                    if s < e {
+                        crc = crc32c::crc32c_append(crc, &(s / BLOCK_SIZE).to_le_bytes());
+                        crc = crc32c::crc32c_append(crc, &e.div_ceil(BLOCK_SIZE).to_le_bytes());
+                    }
+                }
+                out.push(Some(crc));
             } else {
                 out.push(None);
             }
@@ -872,11 +882,46 @@ impl Replica {
         Ok(buf)
     }
 
-    /// Writes a range of one layer below the head; all-zero blocks become
-    /// holes, so holes stay holes.
-    pub fn write_layer(&self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
+    /// Allocation of a range of one layer below the head, as runs of
+    /// `(bytes, allocated)` in whole blocks.
+    pub fn layer_allocation(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        self.check_range(offset, len)?;
+        let file = self.layer_file(name)?;
+        let end = offset + len;
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut push = |n: u64, allocated: bool| match out.last_mut() {
+            Some((m, a)) if *a == allocated => *m += n,
+            _ if n > 0 => out.push((n, allocated)),
+            _ => {}
+        };
+        let mut at = offset;
+        for (s, e) in data_extents_in(&file, offset, end)
+            .map_err(|e| Error::io(format!("mapping {name}"), e))?
+        {
+            let s = (s / BLOCK_SIZE * BLOCK_SIZE).max(at);
+            let e = (e.div_ceil(BLOCK_SIZE) * BLOCK_SIZE).min(end);
+            if e <= s {
+                continue;
+            }
+            push(s - at, false);
+            push(e - s, true);
+            at = e;
+        }
+        push(end - at, false);
+        Ok(out)
+    }
+
+    /// Writes a range of one layer below the head. Unless `verbatim`,
+    /// all-zero blocks become holes, so holes stay holes; `verbatim` keeps
+    /// them as data (an allocated zero block shadows the layers below).
+    pub fn write_layer(&self, name: &str, offset: u64, data: &[u8], verbatim: bool) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
         let file = self.layer_file(name)?;
+        if verbatim {
+            return file
+                .write_all_at(data, offset)
+                .map_err(|e| Error::io(format!("writing {name}"), e));
+        }
         let bs = BLOCK_SIZE as usize;
         let mut i = 0;
         while i < data.len() {

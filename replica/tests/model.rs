@@ -361,3 +361,54 @@ fn open_time_and_index_memory_with_100_snapshots() {
     );
     assert_eq!(r.read(4 << 20, 8192).unwrap(), vec![1u8; 8192]);
 }
+
+/// The same 10,000 written blocks in a chain of 10 layers and in one of
+/// 10,000: open time, index memory and random-read rate, printed. Slow to
+/// set up (each snapshot syncs), so run by hand:
+/// `cargo test --release -p rvol-replica --test model -- --ignored --nocapture chain_of`.
+#[test]
+#[ignore]
+fn chain_of_10_vs_10000_layers() {
+    let size = 1u64 << 30;
+    let blocks = size / BLOCK_SIZE;
+    let mut figures = Vec::new();
+    for layers in [10u64, 10_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::create(dir.path(), size).unwrap();
+        let per_layer = 10_000 / layers;
+        let t = std::time::Instant::now();
+        for l in 0..layers {
+            for i in 0..per_layer {
+                let n = l * per_layer + i;
+                let block = n.wrapping_mul(2_654_435_761) % blocks;
+                r.write(block * BLOCK_SIZE, &[(n % 251) as u8 + 1; 4096], 0)
+                    .unwrap();
+            }
+            r.snapshot(&format!("s{l}"), true, Default::default())
+                .unwrap();
+        }
+        let build = t.elapsed();
+        r.mark_clean().unwrap();
+        drop(r);
+        let t = std::time::Instant::now();
+        let r = Replica::open(dir.path()).unwrap();
+        let open = t.elapsed();
+        assert_eq!(r.info().chain.len() as u64, layers + 1);
+        let mem = r.index_memory_bytes();
+        let reads = 200_000u64;
+        let t = std::time::Instant::now();
+        for i in 0..reads {
+            let n = (i * 7919) % 10_000;
+            let block = n.wrapping_mul(2_654_435_761) % blocks;
+            let got = r.read(block * BLOCK_SIZE, BLOCK_SIZE).unwrap();
+            assert!(got[0] != 0, "block {block} lost");
+        }
+        let iops = reads as f64 / t.elapsed().as_secs_f64();
+        println!(
+            "{layers} layers: built in {build:.1?}, open {open:.1?}, index {mem} B, {iops:.0} random 4 KiB reads/s"
+        );
+        figures.push(mem);
+    }
+    // The index does not grow with the chain.
+    assert!(figures[1] <= figures[0] * 2, "index memory {figures:?}");
+}
