@@ -9,6 +9,8 @@
 //!   `{"name"?, "labels"?}`: take one; `DELETE /v1/snapshots/NAME`: remove
 //!   one (purged in the background); `POST /v1/snapshots/NAME/revert`.
 //! - `POST /v1/volume/expand` with `{"size": BYTES}`.
+//! - `POST /v1/verify`: scrub every replica (see [`crate::scrub`]).
+//! - `GET /metrics`: the status as Prometheus text, for scraping.
 //!
 //! Errors: 400/409 with `{"error": ...}`.
 //!
@@ -53,6 +55,9 @@ pub struct VolumeStatus {
     /// Bytes of removed layers purged since the engine started.
     #[serde(default)]
     pub purged_bytes: u64,
+    /// Reads that found a replica's data not matching its checksums.
+    #[serde(default)]
+    pub checksum_errors: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -111,6 +116,7 @@ pub fn status(s: &AdminState) -> VolumeStatus {
             .copied_total
             .load(std::sync::atomic::Ordering::Relaxed),
         purge: v.chain.purge_status(),
+        checksum_errors: v.checksum_errors.load(std::sync::atomic::Ordering::Relaxed),
         purged_bytes: v
             .chain
             .purged_total
@@ -204,6 +210,88 @@ async fn list_snapshots(State(s): State<Arc<AdminState>>) -> Answer {
     }
 }
 
+/// The status in the Prometheus text format.
+fn metrics_text(st: &VolumeStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let vol = &st.volume;
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{{volume=\"{vol}\"{labels}}} {value}");
+        }
+    };
+    let one = |v: u64| [(String::new(), v)];
+    metric(
+        "rvol_volume_size_bytes",
+        "gauge",
+        "Size of the volume.",
+        &one(st.size),
+    );
+    metric(
+        "rvol_volume_healthy",
+        "gauge",
+        "1 while every replica is RW.",
+        &one(u64::from(st.state == "healthy")),
+    );
+    let replicas: Vec<(String, u64)> = st
+        .replicas
+        .iter()
+        .map(|r| (format!(",replica=\"{}\",mode=\"{}\"", r.address, r.mode), 1))
+        .collect();
+    metric(
+        "rvol_replica_info",
+        "gauge",
+        "Each replica and its mode (RW, WO, ERR).",
+        &replicas,
+    );
+    metric(
+        "rvol_rebuilt_bytes_total",
+        "counter",
+        "Bytes copied by finished rebuilds.",
+        &one(st.rebuilt_bytes),
+    );
+    metric(
+        "rvol_rebuild_in_progress",
+        "gauge",
+        "1 while a rebuild runs.",
+        &one(u64::from(st.rebuild.is_some())),
+    );
+    metric(
+        "rvol_purged_bytes_total",
+        "counter",
+        "Bytes of removed snapshot layers purged.",
+        &one(st.purged_bytes),
+    );
+    metric(
+        "rvol_checksum_errors_total",
+        "counter",
+        "Blocks found not matching their checksums (reads and scrubs).",
+        &one(st.checksum_errors),
+    );
+    metric(
+        "rvol_reconciled_bytes",
+        "gauge",
+        "Bytes copied at start to reconcile replicas after an unclean stop.",
+        &one(st.reconciled_bytes),
+    );
+    out
+}
+
+async fn metrics(State(s): State<Arc<AdminState>>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        metrics_text(&status(&s)),
+    )
+}
+
+async fn verify(State(s): State<Arc<AdminState>>) -> Json<Vec<crate::scrub::ReplicaScrub>> {
+    Json(s.volume.scrub().await)
+}
+
 async fn remove_snapshot(State(s): State<Arc<AdminState>>, Path(name): Path<String>) -> Answer {
     answer(s.volume.remove_snapshot(&name).await)
 }
@@ -237,6 +325,8 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/snapshots/{name}", delete_route(remove_snapshot))
         .route("/v1/snapshots/{name}/revert", post_route(revert_snapshot))
         .route("/v1/volume/expand", post_route(expand))
+        .route("/v1/verify", post_route(verify))
+        .route("/metrics", get_route(metrics))
         .with_state(state)
 }
 

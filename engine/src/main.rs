@@ -6,7 +6,7 @@
 //! rvol engine  --name VOL --size SIZE --replica ADDR... --nbd-listen ADDR --admin-listen ADDR
 //!              [--frontend nbd|ublk|none]
 //! rvol volume status --admin ADDR [--json];  rvol expand SIZE --admin ADDR
-//! rvol snapshot create [NAME] | ls | rm NAME | revert NAME  --admin ADDR
+//! rvol snapshot create [NAME] | ls | rm NAME | revert NAME | verify  --admin ADDR
 //! rvol demo
 //! ```
 //!
@@ -22,6 +22,7 @@ mod freshness;
 mod range_lock;
 mod rebuild;
 mod reconcile;
+mod scrub;
 mod volume;
 
 use std::path::PathBuf;
@@ -186,6 +187,14 @@ enum SnapshotCommand {
         name: String,
         #[arg(long)]
         admin: Endpoint,
+    },
+    /// Read every block on every replica and check it against its
+    /// checksums; a replica with bad blocks is rebuilt.
+    Verify {
+        #[arg(long)]
+        admin: Endpoint,
+        #[arg(long)]
+        json: bool,
     },
     /// Make the volume read as snapshot NAME again (engine started with
     /// --frontend none; newer snapshots must be removed first).
@@ -469,6 +478,33 @@ async fn snapshot_command(c: SnapshotCommand) -> anyhow::Result<u8> {
                     l.allocated_bytes,
                     labels.join(",")
                 );
+            }
+        }
+        SnapshotCommand::Verify { admin, json } => {
+            let body = admin::request(&admin, "POST", "/v1/verify", None).await?;
+            if json {
+                println!("{body}");
+                return Ok(0);
+            }
+            let reports: Vec<scrub::ReplicaScrub> =
+                serde_json::from_str(&body).context("parsing the answer")?;
+            for r in reports {
+                match r.error {
+                    Some(e) => println!("{}: not verified: {e}", r.address),
+                    None if r.bad_blocks == 0 => {
+                        println!(
+                            "{}: {} blocks checked, all good",
+                            r.address, r.blocks_checked
+                        )
+                    }
+                    None => println!(
+                        "{}: {} blocks checked, {} bad (first: {:?}); it is being rebuilt",
+                        r.address,
+                        r.blocks_checked,
+                        r.bad_blocks,
+                        r.bad.first()
+                    ),
+                }
             }
         }
         SnapshotCommand::Rm { name, admin } => {

@@ -215,6 +215,8 @@ pub struct ReplicatedVolume {
     recovery: tokio::sync::Mutex<()>,
     pub rebuilds: crate::rebuild::RebuildState,
     pub chain: crate::chain::ChainState,
+    /// Reads that found data not matching its checksums.
+    pub checksum_errors: AtomicU64,
 }
 
 /// What reconnecting a replica needs.
@@ -269,6 +271,7 @@ impl ReplicatedVolume {
             recovery: tokio::sync::Mutex::new(()),
             rebuilds: Default::default(),
             chain: Default::default(),
+            checksum_errors: AtomicU64::new(0),
         }
     }
 
@@ -704,21 +707,51 @@ impl ReplicatedVolume {
         Ok(out.freeze())
     }
 
+    /// Reads from one RW replica, failing over on error. A replica whose
+    /// data fails its checksums is taken out to be rebuilt once another
+    /// has answered; if none has a copy that passes, the stored data of
+    /// one is served and the event reported (see `rvol_replica::checksum`).
     async fn read_piece(&self, offset: u64, len: u64) -> OpResult<Bytes> {
         loop {
             let candidates = self.readable();
             let first = self.next_read.fetch_add(1, Ordering::Relaxed);
+            let mut rotten: Vec<(Arc<ReplicaSlot>, String)> = Vec::new();
             for k in 0..candidates.len() {
                 let slot = &candidates[(first + k) % candidates.len()];
                 match self
                     .call(slot, |c| async move { c.read(offset, len).await })
                     .await
                 {
-                    Ok(data) => return Ok(data),
+                    Ok(data) => {
+                        for (bad, why) in rotten {
+                            tracing::error!(replica = %bad.endpoint, error = %why, "checksum mismatch: read from another replica; rebuilding this one");
+                            self.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                            self.leave(&bad, &format!("checksum mismatch, being repaired: {why}"));
+                        }
+                        return Ok(data);
+                    }
                     Err(ReplicaFailure::Client(ClientError::Remote {
                         status: Status::Invalid,
                         message,
                     })) => return Err(VolumeError::Invalid(message)),
+                    Err(ReplicaFailure::Client(ClientError::Remote {
+                        status: Status::Checksum,
+                        message,
+                    })) => rotten.push((slot.clone(), message)),
+                    Err(e) => self.fail(slot, &e),
+                }
+            }
+            if let Some((slot, why)) = rotten.first() {
+                tracing::error!(replica = %slot.endpoint, offset, len, error = %why, "no replica holds a copy that matches its checksums; serving the stored data");
+                self.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                match self
+                    .call(
+                        slot,
+                        |c| async move { c.read_unverified(offset, len).await },
+                    )
+                    .await
+                {
+                    Ok(data) => return Ok(data),
                     Err(e) => self.fail(slot, &e),
                 }
             }

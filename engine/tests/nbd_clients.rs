@@ -280,7 +280,7 @@ fn engine_refuses_replicas_of_another_size_and_no_replicas() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("holds 16777216 bytes but the volume is 33554432"),
+        err.contains("hold 16777216 bytes but the volume is 33554432"),
         "{err}"
     );
     let dead = format!("127.0.0.1:{}", free_port());

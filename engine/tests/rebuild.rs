@@ -250,3 +250,65 @@ fn a_rebuild_keeps_zeroed_blocks_that_shadow_a_snapshot() {
         ],
     );
 }
+
+#[test]
+fn bit_rot_in_one_replica_is_read_around_reported_and_repaired() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "16M");
+    let (mut engine, uri, admin) =
+        start_engine("rot", "16M", &addrs(&rs), &["--replica-timeout", "2"]);
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", &uri, "-c", "write -P 0x5c 0 8M", "-c", "flush"],
+    );
+    // Rot: one byte of r0's head changes on disk, behind the replica's back.
+    let head = rs[0].dir.join("volume-head-000.img");
+    let f = std::fs::OpenOptions::new().write(true).open(&head).unwrap();
+    f.write_all_at(&[0x5d], 10 * 4096 + 5).unwrap();
+    drop(f);
+    // Reads rotate over the replicas: every one of them returns good data.
+    for _ in 0..6 {
+        run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x5c 0 8M"]);
+    }
+    let s = status(&admin);
+    assert!(s["checksum_errors"].as_u64().unwrap() >= 1, "{s}");
+    // Reported where monitoring scrapes.
+    let metrics = http_get(&admin, "/metrics");
+    assert!(
+        metrics.contains("# TYPE rvol_checksum_errors_total counter")
+            && !metrics.contains("rvol_checksum_errors_total{volume=\"rot\"} 0"),
+        "{metrics}"
+    );
+    wait_until("r0 to be repaired", Duration::from_secs(60), || {
+        let s = status(&admin);
+        mode(&admin, 0) == "RW" && s["rebuilt_bytes"].as_u64().unwrap() > 0
+    });
+    // Rot in a snapshot layer of r1, found by a scrub rather than a read.
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rs[1].dir.join("replica.json")).unwrap()).unwrap();
+    let oldest = meta["chain"][0].as_str().unwrap();
+    assert!(oldest.starts_with("volume-snap-"), "{meta}");
+    let snap = rs[1].dir.join(oldest);
+    let f = std::fs::OpenOptions::new().write(true).open(&snap).unwrap();
+    f.write_all_at(&[0x00], 3 * 4096 + 99).unwrap();
+    drop(f);
+    let out = run_ok(RVOL, &["snapshot", "verify", "--admin", &admin]);
+    let bad: Vec<&str> = out.lines().filter(|l| l.contains(" bad ")).collect();
+    assert!(
+        bad.len() == 1 && bad[0].starts_with(&rs[1].addr) && bad[0].contains("1 bad"),
+        "{out}"
+    );
+    wait_until("r1 to be repaired", Duration::from_secs(60), || {
+        mode(&admin, 1) == "RW"
+    });
+    let out = run_ok(RVOL, &["snapshot", "verify", "--admin", &admin]);
+    assert_eq!(out.matches("all good").count(), 3, "{out}");
+    assert_eq!(engine.stop(), 0);
+    // r0 alone now holds good data.
+    rs[1].proc.kill9();
+    rs[2].proc.kill9();
+    let (_engine, uri, admin) = start_engine("rot", "16M", &addrs(&rs[..1]), &[]);
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x5c 0 8M"]);
+    assert_eq!(status(&admin)["checksum_errors"], 0);
+}

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::ids::Revision;
 use crate::proto::{
     decode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA,
-    FLAG_VERBATIM, PROTOCOL_VERSION, REPLY_HEADER_LEN,
+    FLAG_UNVERIFIED, FLAG_VERBATIM, PROTOCOL_VERSION, REPLY_HEADER_LEN,
 };
 use crate::server::Endpoint;
 use crate::store::{Owner, ReplicaInfo};
@@ -196,8 +196,17 @@ impl ReplicaClient {
     }
 
     pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes> {
+        self.read_with(offset, length, 0).await
+    }
+
+    /// Reads without checksum verification; see [`crate::checksum`].
+    pub async fn read_unverified(&self, offset: u64, length: u64) -> Result<Bytes> {
+        self.read_with(offset, length, FLAG_UNVERIFIED).await
+    }
+
+    async fn read_with(&self, offset: u64, length: u64, flags: u8) -> Result<Bytes> {
         let r = self
-            .call(Op::Read, 0, offset, length, 0, Bytes::new())
+            .call(Op::Read, flags, offset, length, 0, Bytes::new())
             .await?;
         if r.payload.len() as u64 != length {
             return Err(ClientError::Lost(format!(
@@ -366,6 +375,13 @@ impl ReplicaClient {
         self.call(Op::Expand, 0, size, 0, 0, Bytes::new())
             .await
             .map(drop)
+    }
+
+    /// Reads and checks every block the replica holds.
+    pub async fn scrub(&self) -> Result<crate::maintenance::ScrubReport> {
+        let r = self.call(Op::Scrub, 0, 0, 0, 0, Bytes::new()).await?;
+        serde_json::from_slice(&r.payload)
+            .map_err(|e| ClientError::Lost(format!("bad SCRUB reply: {e}")))
     }
 
     /// Allocation runs `(bytes, allocated)` of a range of one layer.

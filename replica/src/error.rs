@@ -24,6 +24,9 @@ pub enum Error {
     NoSpace(String),
     #[error("fenced: {0}")]
     Fenced(String),
+    /// Data read back does not match its checksum: bit rot or a stray write.
+    #[error("checksum mismatch: {0}")]
+    Checksum(String),
 }
 
 impl Error {

@@ -15,6 +15,7 @@
 //! (see the performance issue), and the store's API (owned buffers in,
 //! owned buffers out) is shaped so it can move there without changes above.
 
+pub mod checksum;
 pub mod client;
 pub mod dirty;
 pub mod error;

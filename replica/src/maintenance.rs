@@ -62,7 +62,6 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -71,7 +70,7 @@ use crate::ids::{BlockIndex, LayerPos, BLOCK_SIZE};
 use crate::meta::{self, LayerMeta, REPLICA_META};
 use crate::store::{
     build_index, check_snapshot_name, create_layer_file, data_extents_upto, layer_meta_path, lock,
-    next_head_name, now_secs, punch_file, Layer, Replica,
+    next_head_name, now_secs, punch_file, remove_layer_files, Layer, Replica,
 };
 
 /// Most bytes of a removed layer one purge step works through.
@@ -209,13 +208,20 @@ impl Replica {
                         .file
                         .write_all_at(&buf, gap_start)
                         .map_err(io(format!("writing {}", child.name)))?;
+                    crate::checksum::copy_entries(
+                        &lower.crc,
+                        &child.crc,
+                        gap_start / BLOCK_SIZE,
+                        (gap_end - gap_start) / BLOCK_SIZE,
+                    )
+                    .map_err(io(format!("copying checksums into {}", child.name)))?;
                 }
             }
         }
-        child
-            .file
-            .sync_data()
-            .map_err(io(format!("syncing {}", child.name)))?;
+        for f in [&child.file, &child.crc] {
+            f.sync_data()
+                .map_err(io(format!("syncing {}", child.name)))?;
+        }
         let _gate = self.lower_gate.write().unwrap_or_else(|e| e.into_inner());
         let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
         let mut bytes = 0;
@@ -309,8 +315,7 @@ impl Replica {
         };
         meta::write_json_atomic(&layer_meta_path(&self.dir, &child.name), &child_meta)?;
         child.meta = child_meta;
-        let _ = fs::remove_file(self.dir.join(&gone.name));
-        let _ = fs::remove_file(layer_meta_path(&self.dir, &gone.name));
+        remove_layer_files(&self.dir, &gone.name);
         tracing::info!(layer = %gone.name, "purged layer left the chain");
         Ok(())
     }
@@ -365,14 +370,11 @@ impl Replica {
         meta::write_json_atomic(&self.dir.join(REPLICA_META), &next_meta)?;
         *meta = next_meta;
         for gone in layers.drain(pos + 1..) {
-            let _ = fs::remove_file(self.dir.join(&gone.name));
-            let _ = fs::remove_file(layer_meta_path(&self.dir, &gone.name));
+            remove_layer_files(&self.dir, &gone.name);
         }
-        layers.push(Layer {
-            name: new_head,
-            meta: head_meta,
-            file: Arc::new(head_file),
-        });
+        layers.push(Layer::with_file(
+            &self.dir, new_head, head_meta, head_file, size,
+        )?);
         *self.index.write().unwrap_or_else(|e| e.into_inner()) = build_index(size, &layers)?;
         self.revision.fetch_add(1, Ordering::AcqRel);
         tracing::info!(snapshot = %name, "reverted to snapshot");
@@ -395,12 +397,14 @@ impl Replica {
             )));
         }
         for l in layers.iter() {
-            l.file
-                .set_len(new_size)
-                .map_err(io(format!("growing {}", l.name)))?;
-            l.file
-                .sync_all()
-                .map_err(io(format!("syncing {}", l.name)))?;
+            for (file, len) in [
+                (&l.file, new_size),
+                (&l.crc, crate::checksum::sidecar_len(new_size)),
+            ] {
+                file.set_len(len)
+                    .map_err(io(format!("growing {}", l.name)))?;
+                file.sync_all().map_err(io(format!("syncing {}", l.name)))?;
+            }
         }
         let mut meta = lock(&self.meta);
         let mut next_meta = meta.clone();
@@ -415,6 +419,106 @@ impl Replica {
         tracing::info!(from = size, to = new_size, "volume expanded");
         Ok(())
     }
+}
+
+/// What a scrub found; see [`Replica::scrub`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubReport {
+    /// Blocks holding data that were read and checked, over all layers.
+    pub blocks_checked: u64,
+    /// Blocks whose data matches neither checksum slot: `(layer, byte)`,
+    /// the first [`SCRUB_REPORT_MAX`] of them.
+    pub bad: Vec<(String, u64)>,
+    pub bad_blocks: u64,
+}
+
+pub const SCRUB_REPORT_MAX: usize = 64;
+
+impl Replica {
+    /// Reads every block every layer holds and checks it against its
+    /// checksums. Runs beside client I/O: a block that fails is read again
+    /// and counted only if it still holds data that fails (a trim may have
+    /// punched it meanwhile).
+    pub fn scrub(&self) -> Result<ScrubReport> {
+        const PIECE: u64 = 1 << 20;
+        let mut report = ScrubReport::default();
+        // Handles, not the chain lock: a scrub is long, and a snapshot
+        // waiting for the lock would stall client I/O behind it.
+        let layers: Vec<Layer> = self
+            .layers()
+            .iter()
+            .map(|l| Layer {
+                name: l.name.clone(),
+                meta: l.meta.clone(),
+                file: l.file.clone(),
+                crc: l.crc.clone(),
+            })
+            .collect();
+        let size = self.size();
+        let mut buf = vec![0u8; PIECE as usize];
+        for layer in layers.iter() {
+            let extents = block_aligned(
+                crate::store::data_extents_in(&layer.file, 0, size)
+                    .map_err(io(format!("mapping {}", layer.name)))?,
+                size,
+            );
+            for (start, end) in extents {
+                let mut at = start;
+                while at < end {
+                    let n = PIECE.min(end - at) as usize;
+                    let part = &mut buf[..n];
+                    layer
+                        .file
+                        .read_exact_at(part, at)
+                        .map_err(io(format!("reading {}", layer.name)))?;
+                    report.blocks_checked += n as u64 / BLOCK_SIZE;
+                    let mut from = at / BLOCK_SIZE;
+                    while let Some(b) = crate::checksum::verify(
+                        &layer.crc,
+                        from,
+                        &part[((from * BLOCK_SIZE - at) as usize)..],
+                    )
+                    .map_err(io(format!("reading checksums of {}", layer.name)))?
+                    {
+                        if still_bad(layer, b)? {
+                            report.bad_blocks += 1;
+                            if report.bad.len() < SCRUB_REPORT_MAX {
+                                report.bad.push((layer.name.clone(), b * BLOCK_SIZE));
+                            }
+                        }
+                        from = b + 1;
+                        if from * BLOCK_SIZE >= at + n as u64 {
+                            break;
+                        }
+                    }
+                    at += n as u64;
+                }
+            }
+        }
+        if report.bad_blocks > 0 {
+            tracing::error!(bad_blocks = report.bad_blocks, first = ?report.bad.first(), "scrub found blocks that fail their checksums");
+        }
+        Ok(report)
+    }
+}
+
+/// Whether a block that failed in a scrub still holds data that fails.
+fn still_bad(layer: &Layer, block: u64) -> Result<bool> {
+    let at = block * BLOCK_SIZE;
+    let allocated = !crate::store::data_extents_in(&layer.file, at, at + BLOCK_SIZE)
+        .map_err(io(format!("mapping {}", layer.name)))?
+        .is_empty();
+    if !allocated {
+        return Ok(false);
+    }
+    let mut b = vec![0u8; BLOCK_SIZE as usize];
+    layer
+        .file
+        .read_exact_at(&mut b, at)
+        .map_err(io(format!("reading {}", layer.name)))?;
+    Ok(crate::checksum::verify(&layer.crc, block, &b)
+        .map_err(io(format!("reading checksums of {}", layer.name)))?
+        .is_some())
 }
 
 /// Largest volume: 64 TiB (the index addresses blocks with room to spare;

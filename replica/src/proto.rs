@@ -49,6 +49,8 @@ pub const FLAG_FUA: u8 = 1;
 /// WRITE_LAYER flag: write zero blocks as data instead of punching them
 /// (an allocated zero block shadows the layers below it; a hole does not).
 pub const FLAG_VERBATIM: u8 = 2;
+/// READ flag: skip checksum verification (the engine's last resort).
+pub const FLAG_UNVERIFIED: u8 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -95,6 +97,9 @@ pub enum Op {
     /// Allocation of offset/length in layer `payload` (reply payload:
     /// [`encode_extents`]).
     LayerAllocation = 21,
+    /// Read and check every block of every layer; reply payload: JSON
+    /// `ScrubReport`.
+    Scrub = 22,
 }
 
 impl Op {
@@ -121,6 +126,7 @@ impl Op {
             19 => Op::Revert,
             20 => Op::Expand,
             21 => Op::LayerAllocation,
+            22 => Op::Scrub,
             _ => return None,
         })
     }
@@ -139,6 +145,8 @@ pub enum Status {
     VersionMismatch = 6,
     Unsupported = 7,
     Corrupt = 8,
+    /// Data did not match its checksum (see [`crate::checksum`]).
+    Checksum = 9,
 }
 
 impl Status {
@@ -152,6 +160,7 @@ impl Status {
             5 => Status::WrongVolume,
             6 => Status::VersionMismatch,
             7 => Status::Unsupported,
+            9 => Status::Checksum,
             _ => Status::Corrupt,
         }
     }

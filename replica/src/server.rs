@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use crate::error::Error;
 use crate::proto::{
     encode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA,
-    FLAG_VERBATIM, HELLO_LEN, MAX_PAYLOAD, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
+    FLAG_UNVERIFIED, FLAG_VERBATIM, HELLO_LEN, MAX_PAYLOAD, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
 };
 use crate::store::{Owner, Replica};
 
@@ -136,6 +136,7 @@ impl Reply {
             Error::Fenced(_) => Status::Fenced,
             Error::Mismatch(_) => Status::WrongVolume,
             Error::Corrupt(_) | Error::NotAReplica(_) => Status::Corrupt,
+            Error::Checksum(_) => Status::Checksum,
         };
         Reply::error(id, status, e)
     }
@@ -379,7 +380,8 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 | Op::PurgeStep
                 | Op::Revert
                 | Op::Expand
-                | Op::LayerAllocation),
+                | Op::LayerAllocation
+                | Op::Scrub),
             ) => {
                 // Rebuild and snapshot work is slow: off the connection's task.
                 let (data, h) = (std::mem::take(&mut payload), h);
@@ -416,6 +418,9 @@ fn run_inline(
                     "read of {} bytes exceeds {MAX_PAYLOAD}",
                     h.length
                 )));
+            }
+            if h.flags & FLAG_UNVERIFIED != 0 {
+                return ok(replica.read_unverified(h.offset, h.length)?.into());
             }
             ok(replica.read(h.offset, h.length)?.into())
         }
@@ -562,6 +567,10 @@ fn run_layer_op(
             r.expand(h.offset)?;
             Ok((0, Bytes::new()))
         }
+        Op::Scrub => Ok((
+            0,
+            serde_json::to_vec(&r.scrub()?).unwrap_or_default().into(),
+        )),
         Op::LayerAllocation => Ok((
             0,
             encode_extents(&r.layer_allocation(layer_name(payload)?, h.offset, h.length)?).into(),

@@ -45,6 +45,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::checksum;
 use crate::dirty::DirtyMap;
 use crate::error::{Error, Result};
 use crate::ids::{BlockIndex, Generation, LayerPos, Revision, BLOCK_SIZE};
@@ -112,6 +113,59 @@ pub(crate) struct Layer {
     pub(crate) name: String,
     pub(crate) meta: LayerMeta,
     pub(crate) file: Arc<File>,
+    /// Its checksum sidecar ([`crate::checksum`]).
+    pub(crate) crc: Arc<File>,
+}
+
+impl Layer {
+    /// A layer whose data file is open; opens (or creates) its sidecar.
+    pub(crate) fn with_file(
+        dir: &Path,
+        name: String,
+        meta: LayerMeta,
+        file: File,
+        size: u64,
+    ) -> Result<Layer> {
+        let crc = open_sidecar(dir, &name, size)?;
+        Ok(Layer {
+            name,
+            meta,
+            file: Arc::new(file),
+            crc: Arc::new(crc),
+        })
+    }
+}
+
+/// Opens the checksum sidecar of layer `name`, creating it if missing (a
+/// replica from before checksums) and lengthening it if short (an
+/// expansion cut short).
+pub(crate) fn open_sidecar(dir: &Path, name: &str, size: u64) -> Result<File> {
+    let sidecar = checksum::sidecar_name(name);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(&sidecar))
+        .map_err(|e| Error::io(format!("opening {sidecar}"), e))?;
+    let want = checksum::sidecar_len(size);
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io(format!("stat {sidecar}"), e))?
+        .len();
+    if len < want {
+        f.set_len(want)
+            .map_err(|e| Error::io(format!("sizing {sidecar}"), e))?;
+    }
+    Ok(f)
+}
+
+/// Removes a layer's data, metadata and sidecar files (best effort: what
+/// is left is a stray the next open removes).
+pub(crate) fn remove_layer_files(dir: &Path, name: &str) {
+    let _ = fs::remove_file(dir.join(name));
+    let _ = fs::remove_file(layer_meta_path(dir, name));
+    let _ = fs::remove_file(dir.join(checksum::sidecar_name(name)));
 }
 
 /// An open replica; see the module documentation.
@@ -349,11 +403,13 @@ impl Replica {
                 )));
             }
             let lmeta: LayerMeta = meta::read_json(&layer_meta_path(dir, name))?;
-            layers.push(Layer {
-                name: name.clone(),
-                meta: lmeta,
-                file: Arc::new(file),
-            });
+            layers.push(Layer::with_file(
+                dir,
+                name.clone(),
+                lmeta,
+                file,
+                rmeta.size,
+            )?);
         }
         remove_strays(dir, &rmeta.chain);
         let state = StateFile::open(dir)?;
@@ -516,13 +572,14 @@ impl Replica {
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf`, which must hold
-    /// zeros: holes are left as they are.
-    fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// zeros: holes are left as they are. With `verify`, every block read
+    /// from a layer is checked against its checksums.
+    fn read_into(&self, offset: u64, buf: &mut [u8], verify: bool) -> Result<()> {
         let len = buf.len() as u64;
         // Lock order everywhere: layers, then the lower gate, then the index.
         let layers = self.layers();
         let _gate = self.lower_gate.read().unwrap_or_else(|e| e.into_inner());
-        let mut reads: Vec<(&File, u64, usize, usize)> = Vec::new();
+        let mut reads: Vec<(&Layer, u64, usize, usize)> = Vec::new();
         {
             let index = self.index.read().unwrap_or_else(|e| e.into_inner());
             let first = BlockIndex(offset / BLOCK_SIZE);
@@ -533,7 +590,7 @@ impl Replica {
                         Error::Corrupt(format!("index names layer {pos}, chain is shorter"))
                     })?;
                     reads.push((
-                        &layer.file,
+                        layer,
                         at,
                         (at - offset) as usize,
                         (count * BLOCK_SIZE) as usize,
@@ -541,18 +598,33 @@ impl Replica {
                 }
             }
         }
-        for (file, at, from, n) in reads {
-            file.read_exact_at(&mut buf[from..from + n], at)
+        for (layer, at, from, n) in reads {
+            let part = &mut buf[from..from + n];
+            layer
+                .file
+                .read_exact_at(part, at)
                 .map_err(|e| Error::io(format!("reading {n} bytes at {at}"), e))?;
+            if verify {
+                check_blocks(layer, at, part)?;
+            }
         }
         Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` without checking checksums: for when
+    /// no replica has a copy that passes (see [`crate::checksum`]).
+    pub fn read_unverified(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.check_range(offset, len)?;
+        let mut buf = vec![0u8; len as usize];
+        self.read_into(offset, &mut buf, false)?;
+        Ok(buf)
     }
 
     /// Reads `len` bytes at `offset`.
     pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.check_range(offset, len)?;
         let mut buf = vec![0u8; len as usize];
-        self.read_into(offset, &mut buf)?;
+        self.read_into(offset, &mut buf, true)?;
         Ok(buf)
     }
 
@@ -606,6 +678,9 @@ impl Replica {
         self.before_modify(offset, data.len() as u64, epoch)?;
         let layers = self.layers();
         let (head, pos) = Self::head_of(&layers);
+        // Checksums first; see `checksum` for why that order is safe.
+        checksum::record_pending(&layers[pos.0 as usize].crc, offset / BLOCK_SIZE, data)
+            .map_err(|e| Error::io("recording checksums", e))?;
         head.write_all_at(data, offset)
             .map_err(|e| Error::io(format!("writing {} bytes at {offset}", data.len()), e))?;
         self.index.write().unwrap_or_else(|e| e.into_inner()).set(
@@ -646,8 +721,11 @@ impl Replica {
             const STEP: u64 = 1 << 20;
             let zeros = vec![0u8; STEP.min(len) as usize];
             let mut at = offset;
+            let crc = &layers[pos.0 as usize].crc;
             while at < offset + len {
                 let n = STEP.min(offset + len - at);
+                checksum::record_pending(crc, at / BLOCK_SIZE, &zeros[..n as usize])
+                    .map_err(|e| Error::io("recording checksums", e))?;
                 head.write_all_at(&zeros[..n as usize], at)
                     .map_err(|e| Error::io(format!("writing zeroes at {at}"), e))?;
                 at += n;
@@ -687,9 +765,13 @@ impl Replica {
         let _serial = lock(&self.flush_lock);
         let revision = Revision(self.revision.load(Ordering::Acquire));
         let layers = self.layers();
-        let (head, _) = Self::head_of(&layers);
+        let (head, pos) = Self::head_of(&layers);
         head.sync_data()
             .map_err(|e| Error::io("syncing the head layer", e))?;
+        layers[pos.0 as usize]
+            .crc
+            .sync_data()
+            .map_err(|e| Error::io("syncing the head's checksums", e))?;
         let mut state = lock(&self.state);
         let cur = state.current();
         let rec = StateRecord {
@@ -788,8 +870,16 @@ impl Replica {
         let old_head = head.name.clone();
         let new_head = next_head_name(&old_head);
         let dir = &self.dir;
+        head.crc
+            .sync_all()
+            .map_err(|e| Error::io("syncing the head's checksums", e))?;
         fs::hard_link(dir.join(&old_head), dir.join(&snap))
             .map_err(|e| Error::io(format!("linking {snap}"), e))?;
+        fs::hard_link(
+            dir.join(checksum::sidecar_name(&old_head)),
+            dir.join(checksum::sidecar_name(&snap)),
+        )
+        .map_err(|e| Error::io(format!("linking the checksums of {snap}"), e))?;
         let snap_meta = LayerMeta {
             user_created,
             created: now_secs(),
@@ -813,28 +903,31 @@ impl Replica {
         meta::write_json_atomic(&dir.join(REPLICA_META), &next_meta)?;
         *meta = next_meta;
         // The switch is durable; the old head's name is now a stray.
-        let _ = fs::remove_file(dir.join(&old_head));
-        let _ = fs::remove_file(layer_meta_path(dir, &old_head));
+        remove_layer_files(dir, &old_head);
         let last = layers.last_mut().expect("chain is never empty");
         last.name = snap.clone();
         last.meta = snap_meta;
-        layers.push(Layer {
-            name: new_head,
-            meta: head_meta,
-            file: Arc::new(file),
-        });
+        layers.push(Layer::with_file(
+            dir,
+            new_head,
+            head_meta,
+            file,
+            self.size(),
+        )?);
         tracing::info!(snapshot = %snap, "snapshot taken");
         Ok(snap)
     }
 
-    fn layer_file(&self, name: &str) -> Result<Arc<File>> {
-        let layers = self.layers();
+    fn below_head<'a>(layers: &'a [Layer], name: &str) -> Result<&'a Layer> {
         let (_, below_head) = layers.split_last().expect("chain is never empty");
         below_head
             .iter()
             .find(|l| l.name == name)
-            .map(|l| l.file.clone())
             .ok_or_else(|| Error::Invalid(format!("no snapshot layer {name:?} below the head")))
+    }
+
+    fn layer_file(&self, name: &str) -> Result<Arc<File>> {
+        Self::below_head(&self.layers(), name).map(|l| l.file.clone())
     }
 
     /// crc32c of each [`REBUILD_CHUNK`] of layer `name` in the range, over
@@ -875,10 +968,24 @@ impl Replica {
     /// Reads a range of one layer (its holes read as zeros).
     pub fn read_layer(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.check_range(offset, len)?;
-        let file = self.layer_file(name)?;
+        let layers = self.layers();
+        let layer = Self::below_head(&layers, name)?;
         let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset)
+        layer
+            .file
+            .read_exact_at(&mut buf, offset)
             .map_err(|e| Error::io(format!("reading {name}"), e))?;
+        // Holes read as zeros and have no checksum to match: check data only.
+        for (s, e) in data_extents_in(&layer.file, offset, offset + len)
+            .map_err(|e| Error::io(format!("mapping {name}"), e))?
+        {
+            let (s, e) = (
+                s / BLOCK_SIZE * BLOCK_SIZE,
+                e.div_ceil(BLOCK_SIZE) * BLOCK_SIZE,
+            );
+            let (s, e) = (s.max(offset), e.min(offset + len));
+            check_blocks(layer, s, &buf[(s - offset) as usize..(e - offset) as usize])?;
+        }
         Ok(buf)
     }
 
@@ -916,11 +1023,18 @@ impl Replica {
     /// them as data (an allocated zero block shadows the layers below).
     pub fn write_layer(&self, name: &str, offset: u64, data: &[u8], verbatim: bool) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
-        let file = self.layer_file(name)?;
+        let layers = self.layers();
+        let layer = Self::below_head(&layers, name)?;
+        let write = |at: u64, part: &[u8]| -> Result<()> {
+            checksum::record_settled(&layer.crc, at / BLOCK_SIZE, part)
+                .map_err(|e| Error::io(format!("recording checksums of {name}"), e))?;
+            layer
+                .file
+                .write_all_at(part, at)
+                .map_err(|e| Error::io(format!("writing {name}"), e))
+        };
         if verbatim {
-            return file
-                .write_all_at(data, offset)
-                .map_err(|e| Error::io(format!("writing {name}"), e));
+            return write(offset, data);
         }
         let bs = BLOCK_SIZE as usize;
         let mut i = 0;
@@ -932,10 +1046,9 @@ impl Replica {
             }
             let at = offset + i as u64;
             if zero {
-                punch_file(&file, at, (j - i) as u64)?;
+                punch_file(&layer.file, at, (j - i) as u64)?;
             } else {
-                file.write_all_at(&data[i..j], at)
-                    .map_err(|e| Error::io(format!("writing {name}"), e))?;
+                write(at, &data[i..j])?;
             }
             i = j;
         }
@@ -971,11 +1084,13 @@ impl Replica {
                 None => create_layer_file(dir, name, self.size())?,
             };
             meta::write_json_atomic(&layer_meta_path(dir, name), lmeta)?;
-            next.push(Layer {
-                name: name.clone(),
-                meta: lmeta.clone(),
-                file: Arc::new(file),
-            });
+            next.push(Layer::with_file(
+                dir,
+                name.clone(),
+                lmeta.clone(),
+                file,
+                self.size(),
+            )?);
         }
         let mut next_meta = meta.clone();
         next_meta.chain = next
@@ -987,8 +1102,7 @@ impl Replica {
         meta::write_json_atomic(&dir.join(REPLICA_META), &next_meta)?;
         *meta = next_meta;
         for l in old {
-            let _ = fs::remove_file(dir.join(&l.name));
-            let _ = fs::remove_file(layer_meta_path(dir, &l.name));
+            remove_layer_files(dir, &l.name);
         }
         next.push(head);
         *layers = next;
@@ -1001,9 +1115,10 @@ impl Replica {
     pub fn finish_rebuild(&self, revision: Revision) -> Result<()> {
         let layers = self.layers();
         for l in layers.iter() {
-            l.file
-                .sync_all()
-                .map_err(|e| Error::io(format!("syncing {}", l.name), e))?;
+            for f in [&l.file, &l.crc] {
+                f.sync_all()
+                    .map_err(|e| Error::io(format!("syncing {}", l.name), e))?;
+            }
         }
         {
             // Under the index lock, so head writes in flight land after.
@@ -1050,7 +1165,10 @@ fn remove_strays(dir: &Path, chain: &[String]) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let layer = name.strip_suffix(".meta").unwrap_or(&name);
+        let layer = name
+            .strip_suffix(".meta")
+            .or_else(|| name.strip_suffix(".crc"))
+            .unwrap_or(&name);
         let ours = layer.starts_with("volume-") && layer.ends_with(".img");
         if ours && !chain.iter().any(|c| c == layer) {
             tracing::info!(file = %name, "removing a stray file of an interrupted snapshot or rebuild");
@@ -1077,6 +1195,20 @@ pub(crate) fn punch_file(file: &File, offset: u64, len: u64) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Checks blocks just read from `layer` at byte `at` against its checksums.
+fn check_blocks(layer: &Layer, at: u64, data: &[u8]) -> Result<()> {
+    match checksum::verify(&layer.crc, at / BLOCK_SIZE, data)
+        .map_err(|e| Error::io(format!("reading checksums of {}", layer.name), e))?
+    {
+        None => Ok(()),
+        Some(block) => Err(Error::Checksum(format!(
+            "block {block} (byte {}) of {} does not match its checksum",
+            block * BLOCK_SIZE,
+            layer.name
+        ))),
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

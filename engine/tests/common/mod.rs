@@ -205,6 +205,21 @@ pub fn status(admin: &str) -> serde_json::Value {
     serde_json::from_str(&out).expect("status JSON")
 }
 
+/// GETs `path` from an admin address over plain HTTP; returns the body.
+pub fn http_get(admin: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(admin).expect("connecting to the admin API");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: rvol\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
 pub fn tool_available(name: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {name}")])
