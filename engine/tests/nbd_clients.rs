@@ -13,19 +13,7 @@ fn qemu_img_round_trip_of_a_random_image() {
     let (_engine, uri, _) = start_engine("img", "64M", &addrs(&rs), &[]);
     let src = tmp.path().join("src.img");
     std::fs::write(&src, pseudo_random(7, 64 << 20)).unwrap();
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            src.to_str().unwrap(),
-            &uri,
-        ],
-    );
+    import_file(&src, &uri);
     let back = tmp.path().join("back.img");
     export_to_file(&uri, &back);
     assert_eq!(sha256_file(&src), sha256_file(&back));

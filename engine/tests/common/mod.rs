@@ -158,6 +158,25 @@ pub fn start_engine(
     extra: &[&str],
 ) -> (Proc, String, String) {
     let nbd = format!("127.0.0.1:{}", free_port());
+    let mut frontend = vec!["--nbd-listen", &nbd];
+    frontend.extend_from_slice(extra);
+    let (p, admin) = start_engine_with(name, size, replicas, &frontend);
+    (p, format!("nbd://{nbd}"), admin)
+}
+
+/// An engine in maintenance mode (`--frontend none`): the admin API only.
+pub fn start_maintenance_engine(name: &str, size: &str, replicas: &[String]) -> (Proc, String) {
+    start_engine_with(name, size, replicas, &["--frontend", "none"])
+}
+
+/// An engine with the admin API on a fresh port; returns it and the API's
+/// address.
+fn start_engine_with(
+    name: &str,
+    size: &str,
+    replicas: &[String],
+    extra: &[&str],
+) -> (Proc, String) {
     let admin = format!("127.0.0.1:{}", free_port());
     let mut args = vec![
         "engine",
@@ -165,8 +184,6 @@ pub fn start_engine(
         name,
         "--size",
         size,
-        "--nbd-listen",
-        &nbd,
         "--admin-listen",
         &admin,
     ];
@@ -175,8 +192,7 @@ pub fn start_engine(
         args.push(r);
     }
     args.extend_from_slice(extra);
-    let p = Proc::start(&args);
-    (p, format!("nbd://{nbd}"), admin)
+    (Proc::start(&args), admin)
 }
 
 /// Runs a command, returning its output; panics if it cannot start.
@@ -279,28 +295,6 @@ pub fn import_file(src: &Path, uri: &str) {
             uri,
         ],
     );
-}
-
-/// Starts an engine in maintenance mode (`--frontend none`): the admin API
-/// only. Returns it and its admin address.
-pub fn start_maintenance_engine(name: &str, size: &str, replicas: &[String]) -> (Proc, String) {
-    let admin = format!("127.0.0.1:{}", free_port());
-    let mut args = vec![
-        "engine",
-        "--name",
-        name,
-        "--size",
-        size,
-        "--frontend",
-        "none",
-        "--admin-listen",
-        &admin,
-    ];
-    for r in replicas {
-        args.push("--replica");
-        args.push(r);
-    }
-    (Proc::start(&args), admin)
 }
 
 /// Bytes allocated on disk by the files of a directory.
