@@ -527,7 +527,7 @@ impl ReplicatedVolume {
         // Refuse what every replica would refuse before asking any: a
         // replica that fails a snapshot is dropped from the set.
         rvol_replica::store::check_snapshot_name(name).map_err(|e| e.to_string())?;
-        let file = format!("volume-snap-{name}.img");
+        let file = rvol_replica::maintenance::snapshot_file(name);
         if self.layers().await?.iter().any(|l| l.name == file) {
             return Err(format!("snapshot {name} exists"));
         }

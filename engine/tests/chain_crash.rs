@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::direct::*;
+use common::{block_for, id_of};
 use futures::future::join_all;
 use rvol_replica::client::ReplicaClient;
 use rvol_replica::BLOCK_SIZE;

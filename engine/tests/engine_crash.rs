@@ -12,27 +12,6 @@ const SIZE: u64 = 1 << 30;
 const BLOCK: u64 = 4096;
 const BLOCKS: u64 = SIZE / BLOCK;
 
-/// Block contents that name the write that produced them.
-fn block_for(id: u64, block: u64) -> Vec<u8> {
-    let mut b = pseudo_random(id.wrapping_mul(0x9e37_79b9) ^ block, BLOCK as usize);
-    b[..8].copy_from_slice(&id.to_le_bytes());
-    b[8..16].copy_from_slice(&block.to_le_bytes());
-    b
-}
-
-fn id_of(data: &[u8], block: u64) -> Option<u64> {
-    if data.iter().all(|&b| b == 0) {
-        return None;
-    }
-    let id = u64::from_le_bytes(data[..8].try_into().unwrap());
-    assert_eq!(
-        data,
-        &block_for(id, block)[..],
-        "block {block} holds a torn or foreign write"
-    );
-    Some(id)
-}
-
 /// The replicas' head files hold the same bytes at every block ever written.
 fn assert_replicas_identical(rs: &[ReplicaProc], blocks: &BTreeSet<u64>, round: u32) {
     use std::os::unix::fs::FileExt;

@@ -209,19 +209,7 @@ fn data_survives_engine_restart() {
     std::fs::write(&src, pseudo_random(99, 32 << 20)).unwrap();
     {
         let (mut engine, uri, _) = start_engine("restart", "32M", &addrs(&rs), &[]);
-        run_ok(
-            "qemu-img",
-            &[
-                "convert",
-                "-n",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                src.to_str().unwrap(),
-                &uri,
-            ],
-        );
+        import_file(&src, &uri);
         assert_eq!(engine.stop(), 0, "clean stop exits 0");
     }
     // The pod is re-created: a new engine on the same replicas.

@@ -859,7 +859,7 @@ impl Replica {
         let _serial = lock(&self.flush_lock);
         let mut layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
         let mut meta = lock(&self.meta);
-        let snap = format!("volume-snap-{name}.img");
+        let snap = crate::maintenance::snapshot_file(name);
         if meta.chain.contains(&snap) {
             return Err(Error::Mismatch(format!("snapshot {name} exists")));
         }

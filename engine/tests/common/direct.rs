@@ -4,10 +4,10 @@ use std::path::Path;
 
 use rvol_replica::client::ReplicaClient;
 use rvol_replica::server::Endpoint;
-use rvol_replica::{Generation, Owner, BLOCK_SIZE};
+use rvol_replica::{Generation, Owner};
 use uuid::Uuid;
 
-use super::{pseudo_random, Proc};
+use super::Proc;
 
 pub const VOLUME: Uuid = Uuid::from_u128(0x1234);
 
@@ -40,25 +40,4 @@ pub async fn connect(
     ReplicaClient::connect(&ep, VOLUME, owner, 2)
         .await
         .map(|(c, _)| c)
-}
-
-/// Block contents that name the write that produced them.
-pub fn block_for(id: u64, block: u64) -> Vec<u8> {
-    let mut b = pseudo_random(id.wrapping_mul(0x9e37_79b9) ^ block, BLOCK_SIZE as usize);
-    b[..8].copy_from_slice(&id.to_le_bytes());
-    b[8..16].copy_from_slice(&block.to_le_bytes());
-    b
-}
-
-pub fn id_of(data: &[u8], block: u64) -> Option<u64> {
-    if data.iter().all(|&b| b == 0) {
-        return None;
-    }
-    let id = u64::from_le_bytes(data[..8].try_into().unwrap());
-    assert_eq!(
-        data,
-        &block_for(id, block)[..],
-        "block {block} holds a torn or foreign write"
-    );
-    Some(id)
 }

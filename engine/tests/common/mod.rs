@@ -563,3 +563,27 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Block contents that name the write that produced them.
+pub fn block_for(id: u64, block: u64) -> Vec<u8> {
+    let mut b = pseudo_random(
+        id.wrapping_mul(0x9e37_79b9) ^ block,
+        rvol_replica::BLOCK_SIZE as usize,
+    );
+    b[..8].copy_from_slice(&id.to_le_bytes());
+    b[8..16].copy_from_slice(&block.to_le_bytes());
+    b
+}
+
+pub fn id_of(data: &[u8], block: u64) -> Option<u64> {
+    if data.iter().all(|&b| b == 0) {
+        return None;
+    }
+    let id = u64::from_le_bytes(data[..8].try_into().unwrap());
+    assert_eq!(
+        data,
+        &block_for(id, block)[..],
+        "block {block} holds a torn or foreign write"
+    );
+    Some(id)
+}
