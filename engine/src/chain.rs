@@ -89,11 +89,7 @@ impl ReplicatedVolume {
                 }
             }
         }
-        for slot in self.slots() {
-            if !applied.iter().any(|a| Arc::ptr_eq(a, &slot)) {
-                slot.mark_missed();
-            }
-        }
+        self.mark_missed_except(&applied);
         if !applied.iter().any(|s| s.mode() == Mode::RW) {
             return Err(format!("no RW replica applied the {what}"));
         }

@@ -422,11 +422,7 @@ impl ReplicatedVolume {
                 self.hold_for_replicas(what).await?;
                 continue;
             }
-            for slot in &self.slots() {
-                if !applied.iter().any(|a| Arc::ptr_eq(a, slot)) {
-                    slot.missed.store(true, Ordering::Release);
-                }
-            }
+            self.mark_missed_except(&applied);
             return Ok(());
         }
     }
@@ -434,6 +430,16 @@ impl ReplicatedVolume {
     /// The volume grew (see [`ReplicatedVolume::expand`]).
     pub fn set_size(&self, size: u64) {
         self.size.store(size, Ordering::Release);
+    }
+
+    /// Every replica not in `applied` missed a change: it comes back only
+    /// through a rebuild.
+    pub(crate) fn mark_missed_except(&self, applied: &[Arc<ReplicaSlot>]) {
+        for slot in self.slots() {
+            if !applied.iter().any(|a| Arc::ptr_eq(a, &slot)) {
+                slot.mark_missed();
+            }
+        }
     }
 
     pub fn attach_info(&self) -> AttachInfo {
@@ -502,11 +508,7 @@ impl ReplicatedVolume {
         }
         // A replica without this layer has another chain: it comes back
         // through a rebuild, never as it is.
-        for slot in self.slots() {
-            if !applied.iter().any(|a| Arc::ptr_eq(a, &slot)) {
-                slot.mark_missed();
-            }
-        }
+        self.mark_missed_except(&applied);
         if self.rw_count() == 0 {
             return Err("no RW replica took the snapshot".into());
         }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::direct::*;
-use common::{block_for, id_of};
+use common::{block_for, id_of, xorshift};
 use futures::future::join_all;
 use rvol_replica::client::ReplicaClient;
 use rvol_replica::BLOCK_SIZE;
@@ -84,13 +84,7 @@ async fn sigkill_during_snapshot_create_and_purge_keeps_chain_and_data() {
     let mut model: HashMap<u64, u64> = HashMap::new();
     let mut kept: Vec<String> = Vec::new();
     let mut next_id = 0u64;
-    let mut rng = 0xc0ffee_u64;
-    let mut rand = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rand = xorshift(0xc0ffee_u64);
     let mut p = start_replica(tmp.path(), &ep, "32M");
     // Longest a purge took when the kill came too late; kills are drawn
     // below it, so most land mid-purge.

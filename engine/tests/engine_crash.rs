@@ -41,13 +41,7 @@ fn engine_sigkill_loses_no_flushed_write_and_reconciles_only_dirty_regions() {
     let (mut engine, mut uri, _) = start_engine("crash", "1G", &addrs(&rs), &[]);
     let mut durable: HashMap<u64, u64> = HashMap::new();
     let mut next_id = 0u64;
-    let mut rng = 0xc0ffee_u64;
-    let mut rand = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rand = xorshift(0xc0ffee_u64);
     let mut copied = Vec::new();
     let mut touched = BTreeSet::new();
     for round in 1..=20 {

@@ -73,5 +73,5 @@ fn hostile_clients_lose_only_their_own_connection() {
     good.request(0, 3, 8192, 4096, &[]);
     assert_eq!(good.reply(4096).2, vec![0u8; 4096]);
     assert!(engine.is_running());
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x42 0 4096"]);
+    qemu_io(&uri, &["read -P 0x42 0 4096"]);
 }

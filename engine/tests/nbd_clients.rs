@@ -36,35 +36,20 @@ fn qemu_io_unaligned_patterns() {
     let tmp = tempfile::tempdir().unwrap();
     let rs = three_replicas(tmp.path(), "16M");
     let (_engine, uri, _) = start_engine("io", "16M", &addrs(&rs), &[]);
-    let out = run_ok(
-        "qemu-io",
+    let out = qemu_io(
+        &uri,
         &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
             "write -P 0xab 512 4096",
-            "-c",
             "write -P 0xcd 1536 512",
-            "-c",
             "write -P 0x11 8191 3",
-            "-c",
             "write -P 0x22 12800 9000",
-            "-c",
             "read -P 0xab 512 1024",
-            "-c",
             "read -P 0xcd 1536 512",
-            "-c",
             "read -P 0xab 2048 2560",
-            "-c",
             "read -P 0 0 512",
-            "-c",
             "read -P 0x11 8191 3",
-            "-c",
             "read -P 0 8194 4606",
-            "-c",
             "read -P 0x22 12800 9000",
-            "-c",
             "read -P 0 21800 1000",
         ],
     );
@@ -88,7 +73,7 @@ fn nbdinfo_shows_size_allocation_and_trimmed_holes() {
         .any(|c| c == "base:allocation"));
     assert_eq!(export["block_size_minimum"], 512);
     assert_eq!(export["block_size_preferred"], 4096);
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x5a 1M 2M"]);
+    qemu_io(&uri, &["write -P 0x5a 1M 2M"]);
     let map = run_ok("nbdinfo", &["--map", "--json", &uri]);
     let m: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
     let data: Vec<_> = m.iter().filter(|e| e["type"] == 0).collect();
@@ -97,7 +82,7 @@ fn nbdinfo_shows_size_allocation_and_trimmed_holes() {
         (data[0]["offset"].as_u64(), data[0]["length"].as_u64()),
         (Some(1 << 20), Some(2 << 20))
     );
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "discard 1M 1M"]);
+    qemu_io(&uri, &["discard 1M 1M"]);
     let map = run_ok("nbdinfo", &["--map", "--json", &uri]);
     let m: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
     let data: Vec<_> = m.iter().filter(|e| e["type"] == 0).collect();
@@ -106,18 +91,7 @@ fn nbdinfo_shows_size_allocation_and_trimmed_holes() {
         (data[0]["offset"].as_u64(), data[0]["length"].as_u64()),
         (Some(2 << 20), Some(1 << 20))
     );
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
-            "read -P 0 1M 1M",
-            "-c",
-            "read -P 0x5a 2M 1M",
-        ],
-    );
+    qemu_io(&uri, &["read -P 0 1M 1M", "read -P 0x5a 2M 1M"]);
 }
 
 fn fio_verify(uri: &str, size: &str, extra: &[&str]) -> std::process::Child {

@@ -56,18 +56,7 @@ fn a_returning_replica_receives_only_what_changed() {
     let (_engine, uri, admin) =
         start_engine("delta", "1G", &addrs(&rs), &["--replica-timeout", "2"]);
     // Half the volume holds data.
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
-            "write -P 0x5a 0 512M",
-            "-c",
-            "flush",
-        ],
-    );
+    qemu_io(&uri, &["write -P 0x5a 0 512M", "flush"]);
     rs[2].proc.kill9();
     // 10 % of the volume changes while r2 is away: 100 MiB in 1 MiB pieces.
     let mut cmds = vec!["-f".to_string(), "raw".into(), uri.clone()];
@@ -101,19 +90,12 @@ fn a_returning_replica_receives_only_what_changed() {
     // r2 alone returns the data.
     rs[0].proc.kill9();
     rs[1].proc.kill9();
-    run_ok(
-        "qemu-io",
+    qemu_io(
+        &uri,
         &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
             "read -P 0x01 0 1M",
-            "-c",
             "read -P 0x5a 1M 9M",
-            "-c",
             "read -P 0x64 990M 1M",
-            "-c",
             "read -P 0 1000M 24M",
         ],
     );
@@ -125,19 +107,9 @@ fn a_replaced_replica_is_rebuilt_in_full_and_timed_against_cp() {
     let mut rs = replicas_on_fixed_ports(tmp.path(), 2, "1G");
     let (_engine, uri, admin) =
         start_engine("full", "1G", &addrs(&rs), &["--replica-timeout", "2"]);
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
-            "write -P 0x33 0 256M",
-            "-c",
-            "write -P 0x44 512M 256M",
-            "-c",
-            "flush",
-        ],
+    qemu_io(
+        &uri,
+        &["write -P 0x33 0 256M", "write -P 0x44 512M 256M", "flush"],
     );
     // The disk under r1 is replaced: a new, empty replica at its address.
     rs[1].proc.kill9();
@@ -184,17 +156,11 @@ fn a_replaced_replica_is_rebuilt_in_full_and_timed_against_cp() {
     );
     assert_same_layers(&rs[0], &rs[1]);
     rs[0].proc.kill9();
-    run_ok(
-        "qemu-io",
+    qemu_io(
+        &uri,
         &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
             "read -P 0x33 0 256M",
-            "-c",
             "read -P 0 256M 256M",
-            "-c",
             "read -P 0x44 512M 256M",
         ],
     );
@@ -209,22 +175,12 @@ fn a_rebuild_keeps_zeroed_blocks_that_shadow_a_snapshot() {
     let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "16M");
     let (mut engine, uri, admin) =
         start_engine("zeroes", "16M", &addrs(&rs), &["--replica-timeout", "2"]);
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x33 0 8M"]);
+    qemu_io(&uri, &["write -P 0x33 0 8M"]);
     run_ok(RVOL, &["snapshot", "create", "base", "--admin", &admin]);
     rs[2].proc.kill9();
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
-            "write -z 0 2M",
-            "-c",
-            "write -z -u 2M 2M",
-            "-c",
-            "write -P 0x44 8M 1M",
-        ],
+    qemu_io(
+        &uri,
+        &["write -z 0 2M", "write -z -u 2M 2M", "write -P 0x44 8M 1M"],
     );
     rs[2].restart("16M");
     wait_until("r2 to be rebuilt", Duration::from_secs(60), || {
@@ -235,19 +191,9 @@ fn a_rebuild_keeps_zeroed_blocks_that_shadow_a_snapshot() {
     assert_eq!(engine.stop(), 0);
     // The rebuilt replica alone.
     let (_engine, uri, _) = start_engine("zeroes", "16M", &addrs(&rs[2..]), &[]);
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
-            "read -P 0 0 4M",
-            "-c",
-            "read -P 0x33 4M 4M",
-            "-c",
-            "read -P 0x44 8M 1M",
-        ],
+    qemu_io(
+        &uri,
+        &["read -P 0 0 4M", "read -P 0x33 4M 4M", "read -P 0x44 8M 1M"],
     );
 }
 
@@ -258,10 +204,7 @@ fn bit_rot_in_one_replica_is_read_around_reported_and_repaired() {
     let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "16M");
     let (mut engine, uri, admin) =
         start_engine("rot", "16M", &addrs(&rs), &["--replica-timeout", "2"]);
-    run_ok(
-        "qemu-io",
-        &["-f", "raw", &uri, "-c", "write -P 0x5c 0 8M", "-c", "flush"],
-    );
+    qemu_io(&uri, &["write -P 0x5c 0 8M", "flush"]);
     // Rot: one byte of r0's head changes on disk, behind the replica's back.
     let head = rs[0].dir.join("volume-head-000.img");
     let f = std::fs::OpenOptions::new().write(true).open(&head).unwrap();
@@ -269,7 +212,7 @@ fn bit_rot_in_one_replica_is_read_around_reported_and_repaired() {
     drop(f);
     // Reads rotate over the replicas: every one of them returns good data.
     for _ in 0..6 {
-        run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x5c 0 8M"]);
+        qemu_io(&uri, &["read -P 0x5c 0 8M"]);
     }
     let s = status(&admin);
     assert!(s["checksum_errors"].as_u64().unwrap() >= 1, "{s}");
@@ -309,6 +252,6 @@ fn bit_rot_in_one_replica_is_read_around_reported_and_repaired() {
     rs[1].proc.kill9();
     rs[2].proc.kill9();
     let (_engine, uri, admin) = start_engine("rot", "16M", &addrs(&rs[..1]), &[]);
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x5c 0 8M"]);
+    qemu_io(&uri, &["read -P 0x5c 0 8M"]);
     assert_eq!(status(&admin)["checksum_errors"], 0);
 }

@@ -27,13 +27,7 @@ async fn acknowledged_flushes_survive_sigkill_in_20_rounds() {
     let mut durable: HashMap<u64, u64> = HashMap::new();
     let mut last_flushed_revision = 0;
     let mut next_id = 0u64;
-    let mut rng = 0x5eed_u64;
-    let mut rand = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rand = xorshift(0x5eed_u64);
     let mut p = start_replica(tmp.path(), &ep, "8M");
     for round in 1..=20u64 {
         let c = connect(&ep, round, round).await.unwrap();

@@ -24,10 +24,7 @@ fn snapshots_are_taken_on_every_replica_under_load_and_listed() {
     let rs = three_replicas(tmp.path(), "32M");
     let (mut engine, uri, admin) = start_engine("snaps", "32M", &addrs(&rs), &[]);
     // 4 MiB of 0x61 at 16 MiB; the writer works on the first 8 MiB.
-    run_ok(
-        "qemu-io",
-        &["-f", "raw", &uri, "-c", "write -P 0x61 16M 4M"],
-    );
+    qemu_io(&uri, &["write -P 0x61 16M 4M"]);
     let w = Writer::start(&uri, 2048);
     w.wait_progress(200, Duration::from_secs(20));
 
@@ -55,10 +52,7 @@ fn snapshots_are_taken_on_every_replica_under_load_and_listed() {
     run_ok(RVOL, &["snapshot", "create", "--admin", &admin]); // a generated name
     w.wait_progress(200, Duration::from_secs(20));
 
-    run_ok(
-        "qemu-io",
-        &["-f", "raw", &uri, "-c", "write -P 0x62 16M 4M"],
-    );
+    qemu_io(&uri, &["write -P 0x62 16M 4M"]);
     w.finish(); // every acknowledged write reads back, snapshots or not
 
     let layers = chain(&admin);
@@ -91,13 +85,13 @@ fn snapshots_are_taken_on_every_replica_under_load_and_listed() {
             r.addr
         );
     }
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x62 16M 4M"]);
+    qemu_io(&uri, &["read -P 0x62 16M 4M"]);
 
     // The chain survives an engine restart.
     assert_eq!(engine.stop(), 0);
     let (_engine, uri, admin) = start_engine("snaps", "32M", &addrs(&rs), &[]);
     assert_eq!(chain(&admin).len(), 3);
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x62 16M 4M"]);
+    qemu_io(&uri, &["read -P 0x62 16M 4M"]);
 }
 
 fn export_sha(uri: &str, tmp: &std::path::Path) -> String {
@@ -118,18 +112,7 @@ fn revert_brings_back_what_a_snapshot_held() {
     import_file(&src, &uri);
     let good = sha256_file(&src);
     run_ok(RVOL, &["snapshot", "create", "good", "--admin", &admin]);
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
-            "write -P 0x77 4M 8M",
-            "-c",
-            "write -z 20M 4M",
-        ],
-    );
+    qemu_io(&uri, &["write -P 0x77 4M 8M", "write -z 20M 4M"]);
     assert_ne!(export_sha(&uri, tmp.path()), good);
 
     // Not while a frontend serves the volume.
@@ -169,18 +152,7 @@ fn revert_brings_back_what_a_snapshot_held() {
         assert_eq!(chain[0], "volume-snap-good.img");
     }
     // And the reverted volume takes writes as usual.
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
-            "write -P 0x12 0 1M",
-            "-c",
-            "read -P 0x12 0 1M",
-        ],
-    );
+    qemu_io(&uri, &["write -P 0x12 0 1M", "read -P 0x12 0 1M"]);
 }
 
 #[test]
@@ -196,18 +168,7 @@ fn removed_snapshots_are_purged_and_trim_gives_the_space_back() {
 
     // Fold: s1 holds 256 MiB, s2 the 64 MiB overwritten after it.
     run_ok(RVOL, &["snapshot", "create", "s1", "--admin", &admin]);
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
-            "write -P 0x6b 0 32M",
-            "-c",
-            "write -P 0x6b 32M 32M",
-        ],
-    );
+    qemu_io(&uri, &["write -P 0x6b 0 32M", "write -P 0x6b 32M 32M"]);
     run_ok(RVOL, &["snapshot", "create", "s2", "--admin", &admin]);
     let before = export_sha(&uri, tmp.path());
     let out = run_ok(RVOL, &["snapshot", "rm", "s1", "--admin", &admin]);
@@ -233,13 +194,13 @@ fn removed_snapshots_are_purged_and_trim_gives_the_space_back() {
 
     // Space: remove the last snapshot, trim the whole volume.
     run_ok(RVOL, &["snapshot", "rm", "s2", "--admin", &admin]);
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "discard 0 256M"]);
+    qemu_io(&uri, &["discard 0 256M"]);
     let map = run_ok("nbdinfo", &["--map", &uri]);
     assert!(
         map.lines().count() == 1 && map.contains("hole"),
         "block status after trim: {map}"
     );
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0 0 32M"]);
+    qemu_io(&uri, &["read -P 0 0 32M"]);
     wait_until("s2 to leave the chain", Duration::from_secs(60), || {
         status(&admin)["purge"].is_null() && chain(&admin).len() == 1
     });
@@ -258,10 +219,7 @@ fn expand_grows_the_volume_online() {
     let tmp = tempfile::tempdir().unwrap();
     let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "16M");
     let (mut engine, uri, admin) = start_engine("grow", "16M", &addrs(&rs), &[]);
-    run_ok(
-        "qemu-io",
-        &["-f", "raw", &uri, "-c", "write -P 0x41 12M 4M"],
-    );
+    qemu_io(&uri, &["write -P 0x41 12M 4M"]);
     let shrink = run(RVOL, &["expand", "8M", "--admin", &admin]);
     assert!(String::from_utf8_lossy(&shrink.stderr).contains("must be larger"));
     let out = run_ok(RVOL, &["expand", "48M", "--admin", &admin]);
@@ -269,17 +227,11 @@ fn expand_grows_the_volume_online() {
     assert_eq!(status(&admin)["size"], 48 << 20);
     // New connections see the new size and can use it.
     assert_eq!(run_ok("nbdinfo", &["--size", &uri]).trim(), "50331648");
-    run_ok(
-        "qemu-io",
+    qemu_io(
+        &uri,
         &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
             "write -P 0x42 40M 8M",
-            "-c",
             "read -P 0x41 12M 4M",
-            "-c",
             "read -P 0 16M 24M",
         ],
     );
@@ -292,5 +244,5 @@ fn expand_grows_the_volume_online() {
     }
     let (_engine, uri, admin) = start_engine("grow", "16M", &addrs(&rs), &[]);
     assert_eq!(status(&admin)["size"], 48 << 20);
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x42 40M 8M"]);
+    qemu_io(&uri, &["read -P 0x42 40M 8M"]);
 }

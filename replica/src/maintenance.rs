@@ -444,16 +444,7 @@ impl Replica {
         let mut report = ScrubReport::default();
         // Handles, not the chain lock: a scrub is long, and a snapshot
         // waiting for the lock would stall client I/O behind it.
-        let layers: Vec<Layer> = self
-            .layers()
-            .iter()
-            .map(|l| Layer {
-                name: l.name.clone(),
-                meta: l.meta.clone(),
-                file: l.file.clone(),
-                crc: l.crc.clone(),
-            })
-            .collect();
+        let layers: Vec<Layer> = self.layers().to_vec();
         let size = self.size();
         let mut buf = vec![0u8; PIECE as usize];
         for layer in layers.iter() {

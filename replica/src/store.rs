@@ -109,6 +109,7 @@ pub fn check_snapshot_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+#[derive(Clone)]
 pub(crate) struct Layer {
     pub(crate) name: String,
     pub(crate) meta: LayerMeta,
@@ -634,9 +635,19 @@ impl Replica {
 
     /// The chain, held for the duration of a modification: a snapshot
     /// (which takes it exclusively) never splits a write between layers.
-    fn head_of(layers: &[Layer]) -> (&File, LayerPos) {
+    fn head_of(layers: &[Layer]) -> (&Layer, LayerPos) {
         let pos = layers.len() - 1;
-        (&layers[pos].file, LayerPos(pos as u32))
+        (&layers[pos], LayerPos(pos as u32))
+    }
+
+    /// Writes whole blocks into the head: checksums first, then the data
+    /// (see [`crate::checksum`] for why that order is safe).
+    fn write_head(head: &Layer, offset: u64, data: &[u8]) -> Result<()> {
+        checksum::record_pending(&head.crc, offset / BLOCK_SIZE, data)
+            .map_err(|e| Error::io("recording checksums", e))?;
+        head.file
+            .write_all_at(data, offset)
+            .map_err(|e| Error::io(format!("writing {} bytes at {offset}", data.len()), e))
     }
 
     /// Whether nothing below the head is visible: every layer there is
@@ -678,11 +689,7 @@ impl Replica {
         self.before_modify(offset, data.len() as u64, epoch)?;
         let layers = self.layers();
         let (head, pos) = Self::head_of(&layers);
-        // Checksums first; see `checksum` for why that order is safe.
-        checksum::record_pending(&layers[pos.0 as usize].crc, offset / BLOCK_SIZE, data)
-            .map_err(|e| Error::io("recording checksums", e))?;
-        head.write_all_at(data, offset)
-            .map_err(|e| Error::io(format!("writing {} bytes at {offset}", data.len()), e))?;
+        Self::write_head(head, offset, data)?;
         self.index.write().unwrap_or_else(|e| e.into_inner()).set(
             BlockIndex(offset / BLOCK_SIZE),
             data.len() as u64 / BLOCK_SIZE,
@@ -721,13 +728,9 @@ impl Replica {
             const STEP: u64 = 1 << 20;
             let zeros = vec![0u8; STEP.min(len) as usize];
             let mut at = offset;
-            let crc = &layers[pos.0 as usize].crc;
             while at < offset + len {
                 let n = STEP.min(offset + len - at);
-                checksum::record_pending(crc, at / BLOCK_SIZE, &zeros[..n as usize])
-                    .map_err(|e| Error::io("recording checksums", e))?;
-                head.write_all_at(&zeros[..n as usize], at)
-                    .map_err(|e| Error::io(format!("writing zeroes at {at}"), e))?;
+                Self::write_head(head, at, &zeros[..n as usize])?;
                 at += n;
             }
             self.index.write().unwrap_or_else(|e| e.into_inner()).set(
@@ -765,11 +768,11 @@ impl Replica {
         let _serial = lock(&self.flush_lock);
         let revision = Revision(self.revision.load(Ordering::Acquire));
         let layers = self.layers();
-        let (head, pos) = Self::head_of(&layers);
-        head.sync_data()
+        let (head, _) = Self::head_of(&layers);
+        head.file
+            .sync_data()
             .map_err(|e| Error::io("syncing the head layer", e))?;
-        layers[pos.0 as usize]
-            .crc
+        head.crc
             .sync_data()
             .map_err(|e| Error::io("syncing the head's checksums", e))?;
         let mut state = lock(&self.state);

@@ -280,6 +280,27 @@ pub fn addrs(rs: &[ReplicaProc]) -> Vec<String> {
 }
 
 /// Copies the whole export at `uri` into the raw file `dest` with qemu-img.
+/// Runs qemu-io on a raw NBD export with each of `cmds` (`-c`); asserts it
+/// succeeded (a failed pattern check fails it) and returns its stdout.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut args = vec!["-f", "raw", uri];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    run_ok("qemu-io", &args)
+}
+
+/// A deterministic xorshift generator for tests.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
 /// Copies a raw image file into the volume at `uri` (qemu-img).
 pub fn import_file(src: &Path, uri: &str) {
     run_ok(
