@@ -34,10 +34,25 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start_replica() { # N: replica N on 127.0.0.1:410N
-  "$rvol" replica --dir "$work/r$1" --listen "127.0.0.1:410$1" --size "$size" >>"$work/r$1.log" 2>&1 &
+# start_replica N: replica N on 127.0.0.1:410N; waits for its ready line,
+# so that an engine started next finds it listening.
+start_replica() {
+  : >"$work/r$1.ready"
+  "$rvol" replica --dir "$work/r$1" --listen "127.0.0.1:410$1" --size "$size" \
+    >"$work/r$1.ready" 2>>"$work/r$1.log" &
   replica_pid[$1]=$!
   pids+=($!)
+  wait_ready "replica r$1" "$work/r$1.ready" $!
+}
+
+# wait_ready WHAT FILE PID: until FILE has a ready line; fails if PID exits first.
+wait_ready() {
+  for _ in $(seq 600); do
+    grep -q '"ready"' "$2" && return 0
+    kill -0 "$3" 2>/dev/null || fail "$1 exited before it was ready"
+    sleep 0.1
+  done
+  fail "$1 not ready within 60 s"
 }
 
 # start_engine TAG ARGS...: starts an engine, waits for its ready line.
@@ -50,12 +65,7 @@ start_engine() {
     --admin-listen "unix:$work/admin.sock" "$@" >"$work/$tag.ready" 2>>"$work/$tag.log" &
   engine_pid=$!
   pids+=($!)
-  for _ in $(seq 600); do
-    grep -q '"ready"' "$work/$tag.ready" && return 0
-    kill -0 $engine_pid 2>/dev/null || fail "engine $tag exited before it was ready"
-    sleep 0.1
-  done
-  fail "engine $tag not ready within 60 s"
+  wait_ready "engine $tag" "$work/$tag.ready" $engine_pid
 }
 
 stop_engine() { # SIGTERM; expects exit 0
