@@ -8,7 +8,7 @@
 //! map. No frontend is serving yet, so nothing races the copy.
 
 use rvol_replica::client::{ClientError, ReplicaClient};
-use rvol_replica::proto::MAX_PAYLOAD;
+use rvol_replica::proto::{Sealed, MAX_PAYLOAD};
 
 /// Byte ranges `(offset, len)` dirty on any of the maps, merged.
 pub fn union(maps: &[Vec<(u64, bool)>]) -> Vec<(u64, u64)> {
@@ -59,7 +59,7 @@ pub async fn reconcile(
         let mut at = offset;
         while at < offset + len {
             let n = PIECE.min(offset + len - at);
-            let data = source.read(at, n).await?;
+            let data = Sealed::new(source.read(at, n).await?);
             for (t, r) in targets.iter().zip(results.iter_mut()) {
                 if let Ok(copied) = r {
                     match t.write(at, data.clone(), false, epoch).await {

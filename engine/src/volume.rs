@@ -46,7 +46,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use rvol_frontend::{BlockVolume, Extent, VolumeError};
 use rvol_replica::client::{ClientError, ReplicaClient};
-use rvol_replica::proto::{Status, MAX_PAYLOAD};
+use rvol_replica::proto::{Sealed, Status, MAX_PAYLOAD};
 use rvol_replica::server::Endpoint;
 use rvol_replica::{Generation, Owner, BLOCK_SIZE};
 use serde::Serialize;
@@ -767,7 +767,8 @@ impl ReplicatedVolume {
         let mut at = 0usize;
         while at < data.len() {
             let n = (data.len() - at).min(MAX_PAYLOAD as usize);
-            let piece = data.slice(at..at + n);
+            // Checksummed once here, not once per replica.
+            let piece = Sealed::new(data.slice(at..at + n));
             let off = offset + at as u64;
             let ticket = self.epochs.enter();
             let epoch = ticket.epoch;

@@ -56,18 +56,15 @@ fn read_entries(file: &File, first_block: u64, blocks: usize) -> std::io::Result
     Ok(entries)
 }
 
-/// Records new contents `data` (whole blocks) for the blocks from
-/// `first_block`, before the data itself is written: each entry becomes
+/// Records the crcs of new contents for the blocks from `first_block`,
+/// before the data itself is written: each entry becomes
 /// `[previous newer, crc]`.
-pub fn record_pending(file: &File, first_block: u64, data: &[u8]) -> std::io::Result<()> {
-    let mut entries = read_entries(file, first_block, data.len() / BLOCK_SIZE as usize)?;
-    for (e, block) in entries
-        .chunks_mut(ENTRY as usize)
-        .zip(data.chunks(BLOCK_SIZE as usize))
-    {
+pub fn record_pending(file: &File, first_block: u64, crcs: &[u32]) -> std::io::Result<()> {
+    let mut entries = read_entries(file, first_block, crcs.len())?;
+    for (e, crc) in entries.chunks_mut(ENTRY as usize).zip(crcs) {
         let (_, newer) = slots(e);
         e[..4].copy_from_slice(&newer.to_le_bytes());
-        e[4..].copy_from_slice(&crc32c::crc32c(block).to_le_bytes());
+        e[4..].copy_from_slice(&crc.to_le_bytes());
     }
     file.write_all_at(&entries, first_block * ENTRY)
 }
@@ -125,10 +122,10 @@ mod tests {
         let b = vec![2u8; 4096];
         // Nothing recorded: not checked.
         assert_eq!(verify(&f, 1, &a).unwrap(), None);
-        record_pending(&f, 1, &a).unwrap();
+        record_pending(&f, 1, &[crc32c::crc32c(&a)]).unwrap();
         assert_eq!(verify(&f, 1, &a).unwrap(), None);
         // A crash before the data write of `b`: the old data still verifies.
-        record_pending(&f, 1, &b).unwrap();
+        record_pending(&f, 1, &[crc32c::crc32c(&b)]).unwrap();
         assert_eq!(verify(&f, 1, &a).unwrap(), None);
         assert_eq!(verify(&f, 1, &b).unwrap(), None);
         let mut rotten = b.clone();

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::ids::Revision;
 use crate::proto::{
-    decode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA,
+    decode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Sealed, Status, FLAG_FUA,
     FLAG_UNVERIFIED, FLAG_VERBATIM, PROTOCOL_VERSION, REPLY_HEADER_LEN,
 };
 use crate::server::Endpoint;
@@ -152,6 +152,20 @@ impl ReplicaClient {
         epoch: u64,
         payload: Bytes,
     ) -> Result<Reply> {
+        let sealed = Sealed::new(payload);
+        self.call_sealed(op, flags, offset, length, epoch, sealed)
+            .await
+    }
+
+    async fn call_sealed(
+        &self,
+        op: Op,
+        flags: u8,
+        offset: u64,
+        length: u64,
+        epoch: u64,
+        payload: Sealed,
+    ) -> Result<Reply> {
         let n = self.conns.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for k in 0..n {
@@ -170,15 +184,15 @@ impl ReplicaClient {
                 offset,
                 length,
                 epoch,
-                payload_len: payload.len() as u32,
+                payload_len: payload.data.len() as u32,
                 crc: 0,
             }
-            .encode(&payload);
+            .encode_sealed(payload.data.len() as u32, payload.crc);
             if conn
                 .tx
                 .send(Outgoing {
                     header,
-                    payload: payload.clone(),
+                    payload: payload.data.clone(),
                 })
                 .is_err()
             {
@@ -218,10 +232,17 @@ impl ReplicaClient {
     }
 
     /// Writes whole blocks, tagged with flush epoch `epoch`.
-    pub async fn write(&self, offset: u64, data: Bytes, fua: bool, epoch: u64) -> Result<()> {
-        let len = data.len() as u64;
+    pub async fn write(
+        &self,
+        offset: u64,
+        data: impl Into<Sealed>,
+        fua: bool,
+        epoch: u64,
+    ) -> Result<()> {
+        let data = data.into();
+        let len = data.data.len() as u64;
         let flags = if fua { FLAG_FUA } else { 0 };
-        self.call(Op::Write, flags, offset, len, epoch, data)
+        self.call_sealed(Op::Write, flags, offset, len, epoch, data)
             .await
             .map(drop)
     }

@@ -32,6 +32,7 @@
 //! `epoch` tags modifications and flushes with the engine's flush epoch;
 //! see [`crate::dirty`] for what the replica does with it.
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use uuid::Uuid;
 
@@ -215,12 +216,24 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-fn frame_crc(header_without_crc: &[u8], payload: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(header_without_crc), payload)
+/// The crc of a frame: its header without the crc field, then a payload
+/// of `payload_len` bytes whose own crc32c is `payload_crc`.
+fn frame_crc(header_without_crc: &[u8], payload_crc: u32, payload_len: u32) -> u32 {
+    crate::crc::concat(
+        crc32c::crc32c(header_without_crc),
+        payload_crc,
+        payload_len as u64,
+    )
 }
 
 impl RequestHeader {
     pub fn encode(&self, payload: &[u8]) -> [u8; REQUEST_HEADER_LEN] {
+        self.encode_sealed(payload.len() as u32, crc32c::crc32c(payload))
+    }
+
+    /// Encodes with a payload known by its length and crc32c, so that a
+    /// payload sent to several replicas is checksummed once.
+    pub fn encode_sealed(&self, payload_len: u32, payload_crc: u32) -> [u8; REQUEST_HEADER_LEN] {
         let mut b = [0u8; REQUEST_HEADER_LEN];
         b[0..4].copy_from_slice(&REQUEST_MAGIC.to_le_bytes());
         b[4] = self.op;
@@ -229,8 +242,8 @@ impl RequestHeader {
         b[16..24].copy_from_slice(&self.offset.to_le_bytes());
         b[24..32].copy_from_slice(&self.length.to_le_bytes());
         b[32..40].copy_from_slice(&self.epoch.to_le_bytes());
-        b[40..44].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = frame_crc(&b[..44], payload);
+        b[40..44].copy_from_slice(&payload_len.to_le_bytes());
+        let crc = frame_crc(&b[..44], payload_crc, payload_len);
         b[44..48].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -265,7 +278,12 @@ impl RequestHeader {
 
     /// Checks the crc of a decoded header (`raw`) and its payload.
     pub fn verify(&self, raw: &[u8], payload: &[u8]) -> Result<(), FrameError> {
-        let actual = frame_crc(&raw[..44], payload);
+        self.verify_sealed(raw, crc32c::crc32c(payload))
+    }
+
+    /// [`Self::verify`] for a payload known by its crc32c.
+    pub fn verify_sealed(&self, raw: &[u8], payload_crc: u32) -> Result<(), FrameError> {
+        let actual = frame_crc(&raw[..44], payload_crc, self.payload_len);
         if actual != self.crc {
             return Err(FrameError::BadCrc {
                 expected: self.crc,
@@ -284,7 +302,7 @@ impl ReplyHeader {
         b[8..16].copy_from_slice(&self.id.to_le_bytes());
         b[16..24].copy_from_slice(&self.value.to_le_bytes());
         b[24..28].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = frame_crc(&b[..28], payload);
+        let crc = frame_crc(&b[..28], crc32c::crc32c(payload), payload.len() as u32);
         b[28..32].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -314,7 +332,7 @@ impl ReplyHeader {
     }
 
     pub fn verify(&self, raw: &[u8], payload: &[u8]) -> Result<(), FrameError> {
-        let actual = frame_crc(&raw[..28], payload);
+        let actual = frame_crc(&raw[..28], crc32c::crc32c(payload), payload.len() as u32);
         if actual != self.crc {
             return Err(FrameError::BadCrc {
                 expected: self.crc,
@@ -391,6 +409,27 @@ pub fn split_layer_payload(b: &[u8]) -> Option<(&str, &[u8])> {
     let n = u16::from_le_bytes([*b.first()?, *b.get(1)?]) as usize;
     let name = std::str::from_utf8(b.get(2..2 + n)?).ok()?;
     Some((name, &b[2 + n..]))
+}
+
+/// A payload with its crc32c, computed once however many frames carry it
+/// (a write fans out to every replica with a different header each).
+#[derive(Debug, Clone, Default)]
+pub struct Sealed {
+    pub data: Bytes,
+    pub crc: u32,
+}
+
+impl Sealed {
+    pub fn new(data: Bytes) -> Sealed {
+        let crc = crc32c::crc32c(&data);
+        Sealed { data, crc }
+    }
+}
+
+impl From<Bytes> for Sealed {
+    fn from(data: Bytes) -> Sealed {
+        Sealed::new(data)
+    }
 }
 
 /// Payload of HELLO: who is asking, for which volume.

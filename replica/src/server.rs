@@ -26,12 +26,14 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::crc;
 use crate::error::Error;
 use crate::proto::{
     encode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA,
     FLAG_UNVERIFIED, FLAG_VERBATIM, HELLO_LEN, MAX_PAYLOAD, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
 };
 use crate::store::{Owner, Replica};
+use crate::BLOCK_SIZE;
 
 /// Where a server listens or a client connects: `host:port` or `unix:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -272,9 +274,13 @@ enum Closed {
     Io(#[from] std::io::Error),
 }
 
+/// Reads and verifies one request. For a WRITE of whole blocks, `crcs`
+/// gets each block's crc32c, which seal the frame here and go to the
+/// sidecar later, so the payload is checksummed once (see [`crate::crc`]).
 async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     payload: &mut Vec<u8>,
+    crcs: &mut Vec<u32>,
 ) -> Result<Option<RequestHeader>, Closed> {
     let mut raw = [0u8; REQUEST_HEADER_LEN];
     match rd.read_exact(&mut raw).await {
@@ -285,7 +291,13 @@ async fn read_frame<R: AsyncRead + Unpin>(
     let h = RequestHeader::decode(&raw)?;
     payload.clear();
     crate::proto::read_payload(rd, payload, h.payload_len as usize).await?;
-    h.verify(&raw, payload)?;
+    if h.op == Op::Write as u8 && (payload.len() as u64).is_multiple_of(BLOCK_SIZE) {
+        crc::blocks(payload, crcs);
+        h.verify_sealed(&raw, crc::of_blocks(crcs))?;
+    } else {
+        crcs.clear();
+        h.verify(&raw, payload)?;
+    }
     Ok(Some(h))
 }
 
@@ -295,8 +307,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
     tx: &mpsc::UnboundedSender<Reply>,
 ) -> Result<(), Closed> {
     let mut payload = Vec::new();
+    let mut crcs = Vec::new();
     // HELLO first.
-    let Some(h) = read_frame(&mut rd, &mut payload).await? else {
+    let Some(h) = read_frame(&mut rd, &mut payload, &mut crcs).await? else {
         return Ok(());
     };
     if Op::from_u8(h.op) != Some(Op::Hello) {
@@ -346,7 +359,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
         }
     }
 
-    while let Some(h) = read_frame(&mut rd, &mut payload).await? {
+    while let Some(h) = read_frame(&mut rd, &mut payload, &mut crcs).await? {
         let reply = match Op::from_u8(h.op) {
             None => Reply::error(h.id, Status::Unsupported, format!("unknown op {}", h.op)),
             Some(Op::Hello) => {
@@ -361,10 +374,10 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 continue;
             }
             Some(Op::Write) if h.flags & FLAG_FUA != 0 => {
-                let data = std::mem::take(&mut payload);
+                let (data, crcs) = (std::mem::take(&mut payload), std::mem::take(&mut crcs));
                 let (offset, epoch) = (h.offset, h.epoch);
                 spawn_durable(replica, owner, tx, h.id, move |r| {
-                    r.write(offset, &data, epoch)?;
+                    r.write_with_crcs(offset, &data, &crcs, epoch)?;
                     r.flush(0)
                 });
                 continue;
@@ -390,7 +403,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 });
                 continue;
             }
-            Some(op) => match run_inline(replica, owner, op, &h, &payload) {
+            Some(op) => match run_inline(replica, owner, op, &h, &payload, &crcs) {
                 Ok(reply) => reply,
                 Err(e) => Reply::from_err(h.id, &e),
             },
@@ -408,6 +421,7 @@ fn run_inline(
     op: Op,
     h: &RequestHeader,
     payload: &[u8],
+    crcs: &[u32],
 ) -> crate::Result<Reply> {
     let _lease = replica.admit(owner)?;
     let ok = |payload: Bytes| Ok(Reply::ok(h.id, 0, payload));
@@ -432,7 +446,7 @@ fn run_inline(
                     payload.len()
                 )));
             }
-            replica.write(h.offset, payload, h.epoch)?;
+            replica.write_with_crcs(h.offset, payload, crcs, h.epoch)?;
             ok(Bytes::new())
         }
         Op::Trim => {
