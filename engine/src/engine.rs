@@ -48,6 +48,8 @@ pub struct EngineConfig {
     pub ublk: Option<UblkConfig>,
     pub admin_listen: Endpoint,
     pub replica_timeout: Duration,
+    /// The same for requests that wait for the disk (flush, FUA writes).
+    pub flush_timeout: Duration,
     pub connections_per_replica: usize,
     /// How long I/O waits for a current replica when none is left.
     pub io_hold: Duration,
@@ -233,6 +235,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
         first_epoch: reconcile_epoch + 1,
         reconciled_bytes,
         timeout: cfg.replica_timeout,
+        flush_timeout: cfg.flush_timeout,
         attach: AttachInfo {
             volume: uuid,
             owner,

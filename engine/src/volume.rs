@@ -18,7 +18,10 @@
 //!   writes of the epoch it closes, so replicas can forget which regions
 //!   those writes touched. A FUA write is sent with FUA to every replica.
 //! - A replica that errors or does not answer within the timeout is set to
-//!   ERR and logged. If it answers `Fenced`, a newer engine owns the volume:
+//!   ERR and logged. Requests that wait for the disk (flush, FUA writes)
+//!   have a longer timeout of their own: a flush after gigabytes of
+//!   scattered writes legitimately takes a while, and setting every replica
+//!   to ERR for it would fault a healthy volume. If it answers `Fenced`, a newer engine owns the volume:
 //!   this engine refuses all further writes and reports itself fenced.
 //!
 //! # Losing replicas and getting them back
@@ -202,6 +205,8 @@ pub struct ReplicatedVolume {
     /// Bytes copied at start to reconcile replicas after an unclean stop.
     pub reconciled_bytes: u64,
     timeout: Duration,
+    /// The timeout of requests that wait for the disk.
+    flush_timeout: Duration,
     next_read: AtomicUsize,
     fenced: AtomicBool,
     /// Turns true when a newer engine has taken the replicas over.
@@ -237,6 +242,7 @@ pub struct VolumeParams {
     pub first_epoch: u64,
     pub reconciled_bytes: u64,
     pub timeout: Duration,
+    pub flush_timeout: Duration,
     pub attach: AttachInfo,
     pub hold: Duration,
 }
@@ -250,6 +256,7 @@ impl ReplicatedVolume {
             first_epoch,
             reconciled_bytes,
             timeout,
+            flush_timeout,
             attach,
             hold,
         } = p;
@@ -262,6 +269,7 @@ impl ReplicatedVolume {
             epochs: EpochGate::new(first_epoch),
             reconciled_bytes,
             timeout,
+            flush_timeout,
             next_read: AtomicUsize::new(0),
             fenced: AtomicBool::new(false),
             fenced_tx: watch::channel(false).0,
@@ -365,14 +373,27 @@ impl ReplicatedVolume {
         F: FnOnce(Arc<ReplicaClient>) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
+        self.call_within(self.timeout, slot, f).await
+    }
+
+    async fn call_within<T, F, Fut>(
+        &self,
+        timeout: Duration,
+        slot: &ReplicaSlot,
+        f: F,
+    ) -> Result<T, ReplicaFailure>
+    where
+        F: FnOnce(Arc<ReplicaClient>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
         let Some(client) = slot.client() else {
             return Err(ReplicaFailure::Client(ClientError::Lost(
                 "replica is out of the set".into(),
             )));
         };
-        match tokio::time::timeout(self.timeout, f(client)).await {
+        match tokio::time::timeout(timeout, f(client)).await {
             Ok(r) => r.map_err(ReplicaFailure::Client),
-            Err(_) => Err(ReplicaFailure::Timeout(self.timeout)),
+            Err(_) => Err(ReplicaFailure::Timeout(timeout)),
         }
     }
 
@@ -380,6 +401,23 @@ impl ReplicatedVolume {
     /// Succeeds if at least one RW replica succeeded; with none left, holds
     /// (see the module documentation) and retries.
     async fn fan_out<F, Fut>(&self, what: &str, op: F) -> OpResult<()>
+    where
+        F: Fn(Arc<ReplicaClient>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ClientError>>,
+    {
+        self.fan_out_within(self.timeout, what, op).await
+    }
+
+    /// [`Self::fan_out`] of a request that waits for the disk.
+    async fn fan_out_durable<F, Fut>(&self, what: &str, op: F) -> OpResult<()>
+    where
+        F: Fn(Arc<ReplicaClient>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ClientError>>,
+    {
+        self.fan_out_within(self.flush_timeout, what, op).await
+    }
+
+    async fn fan_out_within<F, Fut>(&self, timeout: Duration, what: &str, op: F) -> OpResult<()>
     where
         F: Fn(Arc<ReplicaClient>) -> Fut,
         Fut: std::future::Future<Output = Result<(), ClientError>>,
@@ -395,7 +433,7 @@ impl ReplicatedVolume {
                 .iter()
                 .map(|s| s.attachment.load(Ordering::Acquire))
                 .collect();
-            let results = join_all(targets.iter().map(|s| self.call(s, &op))).await;
+            let results = join_all(targets.iter().map(|s| self.call_within(timeout, s, &op))).await;
             let mut applied = Vec::with_capacity(targets.len());
             let mut ok_rw = 0;
             let mut invalid = None;
@@ -495,8 +533,9 @@ impl ReplicatedVolume {
     ) -> Result<(), String> {
         let mut applied = Vec::new();
         for slot in self.writable() {
+            // Each replica syncs its head: a disk wait.
             let r = self
-                .call(&slot, |c| async move {
+                .call_within(self.flush_timeout, &slot, |c| async move {
                     c.snapshot(name, user_created, labels).await.map(drop)
                 })
                 .await;
@@ -533,6 +572,9 @@ impl ReplicatedVolume {
         if self.layers().await?.iter().any(|l| l.name == file) {
             return Err(format!("snapshot {name} exists"));
         }
+        // Most of the head's dirty data goes to disk before writes pause,
+        // so the sync under the lock has little left to do.
+        self.flush().await.map_err(|e| e.to_string())?;
         let started = Instant::now();
         let _all = self.locks().lock_all().await;
         self.snapshot_all(name, true, labels).await?;
@@ -674,7 +716,7 @@ impl ReplicatedVolume {
         }
         for (slot, client) in joining {
             // What it applied before it was lost may not be durable yet.
-            let flushed = tokio::time::timeout(self.timeout, client.flush(0)).await;
+            let flushed = tokio::time::timeout(self.flush_timeout, client.flush(0)).await;
             if slot.missed() || !matches!(flushed, Ok(Ok(_))) {
                 slot.attachment.fetch_add(1, Ordering::AcqRel);
                 slot.mode.store(Mode::ERR as u8, Ordering::Release);
@@ -772,7 +814,12 @@ impl ReplicatedVolume {
             let off = offset + at as u64;
             let ticket = self.epochs.enter();
             let epoch = ticket.epoch;
-            self.fan_out("write", |c| {
+            let timeout = if fua {
+                self.flush_timeout
+            } else {
+                self.timeout
+            };
+            self.fan_out_within(timeout, "write", |c| {
                 let piece = piece.clone();
                 async move { c.write(off, piece, fua, epoch).await }
             })
@@ -797,7 +844,7 @@ impl ReplicatedVolume {
     /// Flushes and marks every replica in the set clean (clean shutdown).
     pub async fn shutdown_clean(&self) -> OpResult<()> {
         self.flush().await?;
-        self.fan_out(
+        self.fan_out_durable(
             "mark clean",
             |c| async move { c.mark_clean().await.map(drop) },
         )
@@ -856,7 +903,7 @@ impl BlockVolume for ReplicatedVolume {
 
     async fn flush(&self) -> OpResult<()> {
         let epoch = self.epochs.barrier().await;
-        self.fan_out("flush", |c| async move { c.flush(epoch).await.map(drop) })
+        self.fan_out_durable("flush", |c| async move { c.flush(epoch).await.map(drop) })
             .await
     }
 
