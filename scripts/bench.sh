@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # rvol's benchmark: fio against local io_uring, nbdkit, qemu-nbd, rvol x1
 # and rvol x3 in one run. See scripts/bench.py for options (--quick, --only).
+# With --cost first: memory and start-up figures instead (scripts/cost.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/deps.sh
 install_run_deps
 apt_install nbdkit
 cargo build --release --bin rvol
+if [ "${1:-}" = --cost ]; then
+  shift
+  exec python3 scripts/cost.py "$@"
+fi
 exec python3 scripts/bench.py "$@"

@@ -99,6 +99,10 @@ enum Command {
         /// A replica that does not answer within this many seconds is dropped.
         #[arg(long, default_value_t = 5.0)]
         replica_timeout: f64,
+        /// The same for flushes and FUA writes, which wait for the disk: a
+        /// flush after gigabytes of scattered writes can take a minute.
+        #[arg(long, default_value_t = 120.0)]
+        flush_timeout: f64,
         /// Pipelined connections to each replica.
         #[arg(long, default_value_t = 2)]
         connections_per_replica: usize,
@@ -331,6 +335,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             no_user_recovery,
             admin_listen,
             replica_timeout,
+            flush_timeout,
             connections_per_replica,
             io_hold_timeout,
             rebuild_rate_mib,
@@ -355,6 +360,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 }),
                 admin_listen,
                 replica_timeout: Duration::from_secs_f64(replica_timeout),
+                flush_timeout: Duration::from_secs_f64(flush_timeout),
                 connections_per_replica,
                 io_hold: Duration::from_secs_f64(io_hold_timeout),
                 rebuild_rate_mib,
@@ -422,6 +428,8 @@ async fn run_replica(dir: PathBuf, listen: Endpoint, size: Option<u64>) -> anyho
             "generation": info.generation,
             "revision": info.revision,
             "clean": info.clean,
+            "layers": info.chain.len(),
+            "index_bytes": replica.index_memory_bytes(),
         })
     );
     let mut sigterm = signal(SignalKind::terminate())?;
