@@ -54,6 +54,35 @@ fn current_replicas_rejoin_and_stale_ones_are_rebuilt() {
 }
 
 #[test]
+fn a_flush_slower_than_the_answer_timeout_keeps_its_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rs = replicas_on_fixed_ports(tmp.path(), 3, "16M");
+    let (_engine, uri, admin) = start_engine(
+        "slowflush",
+        "16M",
+        &addrs(&rs),
+        &["--replica-timeout", "2", "--flush-timeout", "30"],
+    );
+    let mut c = RawNbd::open(&uri);
+    c.request(1, 1, 0, 4096, &[7; 4096]);
+    assert_eq!(c.reply(0).0, 0);
+    // r1 stops answering for twice the answer timeout while a flush (and
+    // nothing else) waits on it: the flush is slow, not failed.
+    rs[1].proc.signal(libc::SIGSTOP);
+    c.request(3, 2, 0, 0, &[]);
+    std::thread::sleep(Duration::from_secs(4));
+    rs[1].proc.signal(libc::SIGCONT);
+    assert_eq!(c.reply(0).0, 0, "the flush succeeds");
+    assert_eq!(modes(&admin), ["RW", "RW", "RW"], "{}", status(&admin));
+    // A write is still held to the answer timeout.
+    rs[1].proc.signal(libc::SIGSTOP);
+    c.request(1, 3, 0, 4096, &[8; 4096]);
+    assert_eq!(c.reply(0).0, 0);
+    rs[1].proc.signal(libc::SIGCONT);
+    assert_eq!(modes(&admin)[1], "ERR", "{}", status(&admin));
+}
+
+#[test]
 fn io_is_held_while_every_replica_is_gone_and_resumes_without_error() {
     let tmp = tempfile::tempdir().unwrap();
     let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "64M");
