@@ -84,19 +84,26 @@ pub fn record_settled(file: &File, first_block: u64, data: &[u8]) -> std::io::Re
 
 /// Checks `data` (whole blocks read from the layer at `first_block`)
 /// against its entries; returns the first block that matches neither slot.
-pub fn verify(file: &File, first_block: u64, data: &[u8]) -> std::io::Result<Option<u64>> {
+/// `crcs` gets each block's crc32c (so a reply can be sealed without
+/// another pass, see [`crate::crc`]).
+pub fn verify(
+    file: &File,
+    first_block: u64,
+    data: &[u8],
+    crcs: &mut [u32],
+) -> std::io::Result<Option<u64>> {
     let entries = read_entries(file, first_block, data.len() / BLOCK_SIZE as usize)?;
-    for (i, (e, block)) in entries
+    for (i, ((e, block), out)) in entries
         .chunks(ENTRY as usize)
         .zip(data.chunks(BLOCK_SIZE as usize))
+        .zip(crcs.iter_mut())
         .enumerate()
     {
         let (older, newer) = slots(e);
-        if older == 0 && newer == 0 {
-            continue;
-        }
         let crc = crc32c::crc32c(block);
-        if crc != older && crc != newer {
+        *out = crc;
+        let unrecorded = older == 0 && newer == 0;
+        if !unrecorded && crc != older && crc != newer {
             return Ok(Some(first_block + i as u64));
         }
     }
@@ -120,19 +127,29 @@ mod tests {
         f.set_len(sidecar_len(4 * BLOCK_SIZE)).unwrap();
         let a = vec![1u8; 4096];
         let b = vec![2u8; 4096];
+        let check = |first, data: &[u8]| {
+            let mut crc = [0u32];
+            let bad = verify(&f, first, data, &mut crc).unwrap();
+            assert_eq!(
+                crc[0],
+                crc32c::crc32c(data),
+                "the block's crc is handed back"
+            );
+            bad
+        };
         // Nothing recorded: not checked.
-        assert_eq!(verify(&f, 1, &a).unwrap(), None);
+        assert_eq!(check(1, &a), None);
         record_pending(&f, 1, &[crc32c::crc32c(&a)]).unwrap();
-        assert_eq!(verify(&f, 1, &a).unwrap(), None);
+        assert_eq!(check(1, &a), None);
         // A crash before the data write of `b`: the old data still verifies.
         record_pending(&f, 1, &[crc32c::crc32c(&b)]).unwrap();
-        assert_eq!(verify(&f, 1, &a).unwrap(), None);
-        assert_eq!(verify(&f, 1, &b).unwrap(), None);
+        assert_eq!(check(1, &a), None);
+        assert_eq!(check(1, &b), None);
         let mut rotten = b.clone();
         rotten[100] ^= 0x10;
-        assert_eq!(verify(&f, 1, &rotten).unwrap(), Some(1));
+        assert_eq!(check(1, &rotten), Some(1));
         record_settled(&f, 2, &rotten).unwrap();
-        assert_eq!(verify(&f, 2, &rotten).unwrap(), None);
-        assert_eq!(verify(&f, 2, &b).unwrap(), Some(2));
+        assert_eq!(check(2, &rotten), None);
+        assert_eq!(check(2, &b), Some(2));
     }
 }

@@ -8,7 +8,9 @@
 //! [`concat`], the engine computes the payload's crc once and seals every
 //! replica's frame from it, and a replica computes the block crcs once and
 //! derives the payload's crc from them ([`of_blocks`]): one pass per
-//! process.
+//! process. Reads go the same way: checking each block against the
+//! sidecar yields its crc, a hole's is [`zero_block`], and the reply is
+//! sealed from those.
 //!
 //! # Why it works
 //!
@@ -94,6 +96,12 @@ pub fn concat(crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
 pub fn blocks(data: &[u8], out: &mut Vec<u32>) {
     out.clear();
     out.extend(data.chunks_exact(BLOCK_SIZE as usize).map(crc32c::crc32c));
+}
+
+/// crc32c of one 4 KiB block of zeros (a hole).
+pub fn zero_block() -> u32 {
+    static ZERO: OnceLock<u32> = OnceLock::new();
+    *ZERO.get_or_init(|| crc32c::crc32c(&[0; BLOCK_SIZE as usize]))
 }
 
 /// crc32c of the concatenation of blocks from their crcs.

@@ -447,6 +447,7 @@ impl Replica {
         let layers: Vec<Layer> = self.layers().to_vec();
         let size = self.size();
         let mut buf = vec![0u8; PIECE as usize];
+        let mut crcs = vec![0u32; (PIECE / BLOCK_SIZE) as usize];
         for layer in layers.iter() {
             let extents = block_aligned(
                 crate::store::data_extents_in(&layer.file, 0, size)
@@ -468,6 +469,7 @@ impl Replica {
                         &layer.crc,
                         from,
                         &part[((from * BLOCK_SIZE - at) as usize)..],
+                        &mut crcs,
                     )
                     .map_err(io(format!("reading checksums of {}", layer.name)))?
                     {
@@ -507,7 +509,7 @@ fn still_bad(layer: &Layer, block: u64) -> Result<bool> {
         .file
         .read_exact_at(&mut b, at)
         .map_err(io(format!("reading {}", layer.name)))?;
-    Ok(crate::checksum::verify(&layer.crc, block, &b)
+    Ok(crate::checksum::verify(&layer.crc, block, &b, &mut [0])
         .map_err(io(format!("reading checksums of {}", layer.name)))?
         .is_some())
 }

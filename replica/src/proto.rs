@@ -296,13 +296,18 @@ impl RequestHeader {
 
 impl ReplyHeader {
     pub fn encode(&self, payload: &[u8]) -> [u8; REPLY_HEADER_LEN] {
+        self.encode_sealed(payload.len() as u32, crc32c::crc32c(payload))
+    }
+
+    /// Like [`ReplyHeader::encode`], for a payload whose crc32c is known.
+    pub fn encode_sealed(&self, payload_len: u32, payload_crc: u32) -> [u8; REPLY_HEADER_LEN] {
         let mut b = [0u8; REPLY_HEADER_LEN];
         b[0..4].copy_from_slice(&REPLY_MAGIC.to_le_bytes());
         b[4..6].copy_from_slice(&self.status.to_le_bytes());
         b[8..16].copy_from_slice(&self.id.to_le_bytes());
         b[16..24].copy_from_slice(&self.value.to_le_bytes());
-        b[24..28].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = frame_crc(&b[..28], crc32c::crc32c(payload), payload.len() as u32);
+        b[24..28].copy_from_slice(&payload_len.to_le_bytes());
+        let crc = frame_crc(&b[..28], payload_crc, payload_len);
         b[28..32].copy_from_slice(&crc.to_le_bytes());
         b
     }

@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use crate::crc;
 use crate::error::Error;
 use crate::proto::{
-    encode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Status, FLAG_FUA,
+    encode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Sealed, Status, FLAG_FUA,
     FLAG_UNVERIFIED, FLAG_VERBATIM, HELLO_LEN, MAX_PAYLOAD, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
 };
 use crate::store::{Owner, Replica};
@@ -108,16 +108,16 @@ struct Reply {
     status: Status,
     id: u64,
     value: u64,
-    payload: Bytes,
+    payload: Sealed,
 }
 
 impl Reply {
-    fn ok(id: u64, value: u64, payload: Bytes) -> Reply {
+    fn ok(id: u64, value: u64, payload: impl Into<Sealed>) -> Reply {
         Reply {
             status: Status::Ok,
             id,
             value,
-            payload,
+            payload: payload.into(),
         }
     }
 
@@ -126,7 +126,7 @@ impl Reply {
             status,
             id,
             value: 0,
-            payload: Bytes::from(msg.to_string()),
+            payload: Bytes::from(msg.to_string()).into(),
         }
     }
 
@@ -232,15 +232,19 @@ async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedRece
     let mut wr = BufWriter::with_capacity(256 << 10, wr);
     while let Some(mut reply) = rx.recv().await {
         loop {
+            let Sealed { data, crc } = &reply.payload;
             let h = ReplyHeader {
                 status: reply.status as u16,
                 id: reply.id,
                 value: reply.value,
-                payload_len: reply.payload.len() as u32,
+                payload_len: data.len() as u32,
                 crc: 0,
             };
-            if wr.write_all(&h.encode(&reply.payload)).await.is_err()
-                || wr.write_all(&reply.payload).await.is_err()
+            if wr
+                .write_all(&h.encode_sealed(data.len() as u32, *crc))
+                .await
+                .is_err()
+                || wr.write_all(data).await.is_err()
             {
                 return;
             }
@@ -336,7 +340,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     if hello.generation == 0 {
         // A probe: report, take nothing over, serve nothing.
         let json = serde_json::to_vec(&replica.info()).unwrap_or_default();
-        let _ = tx.send(Reply::ok(h.id, 0, json.into()));
+        let _ = tx.send(Reply::ok(h.id, 0, Bytes::from(json)));
         return Ok(());
     }
     let owner = Owner {
@@ -350,7 +354,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     match taken {
         Ok(info) => {
             let json = serde_json::to_vec(&info).unwrap_or_default();
-            let _ = tx.send(Reply::ok(h.id, info.revision.0, json.into()));
+            let _ = tx.send(Reply::ok(h.id, info.revision.0, Bytes::from(json)));
         }
         Err(e) => {
             tracing::warn!(generation = %owner.generation, error = %e, "refused engine");
@@ -436,7 +440,15 @@ fn run_inline(
             if h.flags & FLAG_UNVERIFIED != 0 {
                 return ok(replica.read_unverified(h.offset, h.length)?.into());
             }
-            ok(replica.read(h.offset, h.length)?.into())
+            let (data, crc) = replica.read_with_crc(h.offset, h.length)?;
+            Ok(Reply::ok(
+                h.id,
+                0,
+                Sealed {
+                    data: data.into(),
+                    crc,
+                },
+            ))
         }
         Op::Write => {
             if h.length != payload.len() as u64 {

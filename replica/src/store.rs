@@ -582,9 +582,10 @@ impl Replica {
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf`, which must hold
-    /// zeros: holes are left as they are. With `verify`, every block read
-    /// from a layer is checked against its checksums.
-    fn read_into(&self, offset: u64, buf: &mut [u8], verify: bool) -> Result<()> {
+    /// zeros: holes are left as they are. With `crcs` (one per block of
+    /// `buf`, preset to the crc of a zero block), every block read from a
+    /// layer is checked against its checksums and its crc is stored there.
+    fn read_into(&self, offset: u64, buf: &mut [u8], mut crcs: Option<&mut [u32]>) -> Result<()> {
         let len = buf.len() as u64;
         // Lock order everywhere: layers, then the lower gate, then the index.
         let layers = self.layers();
@@ -614,8 +615,14 @@ impl Replica {
                 .file
                 .read_exact_at(part, at)
                 .map_err(|e| Error::io(format!("reading {n} bytes at {at}"), e))?;
-            if verify {
-                check_blocks(layer, at, part)?;
+            if let Some(crcs) = crcs.as_deref_mut() {
+                let first = from / BLOCK_SIZE as usize;
+                check_blocks(
+                    layer,
+                    at,
+                    part,
+                    &mut crcs[first..first + n / BLOCK_SIZE as usize],
+                )?;
             }
         }
         Ok(())
@@ -626,16 +633,24 @@ impl Replica {
     pub fn read_unverified(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.check_range(offset, len)?;
         let mut buf = vec![0u8; len as usize];
-        self.read_into(offset, &mut buf, false)?;
+        self.read_into(offset, &mut buf, None)?;
         Ok(buf)
     }
 
     /// Reads `len` bytes at `offset`.
     pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.read_with_crc(offset, len).map(|(data, _)| data)
+    }
+
+    /// Reads `len` bytes at `offset`, with their crc32c: derived from the
+    /// block crcs that checking the blocks computes anyway, so a reply is
+    /// sealed without another pass over the data (see [`crate::crc`]).
+    pub fn read_with_crc(&self, offset: u64, len: u64) -> Result<(Vec<u8>, u32)> {
         self.check_range(offset, len)?;
         let mut buf = vec![0u8; len as usize];
-        self.read_into(offset, &mut buf, true)?;
-        Ok(buf)
+        let mut crcs = vec![crc::zero_block(); (len / BLOCK_SIZE) as usize];
+        self.read_into(offset, &mut buf, Some(&mut crcs))?;
+        Ok((buf, crc::of_blocks(&crcs)))
     }
 
     pub(crate) fn layers(&self) -> std::sync::RwLockReadGuard<'_, Vec<Layer>> {
@@ -1026,7 +1041,9 @@ impl Replica {
                 e.div_ceil(BLOCK_SIZE) * BLOCK_SIZE,
             );
             let (s, e) = (s.max(offset), e.min(offset + len));
-            check_blocks(layer, s, &buf[(s - offset) as usize..(e - offset) as usize])?;
+            let data = &buf[(s - offset) as usize..(e - offset) as usize];
+            let mut crcs = vec![0; data.len() / BLOCK_SIZE as usize];
+            check_blocks(layer, s, data, &mut crcs)?;
         }
         Ok(buf)
     }
@@ -1240,8 +1257,8 @@ pub(crate) fn punch_file(file: &File, offset: u64, len: u64) -> Result<()> {
 }
 
 /// Checks blocks just read from `layer` at byte `at` against its checksums.
-fn check_blocks(layer: &Layer, at: u64, data: &[u8]) -> Result<()> {
-    match checksum::verify(&layer.crc, at / BLOCK_SIZE, data)
+fn check_blocks(layer: &Layer, at: u64, data: &[u8], crcs: &mut [u32]) -> Result<()> {
+    match checksum::verify(&layer.crc, at / BLOCK_SIZE, data, crcs)
         .map_err(|e| Error::io(format!("reading checksums of {}", layer.name), e))?
     {
         None => Ok(()),

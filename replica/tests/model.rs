@@ -220,9 +220,11 @@ proptest! {
                     prop_assert_eq!(info.size, model.len() as u64);
                 }
                 Op::Read { block, count } => {
-                    let got = replica.read(block * BLOCK_SIZE, count * BLOCK_SIZE).unwrap();
+                    let (got, crc) = replica.read_with_crc(block * BLOCK_SIZE, count * BLOCK_SIZE).unwrap();
                     let at = (block * BLOCK_SIZE) as usize;
                     prop_assert!(got == model[at..at + got.len()], "read mismatch at block {}", block);
+                    // The crc a reply is sealed with, derived from block crcs and holes.
+                    prop_assert_eq!(crc, crc32c::crc32c(&got));
                 }
             }
         }
