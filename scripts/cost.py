@@ -8,20 +8,24 @@ replicas' files under target/ (sparse: only written blocks take space).
 
 1. Idle: resident memory (VmRSS) of each process a few seconds after start.
 2. Load: fio 4k random writes (qd32) over the first 8 GiB, then 4k random
-   reads over the whole TiB; VmRSS at the end and the peak (VmHWM).
-3. Snapshots: N rounds of 2,000 random 4k writes and a snapshot.
+   reads over the whole TiB; VmRSS at the end.
+3. Snapshots: N rounds of 2,000 random 4k writes and a snapshot; then the
+   peak resident memory of the whole run (VmHWM).
+4. Restart: every process is stopped, engine first; one replica is started
+   again alone and timed to its ready line, which reports its layers and
+   the bytes of its block index (also reported for the empty volume at
+   step 1).
 
 Writes stay in the first 8 GiB because on this machine's ext4 an fdatasync
-after some 20,000 4 KiB writes scattered over a 1 TiB file sometimes fails
-with ENOSPC with tens of GiB free (the replica then reports NoSpace and the
-engine drops it); see docs/benchmarks.md.
-4. Restart: every process is stopped; one replica is started again alone
-   and timed to its ready line, which reports its layers and the bytes of
-   its block index (also reported for the empty volume at step 1).
+after scattered 4 KiB writes sometimes fails with ENOSPC with tens of GiB
+free, more often the wider the writes are spread. The replica then reports
+NoSpace, the engine drops and rebuilds it (snapshots wait for the rebuild),
+and the run reports it; see docs/benchmarks.md.
 
-Prints a markdown table and writes cost.json to --out.
+Prints a markdown table and writes cost.json to --out, with each process's
+log beside it (cost-r0.log ... cost-engine.log).
 """
-import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
+import argparse, glob, json, os, shutil, signal, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -39,10 +43,12 @@ def mem_kib(pid, field):
     raise RuntimeError(f"no {field} for pid {pid}")
 
 
-def spawn_ready(args):
-    """Starts a process that prints a JSON ready line; returns (proc, line, seconds to it)."""
+def spawn_ready(args, log):
+    """Starts a process that prints a JSON ready line, its log going to file
+    `log`; returns (proc, line, seconds to it)."""
     t0 = time.monotonic()
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    with open(log, "ab") as err:
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err)
     line = p.stdout.readline()
     took = time.monotonic() - t0
     ready = json.loads(line)
@@ -52,10 +58,11 @@ def spawn_ready(args):
 
 
 def stop(procs):
+    """Stops the engine (last in `procs`) before the replicas, so its
+    closing flush reaches them and they are marked clean."""
     for p in reversed(procs):
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-    for p in reversed(procs):
         try:
             p.wait(timeout=90)
         except subprocess.TimeoutExpired:
@@ -76,6 +83,27 @@ def fio(uri, rw, extra):
     return {"iops": side["iops"], "ios": side["total_ios"]}
 
 
+def snapshot(admin, name):
+    """Takes a snapshot; waits out a rebuild, during which snapshots are refused."""
+    deadline = time.monotonic() + 900
+    while True:
+        snap = subprocess.run([RVOL, "snapshot", "create", name, "--admin", admin],
+                              capture_output=True, text=True)
+        if snap.returncode == 0:
+            return
+        if "rebuild is in progress" not in snap.stderr or time.monotonic() > deadline:
+            raise RuntimeError(f"snapshot {name} failed: {snap.stderr.strip()}")
+        time.sleep(5)
+
+
+def dropped_replicas(engine_log):
+    """Reasons the engine gave for dropping a replica before it was told to stop."""
+    with open(engine_log, errors="replace") as f:
+        before_stop = f.read().split("stopping:")[0]
+    return [line.split("error=", 1)[-1] for line in before_stop.splitlines()
+            if "replica set to ERR" in line]
+
+
 def du_bytes(path):
     out = subprocess.run(["du", "-s", "--block-size=1", path], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[0])
@@ -88,6 +116,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    for old in glob.glob(os.path.join(a.out, "cost-*.log")):
+        os.remove(old)
     work = tempfile.mkdtemp(prefix="rvol-cost-", dir=os.path.join(ROOT, "target"))
     procs = []
     fig = {"size": TIB, "seconds": a.seconds, "snapshots": a.snapshots}
@@ -95,14 +125,16 @@ def main():
         replicas, names = [], []
         for i in range(3):
             p, ready, took = spawn_ready([RVOL, "replica", "--dir", os.path.join(work, f"r{i}"),
-                                          "--listen", "127.0.0.1:0", "--size", str(TIB)])
+                                          "--listen", "127.0.0.1:0", "--size", str(TIB)],
+                                         os.path.join(a.out, f"cost-r{i}.log"))
             procs.append(p)
             replicas += ["--replica", ready["listen"]]
             names.append(f"replica r{i}")
             fig["index_bytes_empty"] = ready["index_bytes"]
         port, admin = free_port(), f"127.0.0.1:{free_port()}"
         p, _, _ = spawn_ready([RVOL, "engine", "--name", "cost", "--size", str(TIB),
-                               "--nbd-listen", f"127.0.0.1:{port}", "--admin-listen", admin] + replicas)
+                               "--nbd-listen", f"127.0.0.1:{port}", "--admin-listen", admin] + replicas,
+                               os.path.join(a.out, "cost-engine.log"))
         procs.append(p)
         names.append("engine")
         uri = f"nbd://127.0.0.1:{port}/"
@@ -113,18 +145,19 @@ def main():
         r = fio(uri, "randread", ["--time_based", f"--runtime={a.seconds}"])
         fig["load"] = {"randwrite_iops": w["iops"], "blocks_written": w["ios"], "randread_iops": r["iops"]}
         fig["load_rss_kib"] = {n: mem_kib(p.pid, "VmRSS") for n, p in zip(names, procs)}
-        fig["peak_rss_kib"] = {n: mem_kib(p.pid, "VmHWM") for n, p in zip(names, procs)}
 
         for i in range(a.snapshots):
             fio(uri, "randwrite", ["--number_ios=2000"])
-            subprocess.run([RVOL, "snapshot", "create", f"cost-{i}", "--admin", admin],
-                           check=True, capture_output=True)
+            snapshot(admin, f"cost-{i}")
+        fig["peak_rss_kib"] = {n: mem_kib(p.pid, "VmHWM") for n, p in zip(names, procs)}
         stop(procs)
         procs = []
+        fig["replicas_dropped"] = dropped_replicas(os.path.join(a.out, "cost-engine.log"))
         fig["replica_disk_bytes"] = du_bytes(os.path.join(work, "r0"))
 
         p, ready, took = spawn_ready([RVOL, "replica", "--dir", os.path.join(work, "r0"),
-                                      "--listen", "127.0.0.1:0", "--size", str(TIB)])
+                                      "--listen", "127.0.0.1:0", "--size", str(TIB)],
+                                     os.path.join(a.out, "cost-r0.log"))
         procs.append(p)
         fig["restart"] = {"seconds_to_ready": took, "layers": ready["layers"],
                           "index_bytes": ready["index_bytes"], "rss_kib": mem_kib(p.pid, "VmRSS")}
@@ -155,6 +188,9 @@ def main():
         f"{mib(rs['rss_kib'])} MiB resident.",
         f"- Disk used by one replica: {fig['replica_disk_bytes'] / 2**20:.0f} MiB.",
     ]
+    if fig["replicas_dropped"]:
+        lines.append(f"- Replicas the engine dropped (and rebuilt online) during the run: "
+                     f"{len(fig['replicas_dropped'])}, first because: {fig['replicas_dropped'][0]}")
     md = "\n".join(lines)
     with open(os.path.join(a.out, "cost.md"), "w") as f:
         f.write(md + "\n")

@@ -21,8 +21,9 @@
 //!   ERR and logged. Requests that wait for the disk (flush, FUA writes)
 //!   have a longer timeout of their own: a flush after gigabytes of
 //!   scattered writes legitimately takes a while, and setting every replica
-//!   to ERR for it would fault a healthy volume. If it answers `Fenced`, a newer engine owns the volume:
-//!   this engine refuses all further writes and reports itself fenced.
+//!   to ERR for it would fault a healthy volume. If it answers `Fenced`, a
+//!   newer engine owns the volume: this engine refuses all further writes
+//!   and reports itself fenced.
 //!
 //! # Losing replicas and getting them back
 //!
