@@ -107,12 +107,16 @@ def start(name, work, size):
         t.spawn(["qemu-nbd", "-t", "-p", str(port), "-b", "127.0.0.1", "-f", "raw", "--cache=writeback", img])
         wait_port(port)
     else:
-        n = 1 if name == "rvol-1" else 3
+        # rvol-N: N replica processes on loopback TCP; rvol-N-unix: on Unix
+        # sockets, as a node's local replicas can be.
+        n = int(name.split("-")[1])
+        unix = name.endswith("-unix")
         replicas = []
         for i in range(n):
+            listen = f"unix:{work}/{name}-r{i}.sock" if unix else "127.0.0.1:0"
             r = t.spawn([RVOL, "replica", "--dir", os.path.join(work, f"{name}-r{i}"),
-                         "--listen", "127.0.0.1:0", "--size", str(size)], ready_line=True)
-            replicas += ["--replica", r["listen"]]
+                         "--listen", listen, "--size", str(size)], ready_line=True)
+            replicas += ["--replica", listen if unix else r["listen"]]
         t.spawn([RVOL, "engine", "--name", "bench", "--size", str(size), "--nbd-listen", f"127.0.0.1:{port}",
                  "--admin-listen", f"127.0.0.1:{free_port()}"] + replicas, ready_line=True)
     return t
@@ -167,7 +171,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few seconds per job (CI regression check)")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"))
-    ap.add_argument("--only", default="local,nbdkit,qemu-nbd,rvol-1,rvol-3")
+    ap.add_argument("--only", default="local,nbdkit,qemu-nbd,rvol-1,rvol-3",
+                    help="targets, comma-separated; also rvol-1-unix and rvol-3-unix "
+                         "(replicas on Unix sockets instead of loopback TCP)")
     ap.add_argument("--check", action="store_true",
                     help="fail on gross breakage: rvol below 1/10 of nbdkit, or any I/O error")
     a = ap.parse_args()
