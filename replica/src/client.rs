@@ -150,22 +150,9 @@ impl ReplicaClient {
         offset: u64,
         length: u64,
         epoch: u64,
-        payload: Bytes,
+        payload: impl Into<Sealed>,
     ) -> Result<Reply> {
-        let sealed = Sealed::new(payload);
-        self.call_sealed(op, flags, offset, length, epoch, sealed)
-            .await
-    }
-
-    async fn call_sealed(
-        &self,
-        op: Op,
-        flags: u8,
-        offset: u64,
-        length: u64,
-        epoch: u64,
-        payload: Sealed,
-    ) -> Result<Reply> {
+        let payload: Sealed = payload.into();
         let n = self.conns.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for k in 0..n {
@@ -242,7 +229,7 @@ impl ReplicaClient {
         let data = data.into();
         let len = data.data.len() as u64;
         let flags = if fua { FLAG_FUA } else { 0 };
-        self.call_sealed(Op::Write, flags, offset, len, epoch, data)
+        self.call(Op::Write, flags, offset, len, epoch, data)
             .await
             .map(drop)
     }
@@ -347,7 +334,7 @@ impl ReplicaClient {
             offset,
             data.len() as u64,
             0,
-            payload.into(),
+            Bytes::from(payload),
         )
         .await
         .map(drop)
@@ -355,7 +342,7 @@ impl ReplicaClient {
 
     pub async fn prepare_rebuild(&self, chain: &[(String, crate::meta::LayerMeta)]) -> Result<()> {
         let payload = serde_json::to_vec(chain).map_err(|e| ClientError::Lost(e.to_string()))?;
-        self.call(Op::PrepareRebuild, 0, 0, 0, 0, payload.into())
+        self.call(Op::PrepareRebuild, 0, 0, 0, 0, Bytes::from(payload))
             .await
             .map(drop)
     }
