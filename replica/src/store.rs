@@ -1033,6 +1033,7 @@ impl Replica {
             .read_exact_at(&mut buf, offset)
             .map_err(|e| Error::io(format!("reading {name}"), e))?;
         // Holes read as zeros and have no checksum to match: check data only.
+        let mut crcs = vec![0; (len / BLOCK_SIZE) as usize];
         for (s, e) in data_extents_in(&layer.file, offset, offset + len)
             .map_err(|e| Error::io(format!("mapping {name}"), e))?
         {
@@ -1042,7 +1043,6 @@ impl Replica {
             );
             let (s, e) = (s.max(offset), e.min(offset + len));
             let data = &buf[(s - offset) as usize..(e - offset) as usize];
-            let mut crcs = vec![0; data.len() / BLOCK_SIZE as usize];
             check_blocks(layer, s, data, &mut crcs)?;
         }
         Ok(buf)
