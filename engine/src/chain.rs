@@ -49,6 +49,10 @@ pub struct ChainState {
     pub purged_total: AtomicU64,
     /// A frontend serves the volume, so a revert is refused.
     pub frontend_attached: AtomicBool,
+    /// The last purge left a removed layer in the chain because the head
+    /// did not overwrite all of it. A trim may punch out the rest, so
+    /// trims then ask for another purge, which drops the emptied layer.
+    removed_layer_left: AtomicBool,
 }
 
 impl ChainState {
@@ -63,6 +67,13 @@ impl ChainState {
     /// Asks the purge task for a run (it runs once more if one is going).
     pub fn request_purge(&self) {
         self.wake_purge.notify_one();
+    }
+
+    /// After a trim: asks for a purge if a removed layer may have emptied.
+    pub fn trimmed(&self) {
+        if self.removed_layer_left.load(Ordering::Acquire) {
+            self.request_purge();
+        }
     }
 }
 
@@ -177,6 +188,12 @@ impl ReplicatedVolume {
         }
         if status.steps > 0 {
             tracing::info!(bytes = status.bytes, steps = status.steps, "purge finished");
+        }
+        if let Ok(layers) = self.layers().await {
+            let left = layers[..layers.len().saturating_sub(1)]
+                .iter()
+                .any(|l| l.removed);
+            self.chain.removed_layer_left.store(left, Ordering::Release);
         }
         self.chain.set_purge(None);
     }

@@ -921,6 +921,7 @@ impl BlockVolume for ReplicatedVolume {
             })
             .await?;
             self.count_modification();
+            self.chain.trimmed();
         }
         if fua {
             self.flush().await?;
