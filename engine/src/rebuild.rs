@@ -8,10 +8,12 @@
 //!    same system snapshot. Below that cut the volume cannot change; above
 //!    it, every replica's new head receives the same writes.
 //! 3. The joining replica takes the source's chain below its head
-//!    (`prepare_rebuild`), then each layer is compared per 1 MiB chunk by
-//!    crc32c and only differing chunks are copied. A new replica receives
-//!    all the source's data (holes stay holes); a returning one keeps its
-//!    old layers and receives what changed while it was away.
+//!    (`prepare_rebuild`), then each layer is compared per 1 MiB chunk by a
+//!    64-bit hash, and within a differing chunk per 4 KiB block; only
+//!    differing blocks are sent. A new replica receives all the source's
+//!    data (holes stay holes); a returning one keeps its old layers and
+//!    receives what changed while it was away, block for block: scattered
+//!    small writes cost what they wrote, not a chunk each.
 //! 4. `finish_rebuild` syncs, rebuilds its index and adopts the source's
 //!    revision counter (as read just before: writes racing with that read
 //!    may leave it a few counts low, which decides nothing); it turns RW.
@@ -26,9 +28,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rvol_frontend::BlockVolume;
-use rvol_replica::client::ReplicaClient;
+use rvol_replica::client::{ClientError, ReplicaClient};
 use rvol_replica::meta::LayerMeta;
-use rvol_replica::store::REBUILD_CHUNK;
+use rvol_replica::store::{ChecksumUnit, REBUILD_CHUNK};
+use rvol_replica::BLOCK_SIZE;
 use serde::{Deserialize, Serialize};
 
 use crate::volume::{Mode, ReplicaSlot, ReplicatedVolume};
@@ -169,17 +172,16 @@ impl ReplicatedVolume {
         let total = size * chain.len() as u64;
         let started = Instant::now();
         let (mut scanned, mut copied) = (0u64, 0u64);
-        let zeros = vec![0u8; REBUILD_CHUNK as usize];
         for (layer, _) in &chain {
             let mut window = 0;
             while window < size {
                 let len = WINDOW.min(size - window);
                 let theirs = source
-                    .layer_checksums(layer, window, len)
+                    .layer_checksums(layer, window, len, ChecksumUnit::Chunk)
                     .await
                     .map_err(|e| e.to_string())?;
                 let ours = client
-                    .layer_checksums(layer, window, len)
+                    .layer_checksums(layer, window, len, ChecksumUnit::Chunk)
                     .await
                     .map_err(|e| e.to_string())?;
                 for (i, (s, o)) in theirs.iter().zip(&ours).enumerate() {
@@ -188,35 +190,9 @@ impl ReplicatedVolume {
                     }
                     let at = window + i as u64 * REBUILD_CHUNK;
                     let n = REBUILD_CHUNK.min(size - at);
-                    // Clear the chunk, then copy what the source has
-                    // allocated as it is: an allocated zero block shadows
-                    // the layers below, a hole does not, so zeros must not
-                    // turn into holes (or holes into zeros).
-                    client
-                        .write_layer(layer, at, &zeros[..n as usize], false)
+                    copied += copy_chunk(&source, &client, layer, at, n, o.is_none())
                         .await
                         .map_err(|e| e.to_string())?;
-                    if s.is_some() {
-                        let runs = source
-                            .layer_allocation(layer, at, n)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        let mut pos = at;
-                        for (len, allocated) in runs {
-                            if allocated {
-                                let data = source
-                                    .read_layer(layer, pos, len)
-                                    .await
-                                    .map_err(|e| e.to_string())?;
-                                client
-                                    .write_layer(layer, pos, &data, true)
-                                    .await
-                                    .map_err(|e| e.to_string())?;
-                            }
-                            pos += len;
-                        }
-                    }
-                    copied += n;
                     if rate_mib_s > 0.0 {
                         let due = Duration::from_secs_f64(copied as f64 / (rate_mib_s * 1048576.0));
                         if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -257,4 +233,55 @@ impl ReplicatedVolume {
         );
         Ok(copied)
     }
+}
+
+/// Makes one differing chunk of `layer` on `target` match `source`, block by
+/// block, and returns the bytes sent. Each run of differing blocks is copied
+/// as the source holds it: data verbatim (an allocated zero block shadows the
+/// layers below, a hole does not, so zeros must not turn into holes) or a
+/// hole punched. `target_empty` skips asking the target (it holds nothing).
+async fn copy_chunk(
+    source: &ReplicaClient,
+    target: &ReplicaClient,
+    layer: &str,
+    at: u64,
+    n: u64,
+    target_empty: bool,
+) -> Result<u64, ClientError> {
+    let theirs = source
+        .layer_checksums(layer, at, n, ChecksumUnit::Block)
+        .await?;
+    let ours = if target_empty {
+        vec![None; theirs.len()]
+    } else {
+        target
+            .layer_checksums(layer, at, n, ChecksumUnit::Block)
+            .await?
+    };
+    let mut sent = 0;
+    let mut i = 0;
+    while i < theirs.len() {
+        if theirs[i] == ours[i] {
+            i += 1;
+            continue;
+        }
+        let data = theirs[i].is_some();
+        let mut j = i + 1;
+        while j < theirs.len() && theirs[j] != ours[j] && theirs[j].is_some() == data {
+            j += 1;
+        }
+        let (pos, len) = (at + i as u64 * BLOCK_SIZE, (j - i) as u64 * BLOCK_SIZE);
+        if data {
+            let bytes = source.read_layer(layer, pos, len).await?;
+            target.write_layer(layer, pos, &bytes, true).await?;
+        } else {
+            // Zeros written without VERBATIM become a hole.
+            target
+                .write_layer(layer, pos, &vec![0; len as usize], false)
+                .await?;
+        }
+        sent += len;
+        i = j;
+    }
+    Ok(sent)
 }

@@ -46,7 +46,37 @@ fn assert_same_layers(a: &ReplicaProc, b: &ReplicaProc) {
             "{la} differs: {}",
             String::from_utf8_lossy(&out.stdout)
         );
+        // Below the head, holes must be holes too: a zero block that is
+        // data shadows the layers below it.
+        if la.starts_with("volume-snap-") {
+            assert_eq!(
+                data_extents(&a.dir.join(la)),
+                data_extents(&b.dir.join(lb)),
+                "{la}: allocation differs"
+            );
+        }
     }
+}
+
+/// `(start, end)` byte ranges of a file that hold data (SEEK_DATA/SEEK_HOLE).
+fn data_extents(path: &std::path::Path) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as i64;
+    let seek = |at: i64, whence: i32| unsafe { libc::lseek(f.as_raw_fd(), at, whence) };
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let start = seek(at, libc::SEEK_DATA);
+        if start < 0 {
+            break; // ENXIO: no data past `at`
+        }
+        let end = seek(start, libc::SEEK_HOLE);
+        assert!(end > start, "SEEK_HOLE in {path:?}");
+        out.push((start as u64, end as u64));
+        at = end;
+    }
+    out
 }
 
 #[test]
@@ -58,14 +88,30 @@ fn a_returning_replica_receives_only_what_changed() {
     // Half the volume holds data.
     qemu_io(&uri, &["write -P 0x5a 0 512M", "flush"]);
     rs[2].proc.kill9();
-    // 10 % of the volume changes while r2 is away: 100 MiB in 1 MiB pieces.
+    // While r2 is away: 100 MiB changes in 1 MiB pieces; about 1,800
+    // single blocks spread over the data half change, one in four by a
+    // 512-byte write; 8 MiB of data is trimmed.
     let mut cmds = vec!["-f".to_string(), "raw".into(), uri.clone()];
-    for i in 0..100u64 {
+    let mut run = |c: String| {
         cmds.push("-c".into());
-        cmds.push(format!("write -P 0x{:02x} {}M 1M", (i % 200) + 1, i * 10));
+        cmds.push(c);
+    };
+    for i in 0..100u64 {
+        run(format!("write -P 0x{:02x} {}M 1M", (i % 200) + 1, i * 10));
     }
-    cmds.push("-c".into());
-    cmds.push("flush".into());
+    let scattered: Vec<u64> = (0..2000u64)
+        .map(|i| (i * 7919) % (128 << 10) * 4096) // distinct blocks of 512 MiB
+        .filter(|at| at % (10 << 20) >= 1 << 20) // not in a 1 MiB piece
+        .collect();
+    for (i, at) in scattered.iter().enumerate() {
+        if i % 4 == 0 {
+            run(format!("write -P 0xee {} 512", at + 1024));
+        } else {
+            run(format!("write -P 0xee {at} 4k"));
+        }
+    }
+    run("discard 401M 8M".into());
+    run("flush".into());
     run_ok(
         "qemu-io",
         &cmds.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -75,27 +121,36 @@ fn a_returning_replica_receives_only_what_changed() {
         mode(&admin, 2) == "RW"
     });
     let copied = status(&admin)["rebuilt_bytes"].as_u64().unwrap();
+    let changed = (100 << 20) + scattered.len() as u64 * 4096 + (8 << 20);
     println!(
-        "delta rebuild: {copied} bytes sent for 100 MiB changed on a 1 GiB volume (half data)"
+        "delta rebuild: {copied} bytes sent for {changed} changed ({} scattered blocks) on a 1 GiB volume (half data)",
+        scattered.len()
     );
     assert!(
         copied >= 100 << 20,
         "copied {copied}: less than what changed"
     );
     assert!(
-        copied <= 150 << 20,
-        "copied {copied}: far more than the 10 % that changed"
+        copied <= changed + changed / 10,
+        "copied {copied}: more than the {changed} that changed, plus 10 %"
     );
     assert_same_layers(&rs[0], &rs[2]);
-    // r2 alone returns the data.
+    let sha = export_sha(&uri, tmp.path());
+    // r2 alone returns the same data.
     rs[0].proc.kill9();
     rs[1].proc.kill9();
+    assert_eq!(export_sha(&uri, tmp.path()), sha);
+    let (full, part) = (scattered[1], scattered[0]);
     qemu_io(
         &uri,
         &[
             "read -P 0x01 0 1M",
-            "read -P 0x5a 1M 9M",
             "read -P 0x64 990M 1M",
+            &format!("read -P 0xee {full} 4k"),
+            &format!("read -P 0x5a {part} 1k"),
+            &format!("read -P 0xee {} 512", part + 1024),
+            &format!("read -P 0x5a {} 2560", part + 1536),
+            "read -P 0 401M 8M",
             "read -P 0 1000M 24M",
         ],
     );

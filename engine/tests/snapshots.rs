@@ -94,14 +94,6 @@ fn snapshots_are_taken_on_every_replica_under_load_and_listed() {
     qemu_io(&uri, &["read -P 0x62 16M 4M"]);
 }
 
-fn export_sha(uri: &str, tmp: &std::path::Path) -> String {
-    let out = tmp.join("export.img");
-    export_to_file(uri, &out);
-    let sha = sha256_file(&out);
-    std::fs::remove_file(&out).unwrap();
-    sha
-}
-
 #[test]
 fn revert_brings_back_what_a_snapshot_held() {
     let tmp = tempfile::tempdir().unwrap();

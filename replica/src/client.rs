@@ -20,9 +20,10 @@ use uuid::Uuid;
 use crate::ids::Revision;
 use crate::proto::{
     decode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Sealed, Status, FLAG_FUA,
-    FLAG_UNVERIFIED, FLAG_VERBATIM, PROTOCOL_VERSION, REPLY_HEADER_LEN,
+    FLAG_PER_BLOCK, FLAG_UNVERIFIED, FLAG_VERBATIM, PROTOCOL_VERSION, REPLY_HEADER_LEN,
 };
 use crate::server::Endpoint;
+use crate::store::ChecksumUnit;
 use crate::store::{Owner, ReplicaInfo};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -296,18 +297,25 @@ impl ReplicaClient {
             .map_err(|_| ClientError::Lost("bad SNAPSHOT reply".into()))
     }
 
-    /// Checksums of each rebuild chunk of a layer (`None`: no data there).
+    /// Checksums of each `unit` (a block or a rebuild chunk) of a range of
+    /// a layer (`None`: no data there).
     pub async fn layer_checksums(
         &self,
         layer: &str,
         offset: u64,
         length: u64,
-    ) -> Result<Vec<Option<u32>>> {
+        unit: ChecksumUnit,
+    ) -> Result<Vec<Option<u64>>> {
         let payload = Bytes::copy_from_slice(layer.as_bytes());
+        let flags = match unit {
+            ChecksumUnit::Chunk => 0,
+            ChecksumUnit::Block => FLAG_PER_BLOCK,
+        };
         let r = self
-            .call(Op::LayerChecksums, 0, offset, length, 0, payload)
+            .call(Op::LayerChecksums, flags, offset, length, 0, payload)
             .await?;
         crate::proto::decode_checksums(&r.payload)
+            .filter(|sums| sums.len() as u64 == length.div_ceil(unit.bytes()))
             .ok_or_else(|| ClientError::Lost("bad LAYER_CHECKSUMS reply".into()))
     }
 
@@ -390,21 +398,6 @@ impl ReplicaClient {
         let r = self.call(Op::Scrub, 0, 0, 0, 0, Bytes::new()).await?;
         serde_json::from_slice(&r.payload)
             .map_err(|e| ClientError::Lost(format!("bad SCRUB reply: {e}")))
-    }
-
-    /// Allocation runs `(bytes, allocated)` of a range of one layer.
-    pub async fn layer_allocation(
-        &self,
-        layer: &str,
-        offset: u64,
-        length: u64,
-    ) -> Result<Vec<(u64, bool)>> {
-        let payload = Bytes::copy_from_slice(layer.as_bytes());
-        let r = self
-            .call(Op::LayerAllocation, 0, offset, length, 0, payload)
-            .await?;
-        decode_extents(&r.payload)
-            .ok_or_else(|| ClientError::Lost("bad LAYER_ALLOCATION payload".into()))
     }
 
     /// Allocation runs `(bytes, allocated)` of a range.

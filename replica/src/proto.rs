@@ -40,7 +40,8 @@ pub const REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"RVQ1");
 pub const REPLY_MAGIC: u32 = u32::from_le_bytes(*b"RVR1");
 pub const REQUEST_HEADER_LEN: usize = 48;
 pub const REPLY_HEADER_LEN: usize = 32;
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: LAYER_CHECKSUMS takes [`FLAG_PER_BLOCK`]; LAYER_ALLOCATION is gone.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest payload of any frame, and largest read a request may ask for.
 pub const MAX_PAYLOAD: u32 = 8 << 20;
 pub const HELLO_LEN: usize = 40;
@@ -52,6 +53,9 @@ pub const FLAG_FUA: u8 = 1;
 pub const FLAG_VERBATIM: u8 = 2;
 /// READ flag: skip checksum verification (the engine's last resort).
 pub const FLAG_UNVERIFIED: u8 = 4;
+/// LAYER_CHECKSUMS flag: one checksum per block instead of per rebuild
+/// chunk.
+pub const FLAG_PER_BLOCK: u8 = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -74,8 +78,10 @@ pub enum Op {
     /// `[name_len u16][name][labels as JSON, may be empty]`; reply payload:
     /// the layer's file name.
     Snapshot = 11,
-    /// crc32c per rebuild chunk of layer `payload` over offset/length;
-    /// reply payload: 5 bytes a chunk, `[present u8][crc u32]`.
+    /// xxh3 hash per rebuild chunk (per block with [`FLAG_PER_BLOCK`]) of
+    /// layer `payload` over offset/length, at most
+    /// [`crate::store::MAX_CHECKSUMS`] of them; reply payload: 9 bytes
+    /// each, `[allocated u8][hash u64]`.
     LayerChecksums = 12,
     /// Read offset/length of layer `payload`.
     ReadLayer = 13,
@@ -95,9 +101,7 @@ pub enum Op {
     Revert = 19,
     /// Grow the volume to `offset` bytes.
     Expand = 20,
-    /// Allocation of offset/length in layer `payload` (reply payload:
-    /// [`encode_extents`]).
-    LayerAllocation = 21,
+    // 21 was LAYER_ALLOCATION (protocol 1).
     /// Read and check every block of every layer; reply payload: JSON
     /// `ScrubReport`.
     Scrub = 22,
@@ -126,7 +130,6 @@ impl Op {
             18 => Op::PurgeStep,
             19 => Op::Revert,
             20 => Op::Expand,
-            21 => Op::LayerAllocation,
             22 => Op::Scrub,
             _ => return None,
         })
@@ -378,8 +381,8 @@ pub async fn read_payload<R: AsyncRead + Unpin, B: bytes::BufMut>(
 }
 
 /// Checksums as sent in a LAYER_CHECKSUMS reply.
-pub fn encode_checksums(sums: &[Option<u32>]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(sums.len() * 5);
+pub fn encode_checksums(sums: &[Option<u64>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(sums.len() * 9);
     for s in sums {
         out.push(s.is_some() as u8);
         out.extend_from_slice(&s.unwrap_or(0).to_le_bytes());
@@ -387,14 +390,14 @@ pub fn encode_checksums(sums: &[Option<u32>]) -> Vec<u8> {
     out
 }
 
-pub fn decode_checksums(b: &[u8]) -> Option<Vec<Option<u32>>> {
-    if !b.len().is_multiple_of(5) {
+pub fn decode_checksums(b: &[u8]) -> Option<Vec<Option<u64>>> {
+    if !b.len().is_multiple_of(9) {
         return None;
     }
-    b.chunks_exact(5)
+    b.chunks_exact(9)
         .map(|c| match c[0] {
             0 => Some(None),
-            1 => Some(Some(u32_at(c, 1))),
+            1 => Some(Some(u64_at(c, 1))),
             _ => None,
         })
         .collect()
@@ -542,5 +545,9 @@ mod tests {
         let runs = vec![(4096, true), (8192, false)];
         assert_eq!(decode_extents(&encode_extents(&runs)), Some(runs));
         assert_eq!(decode_extents(&[0; 9 * 2 + 1]), None);
+        let sums = vec![Some(u64::MAX), None, Some(7)];
+        assert_eq!(decode_checksums(&encode_checksums(&sums)), Some(sums));
+        assert_eq!(decode_checksums(&[2, 0, 0, 0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(decode_checksums(&[0; 10]), None);
     }
 }

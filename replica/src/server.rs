@@ -30,9 +30,10 @@ use crate::crc;
 use crate::error::Error;
 use crate::proto::{
     encode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Sealed, Status, FLAG_FUA,
-    FLAG_UNVERIFIED, FLAG_VERBATIM, HELLO_LEN, MAX_PAYLOAD, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
+    FLAG_PER_BLOCK, FLAG_UNVERIFIED, FLAG_VERBATIM, HELLO_LEN, MAX_PAYLOAD, PROTOCOL_VERSION,
+    REQUEST_HEADER_LEN,
 };
-use crate::store::{Owner, Replica};
+use crate::store::{ChecksumUnit, Owner, Replica};
 use crate::BLOCK_SIZE;
 
 /// Where a server listens or a client connects: `host:port` or `unix:PATH`.
@@ -397,7 +398,6 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 | Op::PurgeStep
                 | Op::Revert
                 | Op::Expand
-                | Op::LayerAllocation
                 | Op::Scrub),
             ) => {
                 // Rebuild and snapshot work is slow: off the connection's task.
@@ -542,7 +542,12 @@ fn run_layer_op(
         }
 
         Op::LayerChecksums => {
-            let sums = r.layer_checksums(layer_name(payload)?, h.offset, h.length)?;
+            let unit = if h.flags & FLAG_PER_BLOCK != 0 {
+                ChecksumUnit::Block
+            } else {
+                ChecksumUnit::Chunk
+            };
+            let sums = r.layer_checksums(layer_name(payload)?, h.offset, h.length, unit)?;
             Ok((0, crate::proto::encode_checksums(&sums).into()))
         }
         Op::ReadLayer => {
@@ -596,10 +601,6 @@ fn run_layer_op(
         Op::Scrub => Ok((
             0,
             serde_json::to_vec(&r.scrub()?).unwrap_or_default().into(),
-        )),
-        Op::LayerAllocation => Ok((
-            0,
-            encode_extents(&r.layer_allocation(layer_name(payload)?, h.offset, h.length)?).into(),
         )),
         _ => Err(Error::Invalid(format!("{op:?} is not a layer operation"))),
     }

@@ -44,6 +44,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::checksum;
 use crate::crc;
@@ -987,35 +988,65 @@ impl Replica {
         Self::below_head(&self.layers(), name).map(|l| l.file.clone())
     }
 
-    /// crc32c of each [`REBUILD_CHUNK`] of layer `name` in the range, over
-    /// its contents and its allocation; `None` for a chunk holding no data.
-    pub fn layer_checksums(&self, name: &str, offset: u64, len: u64) -> Result<Vec<Option<u32>>> {
+    /// A 64-bit hash (xxh3) of each `unit` of layer `name` in the range,
+    /// over its contents and its allocation; `None` for a unit holding no
+    /// data. A rebuild skips what hashes the same, so the hash is wider
+    /// than the blocks' crc32c: two different units hash alike with odds
+    /// of 2^-64, not the 2^-32 that a TiB of rebuilds would soon meet.
+    pub fn layer_checksums(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        unit: ChecksumUnit,
+    ) -> Result<Vec<Option<u64>>> {
         self.check_range(offset, len)?;
+        let unit = unit.bytes();
+        if len.div_ceil(unit) > MAX_CHECKSUMS {
+            return Err(Error::Invalid(format!(
+                "{} checksums asked for; at most {MAX_CHECKSUMS} per request",
+                len.div_ceil(unit)
+            )));
+        }
         let file = self.layer_file(name)?;
         let end = offset + len;
         let extents = data_extents_in(&file, offset, end)
             .map_err(|e| Error::io(format!("mapping {name}"), e))?;
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; REBUILD_CHUNK as usize];
+        let mut out = Vec::with_capacity(len.div_ceil(unit) as usize);
+        let read_size = unit.max(REBUILD_CHUNK);
+        let mut buf = vec![0u8; read_size as usize];
         let mut at = offset;
         while at < end {
-            let n = REBUILD_CHUNK.min(end - at);
-            if extents.iter().any(|&(s, e)| s < at + n && at < e) {
+            let n = read_size.min(end - at);
+            let here: Vec<(u64, u64)> = extents
+                .iter()
+                .map(|&(s, e)| (s.max(at), e.min(at + n)))
+                .filter(|(s, e)| s < e)
+                .collect();
+            if !here.is_empty() {
                 file.read_exact_at(&mut buf[..n as usize], at)
                     .map_err(|e| Error::io(format!("reading {name}"), e))?;
+            }
+            let mut u = at;
+            while u < at + n {
+                let m = unit.min(at + n - u);
+                let mut hash: Option<Xxh3> = None;
                 // Allocation counts as much as contents: an allocated zero
                 // block and a hole read the same but differ in a chain.
-                let mut crc = crc32c::crc32c(&buf[..n as usize]);
-                for &(s, e) in &extents {
-                    let (s, e) = (s.max(at), e.min(at + n));
+                for &(s, e) in &here {
+                    let (s, e) = (s.max(u), e.min(u + m));
                     if s < e {
-                        crc = crc32c::crc32c_append(crc, &(s / BLOCK_SIZE).to_le_bytes());
-                        crc = crc32c::crc32c_append(crc, &e.div_ceil(BLOCK_SIZE).to_le_bytes());
+                        let h = hash.get_or_insert_with(|| {
+                            let mut h = Xxh3::new();
+                            h.update(&buf[(u - at) as usize..(u - at + m) as usize]);
+                            h
+                        });
+                        h.update(&(s / BLOCK_SIZE).to_le_bytes());
+                        h.update(&e.div_ceil(BLOCK_SIZE).to_le_bytes());
                     }
                 }
-                out.push(Some(crc));
-            } else {
-                out.push(None);
+                out.push(hash.map(|h| h.digest()));
+                u += m;
             }
             at += n;
         }
@@ -1046,35 +1077,6 @@ impl Replica {
             check_blocks(layer, s, data, &mut crcs)?;
         }
         Ok(buf)
-    }
-
-    /// Allocation of a range of one layer below the head, as runs of
-    /// `(bytes, allocated)` in whole blocks.
-    pub fn layer_allocation(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
-        self.check_range(offset, len)?;
-        let file = self.layer_file(name)?;
-        let end = offset + len;
-        let mut out: Vec<(u64, bool)> = Vec::new();
-        let mut push = |n: u64, allocated: bool| match out.last_mut() {
-            Some((m, a)) if *a == allocated => *m += n,
-            _ if n > 0 => out.push((n, allocated)),
-            _ => {}
-        };
-        let mut at = offset;
-        for (s, e) in data_extents_in(&file, offset, end)
-            .map_err(|e| Error::io(format!("mapping {name}"), e))?
-        {
-            let s = (s / BLOCK_SIZE * BLOCK_SIZE).max(at);
-            let e = (e.div_ceil(BLOCK_SIZE) * BLOCK_SIZE).min(end);
-            if e <= s {
-                continue;
-            }
-            push(s - at, false);
-            push(e - s, true);
-            at = e;
-        }
-        push(end - at, false);
-        Ok(out)
     }
 
     /// Writes a range of one layer below the head. Unless `verbatim`,
@@ -1215,6 +1217,28 @@ pub(crate) fn create_layer_file(dir: &Path, name: &str, size: u64) -> Result<Fil
 
 /// Unit of rebuild comparison and copy.
 pub const REBUILD_CHUNK: u64 = 1 << 20;
+
+/// Most checksums one [`Replica::layer_checksums`] call returns (a 64 GiB
+/// range by chunks, 256 MiB by blocks), which bounds its reply.
+pub const MAX_CHECKSUMS: u64 = 1 << 16;
+
+/// What one checksum of [`Replica::layer_checksums`] covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumUnit {
+    /// A [`REBUILD_CHUNK`]: cheap to compare a whole layer by.
+    Chunk,
+    /// A block: finds what differs inside a chunk.
+    Block,
+}
+
+impl ChecksumUnit {
+    pub fn bytes(self) -> u64 {
+        match self {
+            ChecksumUnit::Chunk => REBUILD_CHUNK,
+            ChecksumUnit::Block => BLOCK_SIZE,
+        }
+    }
+}
 
 /// Removes layer files and metadata not in `chain`: what a snapshot or a
 /// rebuild interrupted by a crash leaves behind (see the snapshot docs).

@@ -457,3 +457,53 @@ fn a_flipped_byte_is_caught_by_its_checksum_in_any_layer() {
     r.write(4096, &[9u8; 4096], 0).unwrap();
     assert_eq!(r.read(4096, 4096).unwrap(), vec![9u8; 4096]);
 }
+
+#[test]
+fn layer_hashes_tell_a_hole_from_a_zero_block_and_find_the_block_that_differs() {
+    use rvol_replica::store::{ChecksumUnit, MAX_CHECKSUMS, REBUILD_CHUNK};
+    let size = 1 << 30; // sparse; large enough to ask for too many hashes
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (
+        Replica::create(da.path(), size).unwrap(),
+        Replica::create(db.path(), size).unwrap(),
+    );
+    for r in [&a, &b] {
+        r.write(0, &pattern(1, 0, 16 * 4096), 0).unwrap();
+    }
+    // b differs in block 5 (data) and block 9 (allocated zeros, a hole in a).
+    b.write(5 * 4096, &pattern(2, 5, 4096), 0).unwrap();
+    a.trim(9 * 4096, 4096, 0).unwrap();
+    b.write(9 * 4096, &[0; 4096], 0).unwrap();
+    for r in [&a, &b] {
+        r.snapshot("s", true, Default::default()).unwrap();
+    }
+    let layer = "volume-snap-s.img";
+    let chunks = |r: &Replica| {
+        r.layer_checksums(layer, 0, size, ChecksumUnit::Chunk)
+            .unwrap()
+    };
+    let (ca, cb) = (chunks(&a), chunks(&b));
+    assert_eq!(ca.len(), 1024);
+    assert!(ca[0].is_some() && ca[0] != cb[0], "{:?} {:?}", ca[0], cb[0]);
+    assert_eq!((ca[1], cb[1]), (None, None), "the second chunk is a hole");
+    let blocks = |r: &Replica| {
+        r.layer_checksums(layer, 0, REBUILD_CHUNK, ChecksumUnit::Block)
+            .unwrap()
+    };
+    let (ba, bb) = (blocks(&a), blocks(&b));
+    assert_eq!(ba.len(), 256);
+    let differ: Vec<usize> = (0..256).filter(|&i| ba[i] != bb[i]).collect();
+    assert_eq!(differ, [5, 9]);
+    assert_eq!(ba[9], None, "a hole");
+    assert!(bb[9].is_some(), "allocated zeros are data");
+    assert_eq!(ba[16], None);
+    // The reply is bounded, and a bad request changes nothing.
+    let e = a
+        .layer_checksums(layer, 0, (MAX_CHECKSUMS + 1) * 4096, ChecksumUnit::Block)
+        .unwrap_err();
+    assert!(e.to_string().contains("at most"), "{e}");
+    assert!(a
+        .layer_checksums("volume-snap-x.img", 0, 4096, ChecksumUnit::Block)
+        .is_err());
+    assert_eq!(chunks(&a), ca);
+}

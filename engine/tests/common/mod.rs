@@ -335,6 +335,15 @@ pub fn export_to_file(uri: &str, dest: &Path) {
     );
 }
 
+/// sha256 of the whole export, copied out with qemu-img into `tmp`.
+pub fn export_sha(uri: &str, tmp: &Path) -> String {
+    let out = tmp.join("export.img");
+    export_to_file(uri, &out);
+    let sha = sha256_file(&out);
+    std::fs::remove_file(&out).unwrap();
+    sha
+}
+
 /// A deterministic pseudo-random byte stream (xorshift).
 pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
