@@ -236,10 +236,10 @@ impl ReplicatedVolume {
 }
 
 /// Makes one differing chunk of `layer` on `target` match `source`, block by
-/// block, and returns the bytes sent. Each run of differing blocks is copied
-/// as the source holds it: data verbatim (an allocated zero block shadows the
-/// layers below, a hole does not, so zeros must not turn into holes) or a
-/// hole punched. `target_empty` skips asking the target (it holds nothing).
+/// block, and returns the bytes of data sent. Each run of differing blocks
+/// becomes what the source holds: data, zero blocks included (an allocated
+/// zero block shadows the layers below, a hole does not), or a hole.
+/// `target_empty` skips asking the target (it holds nothing).
 async fn copy_chunk(
     source: &ReplicaClient,
     target: &ReplicaClient,
@@ -273,14 +273,11 @@ async fn copy_chunk(
         let (pos, len) = (at + i as u64 * BLOCK_SIZE, (j - i) as u64 * BLOCK_SIZE);
         if data {
             let bytes = source.read_layer(layer, pos, len).await?;
-            target.write_layer(layer, pos, &bytes, true).await?;
+            target.write_layer(layer, pos, &bytes).await?;
+            sent += len;
         } else {
-            // Zeros written without VERBATIM become a hole.
-            target
-                .write_layer(layer, pos, &vec![0; len as usize], false)
-                .await?;
+            target.punch_layer(layer, pos, len).await?;
         }
-        sent += len;
         i = j;
     }
     Ok(sent)

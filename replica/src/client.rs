@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::ids::Revision;
 use crate::proto::{
     decode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Sealed, Status, FLAG_FUA,
-    FLAG_PER_BLOCK, FLAG_UNVERIFIED, FLAG_VERBATIM, PROTOCOL_VERSION, REPLY_HEADER_LEN,
+    FLAG_PER_BLOCK, FLAG_UNVERIFIED, PROTOCOL_VERSION, REPLY_HEADER_LEN,
 };
 use crate::server::Endpoint;
 use crate::store::ChecksumUnit;
@@ -327,18 +327,12 @@ impl ReplicaClient {
             .payload)
     }
 
-    /// Writes into a layer below the head; see [`crate::proto::FLAG_VERBATIM`].
-    pub async fn write_layer(
-        &self,
-        layer: &str,
-        offset: u64,
-        data: &[u8],
-        verbatim: bool,
-    ) -> Result<()> {
+    /// Writes into a layer below the head, zero blocks as data.
+    pub async fn write_layer(&self, layer: &str, offset: u64, data: &[u8]) -> Result<()> {
         let payload = crate::proto::layer_payload(layer, data);
         self.call(
             Op::WriteLayer,
-            if verbatim { FLAG_VERBATIM } else { 0 },
+            0,
             offset,
             data.len() as u64,
             0,
@@ -346,6 +340,14 @@ impl ReplicaClient {
         )
         .await
         .map(drop)
+    }
+
+    /// Punches a range out of a layer below the head.
+    pub async fn punch_layer(&self, layer: &str, offset: u64, length: u64) -> Result<()> {
+        let payload = Bytes::copy_from_slice(layer.as_bytes());
+        self.call(Op::PunchLayer, 0, offset, length, 0, payload)
+            .await
+            .map(drop)
     }
 
     pub async fn prepare_rebuild(&self, chain: &[(String, crate::meta::LayerMeta)]) -> Result<()> {

@@ -40,7 +40,8 @@ pub const REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"RVQ1");
 pub const REPLY_MAGIC: u32 = u32::from_le_bytes(*b"RVR1");
 pub const REQUEST_HEADER_LEN: usize = 48;
 pub const REPLY_HEADER_LEN: usize = 32;
-/// 2: LAYER_CHECKSUMS takes [`FLAG_PER_BLOCK`]; LAYER_ALLOCATION is gone.
+/// 2: LAYER_CHECKSUMS takes [`FLAG_PER_BLOCK`]; PUNCH_LAYER replaces
+/// LAYER_ALLOCATION and WRITE_LAYER's zero punching.
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest payload of any frame, and largest read a request may ask for.
 pub const MAX_PAYLOAD: u32 = 8 << 20;
@@ -48,9 +49,6 @@ pub const HELLO_LEN: usize = 40;
 
 /// Write flag: durable before the reply (forced unit access).
 pub const FLAG_FUA: u8 = 1;
-/// WRITE_LAYER flag: write zero blocks as data instead of punching them
-/// (an allocated zero block shadows the layers below it; a hole does not).
-pub const FLAG_VERBATIM: u8 = 2;
 /// READ flag: skip checksum verification (the engine's last resort).
 pub const FLAG_UNVERIFIED: u8 = 4;
 /// LAYER_CHECKSUMS flag: one checksum per block instead of per rebuild
@@ -86,8 +84,8 @@ pub enum Op {
     /// Read offset/length of layer `payload`.
     ReadLayer = 13,
     /// Write into a layer below the head at offset; payload
-    /// `[name_len u16][name][data]`; all-zero blocks become holes unless
-    /// [`FLAG_VERBATIM`] is set.
+    /// `[name_len u16][name][data]`. Zero blocks are written as data: an
+    /// allocated zero block shadows the layers below, a hole does not.
     WriteLayer = 14,
     /// Payload: JSON list of `[name, LayerMeta]`, the chain below the head.
     PrepareRebuild = 15,
@@ -105,6 +103,8 @@ pub enum Op {
     /// Read and check every block of every layer; reply payload: JSON
     /// `ScrubReport`.
     Scrub = 22,
+    /// Punch offset/length out of layer `payload` below the head.
+    PunchLayer = 23,
 }
 
 impl Op {
@@ -131,6 +131,7 @@ impl Op {
             19 => Op::Revert,
             20 => Op::Expand,
             22 => Op::Scrub,
+            23 => Op::PunchLayer,
             _ => return None,
         })
     }

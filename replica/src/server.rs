@@ -30,8 +30,7 @@ use crate::crc;
 use crate::error::Error;
 use crate::proto::{
     encode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Sealed, Status, FLAG_FUA,
-    FLAG_PER_BLOCK, FLAG_UNVERIFIED, FLAG_VERBATIM, HELLO_LEN, MAX_PAYLOAD, PROTOCOL_VERSION,
-    REQUEST_HEADER_LEN,
+    FLAG_PER_BLOCK, FLAG_UNVERIFIED, HELLO_LEN, MAX_PAYLOAD, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
 };
 use crate::store::{ChecksumUnit, Owner, Replica};
 use crate::BLOCK_SIZE;
@@ -392,6 +391,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 | Op::LayerChecksums
                 | Op::ReadLayer
                 | Op::WriteLayer
+                | Op::PunchLayer
                 | Op::PrepareRebuild
                 | Op::FinishRebuild
                 | Op::RemoveSnapshot
@@ -566,7 +566,11 @@ fn run_layer_op(
         Op::WriteLayer => {
             let (name, data) = crate::proto::split_layer_payload(payload)
                 .ok_or_else(|| Error::Invalid("malformed WRITE_LAYER payload".into()))?;
-            r.write_layer(name, h.offset, data, h.flags & FLAG_VERBATIM != 0)?;
+            r.write_layer(name, h.offset, data)?;
+            Ok((0, Bytes::new()))
+        }
+        Op::PunchLayer => {
+            r.punch_layer(layer_name(payload)?, h.offset, h.length)?;
             Ok((0, Bytes::new()))
         }
         Op::PrepareRebuild => {

@@ -1079,40 +1079,26 @@ impl Replica {
         Ok(buf)
     }
 
-    /// Writes a range of one layer below the head. Unless `verbatim`,
-    /// all-zero blocks become holes, so holes stay holes; `verbatim` keeps
-    /// them as data (an allocated zero block shadows the layers below).
-    pub fn write_layer(&self, name: &str, offset: u64, data: &[u8], verbatim: bool) -> Result<()> {
+    /// Writes a range of one layer below the head, zero blocks as data (an
+    /// allocated zero block shadows the layers below; a hole does not).
+    pub fn write_layer(&self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
         let layers = self.layers();
         let layer = Self::below_head(&layers, name)?;
-        let write = |at: u64, part: &[u8]| -> Result<()> {
-            checksum::record_settled(&layer.crc, at / BLOCK_SIZE, part)
-                .map_err(|e| Error::io(format!("recording checksums of {name}"), e))?;
-            layer
-                .file
-                .write_all_at(part, at)
-                .map_err(|e| Error::io(format!("writing {name}"), e))
-        };
-        if verbatim {
-            return write(offset, data);
-        }
-        let bs = BLOCK_SIZE as usize;
-        let mut i = 0;
-        while i < data.len() {
-            let zero = data[i..i + bs].iter().all(|&b| b == 0);
-            let mut j = i + bs;
-            while j < data.len() && data[j..j + bs].iter().all(|&b| b == 0) == zero {
-                j += bs;
-            }
-            let at = offset + i as u64;
-            if zero {
-                punch_file(&layer.file, at, (j - i) as u64)?;
-            } else {
-                write(at, &data[i..j])?;
-            }
-            i = j;
-        }
+        checksum::record_settled(&layer.crc, offset / BLOCK_SIZE, data)
+            .map_err(|e| Error::io(format!("recording checksums of {name}"), e))?;
+        layer
+            .file
+            .write_all_at(data, offset)
+            .map_err(|e| Error::io(format!("writing {name}"), e))
+    }
+
+    /// Punches a range out of one layer below the head: the layers below
+    /// show through there.
+    pub fn punch_layer(&self, name: &str, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let layers = self.layers();
+        punch_file(&Self::below_head(&layers, name)?.file, offset, len)?;
         Ok(())
     }
 
