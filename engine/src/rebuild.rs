@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use rvol_frontend::BlockVolume;
 use rvol_replica::client::{ClientError, ReplicaClient};
 use rvol_replica::meta::LayerMeta;
@@ -38,6 +39,10 @@ use crate::volume::{Mode, ReplicaSlot, ReplicatedVolume};
 
 /// Chunks compared per checksum request (64 MiB).
 const WINDOW: u64 = 64 * REBUILD_CHUNK;
+
+/// Differing chunks copied at once: overlaps one chunk's round trips with
+/// another's disk work.
+const CHUNKS_IN_FLIGHT: usize = 4;
 
 /// The rebuild in progress, for status.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,23 +181,26 @@ impl ReplicatedVolume {
             let mut window = 0;
             while window < size {
                 let len = WINDOW.min(size - window);
-                let theirs = source
-                    .layer_checksums(layer, window, len, ChecksumUnit::Chunk)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let ours = client
-                    .layer_checksums(layer, window, len, ChecksumUnit::Chunk)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                for (i, (s, o)) in theirs.iter().zip(&ours).enumerate() {
-                    if s == o {
-                        continue;
-                    }
-                    let at = window + i as u64 * REBUILD_CHUNK;
-                    let n = REBUILD_CHUNK.min(size - at);
-                    copied += copy_chunk(&source, &client, layer, at, n, o.is_none())
-                        .await
-                        .map_err(|e| e.to_string())?;
+                let (theirs, ours) = tokio::try_join!(
+                    source.layer_checksums(layer, window, len, ChecksumUnit::Chunk),
+                    client.layer_checksums(layer, window, len, ChecksumUnit::Chunk),
+                )
+                .map_err(|e| e.to_string())?;
+                let differing: Vec<(u64, bool)> = theirs
+                    .iter()
+                    .zip(&ours)
+                    .enumerate()
+                    .filter(|(_, (s, o))| s != o)
+                    .map(|(i, (_, o))| (window + i as u64 * REBUILD_CHUNK, o.is_none()))
+                    .collect();
+                let mut copies = futures::stream::iter(differing)
+                    .map(|(at, target_empty)| {
+                        let n = REBUILD_CHUNK.min(size - at);
+                        copy_chunk(&source, &client, layer, at, n, target_empty)
+                    })
+                    .buffer_unordered(CHUNKS_IN_FLIGHT);
+                while let Some(sent) = copies.next().await {
+                    copied += sent.map_err(|e| e.to_string())?;
                     if rate_mib_s > 0.0 {
                         let due = Duration::from_secs_f64(copied as f64 / (rate_mib_s * 1048576.0));
                         if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -248,15 +256,17 @@ async fn copy_chunk(
     n: u64,
     target_empty: bool,
 ) -> Result<u64, ClientError> {
-    let theirs = source
-        .layer_checksums(layer, at, n, ChecksumUnit::Block)
-        .await?;
-    let ours = if target_empty {
-        vec![None; theirs.len()]
-    } else {
-        target
+    let (theirs, ours) = if target_empty {
+        let theirs = source
             .layer_checksums(layer, at, n, ChecksumUnit::Block)
-            .await?
+            .await?;
+        let none = vec![None; theirs.len()];
+        (theirs, none)
+    } else {
+        tokio::try_join!(
+            source.layer_checksums(layer, at, n, ChecksumUnit::Block),
+            target.layer_checksums(layer, at, n, ChecksumUnit::Block),
+        )?
     };
     let mut sent = 0;
     let mut i = 0;
