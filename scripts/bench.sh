@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # rvol's benchmark: fio against local io_uring, nbdkit, qemu-nbd, rvol x1
 # and rvol x3 in one run. See scripts/bench.py for options (--quick, --only).
-# With --cost first: memory and start-up figures instead (scripts/cost.py).
+# With --cost first: memory and start-up figures instead (scripts/cost.py);
+# with --rebuild first: rebuild times against cp (scripts/rebuild_bench.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/deps.sh
@@ -11,5 +12,9 @@ cargo build --release --bin rvol
 if [ "${1:-}" = --cost ]; then
   shift
   exec python3 scripts/cost.py "$@"
+fi
+if [ "${1:-}" = --rebuild ]; then
+  shift
+  exec python3 scripts/rebuild_bench.py "$@"
 fi
 exec python3 scripts/bench.py "$@"

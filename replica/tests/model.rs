@@ -507,3 +507,33 @@ fn layer_hashes_tell_a_hole_from_a_zero_block_and_find_the_block_that_differs() 
         .is_err());
     assert_eq!(chunks(&a), ca);
 }
+
+#[test]
+fn large_layer_writes_bypass_the_page_cache_and_read_back() {
+    use rvol_replica::store::DIRECT_WRITE_MIN;
+    // Large writes take O_DIRECT, small ones the page cache; both must read
+    // back through the page cache and match their checksums, on ext4 (the
+    // temp dir here) and on tmpfs (/dev/shm; kernels before 6.6 refuse
+    // O_DIRECT there and the write falls back to the page cache).
+    let mut dirs = vec![tempfile::tempdir().unwrap()];
+    if std::path::Path::new("/dev/shm").is_dir() {
+        dirs.push(tempfile::tempdir_in("/dev/shm").unwrap());
+    }
+    for dir in &dirs {
+        let r = Replica::create(dir.path(), SIZE).unwrap();
+        r.snapshot("s", true, Default::default()).unwrap();
+        let layer = "volume-snap-s.img";
+        let big = pattern(3, 4, 2 * DIRECT_WRITE_MIN as usize);
+        let small = pattern(4, 40, 4096);
+        r.write_layer(layer, 4 * 4096, &big).unwrap();
+        r.write_layer(layer, 40 * 4096, &small).unwrap();
+        // Read back through the page cache, checked against the checksums.
+        assert_eq!(
+            r.read_layer(layer, 4 * 4096, big.len() as u64).unwrap(),
+            big,
+            "{:?}",
+            dir.path()
+        );
+        assert_eq!(r.read_layer(layer, 40 * 4096, 4096).unwrap(), small);
+    }
+}
