@@ -199,6 +199,17 @@ impl ReplicatedVolume {
                         copy_chunk(&source, &client, layer, at, n, target_empty)
                     })
                     .buffer_unordered(CHUNKS_IN_FLIGHT);
+                let report = |scanned: u64, copied: u64| {
+                    self.rebuilds.set(Some(RebuildStatus {
+                        replica: slot.endpoint.to_string(),
+                        scanned,
+                        total,
+                        copied,
+                        mib_per_s: copied as f64
+                            / 1048576.0
+                            / started.elapsed().as_secs_f64().max(1e-3),
+                    }))
+                };
                 while let Some(sent) = copies.next().await {
                     copied += sent.map_err(|e| e.to_string())?;
                     if rate_mib_s > 0.0 {
@@ -207,18 +218,11 @@ impl ReplicatedVolume {
                             tokio::time::sleep(wait).await;
                         }
                     }
+                    report(scanned, copied);
                 }
                 scanned += len;
                 window += len;
-                self.rebuilds.set(Some(RebuildStatus {
-                    replica: slot.endpoint.to_string(),
-                    scanned,
-                    total,
-                    copied,
-                    mib_per_s: copied as f64
-                        / 1048576.0
-                        / started.elapsed().as_secs_f64().max(1e-3),
-                }));
+                report(scanned, copied);
                 if slot.mode() != Mode::WO {
                     return Err("replica failed during the rebuild".into());
                 }
