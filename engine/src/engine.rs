@@ -152,6 +152,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
         .iter()
         .map(|(_, _, info)| Candidate {
             flush_epoch: info.flush_epoch,
+            flush_received: info.flush_received,
             clean: info.clean,
             dirty_known: info.dirty_known,
             rebuilding: info.rebuilding,

@@ -13,9 +13,15 @@
 //! 1. A replica being rebuilt is never a source.
 //! 2. `E` is the newest flush epoch among the rest. A barrier flush `E` is
 //!    sent only after every earlier write was answered by every replica in
-//!    the set, so a replica that completed `E` holds all writes up to `E`; a
-//!    replica that did not complete `E` may miss acknowledged and flushed
-//!    data: it is stale (ERR) and needs a rebuild.
+//!    the set, so a replica that completed `E` holds all writes up to `E`.
+//!    A replica that did not complete `E` may miss acknowledged and flushed
+//!    data: it is stale (ERR) and needs a rebuild, unless it *received*
+//!    flush `E` and still knows its dirty map. Then it was in the set when
+//!    `E`'s barrier passed, so it holds every write up to `E` too; the last
+//!    engine died while `E` was under way, and the replica takes part in
+//!    rule 4 as a target. (Its map still holds its regions tagged `E`, so
+//!    the union only grows. A flush that failed makes the map unknown: the
+//!    kernel may have dropped the pages it could not write.)
 //! 3. If every replica at `E` is clean, they hold the same data (the last
 //!    engine's final barrier flush came after its last write): all fresh.
 //! 4. Otherwise the last engine died, or a replica was dropped after `E`.
@@ -39,6 +45,8 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
     pub flush_epoch: u64,
+    /// Newest barrier flush received by the replica's running process.
+    pub flush_received: u64,
     pub clean: bool,
     pub dirty_known: bool,
     pub rebuilding: bool,
@@ -87,10 +95,14 @@ pub fn choose(candidates: &[Candidate]) -> Vec<Verdict> {
             if c.rebuilding {
                 Verdict::Stale("interrupted rebuild: not a source".into())
             } else if c.flush_epoch < newest {
-                Verdict::Stale(format!(
-                    "stale: missed flush epoch {newest} (completed {})",
-                    c.flush_epoch
-                ))
+                if c.flush_received >= newest && c.dirty_known && source_knows {
+                    Verdict::Reconcile
+                } else {
+                    Verdict::Stale(format!(
+                        "stale: missed flush epoch {newest} (completed {})",
+                        c.flush_epoch
+                    ))
+                }
             } else if all_clean || Some(i) == source {
                 Verdict::Fresh
             } else if !source_knows {
@@ -113,6 +125,7 @@ mod tests {
     fn c(flush_epoch: u64, clean: bool, dirty_known: bool) -> Candidate {
         Candidate {
             flush_epoch,
+            flush_received: flush_epoch,
             clean,
             dirty_known,
             rebuilding: false,
@@ -158,9 +171,41 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_that_received_the_newest_flush_but_had_not_finished_it_is_reconciled() {
+        // The engine died while flush 9 was under way: r0 had received it
+        // and was still syncing; r1 and r2 had completed it.
+        let mid_flush = Candidate {
+            flush_received: 9,
+            ..c(8, false, true)
+        };
+        let v = choose(&[mid_flush, c(9, false, true), c(9, true, true)]);
+        assert_eq!(v, [Verdict::Reconcile, Verdict::Reconcile, Verdict::Fresh]);
+        // Received it but lost its map (it restarted): stale.
+        let lost_map = Candidate {
+            dirty_known: false,
+            ..mid_flush
+        };
+        assert!(matches!(
+            choose(&[lost_map, c(9, false, true)])[0],
+            Verdict::Stale(_)
+        ));
+        // Never received it (dropped before the barrier): stale.
+        assert!(matches!(
+            choose(&[c(8, false, true), c(9, false, true)])[0],
+            Verdict::Stale(_)
+        ));
+        // Behind even a clean set, it is still copied to, never trusted.
+        assert_eq!(
+            choose(&[mid_flush, c(9, true, true)])[0],
+            Verdict::Reconcile
+        );
+    }
+
+    #[test]
     fn rebuilding_replicas_are_never_sources() {
         let r = Candidate {
             flush_epoch: 100,
+            flush_received: 100,
             clean: true,
             dirty_known: true,
             rebuilding: true,

@@ -42,6 +42,10 @@ pub struct DirtyMap {
     known: bool,
     /// Newest epoch seen in any request.
     epoch_seen: u64,
+    /// Newest barrier flush received, completed or not. Receiving flush
+    /// `F` proves this replica was in the set when `F`'s barrier passed, so
+    /// it holds every write tagged `<= F` even if the flush never finished.
+    flush_received: u64,
 }
 
 impl DirtyMap {
@@ -58,6 +62,22 @@ impl DirtyMap {
 
     pub fn epoch_seen(&self) -> u64 {
         self.epoch_seen
+    }
+
+    pub fn flush_received(&self) -> u64 {
+        self.flush_received
+    }
+
+    /// Barrier flush `epoch` arrived (before its sync starts).
+    pub fn flush_arrived(&mut self, epoch: u64) {
+        self.flush_received = self.flush_received.max(epoch);
+    }
+
+    /// A flush failed: the kernel may have dropped the dirty pages, so what
+    /// this replica holds since its last completed flush is unknown.
+    pub fn lose(&mut self) {
+        self.regions = HashMap::new();
+        self.known = false;
     }
 
     /// Records a modification of `[offset, offset + len)` in `epoch`.

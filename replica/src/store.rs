@@ -85,6 +85,10 @@ pub struct ReplicaInfo {
     pub flush_epoch: u64,
     /// Newest epoch seen in any request since the replica opened.
     pub epoch_seen: u64,
+    /// Newest barrier flush received since the replica opened, completed
+    /// or not (see [`crate::dirty`]).
+    #[serde(default)]
+    pub flush_received: u64,
     /// Whether the replica knows which regions it modified since its last
     /// barrier flush (see [`crate::dirty`]).
     pub dirty_known: bool,
@@ -457,15 +461,16 @@ impl Replica {
     pub fn info(&self) -> ReplicaInfo {
         let meta = lock(&self.meta).clone();
         let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());
-        let (dirty_known, epoch_seen) = {
+        let (dirty_known, epoch_seen, flush_received) = {
             let d = lock(&self.dirty);
-            (d.known(), d.epoch_seen())
+            (d.known(), d.epoch_seen(), d.flush_received())
         };
         let flush_epoch = lock(&self.state).current().flush_epoch;
         ReplicaInfo {
             replica_uuid: meta.replica_uuid,
             flush_epoch,
             epoch_seen: epoch_seen.max(flush_epoch),
+            flush_received: flush_received.max(flush_epoch),
             dirty_known,
             volume_uuid: meta.volume_uuid,
             size: self.size(),
@@ -820,16 +825,26 @@ impl Replica {
     /// the revision counter with it; returns the persisted counter. A
     /// nonzero `epoch` marks a barrier flush (see [`crate::dirty`]).
     pub fn flush(&self, epoch: u64) -> Result<Revision> {
+        if epoch > 0 {
+            lock(&self.dirty).flush_arrived(epoch);
+        }
         let _serial = lock(&self.flush_lock);
         let revision = Revision(self.revision.load(Ordering::Acquire));
         let layers = self.layers();
         let (head, _) = Self::head_of(&layers);
-        head.file
+        let synced = head
+            .file
             .sync_data()
-            .map_err(|e| Error::io("syncing the head layer", e))?;
-        head.crc
-            .sync_data()
-            .map_err(|e| Error::io("syncing the head's checksums", e))?;
+            .map_err(|e| Error::io("syncing the head layer", e))
+            .and_then(|()| {
+                head.crc
+                    .sync_data()
+                    .map_err(|e| Error::io("syncing the head's checksums", e))
+            });
+        if let Err(e) = synced {
+            lock(&self.dirty).lose();
+            return Err(e);
+        }
         let mut state = lock(&self.state);
         let cur = state.current();
         let rec = StateRecord {
