@@ -22,9 +22,12 @@
 //! an engine crash leaves the replica process, and so the map, alive.
 //! A replica that restarts after an unclean stop has lost its map; it
 //! reports the map as unknown and the engine does not reconcile it (it
-//! needs a rebuild instead). A clean shutdown ends with an empty map, which
-//! is then known. A map that grows past [`MAX_REGIONS`] between two flushes
-//! is dropped and reported unknown, which bounds its memory.
+//! needs a rebuild instead). So does a replica whose flush failed: the
+//! kernel may have dropped the pages it could not write, so the map no
+//! longer says where the replica may differ. A clean shutdown ends with an
+//! empty map, which is then known. A map that grows past [`MAX_REGIONS`]
+//! between two flushes is dropped and reported unknown, which bounds its
+//! memory.
 
 use std::collections::HashMap;
 
