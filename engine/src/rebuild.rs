@@ -51,7 +51,7 @@ pub struct RebuildStatus {
     /// Bytes of layers compared so far, of `total`.
     pub scanned: u64,
     pub total: u64,
-    /// Bytes sent to the replica.
+    /// Bytes of data sent to the replica (holes it had to punch are free).
     pub copied: u64,
     pub mib_per_s: f64,
 }
@@ -177,6 +177,15 @@ impl ReplicatedVolume {
         let total = size * chain.len() as u64;
         let started = Instant::now();
         let (mut scanned, mut copied) = (0u64, 0u64);
+        let report = |scanned: u64, copied: u64| {
+            self.rebuilds.set(Some(RebuildStatus {
+                replica: slot.endpoint.to_string(),
+                scanned,
+                total,
+                copied,
+                mib_per_s: copied as f64 / 1048576.0 / started.elapsed().as_secs_f64().max(1e-3),
+            }))
+        };
         for (layer, _) in &chain {
             let mut window = 0;
             while window < size {
@@ -199,17 +208,6 @@ impl ReplicatedVolume {
                         copy_chunk(&source, &client, layer, at, n, target_empty)
                     })
                     .buffer_unordered(CHUNKS_IN_FLIGHT);
-                let report = |scanned: u64, copied: u64| {
-                    self.rebuilds.set(Some(RebuildStatus {
-                        replica: slot.endpoint.to_string(),
-                        scanned,
-                        total,
-                        copied,
-                        mib_per_s: copied as f64
-                            / 1048576.0
-                            / started.elapsed().as_secs_f64().max(1e-3),
-                    }))
-                };
                 while let Some(sent) = copies.next().await {
                     copied += sent.map_err(|e| e.to_string())?;
                     if rate_mib_s > 0.0 {
