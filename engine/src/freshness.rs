@@ -17,11 +17,13 @@
 //!    A replica that did not complete `E` may miss acknowledged and flushed
 //!    data: it is stale (ERR) and needs a rebuild, unless it *received*
 //!    flush `E` and still knows its dirty map. Then it was in the set when
-//!    `E`'s barrier passed, so it holds every write up to `E` too; the last
-//!    engine died while `E` was under way, and the replica takes part in
-//!    rule 4 as a target. (Its map still holds its regions tagged `E`, so
-//!    the union only grows. A flush that failed makes the map unknown: the
-//!    kernel may have dropped the pages it could not write.)
+//!    `E`'s barrier passed, so it holds every write up to `E` too. Either
+//!    the last engine died while `E` was under way, or it dropped the
+//!    replica after sending `E`; any write the replica missed after that is
+//!    tagged above `E`, so it is in the maps of the replicas that have it.
+//!    Such a replica is never a source and is reconciled as in rule 4.
+//!    (A flush that failed makes the map unknown: the kernel may have
+//!    dropped the pages it could not write.)
 //! 3. If every replica at `E` is clean, they hold the same data (the last
 //!    engine's final barrier flush came after its last write): all fresh.
 //! 4. Otherwise the last engine died, or a replica was dropped after `E`.
