@@ -8,6 +8,7 @@
 //! flushed and marked clean.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
@@ -41,9 +42,14 @@ struct Proc {
 impl Proc {
     fn spawn(name: &str, args: &[String]) -> anyhow::Result<(Proc, serde_json::Value)> {
         let exe = std::env::current_exe().context("finding the rvol binary")?;
+        // A process group of its own: Ctrl-C in a terminal signals the
+        // whole foreground group, and replicas that stopped along with the
+        // engine would leave its last flush nowhere to go. The demo stops
+        // its children itself, engine first.
         let mut child = Command::new(exe)
             .args(args)
             .stdout(Stdio::piped())
+            .process_group(0)
             .spawn()
             .with_context(|| format!("starting {name}"))?;
         let stdout = child.stdout.take().context("child stdout")?;
