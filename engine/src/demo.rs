@@ -3,7 +3,7 @@
 //! Creates 3 replicas under a temporary directory, starts them as `rvol
 //! replica` processes on loopback TCP, starts an `rvol engine` process
 //! serving NBD (and `/dev/ublkbN` where the kernel has ublk), prints how to
-//! reach it, and on Ctrl-C (or SIGTERM) stops
+//! reach it, and on Ctrl-C (or SIGTERM, SIGHUP) stops
 //! the engine, then the replicas, each with SIGTERM, so everything is
 //! flushed and marked clean.
 
@@ -157,9 +157,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     );
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    // The children no longer share the terminal's group: a closed terminal
+    // must stop them through the demo too.
+    let mut sighup = signal(SignalKind::hangup())?;
     tokio::select! {
         _ = sigterm.recv() => {}
         _ = sigint.recv() => {}
+        _ = sighup.recv() => {}
     }
     println!("rvol demo: stopping");
     engine.stop();
