@@ -82,14 +82,7 @@ fn ctrl_c_stops_the_engine_before_the_replicas_and_leaves_them_clean() {
 
     // Clean replicas all come back fresh, with the data.
     let mut demo = start_demo(&dir, &nbd, &admin, &log);
-    let s = status(&admin);
-    let modes: Vec<&str> = s["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["mode"].as_str().unwrap())
-        .collect();
-    assert_eq!(modes, ["RW", "RW", "RW"], "{s}");
+    assert_eq!(modes(&admin), ["RW", "RW", "RW"]);
     qemu_io(&uri, &["read -P 0xab 0 1M"]);
     assert!(ctrl_c(&mut demo).1.success());
 }
