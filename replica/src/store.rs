@@ -1028,11 +1028,11 @@ impl Replica {
         let extents = data_extents_in(&file, offset, end)
             .map_err(|e| Error::io(format!("mapping {name}"), e))?;
         let mut out = Vec::with_capacity(len.div_ceil(unit) as usize);
-        let read_size = unit.max(REBUILD_CHUNK);
-        let mut buf = vec![0u8; read_size as usize];
+        // Read a chunk at a time (no unit is larger) and hash each unit in it.
+        let mut buf = vec![0u8; REBUILD_CHUNK as usize];
         let mut at = offset;
         while at < end {
-            let n = read_size.min(end - at);
+            let n = REBUILD_CHUNK.min(end - at);
             let here: Vec<(u64, u64)> = extents
                 .iter()
                 .map(|&(s, e)| (s.max(at), e.min(at + n)))
