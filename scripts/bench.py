@@ -176,9 +176,15 @@ def main():
                          "(replicas on Unix sockets instead of loopback TCP)")
     ap.add_argument("--check", action="store_true",
                     help="fail on gross breakage: rvol below 1/10 of nbdkit, or any I/O error")
+    ap.add_argument("--jobs", default=",".join(j[0] for j in JOBS),
+                    help="jobs, comma-separated (default: all)")
+    ap.add_argument("--runtime", type=int, help="seconds per job (default 20, or 3 with --quick)")
     a = ap.parse_args()
     runtime, ramp, size = (3, 1, 256 << 20) if a.quick else (20, 5, 1 << 30)
+    if a.runtime:
+        runtime = a.runtime
     targets = a.only.split(",")
+    jobs = [j for j in JOBS if j[0] in a.jobs.split(",")]
     os.makedirs(a.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="rvol-bench-", dir=os.path.join(ROOT, "target"))
     results = {}
@@ -187,7 +193,7 @@ def main():
             t = start(name, work, size)
             try:
                 results[name] = {}
-                for job in JOBS:
+                for job in jobs:
                     results[name][job[0]] = run_job(t, job, runtime, ramp, size)
                     print(f"{name:9} {job[0]:28} {results[name][job[0]]['iops']:10.0f} IOPS", file=sys.stderr)
             finally:

@@ -58,6 +58,11 @@ pub struct VolumeStatus {
     /// Reads that found a replica's data not matching its checksums.
     #[serde(default)]
     pub checksum_errors: u64,
+    /// Reads sent from a replica's files that did not match the recorded
+    /// checksums and were read again verified (mostly reads racing writes
+    /// to the same blocks; bit rot also counts in `checksum_errors`).
+    #[serde(default)]
+    pub stored_crc_rereads: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -117,6 +122,9 @@ pub fn status(s: &AdminState) -> VolumeStatus {
             .load(std::sync::atomic::Ordering::Relaxed),
         purge: v.chain.purge_status(),
         checksum_errors: v.checksum_errors.load(std::sync::atomic::Ordering::Relaxed),
+        stored_crc_rereads: v
+            .stored_crc_rereads
+            .load(std::sync::atomic::Ordering::Relaxed),
         purged_bytes: v
             .chain
             .purged_total
@@ -268,6 +276,12 @@ fn metrics_text(st: &VolumeStatus) -> String {
         "counter",
         "Blocks found not matching their checksums (reads and scrubs).",
         &one(st.checksum_errors),
+    );
+    metric(
+        "rvol_stored_crc_rereads_total",
+        "counter",
+        "Large reads sent from a replica's files that failed their recorded checksums and were read again verified.",
+        &one(st.stored_crc_rereads),
     );
     metric(
         "rvol_reconciled_bytes",

@@ -223,6 +223,9 @@ pub struct ReplicatedVolume {
     pub chain: crate::chain::ChainState,
     /// Reads that found data not matching its checksums.
     pub checksum_errors: AtomicU64,
+    /// Reads sent from a replica's files that did not match the recorded
+    /// checksums and were read again, verified by the replica.
+    pub stored_crc_rereads: AtomicU64,
 }
 
 /// What reconnecting a replica needs.
@@ -281,6 +284,7 @@ impl ReplicatedVolume {
             rebuilds: Default::default(),
             chain: Default::default(),
             checksum_errors: AtomicU64::new(0),
+            stored_crc_rereads: AtomicU64::new(0),
         }
     }
 
@@ -763,10 +767,7 @@ impl ReplicatedVolume {
             let mut rotten: Vec<(Arc<ReplicaSlot>, String)> = Vec::new();
             for k in 0..candidates.len() {
                 let slot = &candidates[(first + k) % candidates.len()];
-                match self
-                    .call(slot, |c| async move { c.read(offset, len).await })
-                    .await
-                {
+                match self.call(slot, |c| self.read_from(c, offset, len)).await {
                     Ok(data) => {
                         for (bad, why) in rotten {
                             tracing::error!(replica = %bad.endpoint, error = %why, "checksum mismatch: read from another replica; rebuilding this one");
@@ -801,6 +802,27 @@ impl ReplicatedVolume {
                 }
             }
             self.hold_for_replicas("read").await?;
+        }
+    }
+
+    /// Reads from one replica, letting it send large reads from its files
+    /// unchecked. If they do not match their recorded checksums (bit rot, a
+    /// write that raced the send, a write cut short by a crash), reads
+    /// again with the replica checking every block, which names the bad
+    /// block or returns data that is good.
+    async fn read_from(
+        &self,
+        c: Arc<ReplicaClient>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, ClientError> {
+        match c.read_stored(offset, len).await {
+            Err(ClientError::StoredCrcMismatch(why)) => {
+                self.stored_crc_rereads.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(replica = %c.endpoint(), offset, len, %why, "reading again, verified");
+                c.read(offset, len).await
+            }
+            r => r,
         }
     }
 

@@ -438,3 +438,51 @@ async fn a_full_disk_fails_writes_cleanly_and_keeps_earlier_data() {
     let c = connect(&ep, 2, 1).await.unwrap();
     assert_eq!(c.read(0, 65536).await.unwrap(), vec![3u8; 65536]);
 }
+
+/// Large reads sent from the files unchecked (`read_stored`): the data is
+/// right across layers and holes, rot shows up as a mismatch that leaves
+/// the connection usable, and the verified read then names the block.
+#[tokio::test]
+async fn reads_sent_from_the_files_are_checked_by_the_reader() {
+    use rvol_replica::client::ClientError;
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    for ep in [format!("127.0.0.1:{}", free_port()), sock(tmp.path())] {
+        let dir = tempfile::tempdir_in(tmp.path()).unwrap();
+        let _p = start_replica(dir.path(), &ep, "8M");
+        let c = connect(&ep, 1, 1).await.unwrap();
+        // A snapshot layer with 0x11 in the first MiB, the head with 0x22
+        // over its second half, and a hole after.
+        c.write(0, Bytes::from(vec![0x11u8; 1 << 20]), false, 0)
+            .await
+            .unwrap();
+        c.snapshot("s1", true, &Default::default()).await.unwrap();
+        c.write(512 << 10, Bytes::from(vec![0x22u8; 1 << 20]), false, 0)
+            .await
+            .unwrap();
+        let mut want = vec![0x11u8; 512 << 10];
+        want.extend(vec![0x22u8; 1 << 20]);
+        want.extend(vec![0u8; 512 << 10]);
+        assert_eq!(c.read_stored(0, 2 << 20).await.unwrap(), want, "{ep}");
+        // Rot one byte of the head behind the replica's back.
+        let head = dir.path().join("data/volume-head-001.img");
+        let f = std::fs::OpenOptions::new().write(true).open(&head).unwrap();
+        f.write_all_at(&[0x23], (1 << 20) + 7).unwrap();
+        drop(f);
+        let e = c.read_stored(0, 2 << 20).await.unwrap_err();
+        assert!(matches!(e, ClientError::StoredCrcMismatch(_)), "{ep}: {e}");
+        // The same connections go on serving.
+        assert_eq!(
+            c.read_stored(0, 1 << 20).await.unwrap(),
+            want[..1 << 20],
+            "{ep}"
+        );
+        match c.read(0, 2 << 20).await.unwrap_err() {
+            ClientError::Remote {
+                status: Status::Checksum,
+                message,
+            } => assert!(message.contains("block 256 "), "{ep}: {message}"),
+            e => panic!("{ep}: {e}"),
+        }
+    }
+}

@@ -110,6 +110,20 @@ pub fn verify(
     Ok(None)
 }
 
+/// Puts the newer slot of each entry from `first_block` into `crcs`: the
+/// crc the block has unless a write to it is under way or was cut short.
+/// False if an entry records nothing.
+pub fn newer(file: &File, first_block: u64, crcs: &mut [u32]) -> std::io::Result<bool> {
+    let entries = read_entries(file, first_block, crcs.len())?;
+    for (e, out) in entries.chunks(ENTRY as usize).zip(crcs.iter_mut()) {
+        match slots(e) {
+            (0, 0) => return Ok(false),
+            (_, newer) => *out = newer,
+        }
+    }
+    Ok(true)
+}
+
 /// Copies the entries of `blocks` blocks from one sidecar to another (the
 /// data moved with them).
 pub fn copy_entries(from: &File, to: &File, first_block: u64, blocks: u64) -> std::io::Result<()> {

@@ -20,7 +20,8 @@ use uuid::Uuid;
 use crate::ids::Revision;
 use crate::proto::{
     decode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Sealed, Status, FLAG_FUA,
-    FLAG_PER_BLOCK, FLAG_UNVERIFIED, PROTOCOL_VERSION, REPLY_HEADER_LEN,
+    FLAG_PER_BLOCK, FLAG_STORED_CRC, FLAG_UNVERIFIED, PROTOCOL_VERSION, REPLY_HEADER_LEN,
+    REPLY_STORED_CRC,
 };
 use crate::server::Endpoint;
 use crate::store::ChecksumUnit;
@@ -36,6 +37,11 @@ pub enum ClientError {
     Lost(String),
     #[error("replica sent a bad frame: {0}")]
     Frame(#[from] FrameError),
+    /// A reply to [`ReplicaClient::read_stored`] did not match the
+    /// checksums recorded for its blocks; read again with
+    /// [`ReplicaClient::read`], which says which block is bad, if any.
+    #[error("read data does not match its recorded checksums: {0}")]
+    StoredCrcMismatch(String),
 }
 
 impl ClientError {
@@ -197,8 +203,17 @@ impl ReplicaClient {
         )))
     }
 
+    /// Reads; the replica checks every block against its checksums.
     pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes> {
         self.read_with(offset, length, 0).await
+    }
+
+    /// Reads, letting the replica send large reads straight from its files
+    /// sealed with the recorded checksums, which this side then checks
+    /// (see [`crate::proto`]). Fails with
+    /// [`ClientError::StoredCrcMismatch`] when they do not match.
+    pub async fn read_stored(&self, offset: u64, length: u64) -> Result<Bytes> {
+        self.read_with(offset, length, FLAG_STORED_CRC).await
     }
 
     /// Reads without checksum verification; see [`crate::checksum`].
@@ -448,6 +463,7 @@ where
         .await?
         .ok_or_else(|| ClientError::Lost("closed during HELLO".into()))?;
     let (status, body) = reply;
+    let body = body?;
     if status.status != Status::Ok as u16 {
         return Err(ClientError::Remote {
             status: Status::from_u16(status.status),
@@ -467,7 +483,11 @@ where
     Ok((conn, info))
 }
 
-async fn read_reply<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<(ReplyHeader, Bytes)>> {
+/// A reply: its header, and its payload unless it was sealed with recorded
+/// checksums that it does not match.
+type Received = (ReplyHeader, std::result::Result<Bytes, FrameError>);
+
+async fn read_reply<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Received>> {
     let mut raw = [0u8; REPLY_HEADER_LEN];
     match rd.read_exact(&mut raw).await {
         Ok(_) => {}
@@ -479,8 +499,13 @@ async fn read_reply<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<(ReplyHea
     crate::proto::read_payload(rd, &mut payload, h.payload_len as usize)
         .await
         .map_err(|e| ClientError::Lost(e.to_string()))?;
-    h.verify(&raw, &payload)?;
-    Ok(Some((h, payload.into())))
+    match h.verify(&raw, &payload) {
+        Ok(()) => Ok(Some((h, Ok(payload.into())))),
+        // The data, not the stream, failed: its length was sent by a
+        // replica that never looked at it, so the framing still holds.
+        Err(e) if h.flags & REPLY_STORED_CRC != 0 => Ok(Some((h, Err(e)))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn write_requests<W: AsyncWrite + Unpin>(
@@ -520,16 +545,16 @@ async fn read_replies<R: AsyncRead + Unpin>(mut rd: R, conn: Arc<Conn>) {
                 let Some(waiter) = waiter else {
                     break format!("reply for unknown request id {}", h.id);
                 };
-                let result = if h.status == Status::Ok as u16 {
-                    Ok(Reply {
+                let result = match payload {
+                    Err(e) => Err(ClientError::StoredCrcMismatch(e.to_string())),
+                    Ok(payload) if h.status == Status::Ok as u16 => Ok(Reply {
                         value: h.value,
                         payload,
-                    })
-                } else {
-                    Err(ClientError::Remote {
+                    }),
+                    Ok(payload) => Err(ClientError::Remote {
                         status: Status::from_u16(h.status),
                         message: String::from_utf8_lossy(&payload).into_owned(),
-                    })
+                    }),
                 };
                 let _ = waiter.send(result);
             }

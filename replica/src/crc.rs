@@ -10,7 +10,10 @@
 //! derives the payload's crc from them ([`of_blocks`]): one pass per
 //! process. Reads go the same way: checking each block against the
 //! sidecar yields its crc, a hole's is [`zero_block`], and the reply is
-//! sealed from those.
+//! sealed from those. Large reads skip even that pass: they are sent from
+//! the files and sealed from the crcs recorded in the sidecar
+//! ([`crate::store::Replica::read_stored`]), and the engine's check of the
+//! seal is the only pass over the data.
 //!
 //! # Why it works
 //!

@@ -18,9 +18,17 @@
 //! request  (48 bytes): magic u32 "RVQ1" | op u8 | flags u8 | 0 u16 | id u64
 //!                      | offset u64 | length u64 | epoch u64
 //!                      | payload_len u32 | crc u32
-//! reply    (32 bytes): magic u32 "RVR1" | status u16 | 0 u16 | id u64
+//! reply    (32 bytes): magic u32 "RVR1" | status u16 | flags u16 | id u64
 //!                      | value u64 | payload_len u32 | crc u32
 //! ```
+//!
+//! A reply's crc normally comes from the bytes sent. A READ asked with
+//! [`FLAG_STORED_CRC`] may instead be answered straight from the layer
+//! files (sendfile), sealed with the checksums recorded for those blocks
+//! and marked [`REPLY_STORED_CRC`]: the replica never looked at the data,
+//! so a mismatch there means the data is not what was recorded (or
+//! changed under the send), not that the stream is broken. The client
+//! hands such a mismatch to the caller, which reads again verified.
 //!
 //! The first request on a connection must be HELLO (payload: [`Hello`]).
 //! A HELLO with generation 0 is a probe: the replica answers with its
@@ -54,6 +62,11 @@ pub const FLAG_UNVERIFIED: u8 = 4;
 /// LAYER_CHECKSUMS flag: one checksum per block instead of per rebuild
 /// chunk.
 pub const FLAG_PER_BLOCK: u8 = 8;
+/// READ flag: the reply may be sent from the files and sealed with the
+/// recorded checksums (see the module documentation).
+pub const FLAG_STORED_CRC: u8 = 16;
+/// Reply flag: sealed with recorded checksums, not from the bytes sent.
+pub const REPLY_STORED_CRC: u16 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -187,6 +200,8 @@ pub struct RequestHeader {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplyHeader {
     pub status: u16,
+    /// [`REPLY_STORED_CRC`] or 0.
+    pub flags: u16,
     pub id: u64,
     pub value: u64,
     pub payload_len: u32,
@@ -308,6 +323,7 @@ impl ReplyHeader {
         let mut b = [0u8; REPLY_HEADER_LEN];
         b[0..4].copy_from_slice(&REPLY_MAGIC.to_le_bytes());
         b[4..6].copy_from_slice(&self.status.to_le_bytes());
+        b[6..8].copy_from_slice(&self.flags.to_le_bytes());
         b[8..16].copy_from_slice(&self.id.to_le_bytes());
         b[16..24].copy_from_slice(&self.value.to_le_bytes());
         b[24..28].copy_from_slice(&payload_len.to_le_bytes());
@@ -324,7 +340,7 @@ impl ReplyHeader {
         if magic != REPLY_MAGIC {
             return Err(FrameError::BadMagic(magic));
         }
-        if u16_at(b, 6) != 0 {
+        if u16_at(b, 6) & !REPLY_STORED_CRC != 0 {
             return Err(FrameError::Reserved);
         }
         let payload_len = u32_at(b, 24);
@@ -333,6 +349,7 @@ impl ReplyHeader {
         }
         Ok(ReplyHeader {
             status: u16_at(b, 4),
+            flags: u16_at(b, 6),
             id: u64_at(b, 8),
             value: u64_at(b, 16),
             payload_len,

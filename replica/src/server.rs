@@ -11,6 +11,13 @@
 //! pool, so requests behind them are not held up and their replies overtake
 //! the flush's: replies are out of order, matched by id.
 //!
+//! A READ of [`STORED_READ_MIN`] bytes or more that the engine asked with
+//! [`FLAG_STORED_CRC`] is answered with sendfile(2) from the layer files,
+//! sealed with the recorded block checksums: the data is neither copied
+//! into this process nor checksummed here (on TCP the kernel sends the
+//! page-cache pages themselves). The engine checks the seal, so bit rot is
+//! still caught, one hop later; see [`crate::proto`].
+//!
 //! A frame that fails to decode (bad magic, crc, oversized) closes the
 //! connection with a logged reason before any of it is acted on. A request
 //! that decodes but is wrong (unaligned, past the end, unknown op) gets an
@@ -21,7 +28,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, Interest,
+};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -30,9 +42,10 @@ use crate::crc;
 use crate::error::Error;
 use crate::proto::{
     encode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Sealed, Status, FLAG_FUA,
-    FLAG_PER_BLOCK, FLAG_UNVERIFIED, HELLO_LEN, MAX_PAYLOAD, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
+    FLAG_PER_BLOCK, FLAG_STORED_CRC, FLAG_UNVERIFIED, HELLO_LEN, MAX_PAYLOAD, PROTOCOL_VERSION,
+    REPLY_STORED_CRC, REQUEST_HEADER_LEN,
 };
-use crate::store::{ChecksumUnit, Owner, Replica};
+use crate::store::{ChecksumUnit, Owner, Replica, Segment};
 use crate::BLOCK_SIZE;
 
 /// Where a server listens or a client connects: `host:port` or `unix:PATH`.
@@ -104,11 +117,22 @@ impl Listener {
     }
 }
 
+/// Reads at least this large are sent from the files when the engine
+/// allows it. Below it the saved copy is smaller than the cost of a socket
+/// write of its own (replies are otherwise batched).
+pub const STORED_READ_MIN: u64 = 64 << 10;
+
 struct Reply {
     status: Status,
     id: u64,
     value: u64,
-    payload: Sealed,
+    body: Body,
+}
+
+enum Body {
+    Sealed(Sealed),
+    /// Sent from the layer files; the crc is the recorded one.
+    Stored(Vec<Segment>, u32),
 }
 
 impl Reply {
@@ -117,7 +141,7 @@ impl Reply {
             status: Status::Ok,
             id,
             value,
-            payload: payload.into(),
+            body: Body::Sealed(payload.into()),
         }
     }
 
@@ -126,7 +150,7 @@ impl Reply {
             status,
             id,
             value: 0,
-            payload: Bytes::from(msg.to_string()).into(),
+            body: Body::Sealed(Bytes::from(msg.to_string()).into()),
         }
     }
 
@@ -165,9 +189,13 @@ pub async fn serve(
                     match stream {
                         Stream::Tcp(s) => {
                             let _ = s.set_nodelay(true);
-                            serve_connection(r, s, peer).await
+                            let (rd, wr) = s.into_split();
+                            serve_connection(r, rd, wr, peer).await
                         }
-                        Stream::Unix(s) => serve_connection(r, s, peer).await,
+                        Stream::Unix(s) => {
+                            let (rd, wr) = s.into_split();
+                            serve_connection(r, rd, wr, peer).await
+                        }
                     }
                 });
             }
@@ -213,11 +241,11 @@ async fn accept(l: &Listener) -> std::io::Result<(Stream, String)> {
 }
 
 /// Serves one connection until it closes or sends a bad frame.
-pub async fn serve_connection<S>(replica: Arc<Replica>, stream: S, peer: String)
+async fn serve_connection<R, W>(replica: Arc<Replica>, rd: R, wr: W, peer: String)
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: SendFile + Send + 'static,
 {
-    let (rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_replies(wr, rx));
     match read_requests(&replica, BufReader::with_capacity(256 << 10, rd), &tx).await {
@@ -228,24 +256,64 @@ where
     let _ = writer.await;
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
+/// The sending half of a connection, which can also send file ranges.
+trait SendFile: AsyncWrite + Unpin {
+    /// Sends `len` bytes of `file` at `at` with sendfile(2).
+    fn send_file(
+        &mut self,
+        file: &File,
+        at: u64,
+        len: usize,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+macro_rules! send_file_on {
+    ($half:ty) => {
+        impl SendFile for $half {
+            async fn send_file(&mut self, file: &File, at: u64, len: usize) -> std::io::Result<()> {
+                let sock = self.as_ref();
+                let mut off = at as libc::off_t;
+                let end = at as libc::off_t + len as libc::off_t;
+                while off < end {
+                    sock.writable().await?;
+                    let sent = sock.try_io(Interest::WRITABLE, || {
+                        // SAFETY: both descriptors are open for the call;
+                        // `off` is a valid out-parameter.
+                        let r = unsafe {
+                            libc::sendfile(
+                                sock.as_raw_fd(),
+                                file.as_raw_fd(),
+                                &mut off,
+                                (end - off) as usize,
+                            )
+                        };
+                        if r < 0 {
+                            Err(std::io::Error::last_os_error())
+                        } else {
+                            Ok(r)
+                        }
+                    });
+                    match sent {
+                        Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+        }
+    };
+}
+send_file_on!(tokio::net::tcp::OwnedWriteHalf);
+send_file_on!(tokio::net::unix::OwnedWriteHalf);
+
+async fn write_replies<W: SendFile>(wr: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
     let mut wr = BufWriter::with_capacity(256 << 10, wr);
     while let Some(mut reply) = rx.recv().await {
         loop {
-            let Sealed { data, crc } = &reply.payload;
-            let h = ReplyHeader {
-                status: reply.status as u16,
-                id: reply.id,
-                value: reply.value,
-                payload_len: data.len() as u32,
-                crc: 0,
-            };
-            if wr
-                .write_all(&h.encode_sealed(data.len() as u32, *crc))
-                .await
-                .is_err()
-                || wr.write_all(data).await.is_err()
-            {
+            if write_reply(&mut wr, &reply).await.is_err() {
                 return;
             }
             // Yield once before flushing, so replies of requests that are
@@ -263,6 +331,48 @@ async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedRece
         }
         if wr.flush().await.is_err() {
             return;
+        }
+    }
+}
+
+async fn write_reply<W: SendFile>(wr: &mut BufWriter<W>, reply: &Reply) -> std::io::Result<()> {
+    let (len, crc, flags) = match &reply.body {
+        Body::Sealed(s) => (s.data.len(), s.crc, 0),
+        Body::Stored(segments, crc) => (
+            segments.iter().map(Segment::byte_len).sum(),
+            *crc,
+            REPLY_STORED_CRC,
+        ),
+    };
+    let h = ReplyHeader {
+        status: reply.status as u16,
+        flags,
+        id: reply.id,
+        value: reply.value,
+        payload_len: len as u32,
+        crc: 0,
+    };
+    wr.write_all(&h.encode_sealed(len as u32, crc)).await?;
+    match &reply.body {
+        Body::Sealed(s) => wr.write_all(&s.data).await,
+        Body::Stored(segments, _) => {
+            static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+            for segment in segments {
+                match segment {
+                    Segment::Zeros(mut n) => {
+                        while n > 0 {
+                            let k = n.min(ZEROS.len());
+                            wr.write_all(&ZEROS[..k]).await?;
+                            n -= k;
+                        }
+                    }
+                    Segment::File { file, at, len } => {
+                        wr.flush().await?;
+                        wr.get_mut().send_file(file, *at, *len).await?;
+                    }
+                }
+            }
+            Ok(())
         }
     }
 }
@@ -439,6 +549,16 @@ fn run_inline(
             }
             if h.flags & FLAG_UNVERIFIED != 0 {
                 return ok(replica.read_unverified(h.offset, h.length)?.into());
+            }
+            if h.flags & FLAG_STORED_CRC != 0 && h.length >= STORED_READ_MIN {
+                if let Some((segments, crc)) = replica.read_stored(h.offset, h.length)? {
+                    return Ok(Reply {
+                        status: Status::Ok,
+                        id: h.id,
+                        value: 0,
+                        body: Body::Stored(segments, crc),
+                    });
+                }
             }
             let (data, crc) = replica.read_with_crc(h.offset, h.length)?;
             Ok(Reply::ok(

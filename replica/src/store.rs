@@ -587,60 +587,69 @@ impl Replica {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset` into `buf`, which must hold
-    /// zeros: holes are left as they are. With `crcs` (one per block of
-    /// `buf`, preset to the crc of a zero block), every block read from a
-    /// layer is checked against its checksums and its crc is stored there.
-    fn read_into(&self, offset: u64, buf: &mut [u8], mut crcs: Option<&mut [u32]>) -> Result<()> {
-        let len = buf.len() as u64;
+    /// Where the blocks of `offset..offset + len` live (see [`Located`]).
+    fn locate(&self, offset: u64, len: u64) -> Result<Located<'_>> {
         // Lock order everywhere: layers, then the lower gate, then the index.
         let layers = self.layers();
-        let _gate = self.lower_gate.read().unwrap_or_else(|e| e.into_inner());
-        let mut reads: Vec<(&Layer, u64, usize, usize)> = Vec::new();
-        {
-            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-            let first = BlockIndex(offset / BLOCK_SIZE);
-            for (start, count, entry) in index.runs(first, len / BLOCK_SIZE) {
-                if let Some(LayerPos(pos)) = entry {
-                    let at = start.byte_offset();
-                    let layer = layers.get(pos as usize).ok_or_else(|| {
-                        Error::Corrupt(format!("index names layer {pos}, chain is shorter"))
-                    })?;
-                    reads.push((
-                        layer,
-                        at,
-                        (at - offset) as usize,
-                        (count * BLOCK_SIZE) as usize,
-                    ));
+        let gate = self.lower_gate.read().unwrap_or_else(|e| e.into_inner());
+        let mut runs = Vec::new();
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let first = BlockIndex(offset / BLOCK_SIZE);
+        for (start, count, entry) in index.runs(first, len / BLOCK_SIZE) {
+            if let Some(LayerPos(pos)) = entry {
+                if pos as usize >= layers.len() {
+                    return Err(Error::Corrupt(format!(
+                        "index names layer {pos}, chain is shorter"
+                    )));
                 }
+                runs.push((pos as usize, start.byte_offset(), count * BLOCK_SIZE));
             }
         }
-        for (layer, at, from, n) in reads {
-            let part = &mut buf[from..from + n];
-            layer
-                .file
-                .read_exact_at(part, at)
+        drop(index);
+        Ok(Located {
+            layers,
+            _gate: gate,
+            runs,
+        })
+    }
+
+    /// Reads `len` bytes at `offset`. The buffer is not zeroed first: holes
+    /// are zeroed, data is read straight into it (for 1 MiB reads, zeroing
+    /// it all cost as much CPU as the checksums). With `crcs` (one per
+    /// block, preset to the crc of a zero block), every block read from a
+    /// layer is checked against its checksums and its crc is stored there.
+    fn read_range(&self, offset: u64, len: u64, mut crcs: Option<&mut [u32]>) -> Result<Vec<u8>> {
+        let Located {
+            layers,
+            runs,
+            _gate: _gate_held,
+        } = self.locate(offset, len)?;
+        let mut buf = Vec::with_capacity(len as usize);
+        for (pos, at, n) in runs {
+            let layer = &layers[pos];
+            let from = (at - offset) as usize;
+            buf.resize(from, 0);
+            read_appending(&layer.file, at, n as usize, &mut buf)
                 .map_err(|e| Error::io(format!("reading {n} bytes at {at}"), e))?;
             if let Some(crcs) = crcs.as_deref_mut() {
                 let first = from / BLOCK_SIZE as usize;
                 check_blocks(
                     layer,
                     at,
-                    part,
-                    &mut crcs[first..first + n / BLOCK_SIZE as usize],
+                    &buf[from..],
+                    &mut crcs[first..first + (n / BLOCK_SIZE) as usize],
                 )?;
             }
         }
-        Ok(())
+        buf.resize(len as usize, 0);
+        Ok(buf)
     }
 
-    /// Reads `len` bytes at `offset` without checking checksums: for when
-    /// no replica has a copy that passes (see [`crate::checksum`]).
+    /// Reads without checksum verification: the engine's last resort when
+    /// no replica's copy matches its checksums.
     pub fn read_unverified(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.check_range(offset, len)?;
-        let mut buf = vec![0u8; len as usize];
-        self.read_into(offset, &mut buf, None)?;
-        Ok(buf)
+        self.read_range(offset, len, None)
     }
 
     /// Reads `len` bytes at `offset`.
@@ -653,10 +662,56 @@ impl Replica {
     /// sealed without another pass over the data (see [`crate::crc`]).
     pub fn read_with_crc(&self, offset: u64, len: u64) -> Result<(Vec<u8>, u32)> {
         self.check_range(offset, len)?;
-        let mut buf = vec![0u8; len as usize];
         let mut crcs = vec![crc::zero_block(); (len / BLOCK_SIZE) as usize];
-        self.read_into(offset, &mut buf, Some(&mut crcs))?;
+        let buf = self.read_range(offset, len, Some(&mut crcs))?;
         Ok((buf, crc::of_blocks(&crcs)))
+    }
+
+    /// Where the data of `offset..offset + len` is, for sending it from the
+    /// files without reading it here, with the crc32c it should have: from
+    /// the newer slot of each block's checksum entry (see
+    /// [`crate::checksum`]). `None` when a block has no recorded checksum.
+    ///
+    /// Nothing here looks at the data, so the crc is only a claim: the
+    /// receiver checks it, and on a mismatch (bit rot, a write that landed
+    /// between this call and the send, a block whose write was cut short
+    /// by a crash) reads again with [`Replica::read_with_crc`].
+    pub fn read_stored(&self, offset: u64, len: u64) -> Result<Option<(Vec<Segment>, u32)>> {
+        self.check_range(offset, len)?;
+        let Located {
+            layers,
+            runs,
+            _gate: _gate_held,
+        } = self.locate(offset, len)?;
+        let mut crcs = vec![crc::zero_block(); (len / BLOCK_SIZE) as usize];
+        let mut segments = Vec::with_capacity(2 * runs.len() + 1);
+        let mut done = offset;
+        for (pos, at, n) in runs {
+            let layer = &layers[pos];
+            if at > done {
+                segments.push(Segment::Zeros((at - done) as usize));
+            }
+            let first = ((at - offset) / BLOCK_SIZE) as usize;
+            let stored = checksum::newer(
+                &layer.crc,
+                at / BLOCK_SIZE,
+                &mut crcs[first..][..(n / BLOCK_SIZE) as usize],
+            )
+            .map_err(|e| Error::io(format!("reading checksums of {}", layer.name), e))?;
+            if !stored {
+                return Ok(None);
+            }
+            segments.push(Segment::File {
+                file: layer.file.clone(),
+                at,
+                len: n as usize,
+            });
+            done = at + n;
+        }
+        if offset + len > done {
+            segments.push(Segment::Zeros((offset + len - done) as usize));
+        }
+        Ok(Some((segments, crc::of_blocks(&crcs))))
     }
 
     pub(crate) fn layers(&self) -> std::sync::RwLockReadGuard<'_, Vec<Layer>> {
@@ -1352,6 +1407,69 @@ pub(crate) fn punch_file(file: &File, offset: u64, len: u64) -> Result<()> {
 }
 
 /// Checks blocks just read from `layer` at byte `at` against its checksums.
+/// The runs of a range held in layer files, as `(layer position, byte
+/// offset, length)` in order (the gaps between them are holes), with the
+/// chain and the lower gate held so the runs stay valid while they are read.
+struct Located<'a> {
+    layers: RwLockReadGuard<'a, Vec<Layer>>,
+    _gate: RwLockReadGuard<'a, ()>,
+    runs: Vec<(usize, u64, u64)>,
+}
+
+/// A piece of a reply sent from where it is stored ([`Replica::read_stored`]).
+#[derive(Debug)]
+pub enum Segment {
+    /// `len` bytes of a layer file at `at`.
+    File {
+        file: Arc<File>,
+        at: u64,
+        len: usize,
+    },
+    /// A hole.
+    Zeros(usize),
+}
+
+impl Segment {
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Segment::File { len, .. } | Segment::Zeros(len) => *len,
+        }
+    }
+}
+
+/// Reads `n` bytes of `file` at `at` onto the end of `buf`, into its spare
+/// capacity: nothing is zeroed first.
+fn read_appending(file: &File, at: u64, n: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    buf.reserve(n);
+    let spare = &mut buf.spare_capacity_mut()[..n];
+    let mut done = 0;
+    while done < n {
+        // SAFETY: the kernel writes at most `n - done` bytes into spare
+        // capacity that `buf` owns; none of it is read before it is written.
+        let r = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare[done..].as_mut_ptr().cast(),
+                n - done,
+                (at + done as u64) as libc::off_t,
+            )
+        };
+        match r {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            r if r > 0 => done += r as usize,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    // SAFETY: the `n` bytes after the old length were all written above.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(())
+}
+
 fn check_blocks(layer: &Layer, at: u64, data: &[u8], crcs: &mut [u32]) -> Result<()> {
     match checksum::verify(&layer.crc, at / BLOCK_SIZE, data, crcs)
         .map_err(|e| Error::io(format!("reading checksums of {}", layer.name), e))?
