@@ -151,6 +151,8 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
     let candidates: Vec<Candidate> = taken
         .iter()
         .map(|(_, _, info)| Candidate {
+            identity: info.replica_uuid,
+            flush_members: info.flush_members.clone(),
             flush_epoch: info.flush_epoch,
             flush_received: info.flush_received,
             clean: info.clean,

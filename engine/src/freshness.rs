@@ -22,8 +22,11 @@
 //!    replica after sending `E`; any write the replica missed after that is
 //!    tagged above `E`, so it is in the maps of the replicas that have it.
 //!    Such a replica is never a source and is reconciled as in rule 4.
-//!    (A flush that failed makes the map unknown: the kernel may have
-//!    dropped the pages it could not write.)
+//!    The same holds for a replica that a flush at or above `E` *named*
+//!    as in the set (as reported by any replica that received that flush):
+//!    the last engine died after sending `E` to some replicas and before
+//!    sending it to this one. (A flush that failed makes the map unknown:
+//!    the kernel may have dropped the pages it could not write.)
 //! 3. If every replica at `E` is clean, they hold the same data (the last
 //!    engine's final barrier flush came after its last write): all fresh.
 //! 4. Otherwise the last engine died, or a replica was dropped after `E`.
@@ -42,13 +45,17 @@
 //! different concurrent writes.
 
 use serde::Serialize;
+use uuid::Uuid;
 
 /// What the engine learned from one replica.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
+    pub identity: Uuid,
     pub flush_epoch: u64,
     /// Newest barrier flush received by the replica's running process.
     pub flush_received: u64,
+    /// The replicas that flush named as in the set.
+    pub flush_members: Vec<Uuid>,
     pub clean: bool,
     pub dirty_known: bool,
     pub rebuilding: bool,
@@ -90,6 +97,11 @@ pub fn choose(candidates: &[Candidate]) -> Vec<Verdict> {
         })
         .or_else(|| candidates.iter().position(at_newest));
     let source_knows = source.is_some_and(|s| candidates[s].clean || candidates[s].dirty_known);
+    let named_at_newest = |c: &Candidate| {
+        candidates
+            .iter()
+            .any(|o| o.flush_received >= newest && o.flush_members.contains(&c.identity))
+    };
     candidates
         .iter()
         .enumerate()
@@ -97,7 +109,10 @@ pub fn choose(candidates: &[Candidate]) -> Vec<Verdict> {
             if c.rebuilding {
                 Verdict::Stale("interrupted rebuild: not a source".into())
             } else if c.flush_epoch < newest {
-                if c.flush_received >= newest && c.dirty_known && source_knows {
+                if (c.flush_received >= newest || named_at_newest(c))
+                    && c.dirty_known
+                    && source_knows
+                {
                     Verdict::Reconcile
                 } else {
                     Verdict::Stale(format!(
@@ -126,8 +141,10 @@ mod tests {
 
     fn c(flush_epoch: u64, clean: bool, dirty_known: bool) -> Candidate {
         Candidate {
+            identity: Uuid::new_v4(),
             flush_epoch,
             flush_received: flush_epoch,
+            flush_members: Vec::new(),
             clean,
             dirty_known,
             rebuilding: false,
@@ -180,12 +197,12 @@ mod tests {
             flush_received: 9,
             ..c(8, false, true)
         };
-        let v = choose(&[mid_flush, c(9, false, true), c(9, true, true)]);
+        let v = choose(&[mid_flush.clone(), c(9, false, true), c(9, true, true)]);
         assert_eq!(v, [Verdict::Reconcile, Verdict::Reconcile, Verdict::Fresh]);
         // Received it but lost its map (it restarted): stale.
         let lost_map = Candidate {
             dirty_known: false,
-            ..mid_flush
+            ..mid_flush.clone()
         };
         assert!(matches!(
             choose(&[lost_map, c(9, false, true)])[0],
@@ -204,15 +221,56 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_named_by_the_newest_flush_is_reconciled_though_it_never_received_it() {
+        // The engine died after sending flush 9 to r1 and r2, before r0:
+        // r1's flush names r0 as in the set when its barrier passed.
+        let r0 = c(8, false, true);
+        let named = |by: Candidate, who: &[&Candidate]| Candidate {
+            flush_members: who.iter().map(|c| c.identity).collect(),
+            ..by
+        };
+        let r1 = named(c(9, false, true), &[&r0]);
+        let v = choose(&[r0.clone(), r1.clone(), c(9, false, true)]);
+        assert_eq!(v, [Verdict::Reconcile, Verdict::Fresh, Verdict::Reconcile]);
+        // Not named (dropped before the barrier): stale.
+        let r1_without = named(c(9, false, true), &[]);
+        assert!(matches!(
+            choose(&[r0.clone(), r1_without])[0],
+            Verdict::Stale(_)
+        ));
+        // Named, but it lost its map (restarted since): stale.
+        let lost = Candidate {
+            dirty_known: false,
+            ..r0.clone()
+        };
+        let r1_naming_lost = named(c(9, false, true), &[&lost]);
+        assert!(matches!(
+            choose(&[lost, r1_naming_lost])[0],
+            Verdict::Stale(_)
+        ));
+        // Named by an older flush than the newest: stale.
+        let old = Candidate {
+            flush_received: 8,
+            ..named(c(8, false, true), &[&r0])
+        };
+        assert!(matches!(
+            choose(&[r0, old, c(9, false, true)])[0],
+            Verdict::Stale(_)
+        ));
+    }
+
+    #[test]
     fn rebuilding_replicas_are_never_sources() {
         let r = Candidate {
+            identity: Uuid::new_v4(),
+            flush_members: Vec::new(),
             flush_epoch: 100,
             flush_received: 100,
             clean: true,
             dirty_known: true,
             rebuilding: true,
         };
-        let v = choose(&[r, c(3, true, true)]);
+        let v = choose(&[r.clone(), c(3, true, true)]);
         assert!(matches!(v[0], Verdict::Stale(_)));
         assert_eq!(v[1], Verdict::Fresh);
         assert!(choose(&[r]).iter().all(|v| matches!(v, Verdict::Stale(_))));

@@ -926,8 +926,19 @@ impl BlockVolume for ReplicatedVolume {
 
     async fn flush(&self) -> OpResult<()> {
         let epoch = self.epochs.barrier().await;
-        self.fan_out_durable("flush", |c| async move { c.flush(epoch).await.map(drop) })
-            .await
+        // Every replica in the set now holds every write tagged <= epoch;
+        // the flush says which they are (see `rvol_replica::dirty`).
+        let members: Arc<[uuid::Uuid]> = self
+            .writable()
+            .iter()
+            .filter(|s| s.mode() == Mode::RW)
+            .map(|s| s.identity())
+            .collect();
+        self.fan_out_durable("flush", |c| {
+            let members = members.clone();
+            async move { c.flush_barrier(epoch, &members).await.map(drop) }
+        })
+        .await
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> OpResult<()> {

@@ -265,10 +265,15 @@ impl ReplicaClient {
     /// Flushes; a nonzero `epoch` makes it a barrier flush (see
     /// [`crate::dirty`]). Returns the revision counter the replica persisted.
     pub async fn flush(&self, epoch: u64) -> Result<Revision> {
+        self.flush_barrier(epoch, &[]).await
+    }
+
+    /// Barrier flush `epoch`, naming the replicas in the set when its
+    /// barrier passed (see [`crate::dirty`]).
+    pub async fn flush_barrier(&self, epoch: u64, members: &[Uuid]) -> Result<Revision> {
+        let payload = Bytes::from(crate::proto::encode_uuids(members));
         Ok(Revision(
-            self.call(Op::Flush, 0, 0, 0, epoch, Bytes::new())
-                .await?
-                .value,
+            self.call(Op::Flush, 0, 0, 0, epoch, payload).await?.value,
         ))
     }
 

@@ -16,6 +16,12 @@
 //! replica forgets its regions tagged `<= F`. What it still remembers
 //! covers every write that some replica may lack.
 //!
+//! FLUSH `F` also names the replicas in the set when its barrier passed
+//! (their UUIDs). A replica keeps the names of the newest barrier flush it
+//! received: if the engine dies while sending `F`, a replica that `F`
+//! never reached is still known to hold every write tagged `<= F`,
+//! because a replica that did receive it names it.
+//!
 //! # What is kept, and when it is lost
 //!
 //! The map lives in memory: keeping it costs no I/O on the write path, and
@@ -30,6 +36,8 @@
 //! memory.
 
 use std::collections::HashMap;
+
+use uuid::Uuid;
 
 use crate::ids::BLOCK_SIZE;
 
@@ -49,6 +57,8 @@ pub struct DirtyMap {
     /// `F` proves this replica was in the set when `F`'s barrier passed, so
     /// it holds every write tagged `<= F` even if the flush never finished.
     flush_received: u64,
+    /// The replicas named by flush `flush_received`.
+    flush_members: Vec<Uuid>,
 }
 
 impl DirtyMap {
@@ -71,9 +81,17 @@ impl DirtyMap {
         self.flush_received
     }
 
-    /// Barrier flush `epoch` arrived (before its sync starts).
-    pub fn flush_arrived(&mut self, epoch: u64) {
-        self.flush_received = self.flush_received.max(epoch);
+    pub fn flush_members(&self) -> &[Uuid] {
+        &self.flush_members
+    }
+
+    /// Barrier flush `epoch`, naming `members`, arrived (before its sync
+    /// starts).
+    pub fn flush_arrived(&mut self, epoch: u64, members: &[Uuid]) {
+        if epoch > self.flush_received || (epoch == self.flush_received && !members.is_empty()) {
+            self.flush_received = epoch;
+            self.flush_members = members.to_vec();
+        }
     }
 
     /// A flush failed: the kernel may have dropped the dirty pages, so what

@@ -76,6 +76,8 @@ pub enum Op {
     Write = 3,
     Trim = 4,
     WriteZeroes = 5,
+    /// Payload: the UUIDs of the replicas in the set when the barrier of
+    /// flush epoch `epoch` passed, 16 bytes each (empty: none named).
     Flush = 6,
     Info = 7,
     /// Flush and record a clean shutdown.
@@ -396,6 +398,22 @@ pub async fn read_payload<R: AsyncRead + Unpin, B: bytes::BufMut>(
         }
     }
     Ok(())
+}
+
+/// UUIDs as sent in a FLUSH payload.
+pub fn encode_uuids(ids: &[Uuid]) -> Vec<u8> {
+    ids.iter().flat_map(|u| *u.as_bytes()).collect()
+}
+
+pub fn decode_uuids(b: &[u8]) -> Option<Vec<Uuid>> {
+    if !b.len().is_multiple_of(16) {
+        return None;
+    }
+    Some(
+        b.chunks_exact(16)
+            .map(|c| Uuid::from_bytes(c.try_into().unwrap_or_default()))
+            .collect(),
+    )
 }
 
 /// Checksums as sent in a LAYER_CHECKSUMS reply.

@@ -479,12 +479,22 @@ async fn read_requests<R: AsyncRead + Unpin>(
             Some(Op::Hello) => {
                 return Err(Closed::Protocol("HELLO sent twice".into()));
             }
-            Some(op @ (Op::Flush | Op::MarkClean)) => {
+            Some(Op::Flush) => {
+                let Some(members) = crate::proto::decode_uuids(&payload) else {
+                    let reply = Reply::error(h.id, Status::Invalid, "malformed FLUSH payload");
+                    if tx.send(reply).is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                };
                 let epoch = h.epoch;
-                spawn_durable(replica, owner, tx, h.id, move |r| match op {
-                    Op::Flush => r.flush(epoch),
-                    _ => r.mark_clean(),
+                spawn_durable(replica, owner, tx, h.id, move |r| {
+                    r.flush_barrier(epoch, &members)
                 });
+                continue;
+            }
+            Some(Op::MarkClean) => {
+                spawn_durable(replica, owner, tx, h.id, |r| r.mark_clean());
                 continue;
             }
             Some(Op::Write) if h.flags & FLAG_FUA != 0 => {

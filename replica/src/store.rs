@@ -89,6 +89,9 @@ pub struct ReplicaInfo {
     /// or not (see [`crate::dirty`]).
     #[serde(default)]
     pub flush_received: u64,
+    /// The replicas that flush named as in the set when its barrier passed.
+    #[serde(default)]
+    pub flush_members: Vec<Uuid>,
     /// Whether the replica knows which regions it modified since its last
     /// barrier flush (see [`crate::dirty`]).
     pub dirty_known: bool,
@@ -461,16 +464,23 @@ impl Replica {
     pub fn info(&self) -> ReplicaInfo {
         let meta = lock(&self.meta).clone();
         let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());
-        let (dirty_known, epoch_seen, flush_received) = {
-            let d = lock(&self.dirty);
-            (d.known(), d.epoch_seen(), d.flush_received())
-        };
         let flush_epoch = lock(&self.state).current().flush_epoch;
+        let (dirty_known, epoch_seen, flush_received, flush_members) = {
+            let d = lock(&self.dirty);
+            // Names from before a restart are gone; newer ones always count.
+            let members = if d.flush_received() >= flush_epoch {
+                d.flush_members().to_vec()
+            } else {
+                Vec::new()
+            };
+            (d.known(), d.epoch_seen(), d.flush_received(), members)
+        };
         ReplicaInfo {
             replica_uuid: meta.replica_uuid,
             flush_epoch,
             epoch_seen: epoch_seen.max(flush_epoch),
             flush_received: flush_received.max(flush_epoch),
+            flush_members,
             dirty_known,
             volume_uuid: meta.volume_uuid,
             size: self.size(),
@@ -880,8 +890,14 @@ impl Replica {
     /// the revision counter with it; returns the persisted counter. A
     /// nonzero `epoch` marks a barrier flush (see [`crate::dirty`]).
     pub fn flush(&self, epoch: u64) -> Result<Revision> {
+        self.flush_barrier(epoch, &[])
+    }
+
+    /// [`Replica::flush`] for barrier flush `epoch` that names the replicas
+    /// in the set when its barrier passed (see [`crate::dirty`]).
+    pub fn flush_barrier(&self, epoch: u64, members: &[Uuid]) -> Result<Revision> {
         if epoch > 0 {
-            lock(&self.dirty).flush_arrived(epoch);
+            lock(&self.dirty).flush_arrived(epoch, members);
         }
         let _serial = lock(&self.flush_lock);
         let revision = Revision(self.revision.load(Ordering::Acquire));
