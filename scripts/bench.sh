@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # rvol's benchmark: fio against local io_uring, nbdkit, qemu-nbd, rvol x1
-# and rvol x3 in one run. See scripts/bench.py for options (--quick, --only).
+# and rvol x3 in one run. See scripts/bench.py for options (--quick, --only,
+# --jobs, --runtime).
 # With --cost first: memory and start-up figures instead (scripts/cost.py);
 # with --rebuild first: rebuild times against cp (scripts/rebuild_bench.py).
 set -euo pipefail
