@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Where a read's CPU goes: fills an rvol volume, reads it back with fio,
+and prints CPU seconds per GiB of each process (replicas, engine, fio).
+For A/B runs of two builds, point --root at another checkout (its
+target/release/rvol is used).
+
+  python3 scripts/cpu_split.py [--job seqread|randread] [--target rvol-1] [--root DIR]
+"""
+import argparse, importlib.util, json, os, subprocess, tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+READS = {
+    "seqread": ["--rw=read", "--bs=1M", "--iodepth=8", "--loops=4"],
+    "randread": ["--rw=randread", "--bs=4k", "--iodepth=32", "--io_size=1G",
+                 "--randrepeat=0", "--norandommap"],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--job", choices=READS, default="seqread")
+    ap.add_argument("--target", default="rvol-1", help="rvol-N or rvol-N-unix")
+    ap.add_argument("--root", default=ROOT, help="checkout whose build to run")
+    a = ap.parse_args()
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.RVOL = os.path.join(a.root, "target", "release", "rvol")
+    work = tempfile.mkdtemp(prefix="rvol-cpu-", dir=os.path.join(ROOT, "target"))
+    t = bench.start(a.target, work, 1 << 30)
+    try:
+        fio = ["fio", "--name=x", "--size=1G", "--output-format=json"] + t.fio
+        subprocess.run(fio + ["--rw=write", "--bs=1M", "--iodepth=8"], capture_output=True, check=True)
+        before = [bench.cpu_seconds([p]) for p in t.pids()]
+        out = subprocess.run(fio + READS[a.job], capture_output=True, text=True, check=True)
+        used = [bench.cpu_seconds([p]) - b for p, b in zip(t.pids(), before)]
+    finally:
+        t.stop()
+        subprocess.run(["rm", "-rf", work])
+    j = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    r = j["read"]
+    gib = r["io_bytes"] / 2**30
+    fio_cpu = (j["usr_cpu"] + j["sys_cpu"]) / 100 * r["runtime"] / 1000
+    # bench.start spawns the replicas first, then the engine.
+    parts = [(f"replica{i}", c) for i, c in enumerate(used[:-1])] + [("engine", used[-1]), ("fio", fio_cpu)]
+    split = "  ".join(f"{name} {c / gib:.2f}" for name, c in parts)
+    total = sum(c for _, c in parts) / gib
+    print(f"{a.target} {a.job}: {r['bw_bytes'] / 2**20:.0f} MiB/s; CPU s/GiB: {split}  total {total:.2f}")
+
+
+if __name__ == "__main__":
+    main()
