@@ -167,3 +167,65 @@ fn a_second_engine_fences_the_first() {
         assert_eq!(&head[..4096], &[0x11; 4096][..], "replica {}", r.addr);
     }
 }
+
+/// The engine dies while sending barrier flush E: two replicas received it,
+/// one did not. The flush named all three as in the set, so the next engine
+/// reconciles the third instead of rebuilding it, and the data written
+/// before E is on all three.
+#[test]
+fn a_replica_the_last_flush_never_reached_is_reconciled_not_rebuilt() {
+    use bytes::Bytes;
+    use rvol_replica::client::ReplicaClient;
+    use rvol_replica::server::Endpoint;
+    use rvol_replica::{Generation, Owner};
+    let tmp = tempfile::tempdir().unwrap();
+    let rs = three_replicas(tmp.path(), "16M");
+    let (mut engine, uri, _) = start_engine("vouch", "16M", &addrs(&rs), &[]);
+    qemu_io(&uri, &["write -P 0x31 0 1M", "flush"]);
+    engine.kill9();
+    // Play the dying engine: a write tagged E to all three, then flush E
+    // naming all three, sent to r1 and r2 only.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        let mut ids = Vec::new();
+        let mut epoch = 0;
+        for r in &rs {
+            let ep: Endpoint = r.addr.parse().unwrap();
+            let info = ReplicaClient::probe(&ep).await.unwrap();
+            let owner = Owner {
+                generation: Generation(info.generation.0 + 10),
+                engine_id: 77,
+            };
+            let (c, _) = ReplicaClient::connect(&ep, info.volume_uuid, owner, 1)
+                .await
+                .unwrap();
+            epoch = epoch.max(info.epoch_seen + 1);
+            ids.push(info.replica_uuid);
+            clients.push(c);
+        }
+        for c in &clients {
+            c.write(1 << 20, Bytes::from(vec![0x32u8; 1 << 20]), false, epoch)
+                .await
+                .unwrap();
+        }
+        for c in &clients[1..] {
+            c.flush_barrier(epoch, &ids).await.unwrap();
+        }
+    });
+    drop(rt);
+    let (_engine, uri, admin) = start_engine("vouch", "16M", &addrs(&rs), &[]);
+    let s = status(&admin);
+    assert_eq!(modes(&admin), ["RW", "RW", "RW"], "{s}");
+    assert!(s["reconciled_bytes"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["rebuilt_bytes"], 0, "{s}");
+    qemu_io(&uri, &["read -P 0x31 0 1M", "read -P 0x32 1M 1M"]);
+    // r0 alone holds it too.
+    for (i, r) in rs.iter().enumerate() {
+        let head = std::fs::read(r.dir.join("volume-head-000.img")).unwrap();
+        assert!(
+            head[1 << 20..2 << 20].iter().all(|&b| b == 0x32),
+            "replica {i}"
+        );
+    }
+}

@@ -257,9 +257,36 @@ async fn bad_frames_close_the_connection_and_touch_nothing() {
         u16::from_le_bytes(rest[4..6].try_into().unwrap()),
         Status::Unsupported as u16
     );
+    // A FLUSH whose payload is not a list of UUIDs: refused, not applied.
+    let (_, rest) = raw_session(&path, &frame(Op::Flush, 0, 0, &[1u8; 17]));
+    assert_eq!(
+        u16::from_le_bytes(rest[4..6].try_into().unwrap()),
+        Status::Invalid as u16
+    );
+    assert_eq!(c.info().await.unwrap().flush_received, 0);
     // Nothing reached the data.
     assert_eq!(c.read(0, 4096).await.unwrap(), vec![0u8; 4096]);
     assert_eq!(c.info().await.unwrap().revision.0, 0);
+}
+
+/// A barrier flush's named replicas are reported until a newer barrier
+/// flush arrives (see `rvol_replica::dirty`).
+#[tokio::test]
+async fn a_barrier_flush_reports_the_replicas_it_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ep = sock(tmp.path());
+    let _p = start_replica(tmp.path(), &ep, "1M");
+    let c = connect(&ep, 1, 1).await.unwrap();
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    c.flush_barrier(3, &[a, b]).await.unwrap();
+    let info = c.info().await.unwrap();
+    assert_eq!((info.flush_received, info.flush_members), (3, vec![a, b]));
+    // A plain flush names nobody and changes nothing.
+    c.flush(0).await.unwrap();
+    assert_eq!(c.info().await.unwrap().flush_members, [a, b]);
+    c.flush_barrier(4, &[b]).await.unwrap();
+    let info = c.info().await.unwrap();
+    assert_eq!((info.flush_received, info.flush_members), (4, vec![b]));
 }
 
 fn replica_error(dir: &Path, size: Option<&str>) -> String {

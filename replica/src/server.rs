@@ -23,14 +23,13 @@
 //! that decodes but is wrong (unaligned, past the end, unknown op) gets an
 //! error reply and the connection lives.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use std::fs::File;
-use std::os::fd::AsRawFd;
-
 use tokio::io::{
     AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, Interest,
 };

@@ -1422,7 +1422,6 @@ pub(crate) fn punch_file(file: &File, offset: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
-/// Checks blocks just read from `layer` at byte `at` against its checksums.
 /// The runs of a range held in layer files, as `(layer position, byte
 /// offset, length)` in order (the gaps between them are holes), with the
 /// chain and the lower gate held so the runs stay valid while they are read.
@@ -1486,6 +1485,7 @@ fn read_appending(file: &File, at: u64, n: usize, buf: &mut Vec<u8>) -> std::io:
     Ok(())
 }
 
+/// Checks blocks just read from `layer` at byte `at` against its checksums.
 fn check_blocks(layer: &Layer, at: u64, data: &[u8], crcs: &mut [u32]) -> Result<()> {
     match checksum::verify(&layer.crc, at / BLOCK_SIZE, data, crcs)
         .map_err(|e| Error::io(format!("reading checksums of {}", layer.name), e))?
