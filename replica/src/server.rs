@@ -478,20 +478,16 @@ async fn read_requests<R: AsyncRead + Unpin>(
             Some(Op::Hello) => {
                 return Err(Closed::Protocol("HELLO sent twice".into()));
             }
-            Some(Op::Flush) => {
-                let Some(members) = crate::proto::decode_uuids(&payload) else {
-                    let reply = Reply::error(h.id, Status::Invalid, "malformed FLUSH payload");
-                    if tx.send(reply).is_err() {
-                        return Ok(());
-                    }
+            Some(Op::Flush) => match crate::proto::decode_uuids(&payload) {
+                None => Reply::error(h.id, Status::Invalid, "malformed FLUSH payload"),
+                Some(members) => {
+                    let epoch = h.epoch;
+                    spawn_durable(replica, owner, tx, h.id, move |r| {
+                        r.flush_barrier(epoch, &members)
+                    });
                     continue;
-                };
-                let epoch = h.epoch;
-                spawn_durable(replica, owner, tx, h.id, move |r| {
-                    r.flush_barrier(epoch, &members)
-                });
-                continue;
-            }
+                }
+            },
             Some(Op::MarkClean) => {
                 spawn_durable(replica, owner, tx, h.id, |r| r.mark_clean());
                 continue;

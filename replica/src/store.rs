@@ -629,14 +629,10 @@ impl Replica {
     /// block, preset to the crc of a zero block), every block read from a
     /// layer is checked against its checksums and its crc is stored there.
     fn read_range(&self, offset: u64, len: u64, mut crcs: Option<&mut [u32]>) -> Result<Vec<u8>> {
-        let Located {
-            layers,
-            runs,
-            _gate: _gate_held,
-        } = self.locate(offset, len)?;
+        let located = self.locate(offset, len)?;
         let mut buf = Vec::with_capacity(len as usize);
-        for (pos, at, n) in runs {
-            let layer = &layers[pos];
+        for &(pos, at, n) in &located.runs {
+            let layer = &located.layers[pos];
             let from = (at - offset) as usize;
             buf.resize(from, 0);
             read_appending(&layer.file, at, n as usize, &mut buf)
@@ -688,16 +684,12 @@ impl Replica {
     /// by a crash) reads again with [`Replica::read_with_crc`].
     pub fn read_stored(&self, offset: u64, len: u64) -> Result<Option<(Vec<Segment>, u32)>> {
         self.check_range(offset, len)?;
-        let Located {
-            layers,
-            runs,
-            _gate: _gate_held,
-        } = self.locate(offset, len)?;
+        let located = self.locate(offset, len)?;
         let mut crcs = vec![crc::zero_block(); (len / BLOCK_SIZE) as usize];
-        let mut segments = Vec::with_capacity(2 * runs.len() + 1);
+        let mut segments = Vec::with_capacity(2 * located.runs.len() + 1);
         let mut done = offset;
-        for (pos, at, n) in runs {
-            let layer = &layers[pos];
+        for &(pos, at, n) in &located.runs {
+            let layer = &located.layers[pos];
             if at > done {
                 segments.push(Segment::Zeros((at - done) as usize));
             }
