@@ -1,24 +1,28 @@
 #!/usr/bin/env python3
-"""Where a read's CPU goes: fills an rvol volume, reads it back with fio,
-and prints CPU seconds per GiB of each process (replicas, engine, fio).
+"""Where an I/O's CPU goes: runs one fio job against an rvol volume (reads
+after filling it) and prints CPU seconds per GiB of each process
+(replicas, engine, fio).
 For A/B runs of two builds, point --root at another checkout (its
 target/release/rvol is used).
 
-  python3 scripts/cpu_split.py [--job seqread|randread] [--target rvol-1] [--root DIR]
+  python3 scripts/cpu_split.py [--job seqread|randread|seqwrite|randwrite] [--target rvol-1] [--root DIR]
 """
 import argparse, importlib.util, json, os, subprocess, tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-READS = {
+JOBS = {
     "seqread": ["--rw=read", "--bs=1M", "--iodepth=8", "--loops=4"],
     "randread": ["--rw=randread", "--bs=4k", "--iodepth=32", "--io_size=1G",
                  "--randrepeat=0", "--norandommap"],
+    "seqwrite": ["--rw=write", "--bs=1M", "--iodepth=8", "--loops=4"],
+    "randwrite": ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--io_size=512M",
+                  "--randrepeat=0", "--norandommap"],
 }
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--job", choices=READS, default="seqread")
+    ap.add_argument("--job", choices=JOBS, default="seqread")
     ap.add_argument("--target", default="rvol-1", help="rvol-N or rvol-N-unix")
     ap.add_argument("--root", default=ROOT, help="checkout whose build to run")
     a = ap.parse_args()
@@ -30,15 +34,16 @@ def main():
     t = bench.start(a.target, work, 1 << 30)
     try:
         fio = ["fio", "--name=x", "--size=1G", "--output-format=json"] + t.fio
-        subprocess.run(fio + ["--rw=write", "--bs=1M", "--iodepth=8"], capture_output=True, check=True)
+        if "read" in a.job:
+            subprocess.run(fio + ["--rw=write", "--bs=1M", "--iodepth=8"], capture_output=True, check=True)
         before = [bench.cpu_seconds([p]) for p in t.pids()]
-        out = subprocess.run(fio + READS[a.job], capture_output=True, text=True, check=True)
+        out = subprocess.run(fio + JOBS[a.job], capture_output=True, text=True, check=True)
         used = [bench.cpu_seconds([p]) - b for p, b in zip(t.pids(), before)]
     finally:
         t.stop()
         subprocess.run(["rm", "-rf", work])
     j = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
-    r = j["read"]
+    r = j["read" if "read" in a.job else "write"]
     gib = r["io_bytes"] / 2**30
     fio_cpu = (j["usr_cpu"] + j["sys_cpu"]) / 100 * r["runtime"] / 1000
     # bench.start spawns the replicas first, then the engine.
