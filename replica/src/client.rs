@@ -528,7 +528,7 @@ async fn write_requests<W: AsyncWrite + Unpin>(
             match rx.try_recv() {
                 Ok(next) => out = next,
                 Err(_) => {
-                    tokio::task::yield_now().await;
+                    crate::coalesce::ready_tasks_first().await;
                     match rx.try_recv() {
                         Ok(next) => out = next,
                         Err(_) => break,

@@ -17,6 +17,7 @@
 
 pub mod checksum;
 pub mod client;
+pub mod coalesce;
 pub mod crc;
 pub mod dirty;
 pub mod error;

@@ -320,7 +320,7 @@ async fn write_replies<W: SendFile>(wr: W, mut rx: mpsc::UnboundedReceiver<Reply
             match rx.try_recv() {
                 Ok(next) => reply = next,
                 Err(_) => {
-                    tokio::task::yield_now().await;
+                    crate::coalesce::ready_tasks_first().await;
                     match rx.try_recv() {
                         Ok(next) => reply = next,
                         Err(_) => break,
