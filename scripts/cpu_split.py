@@ -5,7 +5,7 @@ prints CPU seconds per GiB of each process (replicas, engine, fio).
 For A/B runs of two builds, point --root at another checkout (its
 target/release/rvol is used).
 
-  python3 scripts/cpu_split.py [--job seqread|randread|seqwrite|randwrite] [--target rvol-1] [--root DIR]
+  python3 scripts/cpu_split.py [--job seqread|randread|seqwrite|randwrite|randwrite-qd1] [--target rvol-1] [--root DIR]
 """
 import argparse, importlib.util, json, os, subprocess, tempfile
 
@@ -17,6 +17,8 @@ JOBS = {
     "seqwrite": ["--rw=write", "--bs=1M", "--iodepth=8", "--loops=4"],
     "randwrite": ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--io_size=512M",
                   "--randrepeat=0", "--norandommap"],
+    "randwrite-qd1": ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--io_size=64M",
+                      "--randrepeat=0", "--norandommap"],
 }
 
 
