@@ -25,7 +25,7 @@ JOBS = {
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--job", choices=JOBS, default="seqread")
-    ap.add_argument("--target", default="rvol-1", help="rvol-N or rvol-N-unix")
+    ap.add_argument("--target", default="rvol-1", help="rvol-N, rvol-N-unix, or another of scripts/bench.py's targets (nbdkit)")
     ap.add_argument("--root", default=ROOT, help="checkout whose build to run")
     a = ap.parse_args()
     spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
@@ -49,8 +49,10 @@ def main():
     r = j["read" if "read" in a.job else "write"]
     gib = r["io_bytes"] / 2**30
     fio_cpu = (j["usr_cpu"] + j["sys_cpu"]) / 100 * r["runtime"] / 1000
-    # bench.start spawns the replicas first, then the engine.
-    parts = [(f"replica{i}", c) for i, c in enumerate(used[:-1])] + [("engine", used[-1]), ("fio", fio_cpu)]
+    # bench.start spawns the replicas first, then the engine (or the one
+    # server of another target).
+    server = "engine" if a.target.startswith("rvol") else a.target
+    parts = [(f"replica{i}", c) for i, c in enumerate(used[:-1])] + [(server, used[-1]), ("fio", fio_cpu)]
     split = "  ".join(f"{name} {c / gib:.2f}" for name, c in parts)
     total = sum(c for _, c in parts) / gib
     print(f"{a.target} {a.job}: {r['bw_bytes'] / 2**20:.0f} MiB/s; CPU s/GiB: {split}  total {total:.2f}")
