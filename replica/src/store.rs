@@ -179,7 +179,6 @@ pub(crate) fn open_sidecar(dir: &Path, name: &str, size: u64) -> Result<File> {
     // cache with large folios, and ext4 walks every buffer head of a folio
     // on each small write into it: in a 1-replica 4k random write after a
     // sequential fill, 6 % of the replica's CPU, 2.8 % without readahead.
-    use std::os::fd::AsRawFd;
     // SAFETY: an advisory call on a descriptor we own; its result only
     // tunes readahead, so a failure changes nothing we rely on.
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
