@@ -28,6 +28,9 @@
 //!   sync, so the persisted counter never counts a write that is not durable.
 //! - The clean flag is cleared durably before the first modification after
 //!   it was set, so "clean" on disk always means the data matches `revision`.
+//! - One process at a time: an open replica holds an exclusive `flock` on
+//!   its directory, so a second replica process, or an engine opening the
+//!   directory in-process, is refused instead of writing beside it.
 //! - Fencing: every request runs holding a read guard on the lease
 //!   ([`Replica::admit`]); a takeover holds the write guard while it
 //!   persists the new generation, so once it returns no request of an older
@@ -214,6 +217,24 @@ pub struct Replica {
     pub(crate) lower_gate: RwLock<()>,
     /// Serializes purge steps and holds where pruning got to.
     pub(crate) purge: Mutex<crate::maintenance::PurgeCursor>,
+    /// The directory, locked for as long as this value lives.
+    _dir_lock: File,
+}
+
+/// Takes the exclusive lock on a replica directory (see the invariants).
+fn lock_dir(dir: &Path) -> Result<File> {
+    let f = File::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+    // SAFETY: `f` is an open descriptor for the duration of the call.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        let context = if e.kind() == std::io::ErrorKind::WouldBlock {
+            format!("{} is in use by another rvol process", dir.display())
+        } else {
+            format!("locking {}", dir.display())
+        };
+        return Err(Error::io(context, e));
+    }
+    Ok(f)
 }
 
 pub(crate) fn now_secs() -> u64 {
@@ -288,6 +309,7 @@ impl Replica {
             )));
         }
         fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let dir_lock = lock_dir(dir)?;
         let entries =
             fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
         let mut leftovers = Vec::new();
@@ -351,7 +373,7 @@ impl Replica {
         };
         meta::write_json_atomic(&dir.join(REPLICA_META), &rmeta)?;
         tracing::info!(dir = %dir.display(), size, "created replica");
-        Replica::open(dir)
+        Replica::open_locked(dir, dir_lock)
     }
 
     /// Opens an existing replica, validating everything it is made of.
@@ -362,6 +384,10 @@ impl Replica {
                 dir.display()
             )));
         }
+        Replica::open_locked(dir, lock_dir(dir)?)
+    }
+
+    fn open_locked(dir: &Path, dir_lock: File) -> Result<Replica> {
         let meta_path = dir.join(REPLICA_META);
         if !meta_path.exists() {
             return Err(Error::NotAReplica(format!(
@@ -457,6 +483,7 @@ impl Replica {
             dirty: Mutex::new(DirtyMap::new(rec.clean)),
             lower_gate: RwLock::new(()),
             purge: Mutex::new(Default::default()),
+            _dir_lock: dir_lock,
         })
     }
 

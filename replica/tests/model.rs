@@ -273,6 +273,23 @@ fn out_of_range_and_unaligned_io_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn a_replica_directory_is_opened_by_one_holder_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Replica::create(dir.path(), SIZE).unwrap();
+    r.write(0, &[7u8; 4096], 0).unwrap();
+    let second = Replica::open(dir.path())
+        .err()
+        .expect("second open refused");
+    assert!(second.to_string().contains("in use"), "{second}");
+    assert!(Replica::open_or_create(dir.path(), Some(SIZE)).is_err());
+    // Refusing changed nothing, and the lock goes with the holder.
+    assert_eq!(r.read(0, 4096).unwrap(), vec![7u8; 4096]);
+    drop(r);
+    let r = Replica::open(dir.path()).unwrap();
+    assert_eq!(r.read(0, 4096).unwrap(), vec![7u8; 4096]);
+}
+
+#[test]
 fn open_time_and_index_memory_are_reported() {
     // A 1 GiB sparse volume with every 4th MiB written: measure open time
     // and index memory (printed; `cargo test -- --nocapture` shows them).
