@@ -108,11 +108,14 @@ def start(name, work, size):
         wait_port(port)
     else:
         # rvol-N: N replica processes on loopback TCP; rvol-N-unix: on Unix
-        # sockets, as a node's local replicas can be.
+        # sockets, as a node's local replicas can be; rvol-N-local: the
+        # first replica in the engine's process (local:DIR), the rest on TCP.
         n = int(name.split("-")[1])
         unix = name.endswith("-unix")
         replicas = []
-        for i in range(n):
+        if name.endswith("-local"):
+            replicas += ["--replica", "local:" + os.path.join(work, f"{name}-r0")]
+        for i in range(len(replicas) // 2, n):
             listen = f"unix:{work}/{name}-r{i}.sock" if unix else "127.0.0.1:0"
             r = t.spawn([RVOL, "replica", "--dir", os.path.join(work, f"{name}-r{i}"),
                          "--listen", listen, "--size", str(size)], ready_line=True)
@@ -173,7 +176,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"))
     ap.add_argument("--only", default="local,nbdkit,qemu-nbd,rvol-1,rvol-3",
                     help="targets, comma-separated; also rvol-1-unix and rvol-3-unix "
-                         "(replicas on Unix sockets instead of loopback TCP)")
+                         "(replicas on Unix sockets instead of loopback TCP), rvol-1-local "
+                         "and rvol-3-local (one replica in the engine's process)")
     ap.add_argument("--check", action="store_true",
                     help="fail on gross breakage: rvol below 1/10 of nbdkit, or any I/O error")
     ap.add_argument("--jobs", default=",".join(j[0] for j in JOBS),

@@ -167,10 +167,14 @@ fn parse_address(a: &str) -> Result<Endpoint, Answer> {
 }
 
 async fn add_replica(State(s): State<Arc<AdminState>>, Json(r): Json<ReplicaRequest>) -> Answer {
-    match parse_address(&r.address) {
-        Ok(ep) => answer(s.volume.add_replica(ep)),
-        Err(a) => a,
+    let ep = match parse_address(&r.address) {
+        Ok(ep) => ep,
+        Err(a) => return a,
+    };
+    if let Err(e) = rvol_replica::local::prepare(&ep, s.volume.size()).await {
+        return answer(Err(format!("{ep}: {e}")));
     }
+    answer(s.volume.add_replica(ep))
 }
 
 async fn remove_replica(State(s): State<Arc<AdminState>>, Json(r): Json<ReplicaRequest>) -> Answer {
@@ -391,6 +395,7 @@ pub async fn request(
             s.write_all(request.as_bytes()).await?;
             s.read_to_end(&mut raw).await?;
         }
+        Endpoint::Local(_) => bail!("{endpoint} is a replica directory, not an admin address"),
     }
     let text = String::from_utf8_lossy(&raw);
     let Some((head, body)) = text.split_once("\r\n\r\n") else {

@@ -22,7 +22,7 @@ use rvol_frontend::ublk::{UblkConfig, UblkTarget};
 use rvol_frontend::BlockVolume;
 use rvol_replica::client::ReplicaClient;
 use rvol_replica::server::{Endpoint, Listener};
-use rvol_replica::{Generation, Owner};
+use rvol_replica::{Generation, Owner, ReplicaInfo};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -63,6 +63,14 @@ pub fn volume_uuid(name: &str) -> Uuid {
     Uuid::new_v5(&NAMESPACE, name.as_bytes())
 }
 
+/// Asks a replica what it holds; see [`rvol_replica::local::prepare`].
+async fn probe(ep: &Endpoint, size: u64) -> Result<ReplicaInfo, String> {
+    rvol_replica::local::prepare(ep, size)
+        .await
+        .map_err(|e| e.to_string())?;
+    ReplicaClient::probe(ep).await.map_err(|e| e.to_string())
+}
+
 /// Connects to the replicas and builds the volume; see the module docs.
 pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume> {
     let uuid = volume_uuid(&cfg.name);
@@ -70,7 +78,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
     let probes = join_all(
         cfg.replicas
             .iter()
-            .map(|ep| tokio::time::timeout(t, ReplicaClient::probe(ep))),
+            .map(|ep| tokio::time::timeout(t, probe(ep, cfg.size))),
     )
     .await;
     let mut reachable = Vec::new();

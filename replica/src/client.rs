@@ -7,6 +7,11 @@
 //! request waiting on it fails at once with [`ClientError::Lost`]; the
 //! client stays usable on its remaining connections, and is dead (every
 //! request fails) when none remain. Timeouts are the caller's business.
+//!
+//! For a `local:DIR` endpoint the client holds no connection: it runs a
+//! session on the replica in this process ([`crate::local`]) and hands it
+//! each request as it is, so the rest of the engine cannot tell the two
+//! apart.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,6 +29,7 @@ use crate::proto::{
     REPLY_STORED_CRC,
 };
 use crate::server::Endpoint;
+use crate::session::{Body, Session};
 use crate::store::ChecksumUnit;
 use crate::store::{Owner, ReplicaInfo};
 
@@ -82,8 +88,16 @@ struct Conn {
 /// Connections to one replica; see the module documentation.
 pub struct ReplicaClient {
     endpoint: Endpoint,
-    conns: Vec<Arc<Conn>>,
-    next: AtomicUsize,
+    transport: Transport,
+}
+
+enum Transport {
+    Sockets {
+        conns: Vec<Arc<Conn>>,
+        next: AtomicUsize,
+    },
+    /// `None` after a probe, which takes nothing over.
+    InProcess(Option<Session>),
 }
 
 impl ReplicaClient {
@@ -102,6 +116,22 @@ impl ReplicaClient {
             generation: owner.generation.0,
             engine_id: owner.engine_id,
         };
+        if let Endpoint::Local(dir) = endpoint {
+            let replica = crate::local::open_or_create(dir, None)
+                .await
+                .map_err(|e| connect_err(endpoint, e))?;
+            let (reply, session) = Session::open(&replica, &hello, 0).await;
+            let info = hello_info(in_process_reply(reply))?;
+            let transport = Transport::InProcess(session);
+            let endpoint = endpoint.clone();
+            return Ok((
+                ReplicaClient {
+                    endpoint,
+                    transport,
+                },
+                info,
+            ));
+        }
         let mut conns = Vec::new();
         let mut info = None;
         for _ in 0..connections.max(1) {
@@ -119,16 +149,21 @@ impl ReplicaClient {
                         .map_err(|e| connect_err(endpoint, e))?;
                     start(s, &hello).await?
                 }
+                Endpoint::Local(_) => unreachable!("served in-process above"),
             };
             conns.push(conn);
             info.get_or_insert(i);
         }
         let info = info.expect("at least one connection");
+        let transport = Transport::Sockets {
+            conns,
+            next: AtomicUsize::new(0),
+        };
+        let endpoint = endpoint.clone();
         Ok((
             ReplicaClient {
-                endpoint: endpoint.clone(),
-                conns,
-                next: AtomicUsize::new(0),
+                endpoint,
+                transport,
             },
             info,
         ))
@@ -147,7 +182,10 @@ impl ReplicaClient {
 
     /// True while at least one connection is alive.
     pub fn is_alive(&self) -> bool {
-        self.conns.iter().any(|c| lock(&c.pending).is_some())
+        match &self.transport {
+            Transport::Sockets { conns, .. } => conns.iter().any(|c| lock(&c.pending).is_some()),
+            Transport::InProcess(session) => session.is_some(),
+        }
     }
 
     async fn call(
@@ -160,10 +198,19 @@ impl ReplicaClient {
         payload: impl Into<Sealed>,
     ) -> Result<Reply> {
         let payload: Sealed = payload.into();
-        let n = self.conns.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let (conns, next) = match &self.transport {
+            Transport::Sockets { conns, next } => (conns, next),
+            Transport::InProcess(session) => {
+                let Some(session) = session else {
+                    return Err(ClientError::Lost("a probe takes nothing over".into()));
+                };
+                return call_in_process(session, op, flags, offset, length, epoch, payload).await;
+            }
+        };
+        let n = conns.len();
+        let start = next.fetch_add(1, Ordering::Relaxed);
         for k in 0..n {
-            let conn = &self.conns[(start + k) % n];
+            let conn = &conns[(start + k) % n];
             let (tx, rx) = oneshot::channel();
             let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
             {
@@ -431,7 +478,7 @@ impl ReplicaClient {
     }
 }
 
-fn connect_err(endpoint: &Endpoint, e: std::io::Error) -> ClientError {
+fn connect_err(endpoint: &Endpoint, e: impl std::fmt::Display) -> ClientError {
     ClientError::Connect {
         endpoint: endpoint.to_string(),
         message: e.to_string(),
@@ -440,6 +487,74 @@ fn connect_err(endpoint: &Endpoint, e: std::io::Error) -> ClientError {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A reply's header and payload as the caller's result.
+fn reply_result(h: &ReplyHeader, payload: Bytes) -> Result<Reply> {
+    if h.status == Status::Ok as u16 {
+        return Ok(Reply {
+            value: h.value,
+            payload,
+        });
+    }
+    Err(ClientError::Remote {
+        status: Status::from_u16(h.status),
+        message: String::from_utf8_lossy(&payload).into_owned(),
+    })
+}
+
+/// What a replica said about itself in its answer to HELLO.
+fn hello_info(reply: Result<Reply>) -> Result<ReplicaInfo> {
+    serde_json::from_slice(&reply?.payload)
+        .map_err(|e| ClientError::Lost(format!("bad HELLO reply: {e}")))
+}
+
+/// Runs one request on a replica in this process. Reads are never sent
+/// "stored": that saves a copy into a socket, and there is none here.
+async fn call_in_process(
+    session: &Session,
+    op: Op,
+    flags: u8,
+    offset: u64,
+    length: u64,
+    epoch: u64,
+    payload: Sealed,
+) -> Result<Reply> {
+    let h = RequestHeader {
+        op: op as u8,
+        flags: flags & !FLAG_STORED_CRC,
+        id: 0,
+        offset,
+        length,
+        epoch,
+        payload_len: payload.data.len() as u32,
+        crc: payload.crc,
+    };
+    let mut crcs = Vec::new();
+    if op == Op::Write && (payload.data.len() as u64).is_multiple_of(crate::BLOCK_SIZE) {
+        crate::crc::blocks(&payload.data, &mut crcs);
+    }
+    let (tx, rx) = oneshot::channel();
+    session.run(&h, payload.data, crcs, tx);
+    let reply = rx
+        .await
+        .map_err(|_| ClientError::Lost("the replica's task ended".into()))?;
+    in_process_reply(reply)
+}
+
+fn in_process_reply(reply: crate::session::Reply) -> Result<Reply> {
+    let header = ReplyHeader {
+        status: reply.status as u16,
+        flags: 0,
+        id: reply.id,
+        value: reply.value,
+        payload_len: 0,
+        crc: 0,
+    };
+    match reply.body {
+        Body::Sealed(sealed) => reply_result(&header, sealed.data),
+        Body::Stored(..) => Err(ClientError::Lost("a stored read reply in-process".into())),
+    }
 }
 
 /// Performs the HELLO exchange on a fresh stream and starts its tasks.
@@ -467,16 +582,8 @@ where
     let reply = read_reply(&mut rd)
         .await?
         .ok_or_else(|| ClientError::Lost("closed during HELLO".into()))?;
-    let (status, body) = reply;
-    let body = body?;
-    if status.status != Status::Ok as u16 {
-        return Err(ClientError::Remote {
-            status: Status::from_u16(status.status),
-            message: String::from_utf8_lossy(&body).into_owned(),
-        });
-    }
-    let info: ReplicaInfo = serde_json::from_slice(&body)
-        .map_err(|e| ClientError::Lost(format!("bad HELLO reply: {e}")))?;
+    let (h, body) = reply;
+    let info = hello_info(reply_result(&h, body?))?;
     let (tx, rx) = mpsc::unbounded_channel();
     let conn = Arc::new(Conn {
         tx,
@@ -552,14 +659,7 @@ async fn read_replies<R: AsyncRead + Unpin>(mut rd: R, conn: Arc<Conn>) {
                 };
                 let result = match payload {
                     Err(e) => Err(ClientError::StoredCrcMismatch(e.to_string())),
-                    Ok(payload) if h.status == Status::Ok as u16 => Ok(Reply {
-                        value: h.value,
-                        payload,
-                    }),
-                    Ok(payload) => Err(ClientError::Remote {
-                        status: Status::from_u16(h.status),
-                        message: String::from_utf8_lossy(&payload).into_owned(),
-                    }),
+                    Ok(payload) => reply_result(&h, payload),
                 };
                 let _ = waiter.send(result);
             }

@@ -22,6 +22,9 @@ pub enum Error {
     Invalid(String),
     #[error("no space left on the replica's file system: {0}")]
     NoSpace(String),
+    /// Another process holds the replica directory open.
+    #[error("{0} is in use by another process")]
+    InUse(String),
     #[error("fenced: {0}")]
     Fenced(String),
     /// Data read back does not match its checksum: bit rot or a stray write.

@@ -3,7 +3,8 @@
 //! A replica keeps the volume in a directory of sparse, snapshot-chained
 //! layer files ([`store`]), indexed block by block ([`index`]), and serves
 //! one engine at a time over a small framed protocol ([`proto`],
-//! [`server`]); [`client`] is the engine's side of that protocol. The
+//! [`server`]); [`client`] is the engine's side of that protocol, and runs
+//! a replica in the engine's own process for `local:DIR` ([`local`]). The
 //! replica knows nothing of frontends: it sees only whole 4 KiB blocks.
 //!
 //! # I/O engine
@@ -23,10 +24,12 @@ pub mod dirty;
 pub mod error;
 pub mod ids;
 pub mod index;
+pub mod local;
 pub mod maintenance;
 pub mod meta;
 pub mod proto;
 pub mod server;
+mod session;
 pub mod state;
 pub mod store;
 

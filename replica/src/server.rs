@@ -3,13 +3,10 @@
 //!
 //! Each connection has a reader (this module's [`serve_connection`]) and a
 //! writer task joined by a channel of replies. The reader decodes and
-//! verifies a frame, runs its I/O and queues the reply; the writer batches
-//! queued replies into few socket writes. Reads, writes, trims and
-//! write-zeroes run inline in the reader (page-cache copies of a few
-//! microseconds), so a connection applies its requests in the order sent.
-//! FLUSH, MARK_CLEAN and FUA writes wait for the disk and run on the blocking
-//! pool, so requests behind them are not held up and their replies overtake
-//! the flush's: replies are out of order, matched by id.
+//! verifies a frame and hands it to the connection's [`Session`], which
+//! runs it and queues the reply (see [`crate::session`] for which requests
+//! run inline and which on the blocking pool); the writer batches queued
+//! replies into few socket writes.
 //!
 //! A READ of [`STORED_READ_MIN`] bytes or more that the engine asked with
 //! [`FLAG_STORED_CRC`] is answered with sendfile(2) from the layer files,
@@ -40,31 +37,41 @@ use tokio::task::JoinSet;
 use crate::crc;
 use crate::error::Error;
 use crate::proto::{
-    encode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Sealed, Status, FLAG_FUA,
-    FLAG_PER_BLOCK, FLAG_STORED_CRC, FLAG_UNVERIFIED, HELLO_LEN, MAX_PAYLOAD, PROTOCOL_VERSION,
+    FrameError, Hello, Op, ReplyHeader, RequestHeader, Status, HELLO_LEN, PROTOCOL_VERSION,
     REPLY_STORED_CRC, REQUEST_HEADER_LEN,
 };
-use crate::store::{ChecksumUnit, Owner, Replica, Segment};
+use crate::session::{Body, Reply, Session};
+use crate::store::{Replica, Segment};
 use crate::BLOCK_SIZE;
 
-/// Where a server listens or a client connects: `host:port` or `unix:PATH`.
+/// Where a server listens or a client connects: `host:port` or `unix:PATH`;
+/// or, for a client only, `local:DIR`, a replica directory the client's
+/// own process opens (see [`crate::local`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     Tcp(String),
     Unix(PathBuf),
+    Local(PathBuf),
 }
 
 impl FromStr for Endpoint {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            if p.is_empty() {
-                return Err("unix: needs a path".into());
+        for (prefix, make) in [
+            ("unix:", Endpoint::Unix as fn(PathBuf) -> Endpoint),
+            ("local:", Endpoint::Local),
+        ] {
+            if let Some(p) = s.strip_prefix(prefix) {
+                if p.is_empty() {
+                    return Err(format!("{prefix} needs a path"));
+                }
+                return Ok(make(p.into()));
             }
-            return Ok(Endpoint::Unix(p.into()));
         }
         if !s.contains(':') {
-            return Err(format!("{s:?} is neither host:port nor unix:PATH"));
+            return Err(format!(
+                "{s:?} is neither host:port, unix:PATH nor local:DIR"
+            ));
         }
         Ok(Endpoint::Tcp(s.to_string()))
     }
@@ -75,6 +82,7 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Tcp(a) => write!(f, "{a}"),
             Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Local(p) => write!(f, "local:{}", p.display()),
         }
     }
 }
@@ -99,6 +107,12 @@ impl Listener {
                 }
                 Listener::Unix(UnixListener::bind(p)?)
             }
+            Endpoint::Local(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{ep} is a replica directory, not an address to listen on"),
+                ))
+            }
         })
     }
 
@@ -120,52 +134,6 @@ impl Listener {
 /// allows it. Below it the saved copy is smaller than the cost of a socket
 /// write of its own (replies are otherwise batched).
 pub const STORED_READ_MIN: u64 = 64 << 10;
-
-struct Reply {
-    status: Status,
-    id: u64,
-    value: u64,
-    body: Body,
-}
-
-enum Body {
-    Sealed(Sealed),
-    /// Sent from the layer files; the crc is the recorded one.
-    Stored(Vec<Segment>, u32),
-}
-
-impl Reply {
-    fn ok(id: u64, value: u64, payload: impl Into<Sealed>) -> Reply {
-        Reply {
-            status: Status::Ok,
-            id,
-            value,
-            body: Body::Sealed(payload.into()),
-        }
-    }
-
-    fn error(id: u64, status: Status, msg: impl std::fmt::Display) -> Reply {
-        Reply {
-            status,
-            id,
-            value: 0,
-            body: Body::Sealed(Bytes::from(msg.to_string()).into()),
-        }
-    }
-
-    fn from_err(id: u64, e: &Error) -> Reply {
-        let status = match e {
-            Error::Invalid(_) => Status::Invalid,
-            Error::Io { .. } => Status::Io,
-            Error::NoSpace(_) => Status::NoSpace,
-            Error::Fenced(_) => Status::Fenced,
-            Error::Mismatch(_) => Status::WrongVolume,
-            Error::Corrupt(_) | Error::NotAReplica(_) => Status::Corrupt,
-            Error::Checksum(_) => Status::Checksum,
-        };
-        Reply::error(id, status, e)
-    }
-}
 
 /// Serves `replica` on `listener` until `shutdown` resolves, then closes
 /// every connection, flushes and marks the replica clean.
@@ -446,291 +414,20 @@ async fn read_requests<R: AsyncRead + Unpin>(
         ));
         return Err(Closed::Protocol("protocol version mismatch".into()));
     }
-    if hello.generation == 0 {
-        // A probe: report, take nothing over, serve nothing.
-        let json = serde_json::to_vec(&replica.info()).unwrap_or_default();
-        let _ = tx.send(Reply::ok(h.id, 0, Bytes::from(json)));
+    let (reply, session) = Session::open(replica, &hello, h.id).await;
+    let _ = tx.send(reply);
+    let Some(session) = session else {
         return Ok(());
-    }
-    let owner = Owner {
-        generation: crate::Generation(hello.generation),
-        engine_id: hello.engine_id,
     };
-    let r = replica.clone();
-    let taken = tokio::task::spawn_blocking(move || r.takeover(owner, hello.volume_uuid))
-        .await
-        .map_err(|e| Closed::Protocol(format!("takeover task failed: {e}")))?;
-    match taken {
-        Ok(info) => {
-            let json = serde_json::to_vec(&info).unwrap_or_default();
-            let _ = tx.send(Reply::ok(h.id, info.revision.0, Bytes::from(json)));
-        }
-        Err(e) => {
-            tracing::warn!(generation = %owner.generation, error = %e, "refused engine");
-            let _ = tx.send(Reply::from_err(h.id, &e));
-            return Ok(());
-        }
-    }
-
     while let Some(h) = read_frame(&mut rd, &mut payload, &mut crcs).await? {
-        let reply = match Op::from_u8(h.op) {
-            None => Reply::error(h.id, Status::Unsupported, format!("unknown op {}", h.op)),
-            Some(Op::Hello) => {
-                return Err(Closed::Protocol("HELLO sent twice".into()));
-            }
-            Some(Op::Flush) => match crate::proto::decode_uuids(&payload) {
-                None => Reply::error(h.id, Status::Invalid, "malformed FLUSH payload"),
-                Some(members) => {
-                    let epoch = h.epoch;
-                    spawn_durable(replica, owner, tx, h.id, move |r| {
-                        r.flush_barrier(epoch, &members)
-                    });
-                    continue;
-                }
-            },
-            Some(Op::MarkClean) => {
-                spawn_durable(replica, owner, tx, h.id, |r| r.mark_clean());
-                continue;
-            }
-            Some(Op::Write) if h.flags & FLAG_FUA != 0 => {
-                let (data, crcs) = (std::mem::take(&mut payload), std::mem::take(&mut crcs));
-                let (offset, epoch) = (h.offset, h.epoch);
-                spawn_durable(replica, owner, tx, h.id, move |r| {
-                    r.write_with_crcs(offset, &data, &crcs, epoch)?;
-                    r.flush(0)
-                });
-                continue;
-            }
-            Some(
-                op @ (Op::Snapshot
-                | Op::LayerChecksums
-                | Op::ReadLayer
-                | Op::WriteLayer
-                | Op::PunchLayer
-                | Op::PrepareRebuild
-                | Op::FinishRebuild
-                | Op::RemoveSnapshot
-                | Op::PurgeStep
-                | Op::Revert
-                | Op::Expand
-                | Op::Scrub),
-            ) => {
-                // Rebuild and snapshot work is slow: off the connection's task.
-                let (data, h) = (std::mem::take(&mut payload), h);
-                spawn_blocking_reply(replica, owner, tx, h.id, move |r| {
-                    run_layer_op(r, op, &h, &data)
-                });
-                continue;
-            }
-            Some(op) => match run_inline(replica, owner, op, &h, &payload, &crcs) {
-                Ok(reply) => reply,
-                Err(e) => Reply::from_err(h.id, &e),
-            },
-        };
-        if tx.send(reply).is_err() {
+        if h.op == Op::Hello as u8 {
+            return Err(Closed::Protocol("HELLO sent twice".into()));
+        }
+        if tx.is_closed() {
             return Ok(());
         }
+        let payload = Bytes::from(std::mem::take(&mut payload));
+        session.run(&h, payload, std::mem::take(&mut crcs), tx.clone());
     }
     Ok(())
-}
-
-fn run_inline(
-    replica: &Replica,
-    owner: Owner,
-    op: Op,
-    h: &RequestHeader,
-    payload: &[u8],
-    crcs: &[u32],
-) -> crate::Result<Reply> {
-    let _lease = replica.admit(owner)?;
-    let ok = |payload: Bytes| Ok(Reply::ok(h.id, 0, payload));
-    match op {
-        Op::Read => {
-            if h.length > MAX_PAYLOAD as u64 {
-                return Err(Error::Invalid(format!(
-                    "read of {} bytes exceeds {MAX_PAYLOAD}",
-                    h.length
-                )));
-            }
-            if h.flags & FLAG_UNVERIFIED != 0 {
-                return ok(replica.read_unverified(h.offset, h.length)?.into());
-            }
-            if h.flags & FLAG_STORED_CRC != 0 && h.length >= STORED_READ_MIN {
-                if let Some((segments, crc)) = replica.read_stored(h.offset, h.length)? {
-                    return Ok(Reply {
-                        status: Status::Ok,
-                        id: h.id,
-                        value: 0,
-                        body: Body::Stored(segments, crc),
-                    });
-                }
-            }
-            let (data, crc) = replica.read_with_crc(h.offset, h.length)?;
-            Ok(Reply::ok(
-                h.id,
-                0,
-                Sealed {
-                    data: data.into(),
-                    crc,
-                },
-            ))
-        }
-        Op::Write => {
-            if h.length != payload.len() as u64 {
-                return Err(Error::Invalid(format!(
-                    "write length {} disagrees with payload of {} bytes",
-                    h.length,
-                    payload.len()
-                )));
-            }
-            replica.write_with_crcs(h.offset, payload, crcs, h.epoch)?;
-            ok(Bytes::new())
-        }
-        Op::Trim => {
-            replica.trim(h.offset, h.length, h.epoch)?;
-            ok(Bytes::new())
-        }
-        Op::WriteZeroes => {
-            replica.write_zeroes(h.offset, h.length, h.epoch)?;
-            ok(Bytes::new())
-        }
-        Op::Info => ok(serde_json::to_vec(&replica.info())
-            .unwrap_or_default()
-            .into()),
-        Op::Allocation => ok(encode_extents(&replica.allocation(h.offset, h.length)?).into()),
-        Op::Dirty => match replica.dirty_runs() {
-            Some(runs) => ok(encode_extents(&runs).into()),
-            None => Err(Error::Invalid(
-                "this replica restarted uncleanly: its dirty map is unknown".into(),
-            )),
-        },
-        _ => Err(Error::Invalid(format!("{op:?} is not inline"))),
-    }
-}
-
-/// Runs an operation that waits for the disk on the blocking pool and
-/// queues its reply (value: the persisted revision) when it is done.
-fn spawn_durable(
-    replica: &Arc<Replica>,
-    owner: Owner,
-    tx: &mpsc::UnboundedSender<Reply>,
-    id: u64,
-    f: impl FnOnce(&Replica) -> crate::Result<crate::Revision> + Send + 'static,
-) {
-    spawn_blocking_reply(replica, owner, tx, id, move |r| {
-        f(r).map(|rev| (rev.0, Bytes::new()))
-    });
-}
-
-/// Runs `f` on the blocking pool under the lease and queues its reply
-/// `(value, payload)`.
-fn spawn_blocking_reply(
-    replica: &Arc<Replica>,
-    owner: Owner,
-    tx: &mpsc::UnboundedSender<Reply>,
-    id: u64,
-    f: impl FnOnce(&Replica) -> crate::Result<(u64, Bytes)> + Send + 'static,
-) {
-    let r = replica.clone();
-    let tx = tx.clone();
-    tokio::task::spawn_blocking(move || {
-        let reply = match r.admit(owner).and_then(|_lease| f(&r)) {
-            Ok((value, payload)) => Reply::ok(id, value, payload),
-            Err(e) => Reply::from_err(id, &e),
-        };
-        let _ = tx.send(reply);
-    });
-}
-
-fn layer_name(payload: &[u8]) -> crate::Result<&str> {
-    std::str::from_utf8(payload).map_err(|_| Error::Invalid("layer name is not UTF-8".into()))
-}
-
-fn run_layer_op(
-    r: &Replica,
-    op: Op,
-    h: &RequestHeader,
-    payload: &[u8],
-) -> crate::Result<(u64, Bytes)> {
-    match op {
-        Op::Snapshot => {
-            let (name, labels) = crate::proto::split_layer_payload(payload)
-                .ok_or_else(|| Error::Invalid("malformed SNAPSHOT payload".into()))?;
-            let labels = if labels.is_empty() {
-                Default::default()
-            } else {
-                serde_json::from_slice(labels)
-                    .map_err(|e| Error::Invalid(format!("snapshot labels: {e}")))?
-            };
-            let layer = r.snapshot(name, h.flags & 1 != 0, labels)?;
-            Ok((0, layer.into_bytes().into()))
-        }
-
-        Op::LayerChecksums => {
-            let unit = if h.flags & FLAG_PER_BLOCK != 0 {
-                ChecksumUnit::Block
-            } else {
-                ChecksumUnit::Chunk
-            };
-            let sums = r.layer_checksums(layer_name(payload)?, h.offset, h.length, unit)?;
-            Ok((0, crate::proto::encode_checksums(&sums).into()))
-        }
-        Op::ReadLayer => {
-            if h.length > MAX_PAYLOAD as u64 {
-                return Err(Error::Invalid(format!(
-                    "read of {} bytes exceeds {MAX_PAYLOAD}",
-                    h.length
-                )));
-            }
-            Ok((
-                0,
-                r.read_layer(layer_name(payload)?, h.offset, h.length)?
-                    .into(),
-            ))
-        }
-        Op::WriteLayer => {
-            let (name, data) = crate::proto::split_layer_payload(payload)
-                .ok_or_else(|| Error::Invalid("malformed WRITE_LAYER payload".into()))?;
-            r.write_layer(name, h.offset, data)?;
-            Ok((0, Bytes::new()))
-        }
-        Op::PunchLayer => {
-            r.punch_layer(layer_name(payload)?, h.offset, h.length)?;
-            Ok((0, Bytes::new()))
-        }
-        Op::PrepareRebuild => {
-            let chain: Vec<(String, crate::meta::LayerMeta)> = serde_json::from_slice(payload)
-                .map_err(|e| Error::Invalid(format!("malformed rebuild chain: {e}")))?;
-            r.prepare_rebuild(&chain)?;
-            Ok((0, Bytes::new()))
-        }
-        Op::FinishRebuild => {
-            r.finish_rebuild(crate::Revision(h.offset))?;
-            Ok((0, Bytes::new()))
-        }
-        Op::RemoveSnapshot => Ok((
-            r.remove_snapshot(layer_name(payload)?)? as u64,
-            Bytes::new(),
-        )),
-        Op::PurgeStep => Ok((
-            0,
-            match r.purge_step()? {
-                Some(report) => serde_json::to_vec(&report).unwrap_or_default().into(),
-                None => Bytes::new(),
-            },
-        )),
-        Op::Revert => {
-            r.revert(layer_name(payload)?)?;
-            Ok((0, Bytes::new()))
-        }
-        Op::Expand => {
-            r.expand(h.offset)?;
-            Ok((0, Bytes::new()))
-        }
-        Op::Scrub => Ok((
-            0,
-            serde_json::to_vec(&r.scrub()?).unwrap_or_default().into(),
-        )),
-        _ => Err(Error::Invalid(format!("{op:?} is not a layer operation"))),
-    }
 }

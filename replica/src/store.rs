@@ -227,12 +227,10 @@ fn lock_dir(dir: &Path) -> Result<File> {
     // SAFETY: `f` is an open descriptor for the duration of the call.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
-        let context = if e.kind() == std::io::ErrorKind::WouldBlock {
-            format!("{} is in use by another rvol process", dir.display())
-        } else {
-            format!("locking {}", dir.display())
-        };
-        return Err(Error::io(context, e));
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return Err(Error::InUse(dir.display().to_string()));
+        }
+        return Err(Error::io(format!("locking {}", dir.display()), e));
     }
     Ok(f)
 }
