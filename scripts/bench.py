@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """rvol's fio benchmark: the same fio jobs against local io_uring, nbdkit,
-qemu-nbd, rvol with 1 replica and rvol with 3 replicas, in one run on one
-file system. Prints a markdown table (each figure also as a ratio against
+qemu-nbd, rvol with 1 replica and rvol with 3 replicas (each as replica
+processes only, and with one replica in the engine's process), in one run
+on one file system. Prints a markdown table (each figure also as a ratio against
 nbdkit file) and writes the results as JSON.
 
   scripts/bench.sh [--quick] [--out DIR] [--only TARGET,...]
@@ -174,10 +175,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few seconds per job (CI regression check)")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"))
-    ap.add_argument("--only", default="local,nbdkit,qemu-nbd,rvol-1,rvol-3",
-                    help="targets, comma-separated; also rvol-1-unix and rvol-3-unix "
-                         "(replicas on Unix sockets instead of loopback TCP), rvol-1-local "
-                         "and rvol-3-local (one replica in the engine's process)")
+    ap.add_argument("--only", default="local,nbdkit,qemu-nbd,rvol-1,rvol-1-local,rvol-3,rvol-3-local",
+                    help="targets, comma-separated (rvol-N-local: one replica in the engine's "
+                         "process); also rvol-1-unix and rvol-3-unix (replicas on Unix "
+                         "sockets instead of loopback TCP)")
     ap.add_argument("--check", action="store_true",
                     help="fail on gross breakage: rvol below 1/10 of nbdkit, or any I/O error")
     ap.add_argument("--jobs", default=",".join(j[0] for j in JOBS),
@@ -199,7 +200,7 @@ def main():
                 results[name] = {}
                 for job in jobs:
                     results[name][job[0]] = run_job(t, job, runtime, ramp, size)
-                    print(f"{name:9} {job[0]:28} {results[name][job[0]]['iops']:10.0f} IOPS", file=sys.stderr)
+                    print(f"{name:12} {job[0]:28} {results[name][job[0]]['iops']:10.0f} IOPS", file=sys.stderr)
             finally:
                 t.stop()
             shutil.rmtree(work, ignore_errors=True)

@@ -27,7 +27,7 @@ scripts/fuzz.sh "${RVOL_FUZZ_SECONDS:-15}"
 echo "== benchmark regression check (a few seconds per job; fails only on gross breakage)"
 if [ "${RVOL_BENCH_CHECK:-1}" = 1 ]; then
   cargo build --release --bin rvol
-  python3 scripts/bench.py --quick --only nbdkit,rvol-1,rvol-3 --check --out target/bench-check | tail -n 1
+  python3 scripts/bench.py --quick --only nbdkit,rvol-1,rvol-3,rvol-1-local,rvol-3-local --check --out target/bench-check | tail -n 1
 fi
 # One line for the CI log reader: totals over every test binary.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test.log

@@ -34,19 +34,22 @@ fn assert_replicas_identical(rs: &[ReplicaProc], blocks: &BTreeSet<u64>, round: 
     }
 }
 
-#[test]
-fn engine_sigkill_loses_no_flushed_write_and_reconciles_only_dirty_regions() {
-    let tmp = tempfile::tempdir().unwrap();
-    let rs = three_replicas(tmp.path(), "1G");
-    let (mut engine, mut uri, _) = start_engine("crash", "1G", &addrs(&rs), &[]);
-    let mut durable: HashMap<u64, u64> = HashMap::new();
-    let mut next_id = 0u64;
-    let mut rand = xorshift(0xc0ffee_u64);
-    let mut copied = Vec::new();
-    let mut touched = BTreeSet::new();
-    for round in 1..=20 {
-        let mut issued_since_flush: HashMap<u64, Vec<u64>> = HashMap::new();
-        let mut acked = durable.clone();
+/// What a client knows of its writes across engine kills: block -> the id
+/// of the write a flush covered, and the ids written to it since.
+#[derive(Default)]
+struct Written {
+    durable: HashMap<u64, u64>,
+    since_flush: HashMap<u64, Vec<u64>>,
+    touched: BTreeSet<u64>,
+    next_id: u64,
+}
+
+impl Written {
+    /// Writes batches of 16 random blocks to `uri`, flushing every fourth
+    /// batch, while a thread SIGKILLs `engine` after a random delay.
+    fn until_killed(&mut self, engine: &mut Proc, uri: &str, rand: &mut impl FnMut() -> u64) {
+        self.since_flush.clear();
+        let mut acked = self.durable.clone();
         let pid = engine.child.id() as libc::pid_t;
         let delay = Duration::from_millis(40 + rand() % 300);
         let killer = std::thread::spawn(move || {
@@ -54,16 +57,17 @@ fn engine_sigkill_loses_no_flushed_write_and_reconciles_only_dirty_regions() {
             // SAFETY: kill(2) on the engine we started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         });
-        let mut c = RawNbd::open(&uri);
+        let mut c = RawNbd::open(uri);
         'writing: for batch in 1.. {
             let blocks: BTreeSet<u64> = (0..16).map(|_| rand() % BLOCKS).collect();
             let mut cookies = HashMap::new();
             for b in blocks {
-                next_id += 1;
-                issued_since_flush.entry(b).or_default().push(next_id);
-                touched.insert(b);
-                cookies.insert(next_id, b);
-                if c.try_request(1, next_id, b * BLOCK, BLOCK as u32, &block_for(next_id, b))
+                self.next_id += 1;
+                let id = self.next_id;
+                self.since_flush.entry(b).or_default().push(id);
+                self.touched.insert(b);
+                cookies.insert(id, b);
+                if c.try_request(1, id, b * BLOCK, BLOCK as u32, &block_for(id, b))
                     .is_err()
                 {
                     break 'writing;
@@ -84,8 +88,8 @@ fn engine_sigkill_loses_no_flushed_write_and_reconciles_only_dirty_regions() {
                 }
                 match c.try_reply(0) {
                     Ok((0, _, _)) => {
-                        durable = covered;
-                        issued_since_flush.clear();
+                        self.durable = covered;
+                        self.since_flush.clear();
                     }
                     _ => break,
                 }
@@ -93,48 +97,114 @@ fn engine_sigkill_loses_no_flushed_write_and_reconciles_only_dirty_regions() {
         }
         killer.join().unwrap();
         engine.kill9();
+    }
 
+    /// Every block ever written, and a sample of the rest, reads as the
+    /// flushed write or one issued after that flush; what it reads is then
+    /// what a later round must find.
+    fn check(&mut self, uri: &str, rand: &mut impl FnMut() -> u64, round: u32) {
+        let mut c = RawNbd::open(uri);
+        let sample: BTreeSet<u64> = (0..256).map(|_| rand() % BLOCKS).collect();
+        for &b in self.touched.union(&sample) {
+            c.request(0, b, b * BLOCK, BLOCK as u32, &[]);
+            let (err, _, data) = c.reply(BLOCK as usize);
+            assert_eq!(err, 0);
+            let got = id_of(&data, b);
+            let flushed = self.durable.get(&b).copied();
+            let later = self.since_flush.get(&b);
+            let ok = got == flushed || later.is_some_and(|l| got.is_some_and(|g| l.contains(&g)));
+            assert!(ok, "round {round}: block {b} holds {got:?}, flushed {flushed:?}, issued after {later:?}");
+            match got {
+                Some(g) => self.durable.insert(b, g),
+                None => self.durable.remove(&b),
+            };
+        }
+    }
+}
+
+#[test]
+fn engine_sigkill_loses_no_flushed_write_and_reconciles_only_dirty_regions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rs = three_replicas(tmp.path(), "1G");
+    let (mut engine, mut uri, _) = start_engine("crash", "1G", &addrs(&rs), &[]);
+    let mut written = Written::default();
+    let mut rand = xorshift(0xc0ffee_u64);
+    let mut copied = Vec::new();
+    for round in 1..=20 {
+        written.until_killed(&mut engine, &uri, &mut rand);
         let admin;
         (engine, uri, admin) = start_engine("crash", "1G", &addrs(&rs), &[]);
         let s = status(&admin);
-        let modes: Vec<&str> = s["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["mode"].as_str().unwrap())
-            .collect();
-        assert_eq!(modes, ["RW", "RW", "RW"], "round {round}: {s}");
+        assert_eq!(modes(&admin), ["RW", "RW", "RW"], "round {round}: {s}");
         let bytes = s["reconciled_bytes"].as_u64().unwrap();
         copied.push(bytes);
         assert!(
             bytes < SIZE / 20,
             "round {round}: reconciliation copied {bytes} of {SIZE} bytes"
         );
-        assert_replicas_identical(&rs, &touched, round);
-
-        // Every block ever written, and a sample of the rest, reads right.
-        let mut c = RawNbd::open(&uri);
-        let sample: BTreeSet<u64> = (0..256).map(|_| rand() % BLOCKS).collect();
-        for &b in touched.union(&sample) {
-            c.request(0, b, b * BLOCK, BLOCK as u32, &[]);
-            let (err, _, data) = c.reply(BLOCK as usize);
-            assert_eq!(err, 0);
-            let got = id_of(&data, b);
-            let flushed = durable.get(&b).copied();
-            let later = issued_since_flush.get(&b);
-            let ok = got == flushed || later.is_some_and(|l| got.is_some_and(|g| l.contains(&g)));
-            assert!(ok, "round {round}: block {b} holds {got:?}, flushed {flushed:?}, issued after {later:?}");
-            match got {
-                Some(g) => durable.insert(b, g),
-                None => durable.remove(&b),
-            };
-        }
+        assert_replicas_identical(&rs, &written.touched, round);
+        written.check(&uri, &mut rand, round);
     }
     let total: u64 = copied.iter().sum();
     println!(
         "reconciliation over 20 engine kills: {total} bytes copied in all (max {} per round, volume {SIZE})",
         copied.iter().max().unwrap()
     );
+    assert_eq!(engine.stop(), 0);
+}
+
+/// The same with one replica in the engine's process (`local:DIR`): the
+/// kill takes that replica down too, and its files must hold everything a
+/// flush acknowledged. Restarted uncleanly, it has lost its dirty map, so
+/// it is rebuilt from the others; once the others are gone it serves
+/// everything alone.
+#[test]
+fn engine_sigkill_with_a_replica_in_its_process_loses_no_flushed_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rs: Vec<ReplicaProc> = (1..3)
+        .map(|i| ReplicaProc::start(&tmp.path().join(format!("r{i}")), "1G", "127.0.0.1:0"))
+        .collect();
+    let local = format!("local:{}", tmp.path().join("r0").display());
+    let replicas = [vec![local], addrs(&rs)].concat();
+    let (mut engine, mut uri, mut admin) = start_engine("inproc", "1G", &replicas, &[]);
+    let mut written = Written::default();
+    let mut rand = xorshift(0x10ca1_u64);
+    for round in 1..=6 {
+        written.until_killed(&mut engine, &uri, &mut rand);
+        (engine, uri, admin) = start_engine("inproc", "1G", &replicas, &[]);
+        wait_until(
+            "the local replica is rebuilt",
+            Duration::from_secs(120),
+            || modes(&admin) == ["RW", "RW", "RW"],
+        );
+        written.check(&uri, &mut rand, round);
+    }
+    for mut r in rs {
+        r.proc.kill9();
+    }
+    wait_until(
+        "the lost replicas are dropped",
+        Duration::from_secs(30),
+        || modes(&admin)[1..].iter().all(|m| m == "ERR"),
+    );
+    assert_eq!(modes(&admin)[0], "RW");
+    written.check(&uri, &mut rand, 7);
+    assert_eq!(engine.stop(), 0);
+}
+
+/// A volume whose only replica is in the engine's process.
+#[test]
+fn engine_sigkill_with_its_only_replica_in_its_process_loses_no_flushed_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let replicas = [format!("local:{}", tmp.path().join("r0").display())];
+    let (mut engine, mut uri, _) = start_engine("inproc1", "1G", &replicas, &[]);
+    let mut written = Written::default();
+    let mut rand = xorshift(0x5010_u64);
+    for round in 1..=6 {
+        written.until_killed(&mut engine, &uri, &mut rand);
+        (engine, uri, _) = start_engine("inproc1", "1G", &replicas, &[]);
+        written.check(&uri, &mut rand, round);
+    }
     assert_eq!(engine.stop(), 0);
 }
 

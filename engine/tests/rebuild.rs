@@ -222,6 +222,42 @@ fn a_replaced_replica_is_rebuilt_in_full_and_timed_against_cp() {
     );
 }
 
+/// `rvol replica add local:DIR` creates the replica in the engine's own
+/// process, of the volume's size, and rebuilds it; a directory that is not
+/// a replica's is refused and left alone.
+#[test]
+fn a_replica_added_in_the_engines_process_is_created_and_rebuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rs = replicas_on_fixed_ports(tmp.path(), 1, "256M");
+    let (_engine, uri, admin) = start_engine("addlocal", "256M", &addrs(&rs), &[]);
+    qemu_io(&uri, &["write -P 0x5a 0 64M", "flush"]);
+    let add = |dir: &std::path::Path| {
+        let local = format!("local:{}", dir.display());
+        run(RVOL, &["replica", "add", &local, "--admin", &admin])
+    };
+    let foreign = tmp.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), b"mine").unwrap();
+    let refused = add(&foreign);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("not empty"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 1);
+    assert_eq!(modes(&admin), ["RW"]);
+
+    assert!(add(&tmp.path().join("local")).status.success());
+    wait_until(
+        "the local replica to be rebuilt",
+        Duration::from_secs(120),
+        || modes(&admin) == ["RW", "RW"],
+    );
+    assert_eq!(status(&admin)["rebuilt_bytes"], 64 << 20);
+    rs[0].proc.kill9();
+    qemu_io(&uri, &["read -P 0x5a 0 64M", "read -P 0 64M 192M"]);
+}
+
 #[test]
 fn a_rebuild_keeps_zeroed_blocks_that_shadow_a_snapshot() {
     // Write-zeroes above a kept snapshot writes zero blocks as data; a

@@ -118,26 +118,41 @@ async fn generations_fence_older_engines() {
     let tmp = tempfile::tempdir().unwrap();
     let ep = sock(tmp.path());
     let _p = start_replica(tmp.path(), &ep, "1M");
-    let old = connect(&ep, 5, 1).await.unwrap();
+    fencing(&ep).await;
+}
+
+/// The same sessions, run in this process (`local:DIR`).
+#[tokio::test]
+async fn generations_fence_older_engines_in_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ep = format!("local:{}", tmp.path().join("data").display());
+    rvol_replica::local::prepare(&ep.parse().unwrap(), 1 << 20)
+        .await
+        .unwrap();
+    fencing(&ep).await;
+}
+
+async fn fencing(ep: &str) {
+    let old = connect(ep, 5, 1).await.unwrap();
     old.write(0, Bytes::from(vec![1u8; 4096]), false, 0)
         .await
         .unwrap();
     // Lower generation: refused.
-    let e = connect(&ep, 4, 2)
+    let e = connect(ep, 4, 2)
         .await
         .err()
         .expect("older generation refused");
     assert!(e.is_fenced(), "{e}");
     // Same generation, another engine: refused.
-    assert!(connect(&ep, 5, 2)
+    assert!(connect(ep, 5, 2)
         .await
         .err()
         .expect("same generation, other engine")
         .is_fenced());
     // Same engine may open more connections.
-    connect(&ep, 5, 1).await.unwrap();
+    connect(ep, 5, 1).await.unwrap();
     // A newer engine takes over; the old one's next request is fenced.
-    let new = connect(&ep, 6, 2).await.unwrap();
+    let new = connect(ep, 6, 2).await.unwrap();
     let e = old
         .write(0, Bytes::from(vec![2u8; 4096]), false, 0)
         .await
@@ -370,6 +385,30 @@ async fn broken_replica_directories_give_clear_errors_and_stay_as_they_were() {
 
     // A directory of another volume refuses this volume's engine.
     let _p = start_replica(tmp.path(), &ep, "1M");
+    // While a replica process holds it, nobody else opens it: neither a
+    // second replica process nor an engine in its own process.
+    assert!(replica_error(&dir, None).contains("in use by another process"));
+    let local = format!("local:{}", dir.display());
+    let engine = run(
+        RVOL,
+        &[
+            "engine",
+            "--name",
+            "v",
+            "--size",
+            "1M",
+            "--replica",
+            &local,
+            "--frontend",
+            "none",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&engine.stderr);
+    assert_eq!(engine.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+    assert_eq!(dir_digest(&dir), good);
     let owner = Owner {
         generation: Generation(9),
         engine_id: 3,
