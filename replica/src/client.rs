@@ -135,22 +135,7 @@ impl ReplicaClient {
         let mut conns = Vec::new();
         let mut info = None;
         for _ in 0..connections.max(1) {
-            let (conn, i) = match endpoint {
-                Endpoint::Tcp(a) => {
-                    let s = tokio::net::TcpStream::connect(a)
-                        .await
-                        .map_err(|e| connect_err(endpoint, e))?;
-                    let _ = s.set_nodelay(true);
-                    start(s, &hello).await?
-                }
-                Endpoint::Unix(p) => {
-                    let s = tokio::net::UnixStream::connect(p)
-                        .await
-                        .map_err(|e| connect_err(endpoint, e))?;
-                    start(s, &hello).await?
-                }
-                Endpoint::Local(_) => unreachable!("served in-process above"),
-            };
+            let (conn, i) = open_socket(endpoint, &hello).await?;
             conns.push(conn);
             info.get_or_insert(i);
         }
@@ -487,6 +472,26 @@ fn connect_err(endpoint: &Endpoint, e: impl std::fmt::Display) -> ClientError {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Opens one connection and performs the HELLO exchange on it.
+async fn open_socket(endpoint: &Endpoint, hello: &Hello) -> Result<(Arc<Conn>, ReplicaInfo)> {
+    match endpoint {
+        Endpoint::Tcp(a) => {
+            let s = tokio::net::TcpStream::connect(a)
+                .await
+                .map_err(|e| connect_err(endpoint, e))?;
+            let _ = s.set_nodelay(true);
+            start(s, hello).await
+        }
+        Endpoint::Unix(p) => {
+            let s = tokio::net::UnixStream::connect(p)
+                .await
+                .map_err(|e| connect_err(endpoint, e))?;
+            start(s, hello).await
+        }
+        Endpoint::Local(_) => Err(connect_err(endpoint, "a replica directory has no socket")),
+    }
 }
 
 /// A reply's header and payload as the caller's result.
