@@ -114,9 +114,10 @@ def start(name, work, size):
         n = int(name.split("-")[1])
         unix = name.endswith("-unix")
         replicas = []
-        if name.endswith("-local"):
+        in_process = 1 if name.endswith("-local") else 0
+        if in_process:
             replicas += ["--replica", "local:" + os.path.join(work, f"{name}-r0")]
-        for i in range(len(replicas) // 2, n):
+        for i in range(in_process, n):
             listen = f"unix:{work}/{name}-r{i}.sock" if unix else "127.0.0.1:0"
             r = t.spawn([RVOL, "replica", "--dir", os.path.join(work, f"{name}-r{i}"),
                          "--listen", listen, "--size", str(size)], ready_line=True)

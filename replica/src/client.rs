@@ -535,9 +535,14 @@ async fn call_in_process(
         payload_len: payload.data.len() as u32,
         crc: payload.crc,
     };
+    // What the socket server computes from a WRITE's payload, the seal
+    // already holds.
     let mut crcs = Vec::new();
-    if op == Op::Write && (payload.data.len() as u64).is_multiple_of(crate::BLOCK_SIZE) {
-        crate::crc::blocks(&payload.data, &mut crcs);
+    if op == Op::Write {
+        match &payload.block_crcs {
+            Some(blocks) => crcs.extend_from_slice(blocks),
+            None => crate::crc::blocks(&payload.data, &mut crcs),
+        }
     }
     let (tx, rx) = oneshot::channel();
     session.run(&h, payload.data, crcs, tx);

@@ -461,12 +461,30 @@ pub fn split_layer_payload(b: &[u8]) -> Option<(&str, &[u8])> {
 pub struct Sealed {
     pub data: Bytes,
     pub crc: u32,
+    /// Each block's crc32c when the payload is whole 4 KiB blocks: the
+    /// crc is derived from them, and a replica in this process records
+    /// them as they are, so the payload is checksummed once (see
+    /// [`crate::crc`]).
+    pub block_crcs: Option<std::sync::Arc<[u32]>>,
 }
 
 impl Sealed {
     pub fn new(data: Bytes) -> Sealed {
-        let crc = crc32c::crc32c(&data);
-        Sealed { data, crc }
+        if data.is_empty() || !(data.len() as u64).is_multiple_of(crate::BLOCK_SIZE) {
+            let crc = crc32c::crc32c(&data);
+            return Sealed {
+                data,
+                crc,
+                block_crcs: None,
+            };
+        }
+        let mut blocks = Vec::new();
+        crate::crc::blocks(&data, &mut blocks);
+        Sealed {
+            data,
+            crc: crate::crc::of_blocks(&blocks),
+            block_crcs: Some(blocks.into()),
+        }
     }
 }
 

@@ -263,6 +263,7 @@ fn run_inline(
                 Sealed {
                     data: data.into(),
                     crc,
+                    block_crcs: None,
                 },
             ))
         }
