@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """rvol's fio benchmark: the same fio jobs against local io_uring, nbdkit,
-qemu-nbd, rvol with 1 replica and rvol with 3 replicas (each as replica
-processes only, and with one replica in the engine's process), in one run
-on one file system. Prints a markdown table (each figure also as a ratio against
+three nbdkit servers written at once (the write jobs only), qemu-nbd, rvol
+with 1 replica and rvol with 3 replicas (each as replica processes only,
+and with one replica in the engine's process), in one run on one file
+system. Prints a markdown table (each figure also as a ratio against
 nbdkit file) and writes the results as JSON.
 
   scripts/bench.sh [--quick] [--out DIR] [--only TARGET,...]
 """
-import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+import argparse, json, os, resource, shutil, signal, socket, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RVOL = os.path.join(ROOT, "target", "release", "rvol")
@@ -46,6 +47,11 @@ def cpu_seconds(pids):
     return total / CLK
 
 
+def children_cpu_seconds():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def wait_port(port, timeout=30):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -62,6 +68,10 @@ class Target:
 
     def __init__(self, name, work, size):
         self.name, self.work, self.size, self.procs = name, work, size, []
+        # fio's jobs, each a list of its own options (t.fio are global),
+        # and how many copies of each volume byte they write together;
+        # figures are per copy.
+        self.jobs, self.copies = [[]], 1
 
     def spawn(self, args, ready_line=False):
         p = subprocess.Popen(args, stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
@@ -102,6 +112,20 @@ def start(name, work, size):
             f.truncate(size)
         t.spawn(["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "file", img])
         wait_port(port)
+    elif name == "nbdkit-x3":
+        # Three nbdkit file servers, each written by its own fio job: the
+        # best a volume with three copies on this machine could do with
+        # servers that add nothing to a plain NBD write.
+        t.fio = ["--ioengine=nbd", "--group_reporting"]
+        t.jobs, t.copies = [], 3
+        for i in range(3):
+            port = free_port()
+            img = os.path.join(work, f"{name}.{i}.img")
+            with open(img, "wb") as f:
+                f.truncate(size)
+            t.spawn(["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "file", img])
+            wait_port(port)
+            t.jobs.append([f"--uri=nbd://127.0.0.1:{port}/"])
     elif name == "qemu-nbd":
         with open(img, "wb") as f:
             f.truncate(size)
@@ -129,23 +153,27 @@ def start(name, work, size):
 
 def run_job(t, job, runtime, ramp, size):
     name, rw, bs, qd, extra = job
-    args = ["fio", "--name=" + name, f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--size={size}",
+    args = ["fio", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--size={size}",
             f"--runtime={runtime}", f"--ramp_time={ramp}", "--time_based", "--output-format=json",
             "--randrepeat=0", "--norandommap"] + t.fio + extra
+    for i, own in enumerate(t.jobs):
+        args += [f"--name={name}-{i}"] + own
     before = cpu_seconds(t.pids())
+    fio_before = children_cpu_seconds()
     out = subprocess.run(args, capture_output=True, text=True)
     server_cpu = cpu_seconds(t.pids()) - before
+    # From the kernel, not fio's report: that leaves out the io_uring
+    # workers that run a local target's buffered writes.
+    fio_cpu = children_cpu_seconds() - fio_before
     if out.returncode != 0:
         raise RuntimeError(f"fio {name} on {t.name} failed: {out.stderr[-2000:]}")
     j = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
     side = j["write"] if "write" in rw else j["read"]
-    secs = max(side["runtime"] / 1000.0, 1e-9)
-    moved_gib = side["io_bytes"] / 2**30
-    fio_cpu = (j["usr_cpu"] + j["sys_cpu"]) / 100.0 * secs
+    moved_gib = side["io_bytes"] / 2**30 / t.copies
     pct = side["clat_ns"].get("percentile", {})
     return {
-        "iops": side["iops"],
-        "mib_s": side["bw_bytes"] / 2**20,
+        "iops": side["iops"] / t.copies,
+        "mib_s": side["bw_bytes"] / 2**20 / t.copies,
         "p50_us": pct.get("50.000000", 0) / 1000.0,
         "p99_us": pct.get("99.000000", 0) / 1000.0,
         # fio's own CPU plus the servers' over the whole job (ramp included).
@@ -176,9 +204,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few seconds per job (CI regression check)")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"))
-    ap.add_argument("--only", default="local,nbdkit,qemu-nbd,rvol-1,rvol-1-local,rvol-3,rvol-3-local",
+    ap.add_argument("--only", default="local,nbdkit,nbdkit-x3,qemu-nbd,rvol-1,rvol-1-local,rvol-3,rvol-3-local",
                     help="targets, comma-separated (rvol-N-local: one replica in the engine's "
-                         "process); also rvol-1-unix and rvol-3-unix (replicas on Unix "
+                         "process); also nbdkit-x3 (fio writing to three nbdkit "
+                         "servers at once, figures per server: three copies with nothing "
+                         "added), rvol-1-unix and rvol-3-unix (replicas on Unix "
                          "sockets instead of loopback TCP)")
     ap.add_argument("--check", action="store_true",
                     help="fail on gross breakage: rvol below 1/10 of nbdkit, or any I/O error")
@@ -200,6 +230,8 @@ def main():
             try:
                 results[name] = {}
                 for job in jobs:
+                    if t.copies > 1 and "read" in job[1]:
+                        continue  # a volume reads one copy
                     results[name][job[0]] = run_job(t, job, runtime, ramp, size)
                     print(f"{name:12} {job[0]:28} {results[name][job[0]]['iops']:10.0f} IOPS", file=sys.stderr)
             finally:
