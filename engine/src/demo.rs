@@ -1,11 +1,13 @@
 //! `rvol demo`: a local replicated volume with nothing to set up.
 //!
-//! Creates 3 replicas under a temporary directory, starts them as `rvol
-//! replica` processes on loopback TCP, starts an `rvol engine` process
-//! serving NBD (and `/dev/ublkbN` where the kernel has ublk), prints how to
-//! reach it, and on Ctrl-C (or SIGTERM, SIGHUP) stops
-//! the engine, then the replicas, each with SIGTERM, so everything is
-//! flushed and marked clean.
+//! Creates 3 replicas under a temporary directory, laid out as on a node:
+//! the first in the engine's own process (`local:DIR`, the fastest place
+//! for a node's own replica), the others as `rvol replica` processes on
+//! loopback TCP, standing in for other nodes. Starts an `rvol engine`
+//! process serving NBD (and `/dev/ublkbN` where the kernel has ublk), prints
+//! how to reach it, and on Ctrl-C (or SIGTERM, SIGHUP) stops the engine,
+//! then the replica processes, each with SIGTERM, so everything is flushed
+//! and marked clean.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -102,6 +104,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     let mut addrs = Vec::new();
     for i in 0..args.replicas {
         let dir = base.join(format!("replica-{i}"));
+        if i == 0 {
+            addrs.push(format!("local:{}", dir.display()));
+            continue;
+        }
         let (p, ready) = Proc::spawn(
             &format!("replica {i}"),
             &[
@@ -146,7 +152,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     }
     let nbd = format!("nbd://{}", args.nbd_listen);
     println!(
-        "\nrvol demo: volume \"demo\" ({} bytes), {} replicas under {}\n\
+        "\nrvol demo: volume \"demo\" ({} bytes), {} replicas under {} \
+         (replica-0 in the engine's process)\n\
          \n  nbdinfo {nbd}\n  qemu-io -f raw {nbd} -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'\n  \
          fio --name=demo --ioengine=nbd --uri={nbd} --rw=randwrite --bs=4k --iodepth=32 --size=256M --runtime=10 --time_based\n  \
          rvol volume status --admin {}\n\nPress Ctrl-C to stop.",

@@ -67,6 +67,15 @@ fn ctrl_c_stops_the_engine_before_the_replicas_and_leaves_them_clean() {
     let admin = format!("127.0.0.1:{}", free_port());
     let uri = format!("nbd://{nbd}");
     let mut demo = start_demo(&dir, &nbd, &admin, &log);
+    // Laid out as on a node: its own replica in the engine's process.
+    let addresses: Vec<String> = status(&admin)["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["address"].as_str().unwrap().to_string())
+        .collect();
+    assert!(addresses[0].starts_with("local:"), "{addresses:?}");
+    assert!(!addresses[1..].iter().any(|a| a.starts_with("local:")));
     qemu_io(&uri, &["write -P 0xab 0 1M"]);
     let (took, exit) = ctrl_c(&mut demo);
     let messages = std::fs::read_to_string(&log).unwrap();
