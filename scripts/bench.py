@@ -205,11 +205,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a few seconds per job (CI regression check)")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"))
     ap.add_argument("--only", default="local,nbdkit,nbdkit-x3,qemu-nbd,rvol-1,rvol-1-local,rvol-3,rvol-3-local",
-                    help="targets, comma-separated (rvol-N-local: one replica in the engine's "
-                         "process); also nbdkit-x3 (fio writing to three nbdkit "
-                         "servers at once, figures per server: three copies with nothing "
-                         "added), rvol-1-unix and rvol-3-unix (replicas on Unix "
-                         "sockets instead of loopback TCP)")
+                    help="targets, comma-separated (nbdkit-x3: fio writing to three nbdkit "
+                         "servers at once, figures per server, three copies with nothing "
+                         "added; rvol-N-local: one replica in the engine's process); also "
+                         "rvol-1-unix and rvol-3-unix (replicas on Unix sockets instead of "
+                         "loopback TCP)")
     ap.add_argument("--check", action="store_true",
                     help="fail on gross breakage: rvol below 1/10 of nbdkit, or any I/O error")
     ap.add_argument("--jobs", default=",".join(j[0] for j in JOBS),
