@@ -211,7 +211,8 @@ fn engine_refuses_replicas_of_another_size_and_no_replicas() {
     let r = ReplicaProc::start(&tmp.path().join("r0"), "16M", "127.0.0.1:0");
     let nbd = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
-    let out = run(
+    let out = run_within(
+        REFUSAL_LIMIT,
         RVOL,
         &[
             "engine",
@@ -234,7 +235,8 @@ fn engine_refuses_replicas_of_another_size_and_no_replicas() {
         "{err}"
     );
     let dead = format!("127.0.0.1:{}", free_port());
-    let out = run(
+    let out = run_within(
+        REFUSAL_LIMIT,
         RVOL,
         &[
             "engine",

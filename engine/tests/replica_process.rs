@@ -315,7 +315,7 @@ fn replica_error(dir: &Path, size: Option<&str>) -> String {
     if let Some(s) = size {
         args.extend_from_slice(&["--size", s]);
     }
-    let out = run(RVOL, &args);
+    let out = run_within(REFUSAL_LIMIT, RVOL, &args);
     assert_eq!(out.status.code(), Some(1), "{args:?} should fail");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -389,7 +389,8 @@ async fn broken_replica_directories_give_clear_errors_and_stay_as_they_were() {
     // second replica process nor an engine in its own process.
     assert!(replica_error(&dir, None).contains("in use by another process"));
     let local = format!("local:{}", dir.display());
-    let engine = run(
+    let engine = run_within(
+        REFUSAL_LIMIT,
         RVOL,
         &[
             "engine",

@@ -202,6 +202,35 @@ pub fn run(cmd: &str, args: &[&str]) -> Output {
     })
 }
 
+/// How long a process that must refuse to start may take to exit.
+pub const REFUSAL_LIMIT: Duration = Duration::from_secs(20);
+
+/// Runs a command that should exit by itself, such as a server that must
+/// refuse to start. Kills it and fails the test if it is still running
+/// after `limit`: a server that wrongly started would otherwise hang the
+/// test instead of failing it.
+pub fn run_within(limit: Duration, cmd: &str, args: &[&str]) -> Output {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd} {args:?} still running after {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Runs a command and asserts it succeeded; returns stdout.
 pub fn run_ok(cmd: &str, args: &[&str]) -> String {
     let out = run(cmd, args);
