@@ -535,14 +535,12 @@ async fn call_in_process(
         payload_len: payload.data.len() as u32,
         crc: payload.crc,
     };
-    // What the socket server computes from a WRITE's payload, the seal
-    // already holds.
+    // What the socket server computes from a WRITE of whole blocks, the
+    // seal already holds (`Sealed::new`); other payloads get none there
+    // either.
     let mut crcs = Vec::new();
-    if op == Op::Write {
-        match &payload.block_crcs {
-            Some(blocks) => crcs.extend_from_slice(blocks),
-            None => crate::crc::blocks(&payload.data, &mut crcs),
-        }
+    if let (Op::Write, Some(blocks)) = (op, &payload.block_crcs) {
+        crcs.extend_from_slice(blocks);
     }
     let (tx, rx) = oneshot::channel();
     session.run(&h, payload.data, crcs, tx);

@@ -10,10 +10,11 @@
 //! derives the payload's crc from them ([`of_blocks`]): one pass per
 //! process. The engine derives its seal from block crcs too
 //! ([`crate::proto::Sealed::new`]), so a replica in its process
-//! ([`crate::local`]) records those and makes no pass of its own. Reads go the same way: checking each block against the
-//! sidecar yields its crc, a hole's is [`zero_block`], and the reply is
-//! sealed from those. Large reads skip even that pass: they are sent from
-//! the files and sealed from the crcs recorded in the sidecar
+//! ([`crate::local`]) records those and makes no pass of its own. Reads go
+//! the same way: checking each block against the sidecar yields its crc,
+//! a hole's is [`zero_block`], and the reply is sealed from those. Large
+//! reads skip even that pass: they are sent from the files and sealed
+//! from the crcs recorded in the sidecar
 //! ([`crate::store::Replica::read_stored`]), and the engine's check of the
 //! seal is the only pass over the data.
 //!
