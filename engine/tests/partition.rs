@@ -75,11 +75,15 @@ fn a_partitioned_replica_drops_out_and_is_rebuilt_when_the_link_returns() {
             "--ioengine=nbd",
             "--uri=nbd://127.0.0.1:10809/",
         ])
+        // At a set rate, 12 s of writes: the link is cut and restored
+        // while they run however fast the machine is (unthrottled, fio was
+        // done before the cut on a quiet machine, and nothing was rebuilt).
         .args([
             "--rw=randwrite",
             "--bs=4k",
             "--iodepth=16",
             "--size=96M",
+            "--rate_iops=2000",
             "--verify=crc32c",
             "--verify_state_save=0",
             "--verify_fatal=1",
