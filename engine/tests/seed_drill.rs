@@ -122,8 +122,9 @@ fn replicas_are_added_listed_and_removed_online() {
     let tmp = tempfile::tempdir().unwrap();
     let rs = replicas_on_fixed_ports(tmp.path(), 2, "32M");
     let (_engine, uri, admin) = start_engine("addrm", "32M", &[rs[0].addr.clone()], &[]);
-    qemu_io(&uri, &["write -P 0x61 0 8M", "flush"]);
-    let w = Writer::start(&uri, 8192);
+    // 8 MiB of 0x61 at 16 MiB; the writer works on the first 16 MiB.
+    qemu_io(&uri, &["write -P 0x61 16M 8M", "flush"]);
+    let w = Writer::start(&uri, 4096);
     run_ok(RVOL, &["replica", "add", &rs[1].addr, "--admin", &admin]);
     let out = run(RVOL, &["replica", "add", &rs[1].addr, "--admin", &admin]);
     assert!(
@@ -145,6 +146,6 @@ fn replicas_are_added_listed_and_removed_online() {
     );
     w.wait_progress(200, Duration::from_secs(20));
     w.finish();
-    qemu_io(&uri, &["read -P 0x61 0 4K"]);
+    qemu_io(&uri, &["read -P 0x61 16M 8M"]);
     assert_eq!(status(&admin)["replicas"].as_array().unwrap().len(), 1);
 }
