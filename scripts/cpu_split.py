@@ -11,7 +11,7 @@ import argparse, importlib.util, json, os, subprocess, tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = {
-    "seqread": ["--rw=read", "--bs=1M", "--iodepth=8", "--loops=4"],
+    "seqread": ["--rw=read", "--bs=1M", "--iodepth=8", "--loops=16"],
     "randread": ["--rw=randread", "--bs=4k", "--iodepth=32", "--io_size=1G",
                  "--randrepeat=0", "--norandommap"],
     "seqwrite": ["--rw=write", "--bs=1M", "--iodepth=8", "--loops=4"],

@@ -14,14 +14,16 @@
 //! apart.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::coalesce::FrameWriter;
 use crate::ids::Revision;
 use crate::proto::{
     decode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Sealed, Status, FLAG_FUA,
@@ -568,8 +570,9 @@ fn in_process_reply(reply: crate::session::Reply) -> Result<Reply> {
 /// Performs the HELLO exchange on a fresh stream and starts its tasks.
 async fn start<S>(stream: S, hello: &Hello) -> Result<(Arc<Conn>, ReplicaInfo)>
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + AsFd + Send + 'static,
 {
+    let socket = stream.as_fd().try_clone_to_owned().ok();
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(256 << 10, rd);
     let payload = hello.encode();
@@ -598,7 +601,7 @@ where
         pending: Mutex::new(Some(HashMap::new())),
         next_id: AtomicU64::new(1),
     });
-    tokio::spawn(write_requests(BufWriter::with_capacity(256 << 10, wr), rx));
+    tokio::spawn(write_requests(FrameWriter::new(wr, socket), rx));
     tokio::spawn(read_replies(rd, conn.clone()));
     Ok((conn, info))
 }
@@ -629,13 +632,12 @@ async fn read_reply<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Received>
 }
 
 async fn write_requests<W: AsyncWrite + Unpin>(
-    mut wr: W,
+    mut wr: FrameWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     while let Some(mut out) = rx.recv().await {
         loop {
-            if wr.write_all(&out.header).await.is_err() || wr.write_all(&out.payload).await.is_err()
-            {
+            if wr.gather(&out.header).await.is_err() || wr.payload(&out.payload).await.is_err() {
                 return;
             }
             // Yield once before flushing, so replies of requests that are

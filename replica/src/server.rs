@@ -21,19 +21,18 @@
 //! error reply and the connection lives.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::io::{
-    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, Interest,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader, Interest};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::coalesce::FrameWriter;
 use crate::crc;
 use crate::error::Error;
 use crate::proto::{
@@ -232,11 +231,18 @@ trait SendFile: AsyncWrite + Unpin {
         at: u64,
         len: usize,
     ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+
+    /// The connection's socket.
+    fn socket(&self) -> BorrowedFd<'_>;
 }
 
 macro_rules! send_file_on {
     ($half:ty) => {
         impl SendFile for $half {
+            fn socket(&self) -> BorrowedFd<'_> {
+                self.as_ref().as_fd()
+            }
+
             async fn send_file(&mut self, file: &File, at: u64, len: usize) -> std::io::Result<()> {
                 let sock = self.as_ref();
                 let mut off = at as libc::off_t;
@@ -277,7 +283,8 @@ send_file_on!(tokio::net::tcp::OwnedWriteHalf);
 send_file_on!(tokio::net::unix::OwnedWriteHalf);
 
 async fn write_replies<W: SendFile>(wr: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
-    let mut wr = BufWriter::with_capacity(256 << 10, wr);
+    let socket = wr.socket().try_clone_to_owned().ok();
+    let mut wr = FrameWriter::new(wr, socket);
     while let Some(mut reply) = rx.recv().await {
         loop {
             if write_reply(&mut wr, &reply).await.is_err() {
@@ -302,7 +309,7 @@ async fn write_replies<W: SendFile>(wr: W, mut rx: mpsc::UnboundedReceiver<Reply
     }
 }
 
-async fn write_reply<W: SendFile>(wr: &mut BufWriter<W>, reply: &Reply) -> std::io::Result<()> {
+async fn write_reply<W: SendFile>(wr: &mut FrameWriter<W>, reply: &Reply) -> std::io::Result<()> {
     let (len, crc, flags) = match &reply.body {
         Body::Sealed(s) => (s.data.len(), s.crc, 0),
         Body::Stored(segments, crc) => (
@@ -319,9 +326,9 @@ async fn write_reply<W: SendFile>(wr: &mut BufWriter<W>, reply: &Reply) -> std::
         payload_len: len as u32,
         crc: 0,
     };
-    wr.write_all(&h.encode_sealed(len as u32, crc)).await?;
+    wr.gather(&h.encode_sealed(len as u32, crc)).await?;
     match &reply.body {
-        Body::Sealed(s) => wr.write_all(&s.data).await,
+        Body::Sealed(s) => wr.payload(&s.data).await,
         Body::Stored(segments, _) => {
             static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
             for segment in segments {
@@ -329,12 +336,12 @@ async fn write_reply<W: SendFile>(wr: &mut BufWriter<W>, reply: &Reply) -> std::
                     Segment::Zeros(mut n) => {
                         while n > 0 {
                             let k = n.min(ZEROS.len());
-                            wr.write_all(&ZEROS[..k]).await?;
+                            wr.gather(&ZEROS[..k]).await?;
                             n -= k;
                         }
                     }
                     Segment::File { file, at, len } => {
-                        wr.flush().await?;
+                        wr.send_gathered_corked().await?;
                         wr.get_mut().send_file(file, *at, *len).await?;
                     }
                 }
