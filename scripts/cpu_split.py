@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Where an I/O's CPU goes: runs one fio job against an rvol volume (after
 filling it with 1M writes, as the jobs before it in the benchmark do) and
-prints CPU seconds per GiB of each process (replicas, engine, fio).
+prints its throughput, p50 and p99 latency, and CPU seconds per GiB of
+each process (replicas, engine, fio).
 For A/B runs of two builds, point --root at another checkout (its
 target/release/rvol is used).
 
@@ -55,7 +56,9 @@ def main():
     parts = [(f"replica{i}", c) for i, c in enumerate(used[:-1])] + [(server, used[-1]), ("fio", fio_cpu)]
     split = "  ".join(f"{name} {c / gib:.2f}" for name, c in parts)
     total = sum(c for _, c in parts) / gib
-    print(f"{a.target} {a.job}: {r['bw_bytes'] / 2**20:.0f} MiB/s; CPU s/GiB: {split}  total {total:.2f}")
+    pct = r["clat_ns"].get("percentile", {})
+    lat = "/".join(f"{pct.get(p, 0) / 1000:.0f}" for p in ("50.000000", "99.000000"))
+    print(f"{a.target} {a.job}: {r['bw_bytes'] / 2**20:.0f} MiB/s, p50/p99 {lat} µs; CPU s/GiB: {split}  total {total:.2f}")
 
 
 if __name__ == "__main__":

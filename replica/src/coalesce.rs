@@ -22,7 +22,7 @@
 //! with its payload, 1 MiB writes through a replica process made
 //! 1466–1691 MiB/s against 1287–1474, and 1 MiB reads from the engine's
 //! own replica, whose NBD replies the frontend sends the same way, 1.3×
-//! (docs/benchmarks.md, 2026-12-02 23:55). A `writev` of header and
+//! (docs/benchmarks.md, 2026-12-02 23:35). A `writev` of header and
 //! payload, which one would expect to do the same, measured no faster
 //! than the header sent alone.
 

@@ -492,7 +492,7 @@ async fn drain<W: AsyncWrite + Unpin>(wr: &mut W, gathered: &mut BytesMut) -> st
 /// 3091–3531 MiB/s, with a quarter less engine CPU per GiB. A `writev` of
 /// header and data, which one would expect to do the same, measured no
 /// faster than the header sent alone (docs/benchmarks.md, 2026-12-02
-/// 23:55). The replica crate's `coalesce::FrameWriter` does the same for
+/// 23:35). The replica crate's `coalesce::FrameWriter` does the same for
 /// its frames; the two crates share no code.
 fn send_corked(socket: &OwnedFd, head: &[u8]) -> usize {
     let flags = libc::MSG_MORE | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
