@@ -34,7 +34,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Payloads at least this large are written from their own buffer.
-pub const LARGE_PAYLOAD: usize = 64 << 10;
+const LARGE_PAYLOAD: usize = 64 << 10;
 
 /// Gathered bytes are written once there are this many.
 const GATHER_LIMIT: usize = 256 << 10;
