@@ -127,3 +127,67 @@ fn send_more(socket: &OwnedFd, bytes: &[u8]) -> usize {
         .send_with_flags(bytes, flags)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// Frames arrive whole and in order over real TCP, also when the
+    /// socket is full, so that the corked send takes part of what is
+    /// gathered or none of it and the rest is written plainly.
+    #[tokio::test]
+    async fn frames_arrive_in_order_through_a_full_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (client, mut server) = (client.unwrap(), accepted.unwrap().0);
+        // A small send buffer fills after every large payload.
+        socket2::SockRef::from(&client)
+            .set_send_buffer_size(16 << 10)
+            .unwrap();
+        client.set_nodelay(true).unwrap();
+        let socket = client.as_fd().try_clone_to_owned().unwrap();
+        let (_rd, wr) = client.into_split();
+
+        // Two small frames, then a large payload, over and over: what is
+        // gathered before a large payload is often more than the socket
+        // takes at once.
+        let frames: Vec<Vec<u8>> = (0..90u32)
+            .map(|i| {
+                let len = if i % 3 == 2 {
+                    LARGE_PAYLOAD << (i % 4)
+                } else {
+                    12 + (i as usize * 997) % (30 << 10)
+                };
+                (0..len).map(|k| (k as u32 * 31 + i) as u8).collect()
+            })
+            .collect();
+        let expected = frames.concat();
+        let writer = tokio::spawn(async move {
+            let mut w = FrameWriter::new(wr, Some(socket));
+            for (i, f) in frames.iter().enumerate() {
+                if i % 3 == 2 {
+                    w.payload(f).await.unwrap();
+                } else {
+                    w.gather(f).await.unwrap();
+                }
+            }
+            w.flush().await.unwrap();
+        });
+        // A slow reader keeps the socket full.
+        let mut got = vec![0u8; expected.len()];
+        for chunk in got.chunks_mut(64 << 10) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            server.read_exact(chunk).await.unwrap();
+        }
+        writer.await.unwrap();
+        let first_bad = got.iter().zip(&expected).position(|(a, b)| a != b);
+        assert_eq!(first_bad, None, "of {} bytes", expected.len());
+    }
+}
