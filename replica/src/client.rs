@@ -601,7 +601,12 @@ where
         pending: Mutex::new(Some(HashMap::new())),
         next_id: AtomicU64::new(1),
     });
-    tokio::spawn(write_requests(FrameWriter::new(wr, socket), rx));
+    tokio::spawn(
+        FrameWriter::new(wr, socket).write_queued(rx, async |w, out: Outgoing| {
+            w.gather(&out.header).await?;
+            w.payload(&out.payload).await
+        }),
+    );
     tokio::spawn(read_replies(rd, conn.clone()));
     Ok((conn, info))
 }
@@ -628,34 +633,6 @@ async fn read_reply<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Received>
         // replica that never looked at it, so the framing still holds.
         Err(e) if h.flags & REPLY_STORED_CRC != 0 => Ok(Some((h, Err(e)))),
         Err(e) => Err(e.into()),
-    }
-}
-
-async fn write_requests<W: AsyncWrite + Unpin>(
-    mut wr: FrameWriter<W>,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-) {
-    while let Some(mut out) = rx.recv().await {
-        loop {
-            if wr.gather(&out.header).await.is_err() || wr.payload(&out.payload).await.is_err() {
-                return;
-            }
-            // Yield once before flushing, so replies of requests that are
-            // finishing right now share one socket write.
-            match rx.try_recv() {
-                Ok(next) => out = next,
-                Err(_) => {
-                    crate::coalesce::ready_tasks_first().await;
-                    match rx.try_recv() {
-                        Ok(next) => out = next,
-                        Err(_) => break,
-                    }
-                }
-            }
-        }
-        if wr.flush().await.is_err() {
-            return;
-        }
     }
 }
 

@@ -32,6 +32,7 @@ use std::task::Poll;
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 /// Payloads at least this large are written from their own buffer.
 const LARGE_PAYLOAD: usize = 64 << 10;
@@ -40,7 +41,7 @@ const LARGE_PAYLOAD: usize = 64 << 10;
 const GATHER_LIMIT: usize = 256 << 10;
 
 /// Returns after every task that is ready to run on this worker has run.
-pub async fn ready_tasks_first() {
+async fn ready_tasks_first() {
     let mut stepped_aside = false;
     poll_fn(|cx| {
         if stepped_aside {
@@ -116,6 +117,37 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.wr
+    }
+
+    /// Writes each item `rx` yields with `write`, until `rx` closes or a
+    /// write fails. Before writing what is gathered it steps aside once
+    /// ([`ready_tasks_first`]), so that the frames of requests finishing
+    /// right now share one socket write.
+    pub async fn write_queued<T>(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<T>,
+        mut write: impl AsyncFnMut(&mut Self, T) -> std::io::Result<()>,
+    ) {
+        while let Some(mut item) = rx.recv().await {
+            loop {
+                if write(&mut self, item).await.is_err() {
+                    return;
+                }
+                match rx.try_recv() {
+                    Ok(next) => item = next,
+                    Err(_) => {
+                        ready_tasks_first().await;
+                        match rx.try_recv() {
+                            Ok(next) => item = next,
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if self.flush().await.is_err() {
+                return;
+            }
+        }
     }
 }
 

@@ -282,31 +282,11 @@ macro_rules! send_file_on {
 send_file_on!(tokio::net::tcp::OwnedWriteHalf);
 send_file_on!(tokio::net::unix::OwnedWriteHalf);
 
-async fn write_replies<W: SendFile>(wr: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
+async fn write_replies<W: SendFile>(wr: W, rx: mpsc::UnboundedReceiver<Reply>) {
     let socket = wr.socket().try_clone_to_owned().ok();
-    let mut wr = FrameWriter::new(wr, socket);
-    while let Some(mut reply) = rx.recv().await {
-        loop {
-            if write_reply(&mut wr, &reply).await.is_err() {
-                return;
-            }
-            // Yield once before flushing, so replies of requests that are
-            // finishing right now share one socket write.
-            match rx.try_recv() {
-                Ok(next) => reply = next,
-                Err(_) => {
-                    crate::coalesce::ready_tasks_first().await;
-                    match rx.try_recv() {
-                        Ok(next) => reply = next,
-                        Err(_) => break,
-                    }
-                }
-            }
-        }
-        if wr.flush().await.is_err() {
-            return;
-        }
-    }
+    FrameWriter::new(wr, socket)
+        .write_queued(rx, async |w, reply| write_reply(w, &reply).await)
+        .await;
 }
 
 async fn write_reply<W: SendFile>(wr: &mut FrameWriter<W>, reply: &Reply) -> std::io::Result<()> {
