@@ -75,7 +75,7 @@ pub fn record_settled(file: &File, first_block: u64, data: &[u8]) -> std::io::Re
     let entries: Vec<u8> = data
         .chunks(BLOCK_SIZE as usize)
         .flat_map(|block| {
-            let crc = crc32c::crc32c(block).to_le_bytes();
+            let crc = crate::crc::of(block).to_le_bytes();
             [crc, crc].concat()
         })
         .collect();
@@ -100,7 +100,7 @@ pub fn verify(
         .enumerate()
     {
         let (older, newer) = slots(e);
-        let crc = crc32c::crc32c(block);
+        let crc = crate::crc::of(block);
         *out = crc;
         let unrecorded = older == 0 && newer == 0;
         if !unrecorded && crc != older && crc != newer {
@@ -146,17 +146,17 @@ mod tests {
             let bad = verify(&f, first, data, &mut crc).unwrap();
             assert_eq!(
                 crc[0],
-                crc32c::crc32c(data),
+                crate::crc::of(data),
                 "the block's crc is handed back"
             );
             bad
         };
         // Nothing recorded: not checked.
         assert_eq!(check(1, &a), None);
-        record_pending(&f, 1, &[crc32c::crc32c(&a)]).unwrap();
+        record_pending(&f, 1, &[crate::crc::of(&a)]).unwrap();
         assert_eq!(check(1, &a), None);
         // A crash before the data write of `b`: the old data still verifies.
-        record_pending(&f, 1, &[crc32c::crc32c(&b)]).unwrap();
+        record_pending(&f, 1, &[crate::crc::of(&b)]).unwrap();
         assert_eq!(check(1, &a), None);
         assert_eq!(check(1, &b), None);
         let mut rotten = b.clone();

@@ -241,7 +241,7 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
 /// of `payload_len` bytes whose own crc32c is `payload_crc`.
 fn frame_crc(header_without_crc: &[u8], payload_crc: u32, payload_len: u32) -> u32 {
     crate::crc::concat(
-        crc32c::crc32c(header_without_crc),
+        crate::crc::of(header_without_crc),
         payload_crc,
         payload_len as u64,
     )
@@ -249,7 +249,7 @@ fn frame_crc(header_without_crc: &[u8], payload_crc: u32, payload_len: u32) -> u
 
 impl RequestHeader {
     pub fn encode(&self, payload: &[u8]) -> [u8; REQUEST_HEADER_LEN] {
-        self.encode_sealed(payload.len() as u32, crc32c::crc32c(payload))
+        self.encode_sealed(payload.len() as u32, crate::crc::of(payload))
     }
 
     /// Encodes with a payload known by its length and crc32c, so that a
@@ -299,7 +299,7 @@ impl RequestHeader {
 
     /// Checks the crc of a decoded header (`raw`) and its payload.
     pub fn verify(&self, raw: &[u8], payload: &[u8]) -> Result<(), FrameError> {
-        self.verify_sealed(raw, crc32c::crc32c(payload))
+        self.verify_sealed(raw, crate::crc::of(payload))
     }
 
     /// [`Self::verify`] for a payload known by its crc32c.
@@ -317,7 +317,7 @@ impl RequestHeader {
 
 impl ReplyHeader {
     pub fn encode(&self, payload: &[u8]) -> [u8; REPLY_HEADER_LEN] {
-        self.encode_sealed(payload.len() as u32, crc32c::crc32c(payload))
+        self.encode_sealed(payload.len() as u32, crate::crc::of(payload))
     }
 
     /// Like [`ReplyHeader::encode`], for a payload whose crc32c is known.
@@ -360,7 +360,7 @@ impl ReplyHeader {
     }
 
     pub fn verify(&self, raw: &[u8], payload: &[u8]) -> Result<(), FrameError> {
-        let actual = frame_crc(&raw[..28], crc32c::crc32c(payload), payload.len() as u32);
+        let actual = frame_crc(&raw[..28], crate::crc::of(payload), payload.len() as u32);
         if actual != self.crc {
             return Err(FrameError::BadCrc {
                 expected: self.crc,
@@ -471,7 +471,7 @@ pub struct Sealed {
 impl Sealed {
     pub fn new(data: Bytes) -> Sealed {
         if data.is_empty() || !(data.len() as u64).is_multiple_of(crate::BLOCK_SIZE) {
-            let crc = crc32c::crc32c(&data);
+            let crc = crate::crc::of(&data);
             return Sealed {
                 data,
                 crc,

@@ -48,7 +48,7 @@ impl StateRecord {
         b[32] = self.clean as u8;
         b[40..48].copy_from_slice(&self.engine_id.to_le_bytes());
         b[48..56].copy_from_slice(&self.flush_epoch.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..SLOT as usize - 4]);
+        let crc = crate::crc::of(&b[..SLOT as usize - 4]);
         b[SLOT as usize - 4..].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -60,7 +60,7 @@ impl StateRecord {
         }
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         let crc = u32::from_le_bytes(b[SLOT as usize - 4..].try_into().expect("4 bytes"));
-        if u64_at(0) != MAGIC || crc32c::crc32c(&b[..SLOT as usize - 4]) != crc || b[32] > 1 {
+        if u64_at(0) != MAGIC || crate::crc::of(&b[..SLOT as usize - 4]) != crc || b[32] > 1 {
             return None;
         }
         Some((

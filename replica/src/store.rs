@@ -872,7 +872,7 @@ impl Replica {
             const STEP: u64 = 1 << 20;
             let zeros = vec![0u8; STEP.min(len) as usize];
             let zero_crcs = vec![
-                crc32c::crc32c(&zeros[..BLOCK_SIZE as usize]);
+                crate::crc::of(&zeros[..BLOCK_SIZE as usize]);
                 zeros.len() / BLOCK_SIZE as usize
             ];
             let mut at = offset;
