@@ -3,7 +3,8 @@
 # kernel has ublk_drv and nbd (this host's has neither) and runs
 # scripts/vm/guest-tests.sh in it with the freshly built release binary.
 #
-#   scripts/vm-test.sh          # the guest tests (part of scripts/test.sh)
+#   scripts/vm-test.sh          # the guest tests and the power-cut test
+#                               # (scripts/vm/power-cut.sh; part of scripts/test.sh)
 #   scripts/vm-test.sh bench    # fio on /dev/ublkb0 vs /dev/nbd0, same volume
 #
 # Skips, saying so, when this machine cannot prepare or boot the guest
@@ -24,4 +25,9 @@ rc=0
 RVOL=$PWD/target/release/rvol RVOL_VM_ENV=RVOL \
   scripts/vm/run.sh --timeout 2400 -- scripts/vm/guest-tests.sh "${1:-all}" || rc=$?
 echo "vm tests: guest run took $(($(date +%s) - start)) s, exit status $rc"
+if [ $rc = 0 ] && [ "${1:-all}" = all ]; then
+  start=$(date +%s)
+  scripts/vm/power-cut.sh || rc=$?
+  echo "vm tests: power-cut test took $(($(date +%s) - start)) s, exit status $rc"
+fi
 exit $rc

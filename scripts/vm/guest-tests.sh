@@ -16,64 +16,16 @@ what=${1:-all}
 work=$(mktemp -d /tmp/rvol-guest.XXXXXX)
 cd "$work" # fio writes state files here; the host tree is read-only
 size=512M
-pids=()
-
-log() { echo "guest: $*"; }
-fail() {
-  echo "guest: FAIL: $*" >&2
-  for f in "$work"/*.log; do
-    echo "--- $f" >&2
-    tail -n 15 "$f" >&2
-  done
-  exit 1
-}
+. "$root/scripts/vm/guest-lib.sh"
 cleanup() {
   umount /mnt/t 2>/dev/null || true
   nbd-client -d /dev/nbd0 >/dev/null 2>&1 || true
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  kill_started
 }
 trap cleanup EXIT
 
-# start_replica N: replica N on 127.0.0.1:410N; waits for its ready line,
-# so that an engine started next finds it listening.
-start_replica() {
-  : >"$work/r$1.ready"
-  "$rvol" replica --dir "$work/r$1" --listen "127.0.0.1:410$1" --size "$size" \
-    >"$work/r$1.ready" 2>>"$work/r$1.log" &
-  replica_pid[$1]=$!
-  pids+=($!)
-  wait_ready "replica r$1" "$work/r$1.ready" $!
-}
-
-# wait_ready WHAT FILE PID: until FILE has a ready line; fails if PID exits first.
-wait_ready() {
-  for _ in $(seq 600); do
-    grep -q '"ready"' "$2" && return 0
-    kill -0 "$3" 2>/dev/null || fail "$1 exited before it was ready"
-    sleep 0.1
-  done
-  fail "$1 not ready within 60 s"
-}
-
-# start_engine TAG ARGS...: starts an engine, waits for its ready line.
-start_engine() {
-  local tag=$1
-  shift
-  : >"$work/$tag.ready"
-  "$rvol" engine --name vol --size "$size" \
-    --replica 127.0.0.1:4101 --replica 127.0.0.1:4102 --replica 127.0.0.1:4103 \
-    --admin-listen "unix:$work/admin.sock" "$@" >"$work/$tag.ready" 2>>"$work/$tag.log" &
-  engine_pid=$!
-  pids+=($!)
-  wait_ready "engine $tag" "$work/$tag.ready" $engine_pid
-}
-
-stop_engine() { # SIGTERM; expects exit 0
-  kill -TERM $engine_pid
-  local rc=0
-  wait $engine_pid || rc=$?
-  [ $rc = 0 ] || fail "engine exited with $rc on SIGTERM"
-}
+# The volume's replicas: three processes, on ports 4101-4103.
+replicas=(--replica 127.0.0.1:4101 --replica 127.0.0.1:4102 --replica 127.0.0.1:4103)
 
 # files_write DEV: mkfs, mount, write files, record checksums, unmount.
 files_write() {
@@ -113,10 +65,10 @@ fio_still_running() {
 }
 
 mkdir -p /mnt/t
-for i in 1 2 3; do start_replica $i; done
+for i in 1 2 3; do start_replica $i "$work/r$i"; done
 
 if [ "$what" = bench ]; then
-  start_engine bench --frontend ublk --ublk-id 0 --nbd-listen 127.0.0.1:10809
+  start_engine bench "${replicas[@]}" --frontend ublk --ublk-id 0 --nbd-listen 127.0.0.1:10809
   nbd-client -N vol -b 4096 127.0.0.1 10809 /dev/nbd0 >/dev/null || fail "nbd-client"
   printf '%-22s %12s %12s %8s\n' job ublk nbd ublk/nbd
   for job in "randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8"; do
@@ -135,7 +87,7 @@ if [ "$what" = bench ]; then
 fi
 
 log "ublk: ext4 survives an engine stop and start"
-start_engine u1 --frontend ublk --ublk-id 0
+start_engine u1 "${replicas[@]}" --frontend ublk --ublk-id 0
 grep -q '"device":"/dev/ublkb0"' "$work/u1.ready" || fail "ready line has no device: $(cat "$work/u1.ready")"
 [ -b /dev/ublkb0 ] || fail "/dev/ublkb0 missing"
 [ "$(cat /sys/block/ublkb0/queue/logical_block_size)" = 4096 ] || fail "logical block size"
@@ -144,7 +96,7 @@ grep -q '"device":"/dev/ublkb0"' "$work/u1.ready" || fail "ready line has no dev
 files_write /dev/ublkb0
 stop_engine
 [ ! -e /dev/ublkb0 ] || fail "SIGTERM left /dev/ublkb0 behind"
-start_engine u2 --frontend ublk --ublk-id 0
+start_engine u2 "${replicas[@]}" --frontend ublk --ublk-id 0
 files_check /dev/ublkb0
 log "PASS ext4 on ublk across an engine restart"
 
@@ -154,7 +106,7 @@ sleep 3
 fio_still_running "replica 2 was killed"
 kill -9 "${replica_pid[2]}"
 fio_wait ublk-replica-kill
-start_replica 2
+start_replica 2 "$work/r2"
 log "PASS fio verify on ublk with a replica killed"
 
 log "ublk: engine SIGKILLed during fio verify; a new engine recovers the device"
@@ -165,18 +117,18 @@ kill -9 $engine_pid
 wait $engine_pid 2>/dev/null || true
 sleep 1
 [ -b /dev/ublkb0 ] || fail "the device vanished with its engine"
-start_engine u3 --frontend ublk --ublk-id 0
+start_engine u3 "${replicas[@]}" --frontend ublk --ublk-id 0
 grep -q '"recovered":true' "$work/u3.ready" || fail "the new engine did not recover the device: $(cat "$work/u3.ready")"
 fio_wait recover
 stop_engine
 log "PASS fio verify across an engine SIGKILL (user recovery)"
 
 log "ublk: a device left by a killed engine without recovery is replaced"
-start_engine u4 --frontend ublk --ublk-id 0 --no-user-recovery
+start_engine u4 "${replicas[@]}" --frontend ublk --ublk-id 0 --no-user-recovery
 kill -9 $engine_pid
 wait $engine_pid 2>/dev/null || true
 sleep 1
-start_engine u5 --frontend ublk --ublk-id 0
+start_engine u5 "${replicas[@]}" --frontend ublk --ublk-id 0
 grep -q "deleting stale ublk device" "$work/u5.log" || fail "no message about the stale device"
 [ -b /dev/ublkb0 ] || fail "no device after replacing the stale one"
 dd if=/dev/ublkb0 of=/dev/null bs=1M count=4 iflag=direct status=none || fail "reading the new device"
@@ -184,12 +136,12 @@ stop_engine
 log "PASS stale device cleanup"
 
 log "kernel NBD: ext4 across an engine restart, fio verify"
-start_engine n1 --nbd-listen 127.0.0.1:10809
+start_engine n1 "${replicas[@]}" --nbd-listen 127.0.0.1:10809
 nbd-client -N vol 127.0.0.1 10809 /dev/nbd0 >/dev/null || fail "nbd-client attach"
 files_write /dev/nbd0
 nbd-client -d /dev/nbd0 >/dev/null
 stop_engine
-start_engine n2 --nbd-listen 127.0.0.1:10809
+start_engine n2 "${replicas[@]}" --nbd-listen 127.0.0.1:10809
 nbd-client -N vol 127.0.0.1 10809 /dev/nbd0 >/dev/null || fail "nbd-client attach"
 files_check /dev/nbd0
 fio_start /dev/nbd0 nbd-verify
