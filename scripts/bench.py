@@ -158,6 +158,11 @@ def run_job(t, job, runtime, ramp, size):
             "--randrepeat=0", "--norandommap"] + t.fio + extra
     for i, own in enumerate(t.jobs):
         args += [f"--name={name}-{i}"] + own
+    # Each job starts with nothing dirty: otherwise it pays for writing back
+    # the previous job's data, a bill that grows with the copies on this
+    # one node (three replicas' files cross the kernel's writeback
+    # threshold; one file does not). Writeback is then in no target's figures.
+    os.sync()
     before = cpu_seconds(t.pids())
     fio_before = children_cpu_seconds()
     out = subprocess.run(args, capture_output=True, text=True)
