@@ -161,7 +161,7 @@ def run_job(t, job, runtime, ramp, size):
     # Each job starts with nothing dirty: otherwise it pays for writing back
     # the previous job's data, a bill that grows with the copies on this
     # one node (three replicas' files cross the kernel's writeback
-    # threshold; one file does not). Writeback is then in no target's figures.
+    # threshold; one file does not).
     os.sync()
     before = cpu_seconds(t.pids())
     fio_before = children_cpu_seconds()

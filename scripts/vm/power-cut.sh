@@ -5,8 +5,8 @@
 # guest writes through rvol to replicas on a virtual disk until this host
 # SIGKILLs QEMU after its tenth acknowledged round; a second guest mounts
 # the same disk and checks every round the first one acknowledged, on each
-# replica alone (scripts/vm/guest-power-cut.sh). A replica that skipped
-# an fdatasync, or an fsync of the directory that names a new file, fails.
+# replica alone (scripts/vm/guest-power-cut.sh). With the fdatasync of the
+# replica's flush removed, every round was lost on every replica: it fails.
 #
 #   scripts/vm/power-cut.sh      # needs scripts/vm/setup.sh and a release build
 set -euo pipefail
