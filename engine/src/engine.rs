@@ -191,8 +191,9 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
         targets.is_empty(),
         verdicts.iter().position(|v| *v == Verdict::Fresh),
     ) {
-        let clients: Vec<&ReplicaClient> = targets.iter().map(|&i| &taken[i].1).collect();
-        let results = reconcile(&taken[source].1, &clients, reconcile_epoch)
+        let member = |i: usize| (&taken[i].1, taken[i].2.replica_uuid);
+        let members: Vec<_> = targets.iter().map(|&i| member(i)).collect();
+        let results = reconcile(member(source), &members, reconcile_epoch)
             .await
             .with_context(|| {
                 format!("reconciling from source {}", cfg.replicas[taken[source].0])

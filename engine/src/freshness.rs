@@ -13,7 +13,9 @@
 //! 1. A replica being rebuilt is never a source.
 //! 2. `E` is the newest flush epoch among the rest. A barrier flush `E` is
 //!    sent only after every earlier write was answered by every replica in
-//!    the set, so a replica that completed `E` holds all writes up to `E`.
+//!    the set, so a replica that completed `E` holds all writes up to `E`
+//!    (a replica being brought in also receives `E`, but `E` does not name
+//!    it, and a replica takes only a flush that names it as barrier `E`).
 //!    A replica that did not complete `E` may miss acknowledged and flushed
 //!    data: it is stale (ERR) and needs a rebuild, unless it *received*
 //!    flush `E` and still knows its dirty map. Then it was in the set when

@@ -16,7 +16,11 @@
 //!    small writes cost what they wrote, not a chunk each.
 //! 4. `finish_rebuild` syncs, rebuilds its index and adopts the source's
 //!    revision counter (as read just before: writes racing with that read
-//!    may leave it a few counts low, which decides nothing); it turns RW.
+//!    may leave it a few counts low, which decides nothing); it turns RW,
+//!    and a barrier flush names it as in the set. Flushes it received
+//!    while WO did not name it, so it never claimed a barrier it may not
+//!    hold (see `rvol_replica::dirty`): an engine that dies at any point of
+//!    a rebuild leaves the joining replica stale, never a source.
 //!
 //! The copy writes only layers below the head, and new writes only the
 //! head, so the two never race.
@@ -232,6 +236,11 @@ impl ReplicatedVolume {
             .await
             .map_err(|e| e.to_string())?;
         self.promote(slot, revision.0);
+        // The flushes it received in WO mode did not name it, so after a
+        // crash it would count as stale until a barrier flush does.
+        if let Err(e) = self.flush().await {
+            tracing::warn!(replica = %slot.endpoint, error = %e, "flush after the rebuild failed");
+        }
         self.rebuilds
             .copied_total
             .fetch_add(copied, Ordering::Relaxed);

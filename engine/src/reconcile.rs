@@ -9,6 +9,7 @@
 
 use rvol_replica::client::{ClientError, ReplicaClient};
 use rvol_replica::proto::{Sealed, MAX_PAYLOAD};
+use uuid::Uuid;
 
 /// Byte ranges `(offset, len)` dirty on any of the maps, merged.
 pub fn union(maps: &[Vec<(u64, bool)>]) -> Vec<(u64, u64)> {
@@ -33,18 +34,22 @@ pub fn union(maps: &[Vec<(u64, bool)>]) -> Vec<(u64, u64)> {
     merged.into_iter().map(|(s, e)| (s, e - s)).collect()
 }
 
+/// A replica taking part in a reconciliation: its client and identity.
+pub type Member<'a> = (&'a ReplicaClient, Uuid);
+
 /// Copies the union of dirty regions from `source` to `targets` in flush
-/// epoch `epoch`, then barrier-flushes everyone. Returns the bytes copied
-/// to each target, or why that target failed; an error of the source
-/// fails the whole reconciliation.
+/// epoch `epoch`, then barrier-flushes everyone, naming the source and the
+/// targets the copy reached. Returns the bytes copied to each target, or
+/// why that target failed; an error of the source fails the whole
+/// reconciliation.
 pub async fn reconcile(
-    source: &ReplicaClient,
-    targets: &[&ReplicaClient],
+    source: Member<'_>,
+    targets: &[Member<'_>],
     epoch: u64,
 ) -> Result<Vec<Result<u64, ClientError>>, ClientError> {
-    let mut maps = vec![source.dirty_runs().await?];
+    let mut maps = vec![source.0.dirty_runs().await?];
     let mut results: Vec<Result<u64, ClientError>> = Vec::with_capacity(targets.len());
-    for t in targets {
+    for (t, _) in targets {
         match t.dirty_runs().await {
             Ok(m) => {
                 maps.push(m);
@@ -59,8 +64,8 @@ pub async fn reconcile(
         let mut at = offset;
         while at < offset + len {
             let n = PIECE.min(offset + len - at);
-            let data = Sealed::new(source.read(at, n).await?);
-            for (t, r) in targets.iter().zip(results.iter_mut()) {
+            let data = Sealed::new(source.0.read(at, n).await?);
+            for ((t, _), r) in targets.iter().zip(results.iter_mut()) {
                 if let Ok(copied) = r {
                     match t.write(at, data.clone(), false, epoch).await {
                         Ok(()) => *copied += n,
@@ -71,10 +76,20 @@ pub async fn reconcile(
             at += n;
         }
     }
-    source.flush(epoch).await?;
-    for (t, r) in targets.iter().zip(results.iter_mut()) {
+    // Only these now hold every write tagged <= epoch.
+    let members: Vec<Uuid> = std::iter::once(source.1)
+        .chain(
+            targets
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_ok())
+                .map(|((_, id), _)| *id),
+        )
+        .collect();
+    source.0.flush_barrier(epoch, &members).await?;
+    for ((t, _), r) in targets.iter().zip(results.iter_mut()) {
         if r.is_ok() {
-            if let Err(e) = t.flush(epoch).await {
+            if let Err(e) = t.flush_barrier(epoch, &members).await {
                 *r = Err(e);
             }
         }

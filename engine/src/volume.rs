@@ -722,7 +722,7 @@ impl ReplicatedVolume {
         }
         for (slot, client) in joining {
             // What it applied before it was lost may not be durable yet.
-            let flushed = tokio::time::timeout(self.flush_timeout, client.flush(0)).await;
+            let flushed = tokio::time::timeout(self.flush_timeout, client.flush()).await;
             if slot.missed() || !matches!(flushed, Ok(Ok(_))) {
                 slot.attachment.fetch_add(1, Ordering::AcqRel);
                 slot.mode.store(Mode::ERR as u8, Ordering::Release);

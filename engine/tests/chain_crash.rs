@@ -44,7 +44,7 @@ async fn write_round(
             model.insert(b, id);
         }
     }
-    c.flush(0).await.unwrap();
+    c.flush().await.unwrap();
 }
 
 async fn verify(c: &ReplicaClient, model: &HashMap<u64, u64>, round: u64) {

@@ -299,3 +299,58 @@ fn a_replica_the_last_flush_never_reached_is_reconciled_not_rebuilt() {
         );
     }
 }
+
+/// The engine dies while a new replica is being brought in: it had joined
+/// in WO mode and received barrier flush E (a WO replica gets every write
+/// and flush from the moment it joins) before its rebuild marked it as
+/// being rebuilt. It holds none of the data below E, so the next engine
+/// must not take it for a replica that completed E: it must rebuild it
+/// from the replica that holds the data, and serve that data.
+#[test]
+fn a_replica_that_joined_for_a_rebuild_is_no_source_after_the_engine_dies() {
+    use rvol_replica::client::ReplicaClient;
+    use rvol_replica::server::Endpoint;
+    use rvol_replica::{Generation, Owner};
+    let tmp = tempfile::tempdir().unwrap();
+    let rs = replicas_on_fixed_ports(tmp.path(), 2, "16M");
+    let (mut engine, uri, _) = start_engine(
+        "joiner",
+        "16M",
+        &rs[..1].iter().map(|r| r.addr.clone()).collect::<Vec<_>>(),
+        &[],
+    );
+    qemu_io(&uri, &["write -P 0x41 0 4M", "flush"]);
+    engine.kill9();
+    // Play the dying engine: r1 has just joined in WO mode; barrier flush
+    // E, naming the one RW replica r0, reaches both.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ep0: Endpoint = rs[0].addr.parse().unwrap();
+        let info = ReplicaClient::probe(&ep0).await.unwrap();
+        let owner = Owner {
+            generation: Generation(info.generation.0 + 10),
+            engine_id: 78,
+        };
+        let epoch = info.epoch_seen + 1;
+        for r in &rs {
+            let ep: Endpoint = r.addr.parse().unwrap();
+            let (c, _) = ReplicaClient::connect(&ep, info.volume_uuid, owner, 1)
+                .await
+                .unwrap();
+            c.flush_barrier(epoch, &[info.replica_uuid]).await.unwrap();
+        }
+    });
+    drop(rt);
+    // The joiner first, so that it would be the first candidate source.
+    let order = vec![rs[1].addr.clone(), rs[0].addr.clone()];
+    let (_engine, uri, admin) = start_engine("joiner", "16M", &order, &[]);
+    wait_until("the joiner to be rebuilt", Duration::from_secs(60), || {
+        modes(&admin) == ["RW", "RW"]
+    });
+    // Reads alternate between the replicas: each serves the data.
+    for _ in 0..4 {
+        qemu_io(&uri, &["read -P 0x41 0 4M"]);
+    }
+    let s = status(&admin);
+    assert_eq!(s["rebuilt_bytes"], 4 << 20, "{s}");
+}

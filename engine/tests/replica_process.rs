@@ -68,7 +68,7 @@ async fn acknowledged_flushes_survive_sigkill_in_20_rounds() {
             if batch % 4 == 0 {
                 // No write is in flight: the flush covers everything acked.
                 let covered = acked.clone();
-                match c.flush(0).await {
+                match c.flush().await {
                     Ok(rev) => {
                         durable = covered;
                         issued_since_flush.clear();
@@ -158,7 +158,7 @@ async fn fencing(ep: &str) {
         .await
         .unwrap_err();
     assert!(e.is_fenced(), "{e}");
-    assert!(old.flush(0).await.unwrap_err().is_fenced());
+    assert!(old.flush().await.unwrap_err().is_fenced());
     assert_eq!(new.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
     assert_eq!(new.info().await.unwrap().generation, Generation(6));
 }
@@ -285,23 +285,34 @@ async fn bad_frames_close_the_connection_and_touch_nothing() {
 }
 
 /// A barrier flush's named replicas are reported until a newer barrier
-/// flush arrives (see `rvol_replica::dirty`).
+/// flush arrives, and only a flush that names the replica counts as a
+/// barrier for it (see `rvol_replica::dirty`).
 #[tokio::test]
 async fn a_barrier_flush_reports_the_replicas_it_named() {
     let tmp = tempfile::tempdir().unwrap();
     let ep = sock(tmp.path());
     let _p = start_replica(tmp.path(), &ep, "1M");
     let c = connect(&ep, 1, 1).await.unwrap();
+    let me = c.info().await.unwrap().replica_uuid;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    c.flush_barrier(3, &[a, b]).await.unwrap();
+    c.flush_barrier(3, &[a, me]).await.unwrap();
     let info = c.info().await.unwrap();
-    assert_eq!((info.flush_received, info.flush_members), (3, vec![a, b]));
+    assert_eq!((info.flush_received, info.flush_members), (3, vec![a, me]));
+    assert_eq!(info.flush_epoch, 3);
     // A plain flush names nobody and changes nothing.
-    c.flush(0).await.unwrap();
-    assert_eq!(c.info().await.unwrap().flush_members, [a, b]);
-    c.flush_barrier(4, &[b]).await.unwrap();
+    c.flush().await.unwrap();
+    assert_eq!(c.info().await.unwrap().flush_members, [a, me]);
+    // Nor does a barrier flush that does not name it (it is being brought
+    // in, and may lack what the barrier covers).
+    c.flush_barrier(4, &[a, b]).await.unwrap();
     let info = c.info().await.unwrap();
-    assert_eq!((info.flush_received, info.flush_members), (4, vec![b]));
+    assert_eq!(
+        (info.flush_received, info.flush_epoch, info.flush_members),
+        (3, 3, vec![a, me])
+    );
+    c.flush_barrier(5, &[me]).await.unwrap();
+    let info = c.info().await.unwrap();
+    assert_eq!((info.flush_received, info.flush_members), (5, vec![me]));
 }
 
 fn replica_error(dir: &Path, size: Option<&str>) -> String {
@@ -467,7 +478,7 @@ async fn a_full_disk_fails_writes_cleanly_and_keeps_earlier_data() {
     c.write(0, Bytes::from(vec![3u8; 65536]), false, 0)
         .await
         .unwrap();
-    c.flush(0).await.unwrap();
+    c.flush().await.unwrap();
     let mut failed = None;
     for i in 1..64u64 {
         if let Err(e) = c

@@ -296,14 +296,14 @@ impl ReplicaClient {
             .map(drop)
     }
 
-    /// Flushes; a nonzero `epoch` makes it a barrier flush (see
-    /// [`crate::dirty`]). Returns the revision counter the replica persisted.
-    pub async fn flush(&self, epoch: u64) -> Result<Revision> {
-        self.flush_barrier(epoch, &[]).await
+    /// Flushes. Returns the revision counter the replica persisted.
+    pub async fn flush(&self) -> Result<Revision> {
+        self.flush_barrier(0, &[]).await
     }
 
     /// Barrier flush `epoch`, naming the replicas in the set when its
-    /// barrier passed (see [`crate::dirty`]).
+    /// barrier passed (see [`crate::dirty`]); a replica it does not name
+    /// takes it as a plain flush.
     pub async fn flush_barrier(&self, epoch: u64, members: &[Uuid]) -> Result<Revision> {
         let payload = Bytes::from(crate::proto::encode_uuids(members));
         Ok(Revision(

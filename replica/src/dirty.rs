@@ -22,6 +22,11 @@
 //! never reached is still known to hold every write tagged `<= F`,
 //! because a replica that did receive it names it.
 //!
+//! FLUSH `F` also goes to replicas the engine is bringing in (WO), which
+//! may lack writes tagged `<= F`. `F` does not name them, and a replica
+//! that is not named takes `F` as a plain flush: it neither completes nor
+//! receives barrier `F`, and forgets nothing.
+//!
 //! # What is kept, and when it is lost
 //!
 //! The map lives in memory: keeping it costs no I/O on the write path, and

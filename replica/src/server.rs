@@ -178,7 +178,7 @@ pub async fn serve(
     // engine may still have had writes in flight to its peers.
     conns.shutdown().await;
     let r = replica.clone();
-    let rev = tokio::task::spawn_blocking(move || r.flush(0))
+    let rev = tokio::task::spawn_blocking(move || r.flush())
         .await
         .map_err(|e| Error::Io {
             context: "clean shutdown".into(),

@@ -166,7 +166,7 @@ impl Session {
                 let (offset, epoch) = (h.offset, h.epoch);
                 return self.spawn_durable(h.id, to, move |r| {
                     r.write_with_crcs(offset, &payload, &crcs, epoch)?;
-                    r.flush(0)
+                    r.flush()
                 });
             }
             Some(

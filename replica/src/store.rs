@@ -911,15 +911,20 @@ impl Replica {
     }
 
     /// Makes every write acknowledged before this call durable and persists
-    /// the revision counter with it; returns the persisted counter. A
-    /// nonzero `epoch` marks a barrier flush (see [`crate::dirty`]).
-    pub fn flush(&self, epoch: u64) -> Result<Revision> {
-        self.flush_barrier(epoch, &[])
+    /// the revision counter with it; returns the persisted counter.
+    pub fn flush(&self) -> Result<Revision> {
+        self.flush_barrier(0, &[])
     }
 
     /// [`Replica::flush`] for barrier flush `epoch` that names the replicas
-    /// in the set when its barrier passed (see [`crate::dirty`]).
+    /// in the set when its barrier passed (see [`crate::dirty`]). It counts
+    /// as barrier `epoch` only if it names this replica: the engine also
+    /// flushes replicas it is still bringing in (WO), which may lack writes
+    /// tagged `<= epoch`, and such a replica must never report that it
+    /// completed the barrier. For them it is a plain flush.
     pub fn flush_barrier(&self, epoch: u64, members: &[Uuid]) -> Result<Revision> {
+        let named = members.contains(&lock(&self.meta).replica_uuid);
+        let epoch = if named { epoch } else { 0 };
         if epoch > 0 {
             lock(&self.dirty).flush_arrived(epoch, members);
         }
@@ -961,7 +966,7 @@ impl Replica {
     /// dirty map (the engine's final barrier flush made replicas identical)
     /// and records the clean state.
     pub fn mark_clean(&self) -> Result<Revision> {
-        let revision = self.flush(0)?;
+        let revision = self.flush()?;
         let mut state = lock(&self.state);
         // A write that slipped in after the flush keeps the replica dirty.
         if self.revision.load(Ordering::Acquire) == revision.0 {
@@ -1299,7 +1304,7 @@ impl Replica {
         *meta = next_meta;
         drop(meta);
         self.revision.store(revision.0, Ordering::Release);
-        self.flush(0)?;
+        self.flush()?;
         tracing::info!(revision = %revision, "rebuild finished");
         Ok(())
     }

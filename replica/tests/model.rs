@@ -203,14 +203,14 @@ proptest! {
                     prop_assert_eq!(replica.size(), size);
                 }
                 Op::Flush => {
-                    prop_assert_eq!(replica.flush(0).unwrap().0, revision);
+                    prop_assert_eq!(replica.flush().unwrap().0, revision);
                 }
                 Op::Reopen { clean } => {
                     if clean {
                         replica.mark_clean().unwrap();
                         clean_now = true;
                     } else {
-                        replica.flush(0).unwrap();
+                        replica.flush().unwrap();
                     }
                     drop(replica);
                     replica = Replica::open(dir.path()).unwrap();
@@ -440,7 +440,7 @@ fn a_flipped_byte_is_caught_by_its_checksum_in_any_layer() {
     r.write(0, &pattern(1, 0, 8192), 0).unwrap();
     r.snapshot("s", true, Default::default()).unwrap();
     r.write(8192, &pattern(2, 2, 4096), 0).unwrap();
-    r.flush(0).unwrap();
+    r.flush().unwrap();
     let flip = |file: &str, at: u64| {
         let f = std::fs::OpenOptions::new()
             .read(true)
