@@ -104,7 +104,7 @@ impl ReplicatedVolume {
         if !applied.iter().any(|s| s.mode() == Mode::RW) {
             return Err(format!("no RW replica applied the {what}"));
         }
-        Ok(())
+        self.cover_departures().await.map_err(|e| e.to_string())
     }
 
     /// Marks snapshot `name` removed on every replica and wakes the purge.

@@ -37,6 +37,16 @@
 //! and if it still missed nothing it becomes RW. A replica that missed
 //! something stays ERR until it is rebuilt.
 //!
+//! A replica that misses something still reports, to the next engine, the
+//! newest barrier flush it completed, which may be the newest any replica
+//! completed: after a crash it would look as current as the replicas that
+//! hold what it missed (`crate::freshness`). So whatever must survive a
+//! crash and was applied without some replica (a FUA write, a snapshot, a
+//! revert, an expansion) is acknowledged only once a barrier flush begun
+//! after that *departure* has completed. That flush does not name the
+//! replica, so the replicas holding the change move to a newer flush epoch
+//! than it. It costs one flush per departure, not one per request.
+//!
 //! When no RW replica is left, I/O is not failed at once: requests wait for
 //! up to the hold time while current replicas are reconnected; if one
 //! returns, they go on without an error, otherwise they fail with EIO and
@@ -163,9 +173,9 @@ impl ReplicaSlot {
     }
 
     /// It missed a modification or a chain change: only a rebuild brings
-    /// it back.
-    pub fn mark_missed(&self) {
-        self.missed.store(true, Ordering::Release);
+    /// it back. True if it had missed nothing until now.
+    fn mark_missed(&self) -> bool {
+        !self.missed.swap(true, Ordering::AcqRel)
     }
 
     pub fn identity(&self) -> uuid::Uuid {
@@ -227,6 +237,11 @@ pub struct ReplicatedVolume {
     /// Reads sent from a replica's files that did not match the recorded
     /// checksums and were read again, verified by the replica.
     pub stored_crc_rereads: AtomicU64,
+    /// Replicas that started missing changes (or joined, or started out of
+    /// the set), and how many of those departures a completed barrier
+    /// flush has covered (see the module documentation).
+    departures: AtomicU64,
+    departures_flushed: AtomicU64,
 }
 
 /// What reconnecting a replica needs.
@@ -254,6 +269,10 @@ pub struct VolumeParams {
 
 impl ReplicatedVolume {
     pub fn new(p: VolumeParams, slots: Vec<Arc<ReplicaSlot>>) -> Self {
+        // Replicas that start out of the set count as departed: nothing
+        // this engine acknowledges without them may be served by them
+        // after a crash.
+        let departed = slots.iter().filter(|s| s.missed()).count() as u64;
         let VolumeParams {
             name,
             size,
@@ -286,6 +305,8 @@ impl ReplicatedVolume {
             chain: Default::default(),
             checksum_errors: AtomicU64::new(0),
             stored_crc_rereads: AtomicU64::new(0),
+            departures: AtomicU64::new(departed),
+            departures_flushed: AtomicU64::new(0),
         }
     }
 
@@ -305,6 +326,7 @@ impl ReplicatedVolume {
             endpoint,
             "added: waiting for its rebuild".into(),
         )));
+        self.departures.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -481,9 +503,27 @@ impl ReplicatedVolume {
     pub(crate) fn mark_missed_except(&self, applied: &[Arc<ReplicaSlot>]) {
         for slot in self.slots() {
             if !applied.iter().any(|a| Arc::ptr_eq(a, &slot)) {
-                slot.mark_missed();
+                self.mark_missed(&slot);
             }
         }
+    }
+
+    fn mark_missed(&self, slot: &ReplicaSlot) {
+        if slot.mark_missed() {
+            self.departures.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Returns once a barrier flush has covered every departure so far, so
+    /// that a change acknowledged next survives a crash (see the module
+    /// documentation). Free while no replica has departed since the last
+    /// flush.
+    pub(crate) async fn cover_departures(&self) -> OpResult<()> {
+        if self.departures_flushed.load(Ordering::Acquire) < self.departures.load(Ordering::Acquire)
+        {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     pub fn attach_info(&self) -> AttachInfo {
@@ -522,7 +562,7 @@ impl ReplicatedVolume {
 
     /// Takes a replica out of the set; it stays stale.
     pub fn leave(&self, slot: &ReplicaSlot, why: &str) {
-        slot.missed.store(true, Ordering::Release);
+        self.mark_missed(slot);
         slot.attachment.fetch_add(1, Ordering::AcqRel);
         slot.mode.store(Mode::ERR as u8, Ordering::Release);
         *slot.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
@@ -557,7 +597,7 @@ impl ReplicatedVolume {
         if self.rw_count() == 0 {
             return Err("no RW replica took the snapshot".into());
         }
-        Ok(())
+        self.cover_departures().await.map_err(|e| e.to_string())
     }
 
     /// A user snapshot: a crash-consistent cut across every replica. New
@@ -699,7 +739,7 @@ impl ReplicatedVolume {
                 Ok(Ok((_, info))) if info.replica_uuid != slot.identity() => {
                     // Another replica now answers at this address (a
                     // replaced disk): it holds none of our data.
-                    slot.missed.store(true, Ordering::Release);
+                    self.mark_missed(slot);
                     tracing::warn!(replica = %slot.endpoint, "a different replica answers at this address: it will be rebuilt");
                 }
                 Ok(Ok((client, _))) => {
@@ -855,6 +895,9 @@ impl ReplicatedVolume {
             self.count_modification();
             at += n;
         }
+        if fua {
+            self.cover_departures().await?;
+        }
         Ok(())
     }
 
@@ -930,6 +973,7 @@ impl BlockVolume for ReplicatedVolume {
 
     async fn flush(&self) -> OpResult<()> {
         let epoch = self.epochs.barrier().await;
+        let departures = self.departures.load(Ordering::Acquire);
         // Every replica in the set now holds every write tagged <= epoch;
         // the flush says which they are (see `rvol_replica::dirty`).
         let members: Arc<[uuid::Uuid]> = self
@@ -942,7 +986,10 @@ impl BlockVolume for ReplicatedVolume {
             let members = members.clone();
             async move { c.flush_barrier(epoch, &members).await.map(drop) }
         })
-        .await
+        .await?;
+        self.departures_flushed
+            .fetch_max(departures, Ordering::AcqRel);
+        Ok(())
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> OpResult<()> {

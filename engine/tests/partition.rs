@@ -142,3 +142,91 @@ fn a_partitioned_replica_drops_out_and_is_rebuilt_when_the_link_returns() {
         ],
     );
 }
+
+/// A FUA write is acknowledged while one replica's link is cut, and the
+/// engine dies before any flush. The cut replica's process lived on, with
+/// its dirty map, and completed the same barrier flush as the other before
+/// the cut. The next engine, which lists the cut replica first, must still
+/// serve the FUA write: the first engine has to make the replicas that
+/// applied it distinguishable before acknowledging it.
+#[test]
+fn a_fua_write_a_cut_replica_missed_survives_the_engines_death() {
+    if !Lab::available() {
+        eprintln!("SKIPPED: network namespaces need root and iproute2");
+        return;
+    }
+    let lab = Lab::new(&["r0", "r1", "eng"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut addrs = Vec::new();
+    let mut _replicas = Vec::new();
+    for i in 0..2 {
+        let h = lab.host(i);
+        let listen = format!("{}:4001", h.ip);
+        let dir = tmp.path().join(format!("r{i}"));
+        _replicas.push(Proc::start_in(
+            &h.ns,
+            &[
+                "replica",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--size",
+                "64M",
+            ],
+        ));
+        addrs.push(listen);
+    }
+    let eng = &lab.host(2).ns;
+    let start = |replicas: &[&String]| {
+        let mut args = vec![
+            "engine",
+            "--name",
+            "fua",
+            "--size",
+            "64M",
+            "--nbd-listen",
+            "127.0.0.1:10809",
+            "--admin-listen",
+            "127.0.0.1:9800",
+            "--replica-timeout",
+            "1",
+            "--flush-timeout",
+            "2",
+        ];
+        for a in replicas {
+            args.extend(["--replica", a.as_str()]);
+        }
+        Proc::start_in(eng, &args)
+    };
+    let uri = "nbd://127.0.0.1:10809/";
+    let mut engine = start(&[&addrs[0], &addrs[1]]);
+    run_in_ok(
+        eng,
+        "qemu-io",
+        &["-f", "raw", uri, "-c", "write -P 0x51 0 1M", "-c", "flush"],
+    );
+    lab.link(1, false);
+    // libnbd, which sends no flush when it disconnects (qemu-io would).
+    let fua = format!(
+        "import nbd\nh = nbd.NBD()\nh.connect_uri('{uri}')\n\
+         h.pwrite(b'\\x52' * (1 << 20), 0, nbd.CMD_FLAG_FUA)\nh.shutdown()\n"
+    );
+    run_in_ok(eng, "/usr/bin/python3", &["-c", &fua]);
+    engine.kill9();
+    lab.link(1, true);
+    let _engine = start(&[&addrs[1], &addrs[0]]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status_in(eng, "127.0.0.1:9800")["state"] != "healthy" {
+        assert!(Instant::now() < deadline, "the volume never became healthy");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Reads alternate between the replicas: both serve the FUA write.
+    for _ in 0..4 {
+        run_in_ok(
+            eng,
+            "qemu-io",
+            &["-f", "raw", uri, "-c", "read -P 0x52 0 1M"],
+        );
+    }
+}

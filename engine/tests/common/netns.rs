@@ -43,8 +43,12 @@ impl Lab {
     }
 
     /// Hosts `names`, on 10.213.<n>.0/24 where n is derived from the pid.
+    /// Names carry the pid and a count of the labs this process made, so
+    /// tests running at once do not collide.
     pub fn new(names: &[&str]) -> Lab {
-        let tag = std::process::id() % 10_000;
+        static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+        let tag = std::process::id() % 1_000 * 10 + n;
         let net = 1 + std::process::id() % 250;
         let hub = format!("rvhub{tag}");
         ip(&["netns", "add", &hub]);
