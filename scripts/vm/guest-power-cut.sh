@@ -2,18 +2,26 @@
 # The guest's half of the power-cut test (scripts/vm/power-cut.sh). Runs
 # INSIDE the guest, with the test's disk as /dev/vda.
 #
-#   guest-power-cut.sh write           # until the host cuts the power
-#   guest-power-cut.sh verify ROUNDS   # after it, in a fresh guest
+#   guest-power-cut.sh write SCENARIO           # until the host cuts the power
+#   guest-power-cut.sh verify SCENARIO ROUNDS   # after it, in a fresh guest
 #
 # write:  ext4 on /dev/vda holds three replicas: r1 and r2 in replica
 #         processes, r3 in the engine's process (local:). An NBD client
 #         writes, flushes and writes with FUA, printing `acked N` after
 #         each round (scripts/vm/power_cut_client.py), until the host
-#         SIGKILLs the whole guest.
+#         SIGKILLs the whole guest. SCENARIO says what else goes on:
+#           plain       nothing;
+#           rebuilt     after round 20 a new replica r4 is added, and the
+#                       rounds go on once its rebuild has finished;
+#           rebuilding  the same, but the rounds go on while the rebuild,
+#                       held to 1 MiB/s, copies the 20 MiB before it.
 # verify: mounts the disk again (ext4 replays its journal) and, for each
 #         replica alone, starts an engine on it and reads rounds 1..ROUNDS
-#         back. Every replica took part in every flush, so each must hold
-#         every acknowledged round, with checksums that match.
+#         back. Every replica in the set took part in every flush, so each
+#         must hold every acknowledged round, with checksums that match.
+#         r4 after `rebuilt` too. r4 after `rebuilding` holds a part of the
+#         volume: alone it must be refused, and next to r1 it must be
+#         rebuilt again and then hold every round.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 rvol=$(realpath "${RVOL:-$root/target/release/rvol}")
@@ -25,10 +33,36 @@ client=("/usr/bin/python3" "$root/scripts/vm/power_cut_client.py")
 . "$root/scripts/vm/guest-lib.sh"
 trap kill_started EXIT
 
+# status_is EXPR: a Python expression over the engine's status `s` holds.
+status_is() {
+  "$rvol" volume status --admin "unix:$work/admin.sock" --json |
+    /usr/bin/python3 -c "import json, sys; s = json.load(sys.stdin); sys.exit(0 if ($1) else 1)"
+}
+
+# wait_status WHAT EXPR: until status_is EXPR, for up to 60 s.
+wait_status() {
+  for _ in $(seq 300); do
+    status_is "$2" && return 0
+    sleep 0.2
+  done
+  fail "$1: not within 60 s"
+}
+
+# verify_alone REPLICA ROUNDS: an engine on REPLICA alone serves every round.
+verify_alone() {
+  local tag=v${1##*[:/]}
+  start_engine "$tag" --replica "$1" --nbd-listen 127.0.0.1:10809
+  "${client[@]}" verify $uri "$2" || fail "replica $1 after the power cut"
+  ! grep -i "checksum" "$work/$tag.log" || fail "replica $1: checksum errors after the power cut"
+  stop_engine
+  log "PASS replica $1 holds all $2 acknowledged rounds"
+}
+
 modprobe virtio_blk
 for _ in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
 [ -b /dev/vda ] || fail "no /dev/vda: run with scripts/vm/run.sh --disk"
 mkdir -p $data
+scenario=${2:-}
 
 case "${1:-}" in
   write)
@@ -36,27 +70,64 @@ case "${1:-}" in
     mount /dev/vda $data || fail "mount /dev/vda"
     start_replica 1 $data/r1
     start_replica 2 $data/r2
+    rate=()
+    [ "$scenario" = rebuilding ] && rate=(--rebuild-rate-mib 1)
     start_engine w --replica 127.0.0.1:4101 --replica 127.0.0.1:4102 --replica local:$data/r3 \
-      --nbd-listen 127.0.0.1:10809
+      --nbd-listen 127.0.0.1:10809 "${rate[@]}"
+    first=1
+    case "$scenario" in
+      plain) ;;
+      rebuilt | rebuilding)
+        "${client[@]}" write $uri 1 20 || fail "rounds 1..20"
+        start_replica 4 $data/r4
+        "$rvol" replica add 127.0.0.1:4104 --admin "unix:$work/admin.sock" >/dev/null ||
+          fail "replica add"
+        if [ "$scenario" = rebuilt ]; then
+          wait_status "r4 rebuilt" "[r['mode'] for r in s['replicas']].count('RW') == 4"
+        else
+          wait_status "r4's rebuild under way" "s['rebuild'] is not None and s['rebuild']['copied'] > 0"
+        fi
+        log "r4 added; rounds go on ($scenario)"
+        first=21
+        ;;
+      *) fail "unknown scenario $scenario" ;;
+    esac
     log "writing until the power is cut"
-    "${client[@]}" write $uri || fail "the client stopped before the power cut"
+    "${client[@]}" write $uri $first || fail "the client stopped before the power cut"
     ;;
   verify)
-    rounds=$2
+    rounds=$3
     [ "$rounds" -ge 1 ] || fail "no round was acknowledged before the cut; the test proves nothing"
     mount /dev/vda $data || fail "mount /dev/vda after the power cut"
     start_replica 1 $data/r1
     start_replica 2 $data/r2
     for r in 127.0.0.1:4101 127.0.0.1:4102 local:$data/r3; do
-      tag=v${r##*[:/]}
-      start_engine "$tag" --replica "$r" --nbd-listen 127.0.0.1:10809
-      "${client[@]}" verify $uri "$rounds" || fail "replica $r after the power cut"
-      ! grep -i "checksum" "$work/$tag.log" || fail "replica $r: checksum errors after the power cut"
-      stop_engine
-      log "PASS replica $r holds all $rounds acknowledged rounds"
+      verify_alone $r "$rounds"
     done
+    case "$scenario" in
+      plain) ;;
+      rebuilt)
+        start_replica 4 $data/r4
+        verify_alone 127.0.0.1:4104 "$rounds"
+        ;;
+      rebuilding)
+        start_replica 4 $data/r4
+        rc=0
+        timeout 60 "$rvol" engine --name vol --size $size --admin-listen "unix:$work/admin.sock" \
+          --replica 127.0.0.1:4104 --nbd-listen 127.0.0.1:10809 >/dev/null 2>"$work/alone.log" || rc=$?
+        [ $rc != 0 ] && [ $rc != 124 ] && grep -q "interrupted rebuild" "$work/alone.log" ||
+          fail "an engine on r4 alone, whose rebuild the cut interrupted, was not refused (exit $rc)"
+        log "PASS r4 alone is refused: its rebuild was interrupted"
+        start_engine again --replica 127.0.0.1:4104 --replica 127.0.0.1:4101 --nbd-listen 127.0.0.1:10809
+        wait_status "r4 rebuilt again" \
+          "[r['mode'] for r in s['replicas']] == ['RW', 'RW'] and s['rebuilt_bytes'] > 0"
+        stop_engine
+        verify_alone 127.0.0.1:4104 "$rounds"
+        ;;
+      *) fail "unknown scenario $scenario" ;;
+    esac
     ;;
   *)
-    fail "usage: $0 write | verify ROUNDS"
+    fail "usage: $0 write SCENARIO | verify SCENARIO ROUNDS"
     ;;
 esac
