@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::netns::Lab;
@@ -18,6 +19,52 @@ fn status_in(ns: &str, admin: &str) -> serde_json::Value {
     .unwrap()
 }
 
+/// Replica processes on the first `n` hosts of `lab`, each on port 4001
+/// with its directory under `base`; returns them and their addresses.
+fn replicas_on_hosts(lab: &Lab, base: &Path, n: usize, size: &str) -> (Vec<Proc>, Vec<String>) {
+    (0..n)
+        .map(|i| {
+            let h = lab.host(i);
+            let listen = format!("{}:4001", h.ip);
+            let dir = base.join(format!("r{i}"));
+            let p = Proc::start_in(
+                &h.ns,
+                &[
+                    "replica",
+                    "--dir",
+                    dir.to_str().unwrap(),
+                    "--listen",
+                    &listen,
+                    "--size",
+                    size,
+                ],
+            );
+            (p, listen)
+        })
+        .unzip()
+}
+
+/// An engine in namespace `ns`, NBD on 127.0.0.1:10809 and the admin API
+/// on 127.0.0.1:9800 there.
+fn engine_in(ns: &str, name: &str, size: &str, replicas: &[&String], extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "engine",
+        "--name",
+        name,
+        "--size",
+        size,
+        "--nbd-listen",
+        "127.0.0.1:10809",
+        "--admin-listen",
+        "127.0.0.1:9800",
+    ];
+    for a in replicas {
+        args.extend(["--replica", a.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    Proc::start_in(ns, &args)
+}
+
 #[test]
 fn a_partitioned_replica_drops_out_and_is_rebuilt_when_the_link_returns() {
     if !Lab::available() {
@@ -26,45 +73,10 @@ fn a_partitioned_replica_drops_out_and_is_rebuilt_when_the_link_returns() {
     }
     let lab = Lab::new(&["r0", "r1", "r2", "eng"]);
     let tmp = tempfile::tempdir().unwrap();
-    let mut replicas = Vec::new();
-    let mut addrs = Vec::new();
-    for i in 0..3 {
-        let h = lab.host(i);
-        let listen = format!("{}:4001", h.ip);
-        let dir = tmp.path().join(format!("r{i}"));
-        replicas.push(Proc::start_in(
-            &h.ns,
-            &[
-                "replica",
-                "--dir",
-                dir.to_str().unwrap(),
-                "--listen",
-                &listen,
-                "--size",
-                "256M",
-            ],
-        ));
-        addrs.push(listen);
-    }
+    let (mut replicas, addrs) = replicas_on_hosts(&lab, tmp.path(), 3, "256M");
     let eng = &lab.host(3).ns;
-    let mut args = vec![
-        "engine",
-        "--name",
-        "part",
-        "--size",
-        "256M",
-        "--nbd-listen",
-        "127.0.0.1:10809",
-        "--admin-listen",
-        "127.0.0.1:9800",
-        "--replica-timeout",
-        "2",
-    ];
-    for a in &addrs {
-        args.push("--replica");
-        args.push(a);
-    }
-    let _engine = Proc::start_in(eng, &args);
+    let all: Vec<&String> = addrs.iter().collect();
+    let _engine = engine_in(eng, "part", "256M", &all, &["--replica-timeout", "2"]);
     let fio = std::process::Command::new("ip")
         .args([
             "netns",
@@ -157,47 +169,11 @@ fn a_fua_write_a_cut_replica_missed_survives_the_engines_death() {
     }
     let lab = Lab::new(&["r0", "r1", "eng"]);
     let tmp = tempfile::tempdir().unwrap();
-    let mut addrs = Vec::new();
-    let mut _replicas = Vec::new();
-    for i in 0..2 {
-        let h = lab.host(i);
-        let listen = format!("{}:4001", h.ip);
-        let dir = tmp.path().join(format!("r{i}"));
-        _replicas.push(Proc::start_in(
-            &h.ns,
-            &[
-                "replica",
-                "--dir",
-                dir.to_str().unwrap(),
-                "--listen",
-                &listen,
-                "--size",
-                "64M",
-            ],
-        ));
-        addrs.push(listen);
-    }
+    let (_replicas, addrs) = replicas_on_hosts(&lab, tmp.path(), 2, "64M");
     let eng = &lab.host(2).ns;
     let start = |replicas: &[&String]| {
-        let mut args = vec![
-            "engine",
-            "--name",
-            "fua",
-            "--size",
-            "64M",
-            "--nbd-listen",
-            "127.0.0.1:10809",
-            "--admin-listen",
-            "127.0.0.1:9800",
-            "--replica-timeout",
-            "1",
-            "--flush-timeout",
-            "2",
-        ];
-        for a in replicas {
-            args.extend(["--replica", a.as_str()]);
-        }
-        Proc::start_in(eng, &args)
+        let timeouts = ["--replica-timeout", "1", "--flush-timeout", "2"];
+        engine_in(eng, "fua", "64M", replicas, &timeouts)
     };
     let uri = "nbd://127.0.0.1:10809/";
     let mut engine = start(&[&addrs[0], &addrs[1]]);
