@@ -134,6 +134,13 @@ impl ReplicatedVolume {
                 .map_err(|e| e.to_string())?;
         }
         let client = Arc::new(client);
+        // Before it joins, the replicas in the set move past every flush
+        // epoch it may have completed (a new replica has completed none, as
+        // a volume never flushed has not): a crash from here on never finds
+        // it as current as they are.
+        self.cover_departures()
+            .await
+            .map_err(|e| format!("flush before the rebuild: {e}"))?;
         tracing::info!(replica = %slot.endpoint, "rebuilding replica: joined in WO mode");
         self.join_write_only(slot, client.clone(), joining.replica_uuid);
 
