@@ -2,7 +2,9 @@
 //! stays in use.
 //!
 //! 1. The replica joins in WO mode: every write from now on reaches it too,
-//!    but it serves no reads.
+//!    but it serves no reads. First, if a replica left or was added since
+//!    the last flush, a barrier flush moves the set past any flush epoch
+//!    the joining one may hold (see "Losing replicas" in `crate::volume`).
 //! 2. With every modification paused ([`RangeLocks::lock_all`]), each
 //!    writable replica, the joining one included, freezes its head as the
 //!    same system snapshot. Below that cut the volume cannot change; above
