@@ -90,10 +90,10 @@ impl DirtyMap {
         &self.flush_members
     }
 
-    /// Barrier flush `epoch`, naming `members`, arrived (before its sync
-    /// starts).
+    /// Barrier flush `epoch`, naming `members` (this replica among them),
+    /// arrived (before its sync starts).
     pub fn flush_arrived(&mut self, epoch: u64, members: &[Uuid]) {
-        if epoch > self.flush_received || (epoch == self.flush_received && !members.is_empty()) {
+        if epoch >= self.flush_received {
             self.flush_received = epoch;
             self.flush_members = members.to_vec();
         }

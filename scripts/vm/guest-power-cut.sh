@@ -104,14 +104,11 @@ case "${1:-}" in
     for r in 127.0.0.1:4101 127.0.0.1:4102 local:$data/r3; do
       verify_alone $r "$rounds"
     done
+    [ "$scenario" = plain ] || start_replica 4 $data/r4
     case "$scenario" in
       plain) ;;
-      rebuilt)
-        start_replica 4 $data/r4
-        verify_alone 127.0.0.1:4104 "$rounds"
-        ;;
+      rebuilt) verify_alone 127.0.0.1:4104 "$rounds" ;;
       rebuilding)
-        start_replica 4 $data/r4
         rc=0
         timeout 60 "$rvol" engine --name vol --size $size --admin-listen "unix:$work/admin.sock" \
           --replica 127.0.0.1:4104 --nbd-listen 127.0.0.1:10809 >/dev/null 2>"$work/alone.log" || rc=$?
