@@ -473,7 +473,7 @@ impl Replica {
                     )
                     .map_err(io(format!("reading checksums of {}", layer.name)))?
                     {
-                        if still_bad(layer, b)? {
+                        if self.still_bad(layer, b)? {
                             report.bad_blocks += 1;
                             if report.bad.len() < SCRUB_REPORT_MAX {
                                 report.bad.push((layer.name.clone(), b * BLOCK_SIZE));
@@ -495,23 +495,28 @@ impl Replica {
     }
 }
 
-/// Whether a block that failed in a scrub still holds data that fails.
-fn still_bad(layer: &Layer, block: u64) -> Result<bool> {
-    let at = block * BLOCK_SIZE;
-    let allocated = !crate::store::data_extents_in(&layer.file, at, at + BLOCK_SIZE)
-        .map_err(io(format!("mapping {}", layer.name)))?
-        .is_empty();
-    if !allocated {
-        return Ok(false);
+impl Replica {
+    /// Whether `block` of `layer` fails its checksum when read again with
+    /// no write into the head running: a write may have raced the scrub's
+    /// read (see the invariants in [`crate::store`]).
+    fn still_bad(&self, layer: &Layer, block: u64) -> Result<bool> {
+        let _no_writes = self.head_writes.write().unwrap_or_else(|e| e.into_inner());
+        let at = block * BLOCK_SIZE;
+        let allocated = !crate::store::data_extents_in(&layer.file, at, at + BLOCK_SIZE)
+            .map_err(io(format!("mapping {}", layer.name)))?
+            .is_empty();
+        if !allocated {
+            return Ok(false);
+        }
+        let mut b = vec![0u8; BLOCK_SIZE as usize];
+        layer
+            .file
+            .read_exact_at(&mut b, at)
+            .map_err(io(format!("reading {}", layer.name)))?;
+        Ok(crate::checksum::verify(&layer.crc, block, &b, &mut [0])
+            .map_err(io(format!("reading checksums of {}", layer.name)))?
+            .is_some())
     }
-    let mut b = vec![0u8; BLOCK_SIZE as usize];
-    layer
-        .file
-        .read_exact_at(&mut b, at)
-        .map_err(io(format!("reading {}", layer.name)))?;
-    Ok(crate::checksum::verify(&layer.crc, block, &b, &mut [0])
-        .map_err(io(format!("reading checksums of {}", layer.name)))?
-        .is_some())
 }
 
 /// Largest volume: 64 TiB (the index addresses blocks with room to spare;

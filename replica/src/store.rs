@@ -31,6 +31,13 @@
 //! - One process at a time: an open replica holds an exclusive `flock` on
 //!   its directory, so a second replica process, or an engine opening the
 //!   directory in-process, is refused instead of writing beside it.
+//! - A read never reports a checksum mismatch that a write caused. Writes
+//!   into the head run beside reads (a FUA write on the blocking pool, a
+//!   process with several runtime threads), so a read may copy a block
+//!   half-written, or new data before its checksum is recorded. A read whose
+//!   blocks fail their checksums therefore reads again holding
+//!   `head_writes` exclusively, which every write into the head holds
+//!   shared: what still fails then is in the data itself.
 //! - Fencing: every request runs holding a read guard on the lease
 //!   ([`Replica::admit`]); a takeover holds the write guard while it
 //!   persists the new generation, so once it returns no request of an older
@@ -215,6 +222,9 @@ pub struct Replica {
     /// `pread`s, and exclusively by anything that punches a layer below
     /// the head; see [`crate::maintenance`].
     pub(crate) lower_gate: RwLock<()>,
+    /// Held shared by every write into the head, exclusively by a read
+    /// checking again (see the module invariants). Taken before `layers`.
+    pub(crate) head_writes: RwLock<()>,
     /// Serializes purge steps and holds where pruning got to.
     pub(crate) purge: Mutex<crate::maintenance::PurgeCursor>,
     /// The directory, locked for as long as this value lives.
@@ -480,6 +490,7 @@ impl Replica {
             flush_lock: Mutex::new(()),
             dirty: Mutex::new(DirtyMap::new(rec.clean)),
             lower_gate: RwLock::new(()),
+            head_writes: RwLock::new(()),
             purge: Mutex::new(Default::default()),
             _dir_lock: dir_lock,
         })
@@ -660,7 +671,28 @@ impl Replica {
     /// it all cost as much CPU as the checksums). With `crcs` (one per
     /// block, preset to the crc of a zero block), every block read from a
     /// layer is checked against its checksums and its crc is stored there.
+    ///
+    /// A mismatch may be a write's doing, so it reads once more with no
+    /// write running (see the module invariants) before it reports one.
     fn read_range(&self, offset: u64, len: u64, mut crcs: Option<&mut [u32]>) -> Result<Vec<u8>> {
+        match self.read_range_once(offset, len, crcs.as_deref_mut()) {
+            Err(Error::Checksum(_)) => {
+                let _no_writes = self.head_writes.write().unwrap_or_else(|e| e.into_inner());
+                if let Some(crcs) = crcs.as_deref_mut() {
+                    crcs.fill(crc::zero_block());
+                }
+                self.read_range_once(offset, len, crcs)
+            }
+            read => read,
+        }
+    }
+
+    fn read_range_once(
+        &self,
+        offset: u64,
+        len: u64,
+        mut crcs: Option<&mut [u32]>,
+    ) -> Result<Vec<u8>> {
         let located = self.locate(offset, len)?;
         let mut buf = Vec::with_capacity(len as usize);
         for &(pos, at, n) in &located.runs {
@@ -831,6 +863,7 @@ impl Replica {
             )));
         }
         self.before_modify(offset, data.len() as u64, epoch)?;
+        let _writing = self.head_writes.read().unwrap_or_else(|e| e.into_inner());
         let layers = self.layers();
         let (head, pos) = Self::head_of(&layers);
         Self::write_head(head, offset, data, crcs)?;
@@ -864,6 +897,7 @@ impl Replica {
     pub fn write_zeroes(&self, offset: u64, len: u64, epoch: u64) -> Result<()> {
         self.check_range(offset, len)?;
         self.before_modify(offset, len, epoch)?;
+        let _writing = self.head_writes.read().unwrap_or_else(|e| e.into_inner());
         let layers = self.layers();
         if Self::only_removed_below_head(&layers) {
             self.punch_through(&layers, offset, len)?;
