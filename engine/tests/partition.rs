@@ -206,3 +206,50 @@ fn a_fua_write_a_cut_replica_missed_survives_the_engines_death() {
         );
     }
 }
+
+/// The same for a snapshot: one taken while a replica's link is cut is
+/// acknowledged only once a flush has moved the replicas that hold it past
+/// the cut one, so the next engine cannot take the replica that never saw
+/// it as the source and rebuild the snapshot away.
+#[test]
+fn a_snapshot_a_cut_replica_missed_survives_the_engines_death() {
+    if !Lab::available() {
+        eprintln!("SKIPPED: network namespaces need root and iproute2");
+        return;
+    }
+    let lab = Lab::new(&["r0", "r1", "eng"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (_replicas, addrs) = replicas_on_hosts(&lab, tmp.path(), 2, "64M");
+    let eng = &lab.host(2).ns;
+    let start = |replicas: &[&String]| {
+        let timeouts = ["--replica-timeout", "1", "--flush-timeout", "2"];
+        engine_in(eng, "snap", "64M", replicas, &timeouts)
+    };
+    let uri = "nbd://127.0.0.1:10809/";
+    let admin = "127.0.0.1:9800";
+    let mut engine = start(&[&addrs[0], &addrs[1]]);
+    run_in_ok(
+        eng,
+        "qemu-io",
+        &["-f", "raw", uri, "-c", "write -P 0x51 0 1M", "-c", "flush"],
+    );
+    lab.link(1, false);
+    run_in_ok(eng, RVOL, &["snapshot", "create", "cut", "--admin", admin]);
+    engine.kill9();
+    lab.link(1, true);
+    let _engine = start(&[&addrs[1], &addrs[0]]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status_in(eng, admin)["state"] != "healthy" {
+        assert!(Instant::now() < deadline, "the volume never became healthy");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let snapshots = run_in_ok(eng, RVOL, &["snapshot", "ls", "--admin", admin, "--json"]);
+    let chain: serde_json::Value = serde_json::from_str(&snapshots).unwrap();
+    let names: Vec<&str> = chain
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["name"].as_str())
+        .collect();
+    assert!(names.contains(&"volume-snap-cut.img"), "{snapshots}");
+}
