@@ -206,6 +206,8 @@ pub(crate) fn remove_layer_files(dir: &Path, name: &str) {
 /// An open replica; see the module documentation.
 pub struct Replica {
     pub(crate) dir: PathBuf,
+    /// This replica's identity (`replica.json`'s, which never changes).
+    uuid: Uuid,
     /// Bytes; grows with [`Replica::expand`], never shrinks.
     pub(crate) size: AtomicU64,
     pub(crate) meta: Mutex<ReplicaMeta>,
@@ -476,6 +478,7 @@ impl Replica {
         let index = build_index(rmeta.size, &layers)?;
         Ok(Replica {
             dir: dir.to_path_buf(),
+            uuid: rmeta.replica_uuid,
             size: AtomicU64::new(rmeta.size),
             meta: Mutex::new(rmeta),
             layers: RwLock::new(layers),
@@ -957,7 +960,7 @@ impl Replica {
     /// tagged `<= epoch`, and such a replica must never report that it
     /// completed the barrier. For them it is a plain flush.
     pub fn flush_barrier(&self, epoch: u64, members: &[Uuid]) -> Result<Revision> {
-        let named = members.contains(&lock(&self.meta).replica_uuid);
+        let named = members.contains(&self.uuid);
         let epoch = if named { epoch } else { 0 };
         if epoch > 0 {
             lock(&self.dirty).flush_arrived(epoch, members);
