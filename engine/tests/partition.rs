@@ -155,95 +155,106 @@ fn a_partitioned_replica_drops_out_and_is_rebuilt_when_the_link_returns() {
     );
 }
 
-/// A FUA write is acknowledged while one replica's link is cut, and the
-/// engine dies before any flush. The cut replica's process lived on, with
-/// its dirty map, and completed the same barrier flush as the other before
-/// the cut. The next engine, which lists the cut replica first, must still
-/// serve the FUA write: the first engine has to make the replicas that
-/// applied it distinguishable before acknowledging it.
+/// What a cut replica missed must survive the engine's death. Two
+/// replicas on hosts of their own, the engine on a third: 0x51 is written
+/// and flushed, r1's link is cut, `while_cut` runs on the engine's host,
+/// the engine is SIGKILLed before any flush and the link restored. The
+/// cut replica's process lived on, with its dirty map, and completed the
+/// same barrier flush as r0 before the cut. The next engine lists it
+/// first; this returns once that engine reports the volume healthy. The
+/// first engine has to make the replicas that applied what `while_cut`
+/// did distinguishable before acknowledging it.
+/// Fields drop in this order: processes before their directories and
+/// namespaces.
+struct AfterACut {
+    _engine: Proc,
+    _replicas: Vec<Proc>,
+    _tmp: tempfile::TempDir,
+    lab: Lab,
+}
+
+const URI: &str = "nbd://127.0.0.1:10809/";
+const ADMIN: &str = "127.0.0.1:9800";
+
+impl AfterACut {
+    fn run(name: &str, while_cut: impl FnOnce(&str)) -> AfterACut {
+        let lab = Lab::new(&["r0", "r1", "eng"]);
+        let tmp = tempfile::tempdir().unwrap();
+        let (replicas, addrs) = replicas_on_hosts(&lab, tmp.path(), 2, "64M");
+        let eng = lab.host(2).ns.clone();
+        let start = |replicas: &[&String]| {
+            let timeouts = ["--replica-timeout", "1", "--flush-timeout", "2"];
+            engine_in(&eng, name, "64M", replicas, &timeouts)
+        };
+        let mut engine = start(&[&addrs[0], &addrs[1]]);
+        run_in_ok(
+            &eng,
+            "qemu-io",
+            &["-f", "raw", URI, "-c", "write -P 0x51 0 1M", "-c", "flush"],
+        );
+        lab.link(1, false);
+        while_cut(&eng);
+        engine.kill9();
+        lab.link(1, true);
+        let engine = start(&[&addrs[1], &addrs[0]]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while status_in(&eng, ADMIN)["state"] != "healthy" {
+            assert!(Instant::now() < deadline, "the volume never became healthy");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        AfterACut {
+            _engine: engine,
+            _replicas: replicas,
+            _tmp: tmp,
+            lab,
+        }
+    }
+
+    fn ns(&self) -> &str {
+        &self.lab.host(2).ns
+    }
+}
+
 #[test]
 fn a_fua_write_a_cut_replica_missed_survives_the_engines_death() {
     if !Lab::available() {
         eprintln!("SKIPPED: network namespaces need root and iproute2");
         return;
     }
-    let lab = Lab::new(&["r0", "r1", "eng"]);
-    let tmp = tempfile::tempdir().unwrap();
-    let (_replicas, addrs) = replicas_on_hosts(&lab, tmp.path(), 2, "64M");
-    let eng = &lab.host(2).ns;
-    let start = |replicas: &[&String]| {
-        let timeouts = ["--replica-timeout", "1", "--flush-timeout", "2"];
-        engine_in(eng, "fua", "64M", replicas, &timeouts)
-    };
-    let uri = "nbd://127.0.0.1:10809/";
-    let mut engine = start(&[&addrs[0], &addrs[1]]);
-    run_in_ok(
-        eng,
-        "qemu-io",
-        &["-f", "raw", uri, "-c", "write -P 0x51 0 1M", "-c", "flush"],
-    );
-    lab.link(1, false);
-    // libnbd, which sends no flush when it disconnects (qemu-io would).
-    let fua = format!(
-        "import nbd\nh = nbd.NBD()\nh.connect_uri('{uri}')\n\
-         h.pwrite(b'\\x52' * (1 << 20), 0, nbd.CMD_FLAG_FUA)\nh.shutdown()\n"
-    );
-    run_in_ok(eng, "/usr/bin/python3", &["-c", &fua]);
-    engine.kill9();
-    lab.link(1, true);
-    let _engine = start(&[&addrs[1], &addrs[0]]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while status_in(eng, "127.0.0.1:9800")["state"] != "healthy" {
-        assert!(Instant::now() < deadline, "the volume never became healthy");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let after = AfterACut::run("fua", |eng| {
+        // libnbd, which sends no flush when it disconnects (qemu-io would).
+        let fua = format!(
+            "import nbd\nh = nbd.NBD()\nh.connect_uri('{URI}')\n\
+             h.pwrite(b'\\x52' * (1 << 20), 0, nbd.CMD_FLAG_FUA)\nh.shutdown()\n"
+        );
+        run_in_ok(eng, "/usr/bin/python3", &["-c", &fua]);
+    });
     // Reads alternate between the replicas: both serve the FUA write.
     for _ in 0..4 {
         run_in_ok(
-            eng,
+            after.ns(),
             "qemu-io",
-            &["-f", "raw", uri, "-c", "read -P 0x52 0 1M"],
+            &["-f", "raw", URI, "-c", "read -P 0x52 0 1M"],
         );
     }
 }
 
-/// The same for a snapshot: one taken while a replica's link is cut is
-/// acknowledged only once a flush has moved the replicas that hold it past
-/// the cut one, so the next engine cannot take the replica that never saw
-/// it as the source and rebuild the snapshot away.
+/// The same for a snapshot: without the flush after it, the next engine
+/// took the cut replica as the source and rebuilt the snapshot away.
 #[test]
 fn a_snapshot_a_cut_replica_missed_survives_the_engines_death() {
     if !Lab::available() {
         eprintln!("SKIPPED: network namespaces need root and iproute2");
         return;
     }
-    let lab = Lab::new(&["r0", "r1", "eng"]);
-    let tmp = tempfile::tempdir().unwrap();
-    let (_replicas, addrs) = replicas_on_hosts(&lab, tmp.path(), 2, "64M");
-    let eng = &lab.host(2).ns;
-    let start = |replicas: &[&String]| {
-        let timeouts = ["--replica-timeout", "1", "--flush-timeout", "2"];
-        engine_in(eng, "snap", "64M", replicas, &timeouts)
-    };
-    let uri = "nbd://127.0.0.1:10809/";
-    let admin = "127.0.0.1:9800";
-    let mut engine = start(&[&addrs[0], &addrs[1]]);
-    run_in_ok(
-        eng,
-        "qemu-io",
-        &["-f", "raw", uri, "-c", "write -P 0x51 0 1M", "-c", "flush"],
+    let after = AfterACut::run("snap", |eng| {
+        run_in_ok(eng, RVOL, &["snapshot", "create", "cut", "--admin", ADMIN]);
+    });
+    let snapshots = run_in_ok(
+        after.ns(),
+        RVOL,
+        &["snapshot", "ls", "--admin", ADMIN, "--json"],
     );
-    lab.link(1, false);
-    run_in_ok(eng, RVOL, &["snapshot", "create", "cut", "--admin", admin]);
-    engine.kill9();
-    lab.link(1, true);
-    let _engine = start(&[&addrs[1], &addrs[0]]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while status_in(eng, admin)["state"] != "healthy" {
-        assert!(Instant::now() < deadline, "the volume never became healthy");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    let snapshots = run_in_ok(eng, RVOL, &["snapshot", "ls", "--admin", admin, "--json"]);
     let chain: serde_json::Value = serde_json::from_str(&snapshots).unwrap();
     let names: Vec<&str> = chain
         .as_array()
