@@ -5,12 +5,13 @@
 # guest writes through rvol to replicas on a virtual disk until this host
 # SIGKILLs QEMU after a given acknowledged round; a second guest mounts
 # the same disk and checks every round the first one acknowledged, on each
-# replica alone (scripts/vm/guest-power-cut.sh). Three times: while only
-# writing, after a new replica's rebuild finished, and in the middle of
-# one. With the fdatasync of the replica's flush removed, every round was
-# lost on every replica: it fails.
+# replica alone (scripts/vm/guest-power-cut.sh). Four times: while only
+# writing, after a new replica's rebuild finished, in the middle of one,
+# and while snapshots are created and removed. With the fdatasync of the
+# replica's flush removed, every round was lost on every replica: it fails.
 #
-#   scripts/vm/power-cut.sh      # needs scripts/vm/setup.sh and a release build
+#   scripts/vm/power-cut.sh [SCENARIO...]   # default: all four; needs
+#                                           # scripts/vm/setup.sh and a release build
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 disk=$(mktemp "${TMPDIR:-/tmp}/rvol-power-cut.XXXXXX")
@@ -18,8 +19,9 @@ trap 'rm -f "$disk"' EXIT
 export RVOL=${RVOL:-$here/../../target/release/rvol} RVOL_VM_ENV=RVOL
 # SCENARIO KILL-ON: see guest-power-cut.sh; the host cuts the power when
 # the guest prints KILL-ON.
-for run in "plain ^acked 10$" "rebuilt ^acked 30$" "rebuilding ^acked 30$"; do
+for run in "plain ^acked 10$" "rebuilt ^acked 30$" "rebuilding ^acked 30$" "snapshots ^acked 60$"; do
   read -r scenario kill_on <<<"$run"
+  [ $# = 0 ] || [[ " $* " == *" $scenario "* ]] || continue
   truncate -s 0 "$disk"
   truncate -s 2G "$disk"
   out=$("$here/run.sh" --timeout 900 --disk "$disk" --kill-on "$kill_on" -- \
@@ -29,7 +31,10 @@ for run in "plain ^acked 10$" "rebuilt ^acked 30$" "rebuilding ^acked 30$"; do
   }
   # The guest printed these lines after the acknowledgements, so the last
   # one the host received names a round acknowledged before the cut.
-  rounds=$(echo "$out" | sed -n 's/^acked \([0-9]*\)$/\1/p' | tail -n 1)
-  echo "power cut ($scenario): QEMU killed; the last round the host saw acknowledged: $rounds"
-  "$here/run.sh" --timeout 900 --disk "$disk" -- "$here/guest-power-cut.sh" verify "$scenario" "$rounds"
+  last() { echo "$out" | sed -n "s/^$1 \([0-9]*\)\$/\1/p" | tail -n 1; }
+  rounds=$(last acked) snapped=$(last snapped) removed=$(last removed)
+  echo "power cut ($scenario): QEMU killed; the last round the host saw acknowledged: $rounds" \
+    "${snapped:+(snapshots: s$snapped created, s${removed:-0} removed)}"
+  "$here/run.sh" --timeout 900 --disk "$disk" -- \
+    "$here/guest-power-cut.sh" verify "$scenario" "$rounds" "${snapped:-0}" "${removed:-0}"
 done
