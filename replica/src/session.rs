@@ -14,6 +14,9 @@
 //! FLUSH, MARK_CLEAN and FUA writes wait for the disk, and rebuild and
 //! snapshot operations are slow: they run on the blocking pool, so the
 //! requests behind them are not held up, and their replies overtake theirs.
+//! A read may therefore run while a FUA write to its blocks is half done;
+//! the store checks such a read again before it calls it rot (see the
+//! invariants in [`crate::store`]).
 //! Replies are matched to requests by id.
 
 use std::sync::Arc;
