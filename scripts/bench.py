@@ -47,6 +47,13 @@ def cpu_seconds(pids):
     return total / CLK
 
 
+def stolen_seconds():
+    """CPU time the hypervisor gave to others while this guest wanted it
+    (all CPUs): a job that lost much of it ran on a disturbed machine."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8]) / CLK
+
+
 def children_cpu_seconds():
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -165,7 +172,9 @@ def run_job(t, job, runtime, ramp, size):
     os.sync()
     before = cpu_seconds(t.pids())
     fio_before = children_cpu_seconds()
+    stolen_before, wall_before = stolen_seconds(), time.time()
     out = subprocess.run(args, capture_output=True, text=True)
+    stolen = (stolen_seconds() - stolen_before) / ((time.time() - wall_before) * os.cpu_count())
     server_cpu = cpu_seconds(t.pids()) - before
     # From the kernel, not fio's report: that leaves out the io_uring
     # workers that run a local target's buffered writes.
@@ -184,13 +193,15 @@ def run_job(t, job, runtime, ramp, size):
         # fio's own CPU plus the servers' over the whole job (ramp included).
         "cpu_s_per_gib": (server_cpu + fio_cpu) / moved_gib if moved_gib > 0 else None,
         "io_errors": j.get("error", 0),
+        # Share of the CPUs' time stolen by the host during the job.
+        "steal": stolen,
     }
 
 
 def table(results, targets):
     base = results.get("nbdkit", {})
-    lines = ["| job | target | IOPS | MiB/s | p50 µs | p99 µs | CPU s/GiB | IOPS vs nbdkit | p99 vs nbdkit |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| job | target | IOPS | MiB/s | p50 µs | p99 µs | CPU s/GiB | IOPS vs nbdkit | p99 vs nbdkit | steal |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for job in JOBS:
         for t in targets:
             r = results.get(t, {}).get(job[0])
@@ -200,8 +211,9 @@ def table(results, targets):
             ratio = f"{r['iops'] / b['iops']:.2f}×" if b and b["iops"] else "-"
             p99 = f"{r['p99_us'] / b['p99_us']:.2f}×" if b and b["p99_us"] else "-"
             cpu = f"{r['cpu_s_per_gib']:.2f}" if r["cpu_s_per_gib"] is not None else "-"
+            steal = f"{r['steal']:.0%}" if "steal" in r else "-"
             lines.append(f"| {job[0]} | {t} | {r['iops']:.0f} | {r['mib_s']:.1f} | {r['p50_us']:.0f} | "
-                         f"{r['p99_us']:.0f} | {cpu} | {ratio} | {p99} |")
+                         f"{r['p99_us']:.0f} | {cpu} | {ratio} | {p99} | {steal} |")
     return "\n".join(lines)
 
 
