@@ -157,7 +157,8 @@ fn a_partitioned_replica_drops_out_and_is_rebuilt_when_the_link_returns() {
 
 /// What a cut replica missed must survive the engine's death. Two
 /// replicas on hosts of their own, the engine on a third: 0x51 is written
-/// and flushed, r1's link is cut, `while_cut` runs on the engine's host,
+/// and flushed, `before_cut` runs on the engine's host, r1's link is cut,
+/// `while_cut` runs there,
 /// the engine is SIGKILLed before any flush and the link restored. The
 /// cut replica's process lived on, with its dirty map, and completed the
 /// same barrier flush as r0 before the cut. The next engine lists it
@@ -177,7 +178,7 @@ const URI: &str = "nbd://127.0.0.1:10809/";
 const ADMIN: &str = "127.0.0.1:9800";
 
 impl AfterACut {
-    fn run(name: &str, while_cut: impl FnOnce(&str)) -> AfterACut {
+    fn run(name: &str, before_cut: impl FnOnce(&str), while_cut: impl FnOnce(&str)) -> AfterACut {
         let lab = Lab::new(&["r0", "r1", "eng"]);
         let tmp = tempfile::tempdir().unwrap();
         let (replicas, addrs) = replicas_on_hosts(&lab, tmp.path(), 2, "64M");
@@ -192,6 +193,7 @@ impl AfterACut {
             "qemu-io",
             &["-f", "raw", URI, "-c", "write -P 0x51 0 1M", "-c", "flush"],
         );
+        before_cut(&eng);
         lab.link(1, false);
         while_cut(&eng);
         engine.kill9();
@@ -221,14 +223,18 @@ fn a_fua_write_a_cut_replica_missed_survives_the_engines_death() {
         eprintln!("SKIPPED: network namespaces need root and iproute2");
         return;
     }
-    let after = AfterACut::run("fua", |eng| {
-        // libnbd, which sends no flush when it disconnects (qemu-io would).
-        let fua = format!(
-            "import nbd\nh = nbd.NBD()\nh.connect_uri('{URI}')\n\
+    let after = AfterACut::run(
+        "fua",
+        |_| {},
+        |eng| {
+            // libnbd, which sends no flush when it disconnects (qemu-io would).
+            let fua = format!(
+                "import nbd\nh = nbd.NBD()\nh.connect_uri('{URI}')\n\
              h.pwrite(b'\\x52' * (1 << 20), 0, nbd.CMD_FLAG_FUA)\nh.shutdown()\n"
-        );
-        run_in_ok(eng, "/usr/bin/python3", &["-c", &fua]);
-    });
+            );
+            run_in_ok(eng, "/usr/bin/python3", &["-c", &fua]);
+        },
+    );
     // Reads alternate between the replicas: both serve the FUA write.
     for _ in 0..4 {
         run_in_ok(
@@ -247,20 +253,55 @@ fn a_snapshot_a_cut_replica_missed_survives_the_engines_death() {
         eprintln!("SKIPPED: network namespaces need root and iproute2");
         return;
     }
-    let after = AfterACut::run("snap", |eng| {
-        run_in_ok(eng, RVOL, &["snapshot", "create", "cut", "--admin", ADMIN]);
-    });
-    let snapshots = run_in_ok(
-        after.ns(),
-        RVOL,
-        &["snapshot", "ls", "--admin", ADMIN, "--json"],
+    let after = AfterACut::run(
+        "snap",
+        |_| {},
+        |eng| {
+            run_in_ok(eng, RVOL, &["snapshot", "create", "cut", "--admin", ADMIN]);
+        },
     );
-    let chain: serde_json::Value = serde_json::from_str(&snapshots).unwrap();
-    let names: Vec<&str> = chain
+    let live = live_snapshots(after.ns());
+    assert!(
+        live.contains(&"volume-snap-cut.img".to_string()),
+        "{live:?}"
+    );
+}
+
+/// And for a snapshot's removal: the cut replica still holds the snapshot,
+/// and must not bring it back.
+#[test]
+fn a_snapshot_removal_a_cut_replica_missed_survives_the_engines_death() {
+    if !Lab::available() {
+        eprintln!("SKIPPED: network namespaces need root and iproute2");
+        return;
+    }
+    let snapshot = |args: &[&str], eng: &str| {
+        let mut all = vec!["snapshot"];
+        all.extend_from_slice(args);
+        all.extend(["--admin", ADMIN]);
+        run_in_ok(eng, RVOL, &all);
+    };
+    let after = AfterACut::run(
+        "snaprm",
+        |eng| snapshot(&["create", "old"], eng),
+        |eng| snapshot(&["rm", "old"], eng),
+    );
+    let live = live_snapshots(after.ns());
+    assert!(
+        !live.contains(&"volume-snap-old.img".to_string()),
+        "{live:?}"
+    );
+}
+
+/// The layers of the chain that are not marked removed, the head included.
+fn live_snapshots(ns: &str) -> Vec<String> {
+    let out = run_in_ok(ns, RVOL, &["snapshot", "ls", "--admin", ADMIN, "--json"]);
+    let chain: serde_json::Value = serde_json::from_str(&out).unwrap();
+    chain
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|l| l["name"].as_str())
-        .collect();
-    assert!(names.contains(&"volume-snap-cut.img"), "{snapshots}");
+        .filter(|l| l["removed"] == false)
+        .filter_map(|l| l["name"].as_str().map(String::from))
+        .collect()
 }

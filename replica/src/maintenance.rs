@@ -493,9 +493,7 @@ impl Replica {
         }
         Ok(report)
     }
-}
 
-impl Replica {
     /// Whether `block` of `layer` fails its checksum when read again with
     /// no write into the head running: a write may have raced the scrub's
     /// read (see the invariants in [`crate::store`]).
