@@ -244,15 +244,17 @@ impl ReplicatedVolume {
             .finish_rebuild(revision)
             .await
             .map_err(|e| e.to_string())?;
+        // Counted before the replica turns RW: status must never show a
+        // healthy set whose rebuild copied nothing.
+        self.rebuilds
+            .copied_total
+            .fetch_add(copied, Ordering::Relaxed);
         self.promote(slot, revision.0);
         // The flushes it received in WO mode did not name it, so after a
         // crash it would count as stale until a barrier flush does.
         if let Err(e) = self.flush().await {
             tracing::warn!(replica = %slot.endpoint, error = %e, "flush after the rebuild failed");
         }
-        self.rebuilds
-            .copied_total
-            .fetch_add(copied, Ordering::Relaxed);
         tracing::info!(
             replica = %slot.endpoint,
             copied,
