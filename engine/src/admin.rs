@@ -63,6 +63,10 @@ pub struct VolumeStatus {
     /// to the same blocks; bit rot also counts in `checksum_errors`).
     #[serde(default)]
     pub stored_crc_rereads: u64,
+    /// Bytes read from the files of replica processes on this node instead
+    /// of through their sockets.
+    #[serde(default)]
+    pub direct_read_bytes: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -124,6 +128,9 @@ pub fn status(s: &AdminState) -> VolumeStatus {
         checksum_errors: v.checksum_errors.load(std::sync::atomic::Ordering::Relaxed),
         stored_crc_rereads: v
             .stored_crc_rereads
+            .load(std::sync::atomic::Ordering::Relaxed),
+        direct_read_bytes: v
+            .direct_read_bytes
             .load(std::sync::atomic::Ordering::Relaxed),
         purged_bytes: v
             .chain
@@ -286,6 +293,12 @@ fn metrics_text(st: &VolumeStatus) -> String {
         "counter",
         "Large reads sent from a replica's files that failed their recorded checksums and were read again verified.",
         &one(st.stored_crc_rereads),
+    );
+    metric(
+        "rvol_direct_read_bytes_total",
+        "counter",
+        "Bytes read from the files of replica processes on this node instead of through their sockets.",
+        &one(st.direct_read_bytes),
     );
     metric(
         "rvol_reconciled_bytes",

@@ -20,7 +20,7 @@ use futures::future::join_all;
 use rvol_frontend::nbd::{NbdListener, NbdServer};
 use rvol_frontend::ublk::{UblkConfig, UblkTarget};
 use rvol_frontend::BlockVolume;
-use rvol_replica::client::ReplicaClient;
+use rvol_replica::client::{Links, ReplicaClient};
 use rvol_replica::server::{Endpoint, Listener};
 use rvol_replica::{Generation, Owner, ReplicaInfo};
 use tokio::signal::unix::{signal, SignalKind};
@@ -51,6 +51,8 @@ pub struct EngineConfig {
     /// The same for requests that wait for the disk (flush, FUA writes).
     pub flush_timeout: Duration,
     pub connections_per_replica: usize,
+    /// Read large ranges from the files of replicas on this node.
+    pub direct_reads: bool,
     /// How long I/O waits for a current replica when none is left.
     pub io_hold: Duration,
     /// Rebuild copy rate limit in MiB/s (0: none).
@@ -122,10 +124,13 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
         generation: max_generation.next(),
         engine_id: rand_u64(),
     };
-    let conns = cfg.connections_per_replica;
+    let links = Links {
+        connections: cfg.connections_per_replica,
+        direct_reads: cfg.direct_reads,
+    };
     let connected = join_all(reachable.iter().map(|&i| {
         let ep = &cfg.replicas[i];
-        tokio::time::timeout(t, ReplicaClient::connect(ep, uuid, owner, conns))
+        tokio::time::timeout(t, ReplicaClient::connect(ep, uuid, owner, links))
     }))
     .await;
     let mut taken = Vec::new();
@@ -251,7 +256,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
         attach: AttachInfo {
             volume: uuid,
             owner,
-            connections: conns,
+            links,
         },
         hold: cfg.io_hold,
     };

@@ -106,6 +106,11 @@ enum Command {
         /// Pipelined connections to each replica.
         #[arg(long, default_value_t = 2)]
         connections_per_replica: usize,
+        /// Whether large reads from a replica process on this node come
+        /// straight from its files (it says where they are, the engine
+        /// reads and checks them) instead of through its socket.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        direct_reads: bool,
         /// With no healthy replica left, I/O waits this many seconds for one
         /// with current data to return before failing.
         #[arg(long, default_value_t = 60.0)]
@@ -339,6 +344,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             replica_timeout,
             flush_timeout,
             connections_per_replica,
+            direct_reads,
             io_hold_timeout,
             rebuild_rate_mib,
         } => {
@@ -364,6 +370,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 replica_timeout: Duration::from_secs_f64(replica_timeout),
                 flush_timeout: Duration::from_secs_f64(flush_timeout),
                 connections_per_replica,
+                direct_reads,
                 io_hold: Duration::from_secs_f64(io_hold_timeout),
                 rebuild_rate_mib,
             })

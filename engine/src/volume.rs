@@ -60,7 +60,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use rvol_frontend::{BlockVolume, Extent, VolumeError};
-use rvol_replica::client::{ClientError, ReplicaClient};
+use rvol_replica::client::{ClientError, Links, ReplicaClient};
 use rvol_replica::proto::{Sealed, Status, MAX_PAYLOAD};
 use rvol_replica::server::Endpoint;
 use rvol_replica::{Generation, Owner, BLOCK_SIZE};
@@ -237,6 +237,9 @@ pub struct ReplicatedVolume {
     /// Reads sent from a replica's files that did not match the recorded
     /// checksums and were read again, verified by the replica.
     pub stored_crc_rereads: AtomicU64,
+    /// Bytes read from the files of replicas on this node
+    /// ([`rvol_replica::direct`]).
+    pub direct_read_bytes: AtomicU64,
     /// Replicas that started missing changes (or joined, or started out of
     /// the set), and how many of those departures a completed barrier
     /// flush has covered (see the module documentation).
@@ -249,7 +252,7 @@ pub struct ReplicatedVolume {
 pub struct AttachInfo {
     pub volume: uuid::Uuid,
     pub owner: Owner,
-    pub connections: usize,
+    pub links: Links,
 }
 
 type OpResult<T> = Result<T, VolumeError>;
@@ -305,6 +308,7 @@ impl ReplicatedVolume {
             chain: Default::default(),
             checksum_errors: AtomicU64::new(0),
             stored_crc_rereads: AtomicU64::new(0),
+            direct_read_bytes: AtomicU64::new(0),
             departures: AtomicU64::new(departed),
             departures_flushed: AtomicU64::new(0),
         }
@@ -734,7 +738,7 @@ impl ReplicatedVolume {
                 continue;
             }
             let a = &self.attach;
-            let connect = ReplicaClient::connect(&slot.endpoint, a.volume, a.owner, a.connections);
+            let connect = ReplicaClient::connect(&slot.endpoint, a.volume, a.owner, a.links);
             match tokio::time::timeout(self.timeout, connect).await {
                 Ok(Ok((_, info))) if info.replica_uuid != slot.identity() => {
                     // Another replica now answers at this address (a
@@ -861,12 +865,18 @@ impl ReplicatedVolume {
         len: u64,
     ) -> Result<Bytes, ClientError> {
         match c.read_stored(offset, len).await {
+            Ok(read) => {
+                if read.from_files {
+                    self.direct_read_bytes.fetch_add(len, Ordering::Relaxed);
+                }
+                Ok(read.data)
+            }
             Err(ClientError::StoredCrcMismatch(why)) => {
                 self.stored_crc_rereads.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(replica = %c.endpoint(), offset, len, %why, "reading again, verified");
                 c.read(offset, len).await
             }
-            r => r,
+            Err(e) => Err(e),
         }
     }
 

@@ -517,18 +517,28 @@ async fn a_full_disk_fails_writes_cleanly_and_keeps_earlier_data() {
     assert_eq!(c.read(0, 65536).await.unwrap(), vec![3u8; 65536]);
 }
 
-/// Large reads sent from the files unchecked (`read_stored`): the data is
-/// right across layers and holes, rot shows up as a mismatch that leaves
-/// the connection usable, and the verified read then names the block.
+/// Large reads sent from the files unchecked (`read_stored`), by the
+/// replica or, from a replica on this node, read from its files by the
+/// client itself: the data is right across layers and holes, rot shows up
+/// as a mismatch that leaves the connection usable, and the verified read
+/// then names the block.
 #[tokio::test]
 async fn reads_sent_from_the_files_are_checked_by_the_reader() {
-    use rvol_replica::client::ClientError;
+    use rvol_replica::client::{ClientError, Links};
     use std::os::unix::fs::FileExt;
     let tmp = tempfile::tempdir().unwrap();
-    for ep in [format!("127.0.0.1:{}", free_port()), sock(tmp.path())] {
+    for (ep, direct_reads) in [
+        (format!("127.0.0.1:{}", free_port()), false),
+        (sock(tmp.path()), false),
+        (format!("127.0.0.1:{}", free_port()), true),
+    ] {
         let dir = tempfile::tempdir_in(tmp.path()).unwrap();
         let _p = start_replica(dir.path(), &ep, "8M");
-        let c = connect(&ep, 1, 1).await.unwrap();
+        let links = Links {
+            connections: 1,
+            direct_reads,
+        };
+        let c = connect_with(&ep, 1, 1, links).await.unwrap();
         // A snapshot layer with 0x11 in the first MiB, the head with 0x22
         // over its second half, and a hole after.
         c.write(0, Bytes::from(vec![0x11u8; 1 << 20]), false, 0)
@@ -541,7 +551,9 @@ async fn reads_sent_from_the_files_are_checked_by_the_reader() {
         let mut want = vec![0x11u8; 512 << 10];
         want.extend(vec![0x22u8; 1 << 20]);
         want.extend(vec![0u8; 512 << 10]);
-        assert_eq!(c.read_stored(0, 2 << 20).await.unwrap(), want, "{ep}");
+        let read = c.read_stored(0, 2 << 20).await.unwrap();
+        assert_eq!(read.data, want, "{ep}");
+        assert_eq!(read.from_files, direct_reads, "{ep}");
         // Rot one byte of the head behind the replica's back.
         let head = dir.path().join("data/volume-head-001.img");
         let f = std::fs::OpenOptions::new().write(true).open(&head).unwrap();
@@ -551,7 +563,7 @@ async fn reads_sent_from_the_files_are_checked_by_the_reader() {
         assert!(matches!(e, ClientError::StoredCrcMismatch(_)), "{ep}: {e}");
         // The same connections go on serving.
         assert_eq!(
-            c.read_stored(0, 1 << 20).await.unwrap(),
+            c.read_stored(0, 1 << 20).await.unwrap().data,
             want[..1 << 20],
             "{ep}"
         );
@@ -562,5 +574,14 @@ async fn reads_sent_from_the_files_are_checked_by_the_reader() {
             } => assert!(message.contains("block 256 "), "{ep}: {message}"),
             e => panic!("{ep}: {e}"),
         }
+        // A snapshot changes the chain under the files the client holds.
+        c.snapshot("s2", true, &Default::default()).await.unwrap();
+        c.write(3 << 20, Bytes::from(vec![0x33u8; 64 << 10]), false, 0)
+            .await
+            .unwrap();
+        let read = c.read_stored(2 << 20, 2 << 20).await.unwrap();
+        assert_eq!(read.data[..1 << 20], vec![0u8; 1 << 20], "{ep}");
+        assert_eq!(read.data[1 << 20..][..64 << 10], vec![0x33u8; 64 << 10]);
+        assert_eq!(read.from_files, direct_reads, "{ep}");
     }
 }

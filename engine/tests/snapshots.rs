@@ -147,11 +147,21 @@ fn revert_brings_back_what_a_snapshot_held() {
     qemu_io(&uri, &["write -P 0x12 0 1M", "read -P 0x12 0 1M"]);
 }
 
+/// Fails if `p` holds a file that was deleted (whose blocks it keeps).
+fn assert_holds_no_deleted_file(p: &Proc) {
+    let fds = format!("/proc/{}/fd", p.child.id());
+    for fd in std::fs::read_dir(&fds).unwrap() {
+        let target = std::fs::read_link(fd.unwrap().path()).unwrap_or_default();
+        let target = target.to_string_lossy();
+        assert!(!target.ends_with(" (deleted)"), "the engine holds {target}");
+    }
+}
+
 #[test]
 fn removed_snapshots_are_purged_and_trim_gives_the_space_back() {
     let tmp = tempfile::tempdir().unwrap();
     let rs = three_replicas(tmp.path(), "256M");
-    let (_engine, uri, admin) = start_engine("space", "256M", &addrs(&rs), &[]);
+    let (engine, uri, admin) = start_engine("space", "256M", &addrs(&rs), &[]);
     let src = tmp.path().join("src.img");
     std::fs::write(&src, vec![0x5a; 256 << 20]).unwrap();
     import_file(&src, &uri);
@@ -163,6 +173,8 @@ fn removed_snapshots_are_purged_and_trim_gives_the_space_back() {
     qemu_io(&uri, &["write -P 0x6b 0 32M", "write -P 0x6b 32M 32M"]);
     run_ok(RVOL, &["snapshot", "create", "s2", "--admin", &admin]);
     let before = export_sha(&uri, tmp.path());
+    // The engine read the replicas' files itself (they are on its node).
+    assert!(status(&admin)["direct_read_bytes"].as_u64().unwrap() >= 3 * (256 << 20) / 4);
     let out = run_ok(RVOL, &["snapshot", "rm", "s1", "--admin", &admin]);
     assert!(out.contains("purged in the background"), "{out}");
     let again = run(RVOL, &["snapshot", "rm", "s1", "--admin", &admin]);
@@ -171,6 +183,8 @@ fn removed_snapshots_are_purged_and_trim_gives_the_space_back() {
         status(&admin)["purge"].is_null() && chain(&admin).len() == 2
     });
     assert!(status(&admin)["purged_bytes"].as_u64().unwrap() >= 3 * (256 << 20));
+    // Reading the files, the engine held s1's: it let them go.
+    assert_holds_no_deleted_file(&engine);
     assert_eq!(chain(&admin)[0]["name"], "volume-snap-s2.img");
     assert_eq!(
         export_sha(&uri, tmp.path()),
@@ -200,6 +214,7 @@ fn removed_snapshots_are_purged_and_trim_gives_the_space_back() {
     wait_until("s2 to leave the chain", Duration::from_secs(60), || {
         status(&admin)["purge"].is_null() && chain(&admin).len() == 1
     });
+    assert_holds_no_deleted_file(&engine);
     for (r, was) in rs.iter().zip(&written) {
         let now = du(&r.dir);
         println!(

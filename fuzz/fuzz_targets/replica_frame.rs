@@ -2,6 +2,7 @@
 //! frame it accepts re-encodes to the same bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+use rvol_replica::direct::decode_located;
 use rvol_replica::proto::{decode_extents, decode_request, Hello, RequestHeader, ReplyHeader};
 
 fuzz_target!(|data: &[u8]| {
@@ -13,4 +14,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = RequestHeader::decode(data);
     let _ = Hello::decode(data);
     let _ = decode_extents(data);
+    let _ = decode_located(0, data, 1 << 20);
 });

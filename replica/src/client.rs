@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::coalesce::FrameWriter;
+use crate::direct::{self, DirectRead, DirectReads, DIRECT_READ_MIN};
 use crate::ids::Revision;
 use crate::proto::{
     decode_extents, FrameError, Hello, Op, ReplyHeader, RequestHeader, Sealed, Status, FLAG_FUA,
@@ -91,6 +92,45 @@ struct Conn {
 pub struct ReplicaClient {
     endpoint: Endpoint,
     transport: Transport,
+    /// Set when asked for and the replica is a process: whether its files
+    /// turn out to be readable from here is learnt at the first read.
+    direct: Option<DirectReads>,
+}
+
+/// What [`ReplicaClient::read_stored`] read.
+pub struct StoredRead {
+    pub data: Bytes,
+    /// Read here from the replica's files ([`crate::direct`]).
+    pub from_files: bool,
+}
+
+/// Its length, not its megabytes of data.
+impl std::fmt::Debug for StoredRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredRead")
+            .field("len", &self.data.len())
+            .field("from_files", &self.from_files)
+            .finish()
+    }
+}
+
+/// How a client reaches a replica process.
+#[derive(Debug, Clone, Copy)]
+pub struct Links {
+    /// Pipelined connections.
+    pub connections: usize,
+    /// Read large ranges from the replica's files when it runs on this
+    /// node ([`crate::direct`]).
+    pub direct_reads: bool,
+}
+
+impl From<usize> for Links {
+    fn from(connections: usize) -> Links {
+        Links {
+            connections,
+            direct_reads: false,
+        }
+    }
 }
 
 enum Transport {
@@ -110,8 +150,9 @@ impl ReplicaClient {
         endpoint: &Endpoint,
         volume: Uuid,
         owner: Owner,
-        connections: usize,
+        links: impl Into<Links>,
     ) -> Result<(ReplicaClient, ReplicaInfo)> {
+        let links = links.into();
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             volume_uuid: volume,
@@ -130,13 +171,14 @@ impl ReplicaClient {
                 ReplicaClient {
                     endpoint,
                     transport,
+                    direct: None,
                 },
                 info,
             ));
         }
         let mut conns = Vec::new();
         let mut info = None;
-        for _ in 0..connections.max(1) {
+        for _ in 0..links.connections.max(1) {
             let (conn, i) = open_socket(endpoint, &hello).await?;
             conns.push(conn);
             info.get_or_insert(i);
@@ -151,6 +193,7 @@ impl ReplicaClient {
             ReplicaClient {
                 endpoint,
                 transport,
+                direct: links.direct_reads.then(DirectReads::default),
             },
             info,
         ))
@@ -246,8 +289,53 @@ impl ReplicaClient {
     /// sealed with the recorded checksums, which this side then checks
     /// (see [`crate::proto`]). Fails with
     /// [`ClientError::StoredCrcMismatch`] when they do not match.
-    pub async fn read_stored(&self, offset: u64, length: u64) -> Result<Bytes> {
-        self.read_with(offset, length, FLAG_STORED_CRC).await
+    ///
+    /// From a replica on this node, large reads come straight from its
+    /// files instead ([`crate::direct`]), checked the same way.
+    pub async fn read_stored(&self, offset: u64, length: u64) -> Result<StoredRead> {
+        if let Some(direct) = self.direct.as_ref().filter(|d| d.is_on()) {
+            if length >= DIRECT_READ_MIN {
+                if let Some(data) = self.read_direct(direct, offset, length).await? {
+                    return Ok(StoredRead {
+                        data,
+                        from_files: true,
+                    });
+                }
+            }
+        }
+        let data = self.read_with(offset, length, FLAG_STORED_CRC).await?;
+        Ok(StoredRead {
+            data,
+            from_files: false,
+        })
+    }
+
+    /// LOCATE, then read from the files; `None` where they cannot serve it.
+    async fn read_direct(
+        &self,
+        direct: &DirectReads,
+        offset: u64,
+        length: u64,
+    ) -> Result<Option<Bytes>> {
+        let r = self
+            .call(Op::Locate, 0, offset, length, 0, Bytes::new())
+            .await?;
+        let Some(located) =
+            direct::decode_located(r.value, &r.payload, length).map_err(ClientError::Lost)?
+        else {
+            return Ok(None);
+        };
+        if !direct.has(located.chain_version) {
+            let r = self.call(Op::Layers, 0, 0, 0, 0, Bytes::new()).await?;
+            let listed = serde_json::from_slice(&r.payload)
+                .map_err(|e| ClientError::Lost(format!("bad LAYERS reply: {e}")))?;
+            direct.open(listed);
+        }
+        match direct.read(&located) {
+            DirectRead::Data(data) => Ok(Some(data)),
+            DirectRead::Mismatch(why) => Err(ClientError::StoredCrcMismatch(why)),
+            DirectRead::NotHere => Ok(None),
+        }
     }
 
     /// Reads without checksum verification; see [`crate::checksum`].
@@ -430,6 +518,10 @@ impl ReplicaClient {
     /// One purge step; `None` when there is nothing left to purge.
     pub async fn purge_step(&self) -> Result<Option<crate::maintenance::PurgeReport>> {
         let r = self.call(Op::PurgeStep, 0, 0, 0, 0, Bytes::new()).await?;
+        // The step may have deleted a layer: let its blocks go.
+        if let Some(direct) = &self.direct {
+            direct.close();
+        }
         if r.payload.is_empty() {
             return Ok(None);
         }

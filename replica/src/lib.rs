@@ -20,6 +20,7 @@ pub mod checksum;
 pub mod client;
 pub mod coalesce;
 pub mod crc;
+pub mod direct;
 pub mod dirty;
 pub mod error;
 pub mod ids;

@@ -117,7 +117,7 @@ impl Replica {
         check_snapshot_name(name)?;
         let file = snapshot_file(name);
         let _serial = lock(&self.flush_lock);
-        let mut layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
+        let mut layers = self.layers_mut();
         let head = layers.len() - 1;
         let layer = layers[..head]
             .iter_mut()
@@ -287,7 +287,7 @@ impl Replica {
     /// Drops removed layer `name`, which holds no data, from the chain.
     fn drop_empty_layer(&self, name: &str) -> Result<()> {
         let _serial = lock(&self.flush_lock);
-        let mut layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
+        let mut layers = self.layers_mut();
         let head = layers.len() - 1;
         let Some(pos) = layers[..head].iter().position(|l| l.name == name) else {
             return Ok(());
@@ -326,7 +326,7 @@ impl Replica {
         check_snapshot_name(name)?;
         let file = snapshot_file(name);
         let _serial = lock(&self.flush_lock);
-        let mut layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
+        let mut layers = self.layers_mut();
         let mut meta = lock(&self.meta);
         if meta.rebuilding {
             return Err(Error::Invalid(
@@ -385,7 +385,7 @@ impl Replica {
     /// Growing to the current size is a no-op; shrinking is refused.
     pub fn expand(&self, new_size: u64) -> Result<()> {
         let _serial = lock(&self.flush_lock);
-        let layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
+        let layers = self.layers_mut();
         let size = self.size();
         if new_size == size {
             return Ok(());

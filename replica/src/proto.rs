@@ -49,8 +49,9 @@ pub const REPLY_MAGIC: u32 = u32::from_le_bytes(*b"RVR1");
 pub const REQUEST_HEADER_LEN: usize = 48;
 pub const REPLY_HEADER_LEN: usize = 32;
 /// 2: LAYER_CHECKSUMS takes [`FLAG_PER_BLOCK`]; PUNCH_LAYER replaces
-/// LAYER_ALLOCATION and WRITE_LAYER's zero punching.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// LAYER_ALLOCATION and WRITE_LAYER's zero punching. 3: LOCATE and LAYERS
+/// ([`crate::direct`]).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest payload of any frame, and largest read a request may ask for.
 pub const MAX_PAYLOAD: u32 = 8 << 20;
 pub const HELLO_LEN: usize = 40;
@@ -120,6 +121,13 @@ pub enum Op {
     Scrub = 22,
     /// Punch offset/length out of layer `payload` below the head.
     PunchLayer = 23,
+    /// Where offset/length is stored, for reading it from the files
+    /// ([`crate::direct`]); reply value: the chain version, payload:
+    /// [`crate::direct::encode_located`], empty if it cannot be located.
+    Locate = 24,
+    /// The chain's files; reply payload: JSON
+    /// [`crate::direct::LayerFiles`].
+    Layers = 25,
 }
 
 impl Op {
@@ -147,6 +155,8 @@ impl Op {
             20 => Op::Expand,
             22 => Op::Scrub,
             23 => Op::PunchLayer,
+            24 => Op::Locate,
+            25 => Op::Layers,
             _ => return None,
         })
     }

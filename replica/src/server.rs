@@ -320,7 +320,7 @@ async fn write_reply<W: SendFile>(wr: &mut FrameWriter<W>, reply: &Reply) -> std
                             n -= k;
                         }
                     }
-                    Segment::File { file, at, len } => {
+                    Segment::File { file, at, len, .. } => {
                         wr.send_gathered_corked().await?;
                         wr.get_mut().send_file(file, *at, *len).await?;
                     }

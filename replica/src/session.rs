@@ -24,6 +24,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::direct::encode_located;
 use crate::error::Error;
 use crate::proto::{
     encode_extents, Hello, Op, RequestHeader, Sealed, Status, FLAG_FUA, FLAG_PER_BLOCK,
@@ -238,24 +239,28 @@ fn run_inline(
 ) -> crate::Result<Reply> {
     let _lease = replica.admit(owner)?;
     let ok = |payload: Bytes| Ok(Reply::ok(h.id, 0, payload));
+    let check_read_len = || {
+        if h.length > MAX_PAYLOAD as u64 {
+            return Err(Error::Invalid(format!(
+                "read of {} bytes exceeds {MAX_PAYLOAD}",
+                h.length
+            )));
+        }
+        Ok(())
+    };
     match op {
         Op::Read => {
-            if h.length > MAX_PAYLOAD as u64 {
-                return Err(Error::Invalid(format!(
-                    "read of {} bytes exceeds {MAX_PAYLOAD}",
-                    h.length
-                )));
-            }
+            check_read_len()?;
             if h.flags & FLAG_UNVERIFIED != 0 {
                 return ok(replica.read_unverified(h.offset, h.length)?.into());
             }
             if h.flags & FLAG_STORED_CRC != 0 && h.length >= STORED_READ_MIN {
-                if let Some((segments, crc)) = replica.read_stored(h.offset, h.length)? {
+                if let Some(stored) = replica.read_stored(h.offset, h.length)? {
                     return Ok(Reply {
                         status: Status::Ok,
                         id: h.id,
                         value: 0,
-                        body: Body::Stored(segments, crc),
+                        body: Body::Stored(stored.segments, stored.crc),
                     });
                 }
             }
@@ -289,6 +294,16 @@ fn run_inline(
             replica.write_zeroes(h.offset, h.length, h.epoch)?;
             ok(Bytes::new())
         }
+        Op::Locate => {
+            check_read_len()?;
+            Ok(match replica.read_stored(h.offset, h.length)? {
+                Some(stored) => Reply::ok(h.id, stored.chain_version, encode_located(&stored)),
+                None => Reply::ok(h.id, 0, Bytes::new()),
+            })
+        }
+        Op::Layers => ok(serde_json::to_vec(&replica.layer_files()?)
+            .unwrap_or_default()
+            .into()),
         Op::Info => ok(serde_json::to_vec(&replica.info())
             .unwrap_or_default()
             .into()),

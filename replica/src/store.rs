@@ -212,6 +212,10 @@ pub struct Replica {
     pub(crate) size: AtomicU64,
     pub(crate) meta: Mutex<ReplicaMeta>,
     pub(crate) layers: RwLock<Vec<Layer>>,
+    /// Bumped whenever `layers` is taken for writing, under that lock: a
+    /// value read under the read lock names one state of the chain, so a
+    /// layer's position in it names one file ([`crate::direct`]).
+    chain_version: AtomicU64,
     pub(crate) index: RwLock<BlockMap>,
     pub(crate) revision: AtomicU64,
     clean: AtomicBool,
@@ -482,6 +486,7 @@ impl Replica {
             size: AtomicU64::new(rmeta.size),
             meta: Mutex::new(rmeta),
             layers: RwLock::new(layers),
+            chain_version: AtomicU64::new(0),
             index: RwLock::new(index),
             revision: AtomicU64::new(rec.revision.0),
             clean: AtomicBool::new(rec.clean),
@@ -749,9 +754,10 @@ impl Replica {
     /// receiver checks it, and on a mismatch (bit rot, a write that landed
     /// between this call and the send, a block whose write was cut short
     /// by a crash) reads again with [`Replica::read_with_crc`].
-    pub fn read_stored(&self, offset: u64, len: u64) -> Result<Option<(Vec<Segment>, u32)>> {
+    pub fn read_stored(&self, offset: u64, len: u64) -> Result<Option<Stored>> {
         self.check_range(offset, len)?;
         let located = self.locate(offset, len)?;
+        let chain_version = self.chain_version.load(Ordering::Acquire);
         let mut crcs = vec![crc::zero_block(); (len / BLOCK_SIZE) as usize];
         let mut segments = Vec::with_capacity(2 * located.runs.len() + 1);
         let mut done = offset;
@@ -772,6 +778,7 @@ impl Replica {
             }
             segments.push(Segment::File {
                 file: layer.file.clone(),
+                layer: LayerPos(pos as u32),
                 at,
                 len: n as usize,
             });
@@ -780,11 +787,51 @@ impl Replica {
         if offset + len > done {
             segments.push(Segment::Zeros((offset + len - done) as usize));
         }
-        Ok(Some((segments, crc::of_blocks(&crcs))))
+        Ok(Some(Stored {
+            segments,
+            crc: crc::of_blocks(&crcs),
+            chain_version,
+        }))
+    }
+
+    /// The files of the chain as they are now, for a reader on this node
+    /// to open ([`crate::direct`]).
+    pub fn layer_files(&self) -> Result<crate::direct::LayerFiles> {
+        let layers = self.layers();
+        let chain_version = self.chain_version.load(Ordering::Acquire);
+        let dir = std::path::absolute(&self.dir)
+            .map_err(|e| Error::io(format!("resolving {}", self.dir.display()), e))?;
+        let files = layers
+            .iter()
+            .map(|l| {
+                let m = l
+                    .file
+                    .metadata()
+                    .map_err(|e| Error::io(format!("stat {}", l.name), e))?;
+                Ok(crate::direct::LayerFile {
+                    name: l.name.clone(),
+                    dev: std::os::unix::fs::MetadataExt::dev(&m),
+                    ino: std::os::unix::fs::MetadataExt::ino(&m),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(crate::direct::LayerFiles {
+            chain_version,
+            boot_id: crate::direct::boot_id().to_string(),
+            dir,
+            files,
+        })
     }
 
     pub(crate) fn layers(&self) -> std::sync::RwLockReadGuard<'_, Vec<Layer>> {
         self.layers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The chain, for changing it: see `chain_version`.
+    pub(crate) fn layers_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Layer>> {
+        let layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
+        self.chain_version.fetch_add(1, Ordering::AcqRel);
+        layers
     }
 
     /// The chain, held for the duration of a modification: a snapshot
@@ -1067,7 +1114,7 @@ impl Replica {
     ) -> Result<String> {
         check_snapshot_name(name)?;
         let _serial = lock(&self.flush_lock);
-        let mut layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
+        let mut layers = self.layers_mut();
         let mut meta = lock(&self.meta);
         let snap = crate::maintenance::snapshot_file(name);
         if meta.chain.contains(&snap) {
@@ -1268,7 +1315,7 @@ impl Replica {
     /// being rebuilt.
     pub fn prepare_rebuild(&self, chain: &[(String, LayerMeta)]) -> Result<()> {
         let _serial = lock(&self.flush_lock);
-        let mut layers = self.layers.write().unwrap_or_else(|e| e.into_inner());
+        let mut layers = self.layers_mut();
         let mut meta = lock(&self.meta);
         let dir = &self.dir;
         let head = layers.pop().expect("chain is never empty");
@@ -1497,12 +1544,23 @@ struct Located<'a> {
     runs: Vec<(usize, u64, u64)>,
 }
 
-/// A piece of a reply sent from where it is stored ([`Replica::read_stored`]).
+/// Where a range is stored ([`Replica::read_stored`]), and the crc32c its
+/// data should have.
+#[derive(Debug)]
+pub struct Stored {
+    pub segments: Vec<Segment>,
+    pub crc: u32,
+    /// The chain the segments' layer positions refer to.
+    pub chain_version: u64,
+}
+
+/// A piece of a range, as stored.
 #[derive(Debug)]
 pub enum Segment {
-    /// `len` bytes of a layer file at `at`.
+    /// `len` bytes of a layer file (position `layer` in the chain) at `at`.
     File {
         file: Arc<File>,
+        layer: LayerPos,
         at: u64,
         len: usize,
     },
@@ -1520,7 +1578,12 @@ impl Segment {
 
 /// Reads `n` bytes of `file` at `at` onto the end of `buf`, into its spare
 /// capacity: nothing is zeroed first.
-fn read_appending(file: &File, at: u64, n: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+pub(crate) fn read_appending(
+    file: &File,
+    at: u64,
+    n: usize,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
     buf.reserve(n);
     let spare = &mut buf.spare_capacity_mut()[..n];
     let mut done = 0;

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use rvol_replica::client::ReplicaClient;
+use rvol_replica::client::{Links, ReplicaClient};
 use rvol_replica::server::Endpoint;
 use rvol_replica::{Generation, Owner};
 use uuid::Uuid;
@@ -32,12 +32,21 @@ pub async fn connect(
     generation: u64,
     engine_id: u64,
 ) -> Result<ReplicaClient, rvol_replica::client::ClientError> {
+    connect_with(ep, generation, engine_id, 2.into()).await
+}
+
+pub async fn connect_with(
+    ep: &str,
+    generation: u64,
+    engine_id: u64,
+    links: Links,
+) -> Result<ReplicaClient, rvol_replica::client::ClientError> {
     let ep: Endpoint = ep.parse().unwrap();
     let owner = Owner {
         generation: Generation(generation),
         engine_id,
     };
-    ReplicaClient::connect(&ep, VOLUME, owner, 2)
+    ReplicaClient::connect(&ep, VOLUME, owner, links)
         .await
         .map(|(c, _)| c)
 }
