@@ -104,7 +104,7 @@ class Target:
                     p.kill()
 
 
-def start(name, work, size):
+def start(name, work, size, engine_args=()):
     t = Target(name, work, size)
     img = os.path.join(work, f"{name}.img")
     if name == "local":
@@ -154,7 +154,7 @@ def start(name, work, size):
                          "--listen", listen, "--size", str(size)], ready_line=True)
             replicas += ["--replica", listen if unix else r["listen"]]
         t.spawn([RVOL, "engine", "--name", "bench", "--size", str(size), "--nbd-listen", f"127.0.0.1:{port}",
-                 "--admin-listen", f"127.0.0.1:{free_port()}"] + replicas, ready_line=True)
+                 "--admin-listen", f"127.0.0.1:{free_port()}"] + replicas + list(engine_args), ready_line=True)
     return t
 
 

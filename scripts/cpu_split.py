@@ -6,7 +6,7 @@ each process (replicas, engine, fio).
 For A/B runs of two builds, point --root at another checkout (its
 target/release/rvol is used).
 
-  python3 scripts/cpu_split.py [--job seqread|randread|seqwrite|randwrite|randwrite-qd1] [--target rvol-1] [--root DIR]
+  python3 scripts/cpu_split.py [--job seqread|randread|seqwrite|randwrite|randwrite-qd1] [--target rvol-1] [--root DIR] [--engine-arg=ARG ...]
 """
 import argparse, importlib.util, json, os, subprocess, tempfile
 
@@ -28,13 +28,15 @@ def main():
     ap.add_argument("--job", choices=JOBS, default="seqread")
     ap.add_argument("--target", default="rvol-1", help="rvol-N, rvol-N-unix, or another of scripts/bench.py's targets (nbdkit)")
     ap.add_argument("--root", default=ROOT, help="checkout whose build to run")
+    ap.add_argument("--engine-arg", action="append", default=[],
+                    help="an extra argument for rvol engine (repeat; e.g. --engine-arg=--direct-reads=false)")
     a = ap.parse_args()
     spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.RVOL = os.path.join(a.root, "target", "release", "rvol")
     work = tempfile.mkdtemp(prefix="rvol-cpu-", dir=os.path.join(ROOT, "target"))
-    t = bench.start(a.target, work, 1 << 30)
+    t = bench.start(a.target, work, 1 << 30, engine_args=a.engine_arg)
     try:
         fio = ["fio", "--name=x", "--size=1G", "--output-format=json"] + t.fio
         # Like scripts/bench.py, where these jobs follow the 1M sequential write.
