@@ -103,8 +103,11 @@ enum Command {
         /// flush after gigabytes of scattered writes can take a minute.
         #[arg(long, default_value_t = 120.0)]
         flush_timeout: f64,
-        /// Pipelined connections to each replica.
-        #[arg(long, default_value_t = 2)]
+        /// Pipelined connections to each replica. One batches every
+        /// request and reply of a replica into the fewest socket calls: on
+        /// a CPU-bound node that made 4k reads faster than two and writes
+        /// no slower (docs/benchmarks.md).
+        #[arg(long, default_value_t = 1)]
         connections_per_replica: usize,
         /// Whether large reads from a replica process on this node come
         /// straight from its files (it says where they are, the engine
