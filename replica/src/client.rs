@@ -326,10 +326,11 @@ impl ReplicaClient {
             return Ok(None);
         };
         if !direct.has(located.chain_version) {
+            let closes = direct.closes();
             let r = self.call(Op::Layers, 0, 0, 0, 0, Bytes::new()).await?;
             let listed = serde_json::from_slice(&r.payload)
                 .map_err(|e| ClientError::Lost(format!("bad LAYERS reply: {e}")))?;
-            direct.open(listed);
+            direct.open(listed, closes);
         }
         match direct.read(&located) {
             DirectRead::Data(data) => Ok(Some(data)),

@@ -47,11 +47,12 @@
 //! The engine holds descriptors of the chain's files, so a layer the
 //! replica deletes keeps its blocks while the engine holds it. Layers are
 //! deleted by purge steps, which the engine asks for: the client closes
-//! its files after each, and lists them again at its next direct read.
+//! its files after each, drops any listing asked for before that, and lists
+//! them again at its next direct read.
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -179,6 +180,10 @@ pub struct DirectReads {
     /// Set once direct reads turn out impossible (another node, files not
     /// reachable from here): the client stops asking.
     off: AtomicBool,
+    /// Bumped (under `chain`) by every close: a listing asked for before a
+    /// close may name a layer the purge step behind that close deleted, so
+    /// it is not installed.
+    closes: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -211,7 +216,14 @@ impl DirectReads {
 
     /// Closes the files held (the next direct read lists them again).
     pub fn close(&self) {
-        *self.chain.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        self.closes.fetch_add(1, Ordering::Relaxed);
+        *chain = None;
+    }
+
+    /// What to pass to [`DirectReads::open`] for a listing asked for now.
+    pub fn closes(&self) -> u64 {
+        self.closes.load(Ordering::Relaxed)
     }
 
     /// Whether the files of `chain_version` are open.
@@ -225,9 +237,10 @@ impl DirectReads {
     }
 
     /// Opens the files LAYERS listed, replacing those held (which closes
-    /// them). Turns direct reads off if they are on another node or none
-    /// can be opened from here.
-    pub fn open(&self, listed: LayerFiles) {
+    /// them), unless they were closed since the listing was asked for
+    /// (`closes`: [`DirectReads::closes`] then). Turns direct reads off if
+    /// they are on another node or none can be opened from here.
+    pub fn open(&self, listed: LayerFiles, closes: u64) {
         if listed.boot_id.is_empty() || listed.boot_id != boot_id() {
             return self.turn_off("the replica runs on another node");
         }
@@ -244,9 +257,10 @@ impl DirectReads {
         }
         let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
         // Keep the newer of two concurrent listings.
-        if chain
-            .as_ref()
-            .is_none_or(|c| c.chain_version <= listed.chain_version)
+        if self.closes.load(Ordering::Relaxed) == closes
+            && chain
+                .as_ref()
+                .is_none_or(|c| c.chain_version <= listed.chain_version)
         {
             *chain = Some(OpenChain {
                 chain_version: listed.chain_version,
@@ -343,7 +357,10 @@ mod tests {
         };
 
         let d = DirectReads::default();
-        d.open(listing(tmp.path(), boot_id(), &["volume-head-000.img"]));
+        d.open(
+            listing(tmp.path(), boot_id(), &["volume-head-000.img"]),
+            d.closes(),
+        );
         assert!(d.has(5) && d.is_on());
         assert!(matches!(d.read(&located), DirectRead::Data(b) if b[..] == [7u8; 4096]));
         let other = Located {
@@ -357,19 +374,27 @@ mod tests {
         };
         assert!(matches!(d.read(&newer), DirectRead::NotHere));
 
+        // A listing asked for before a close (a purge step) is not kept.
+        let asked = d.closes();
+        d.close();
+        d.open(
+            listing(tmp.path(), boot_id(), &["volume-head-000.img"]),
+            asked,
+        );
+        assert!(!d.has(5) && d.is_on());
+
         // Another node's replica.
         let d = DirectReads::default();
-        d.open(listing(
-            tmp.path(),
-            "another-boot",
-            &["volume-head-000.img"],
-        ));
+        d.open(
+            listing(tmp.path(), "another-boot", &["volume-head-000.img"]),
+            0,
+        );
         assert!(!d.is_on() && !d.has(5));
 
         // Same name, another inode; a name reaching outside the directory.
         for name in ["volume-head-001.img", "../volume-head-000.img"] {
             let d = DirectReads::default();
-            d.open(listing(tmp.path(), boot_id(), &[name]));
+            d.open(listing(tmp.path(), boot_id(), &[name]), 0);
             assert!(!d.is_on(), "{name}");
         }
     }
