@@ -50,9 +50,8 @@ pub struct EngineConfig {
     pub replica_timeout: Duration,
     /// The same for requests that wait for the disk (flush, FUA writes).
     pub flush_timeout: Duration,
-    pub connections_per_replica: usize,
-    /// Read large ranges from the files of replicas on this node.
-    pub direct_reads: bool,
+    /// Connections to each replica, and whether to read from its files.
+    pub links: Links,
     /// How long I/O waits for a current replica when none is left.
     pub io_hold: Duration,
     /// Rebuild copy rate limit in MiB/s (0: none).
@@ -124,10 +123,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
         generation: max_generation.next(),
         engine_id: rand_u64(),
     };
-    let links = Links {
-        connections: cfg.connections_per_replica,
-        direct_reads: cfg.direct_reads,
-    };
+    let links = cfg.links;
     let connected = join_all(reachable.iter().map(|&i| {
         let ep = &cfg.replicas[i];
         tokio::time::timeout(t, ReplicaClient::connect(ep, uuid, owner, links))

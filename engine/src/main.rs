@@ -372,8 +372,10 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 admin_listen,
                 replica_timeout: Duration::from_secs_f64(replica_timeout),
                 flush_timeout: Duration::from_secs_f64(flush_timeout),
-                connections_per_replica,
-                direct_reads,
+                links: rvol_replica::client::Links {
+                    connections: connections_per_replica,
+                    direct_reads,
+                },
                 io_hold: Duration::from_secs_f64(io_hold_timeout),
                 rebuild_rate_mib,
             })
