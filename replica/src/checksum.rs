@@ -110,6 +110,21 @@ pub fn verify(
     Ok(None)
 }
 
+/// Whether every block of `data` (whole blocks read from the layer at
+/// `first_block`) has a recorded entry and matches one of its slots: data
+/// that needs no other check to be served.
+pub fn verify_recorded(file: &File, first_block: u64, data: &[u8]) -> std::io::Result<bool> {
+    let entries = read_entries(file, first_block, data.len() / BLOCK_SIZE as usize)?;
+    Ok(entries
+        .chunks(ENTRY as usize)
+        .zip(data.chunks(BLOCK_SIZE as usize))
+        .all(|(e, block)| {
+            let (older, newer) = slots(e);
+            let crc = crate::crc::of(block);
+            (older, newer) != (0, 0) && (crc == older || crc == newer)
+        }))
+}
+
 /// Puts the newer slot of each entry from `first_block` into `crcs`: the
 /// crc the block has unless a write to it is under way or was cut short.
 /// False if an entry records nothing.
@@ -162,6 +177,9 @@ mod tests {
         let mut rotten = b.clone();
         rotten[100] ^= 0x10;
         assert_eq!(check(1, &rotten), Some(1));
+        assert!(verify_recorded(&f, 1, &a).unwrap() && verify_recorded(&f, 1, &b).unwrap());
+        assert!(!verify_recorded(&f, 1, &rotten).unwrap());
+        assert!(!verify_recorded(&f, 3, &a).unwrap(), "nothing recorded");
         record_settled(&f, 2, &rotten).unwrap();
         assert_eq!(check(2, &rotten), None);
         assert_eq!(check(2, &b), Some(2));

@@ -193,7 +193,7 @@ impl ReplicaClient {
             ReplicaClient {
                 endpoint,
                 transport,
-                direct: links.direct_reads.then(DirectReads::default),
+                direct: links.direct_reads.then(|| DirectReads::new(owner)),
             },
             info,
         ))
@@ -227,7 +227,27 @@ impl ReplicaClient {
         epoch: u64,
         payload: impl Into<Sealed>,
     ) -> Result<Reply> {
-        let payload: Sealed = payload.into();
+        let direct = self.direct.as_ref().filter(|_| may_change_chain(op));
+        // Head reads must not use files listed before the change, nor
+        // while it runs ([`crate::direct`]); closing also lets a deleted
+        // layer's blocks go.
+        direct.inspect(|d| d.close());
+        let reply = self
+            .send(op, flags, offset, length, epoch, payload.into())
+            .await;
+        direct.inspect(|d| d.close());
+        reply
+    }
+
+    async fn send(
+        &self,
+        op: Op,
+        flags: u8,
+        offset: u64,
+        length: u64,
+        epoch: u64,
+        payload: Sealed,
+    ) -> Result<Reply> {
         let (conns, next) = match &self.transport {
             Transport::Sockets { conns, next } => (conns, next),
             Transport::InProcess(session) => {
@@ -294,6 +314,12 @@ impl ReplicaClient {
     /// files instead ([`crate::direct`]), checked the same way.
     pub async fn read_stored(&self, offset: u64, length: u64) -> Result<StoredRead> {
         if let Some(direct) = self.direct.as_ref().filter(|d| d.is_on()) {
+            if let Some(data) = self.read_head(direct, offset, length).await? {
+                return Ok(StoredRead {
+                    data,
+                    from_files: true,
+                });
+            }
             if length >= DIRECT_READ_MIN {
                 if let Some(data) = self.read_direct(direct, offset, length).await? {
                     return Ok(StoredRead {
@@ -308,6 +334,36 @@ impl ReplicaClient {
             data,
             from_files: false,
         })
+    }
+
+    /// Reads from the head's file without asking the replica, listing its
+    /// files first if none are open; `None` where that cannot serve it.
+    async fn read_head(
+        &self,
+        direct: &DirectReads,
+        offset: u64,
+        length: u64,
+    ) -> Result<Option<Bytes>> {
+        if !self.is_alive() {
+            return Ok(None);
+        }
+        if !direct.is_open() {
+            self.list_files(direct).await?;
+        }
+        Ok(match direct.read_head(offset, length) {
+            DirectRead::Data(data) => Some(data),
+            DirectRead::Mismatch(_) | DirectRead::NotHere => None,
+        })
+    }
+
+    /// Opens the files of the replica's chain as LAYERS lists them now.
+    async fn list_files(&self, direct: &DirectReads) -> Result<()> {
+        let closes = direct.closes();
+        let r = self.call(Op::Layers, 0, 0, 0, 0, Bytes::new()).await?;
+        let listed = serde_json::from_slice(&r.payload)
+            .map_err(|e| ClientError::Lost(format!("bad LAYERS reply: {e}")))?;
+        direct.open(listed, closes);
+        Ok(())
     }
 
     /// LOCATE, then read from the files; `None` where they cannot serve it.
@@ -326,11 +382,7 @@ impl ReplicaClient {
             return Ok(None);
         };
         if !direct.has(located.chain_version) {
-            let closes = direct.closes();
-            let r = self.call(Op::Layers, 0, 0, 0, 0, Bytes::new()).await?;
-            let listed = serde_json::from_slice(&r.payload)
-                .map_err(|e| ClientError::Lost(format!("bad LAYERS reply: {e}")))?;
-            direct.open(listed, closes);
+            self.list_files(direct).await?;
         }
         match direct.read(&located) {
             DirectRead::Data(data) => Ok(Some(data)),
@@ -519,10 +571,6 @@ impl ReplicaClient {
     /// One purge step; `None` when there is nothing left to purge.
     pub async fn purge_step(&self) -> Result<Option<crate::maintenance::PurgeReport>> {
         let r = self.call(Op::PurgeStep, 0, 0, 0, 0, Bytes::new()).await?;
-        // The step may have deleted a layer: let its blocks go.
-        if let Some(direct) = &self.direct {
-            direct.close();
-        }
         if r.payload.is_empty() {
             return Ok(None);
         }
@@ -556,6 +604,23 @@ impl ReplicaClient {
             .await?;
         decode_extents(&r.payload).ok_or_else(|| ClientError::Lost("bad ALLOCATION payload".into()))
     }
+}
+
+/// Whether `op` may change the replica's chain or write below its head:
+/// the files held for direct reads are closed around it.
+fn may_change_chain(op: Op) -> bool {
+    matches!(
+        op,
+        Op::Snapshot
+            | Op::WriteLayer
+            | Op::PunchLayer
+            | Op::PrepareRebuild
+            | Op::FinishRebuild
+            | Op::RemoveSnapshot
+            | Op::PurgeStep
+            | Op::Revert
+            | Op::Expand
+    )
 }
 
 fn connect_err(endpoint: &Endpoint, e: impl std::fmt::Display) -> ClientError {

@@ -42,6 +42,31 @@
 //!   A file removed from the chain stays readable through the engine's
 //!   descriptor, holding the data it held.
 //!
+//! # Reads answered without asking
+//!
+//! LOCATE is a round trip, as dear as the READ it replaces when the read
+//! is small. Blocks in the head need none: every write goes to the head,
+//! so where the head's file holds data, that data is the block; where the
+//! head is the only layer, a hole in it reads as zeros. The engine reads
+//! such blocks from the head file it holds open, and serves them only if
+//! each has an entry in the head's checksum sidecar and matches one of its
+//! slots ([`crate::checksum`]). Three things keep that right without the
+//! replica:
+//!
+//! - **The lease.** Each such read first reads the replica's state file
+//!   and goes on only if its newest record still names this engine's
+//!   generation and id. Once a newer engine's takeover is written there,
+//!   this engine's reads go to the replica, which refuses them.
+//! - **The chain.** The client closes its files before and after every
+//!   request that may change the chain or write below the head (snapshot,
+//!   revert, purge, rebuild, expansion), so a head read never uses files
+//!   listed before such a change. Writes, trims and write-zeroes change
+//!   only the head; a read racing one may see either side, as a READ may,
+//!   and a block caught half-written fails its checksum.
+//! - **The data.** A block that fails its checksum, or has none recorded
+//!   (a hole, mostly), is not served from here: the whole read goes to
+//!   the replica, which tells bit rot from a racing write.
+//!
 //! # What it costs the replica
 //!
 //! The engine holds descriptors of the chain's files, so a layer the
@@ -51,6 +76,7 @@
 //! them again at its next direct read.
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -58,7 +84,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Segment, Stored};
+use crate::checksum::verify_recorded;
+use crate::ids::BLOCK_SIZE;
+use crate::state::{newest, STATE_LEN};
+use crate::store::{data_extents_upto, read_appending, Owner, Segment, Stored};
 
 /// Reads at least this large go to the files. Below it the bytes saved are
 /// fewer than a LOCATE costs beside a READ (both are one round trip).
@@ -72,6 +101,9 @@ pub struct LayerFiles {
     /// The replica's directory, absolute.
     pub dir: PathBuf,
     pub files: Vec<LayerFile>,
+    /// Inode of its `replica.state` (on the device of the layer files).
+    #[serde(default)]
+    pub state_ino: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +111,9 @@ pub struct LayerFile {
     pub name: String,
     pub dev: u64,
     pub ino: u64,
+    /// Inode of its checksum sidecar (same device).
+    #[serde(default)]
+    pub sidecar_ino: Option<u64>,
 }
 
 /// This machine's boot id; empty if it cannot be read (then nothing is
@@ -176,6 +211,8 @@ pub fn decode_located(
 /// The engine's side: the files of one replica's chain it holds open.
 #[derive(Default)]
 pub struct DirectReads {
+    /// The engine whose lease head reads check ([`DirectReads::read_head`]).
+    owner: Owner,
     chain: Mutex<Option<OpenChain>>,
     /// Set once direct reads turn out impossible (another node, files not
     /// reachable from here): the client stops asking.
@@ -191,6 +228,17 @@ struct OpenChain {
     chain_version: u64,
     /// By position; `None` where the file could not be opened as listed.
     files: Arc<[Option<File>]>,
+    /// What head reads need besides the head; `None` if any of it could
+    /// not be opened as listed.
+    head: Option<Arc<HeadFiles>>,
+}
+
+struct HeadFiles {
+    data: File,
+    checksums: File,
+    state: File,
+    /// No layer below the head: a hole in it reads as zeros.
+    only_layer: bool,
 }
 
 /// What a direct read came to.
@@ -203,6 +251,14 @@ pub enum DirectRead {
 }
 
 impl DirectReads {
+    /// Direct reads for the engine holding `owner`'s lease.
+    pub fn new(owner: Owner) -> DirectReads {
+        DirectReads {
+            owner,
+            ..Default::default()
+        }
+    }
+
     pub fn is_on(&self) -> bool {
         !self.off.load(Ordering::Relaxed)
     }
@@ -226,6 +282,11 @@ impl DirectReads {
         self.closes.load(Ordering::Relaxed)
     }
 
+    /// Whether files of any chain are open.
+    pub fn is_open(&self) -> bool {
+        self.open_chain().is_some()
+    }
+
     /// Whether the files of `chain_version` are open.
     pub fn has(&self, chain_version: u64) -> bool {
         self.open_chain()
@@ -247,8 +308,9 @@ impl DirectReads {
         let files: Arc<[Option<File>]> = listed
             .files
             .iter()
-            .map(|f| open_listed(&listed.dir, f))
+            .map(|f| open_listed(&listed.dir, &f.name, f.dev, Some(f.ino)))
             .collect();
+        let head = open_head(&listed, &files).map(Arc::new);
         if !listed.files.is_empty() && files.iter().all(Option::is_none) {
             return self.turn_off(&format!(
                 "its files in {} are not reachable from here",
@@ -265,6 +327,7 @@ impl DirectReads {
             *chain = Some(OpenChain {
                 chain_version: listed.chain_version,
                 files,
+                head,
             });
         }
     }
@@ -288,7 +351,7 @@ impl DirectReads {
             let Some(Some(file)) = chain.files.get(layer as usize) else {
                 return DirectRead::NotHere;
             };
-            if let Err(e) = crate::store::read_appending(file, p.at, p.len as usize, &mut buf) {
+            if let Err(e) = read_appending(file, p.at, p.len as usize, &mut buf) {
                 tracing::debug!(error = %e, at = p.at, "direct read failed; reading through the replica");
                 return DirectRead::NotHere;
             }
@@ -302,18 +365,86 @@ impl DirectReads {
         }
         DirectRead::Data(buf.into())
     }
+
+    /// Reads whole blocks from the head without asking the replica, where
+    /// that is sure to return what a READ would (see the module
+    /// documentation). Anything else is `NotHere`, data that fails its
+    /// checksum included: the replica then reads it and tells bit rot from
+    /// a racing write.
+    pub fn read_head(&self, offset: u64, len: u64) -> DirectRead {
+        let Some(head) = self.open_chain().and_then(|c| c.head) else {
+            return DirectRead::NotHere;
+        };
+        match head.read(self.owner, offset, len) {
+            Ok(Some(data)) => DirectRead::Data(data.into()),
+            Ok(None) => DirectRead::NotHere,
+            Err(e) => {
+                tracing::debug!(error = %e, offset, "head read failed; reading through the replica");
+                DirectRead::NotHere
+            }
+        }
+    }
+}
+
+impl HeadFiles {
+    /// Whole blocks from the head, if every one of them is certain to be
+    /// what a READ returns; see the module documentation.
+    fn read(&self, owner: Owner, offset: u64, len: u64) -> std::io::Result<Option<Vec<u8>>> {
+        if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 || !self.leased_to(owner)? {
+            return Ok(None);
+        }
+        let end = offset + len;
+        if !self.only_layer && data_extents_upto(&self.data, offset, end, len)? != [(offset, end)] {
+            return Ok(None);
+        }
+        let mut buf = Vec::with_capacity(len as usize);
+        read_appending(&self.data, offset, len as usize, &mut buf)?;
+        Ok(verify_recorded(&self.checksums, offset / BLOCK_SIZE, &buf)?.then_some(buf))
+    }
+
+    /// Whether the replica's newest state record names `owner`.
+    fn leased_to(&self, owner: Owner) -> std::io::Result<bool> {
+        let mut both = [0u8; STATE_LEN];
+        self.state.read_exact_at(&mut both, 0)?;
+        Ok(newest(&both).is_some_and(|(_, r)| {
+            owner.generation.0 > 0
+                && r.generation == owner.generation
+                && r.engine_id == owner.engine_id
+        }))
+    }
 }
 
 /// Opens `dir/name` read-only if it is the file listed (same device and
-/// inode) and named as layer files are (nothing outside `dir`).
-fn open_listed(dir: &std::path::Path, listed: &LayerFile) -> Option<File> {
+/// inode) and named as a replica's files are (nothing outside `dir`).
+fn open_listed(dir: &std::path::Path, name: &str, dev: u64, ino: Option<u64>) -> Option<File> {
     use std::os::unix::fs::MetadataExt;
-    if !listed.name.starts_with("volume-") || listed.name.contains('/') {
+    let ours = name.starts_with("volume-") || name == crate::state::STATE_FILE;
+    if !ours || name.contains('/') {
         return None;
     }
-    let file = File::open(dir.join(&listed.name)).ok()?;
+    let file = File::open(dir.join(name)).ok()?;
     let m = file.metadata().ok()?;
-    (m.dev() == listed.dev && m.ino() == listed.ino).then_some(file)
+    (m.dev() == dev && Some(m.ino()) == ino).then_some(file)
+}
+
+/// The head's data, its checksums and the state file, as listed.
+fn open_head(listed: &LayerFiles, files: &[Option<File>]) -> Option<HeadFiles> {
+    let head = listed.files.last()?;
+    let data = files.last()?.as_ref()?.try_clone().ok()?;
+    let sidecar = crate::checksum::sidecar_name(&head.name);
+    let checksums = open_listed(&listed.dir, &sidecar, head.dev, head.sidecar_ino)?;
+    let state = open_listed(
+        &listed.dir,
+        crate::state::STATE_FILE,
+        head.dev,
+        listed.state_ino,
+    )?;
+    Some(HeadFiles {
+        data,
+        checksums,
+        state,
+        only_layer: listed.files.len() == 1,
+    })
 }
 
 #[cfg(test)]
@@ -330,6 +461,7 @@ mod tests {
                     name: name.to_string(),
                     dev: m.dev(),
                     ino: m.ino(),
+                    sidecar_ino: None,
                 }
             })
             .collect();
@@ -338,6 +470,7 @@ mod tests {
             boot_id: boot.into(),
             dir: dir.into(),
             files,
+            state_ino: None,
         }
     }
 

@@ -22,6 +22,8 @@ use crate::ids::{Generation, Revision};
 pub const STATE_FILE: &str = "replica.state";
 
 const SLOT: u64 = 512;
+/// Bytes of both slots: what [`newest`] decodes.
+pub const STATE_LEN: usize = 2 * SLOT as usize;
 const MAGIC: u64 = 0x5256_4f4c_5354_4154; // "RVOLSTAT"
 
 /// One record of the state file.
@@ -76,6 +78,14 @@ impl StateRecord {
     }
 }
 
+/// The newest valid record of a state file's [`STATE_LEN`] bytes, with its
+/// sequence number; `None` if neither slot holds one.
+pub fn newest(both: &[u8]) -> Option<(u64, StateRecord)> {
+    both.chunks_exact(SLOT as usize)
+        .filter_map(StateRecord::decode)
+        .max_by_key(|&(seq, _)| seq)
+}
+
 /// The open state file.
 pub struct StateFile {
     file: File,
@@ -110,19 +120,18 @@ impl StateFile {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let mut best: Option<(u64, StateRecord)> = None;
-        for slot in 0..2 {
-            let mut b = [0u8; SLOT as usize];
-            if file.read_exact_at(&mut b, slot * SLOT).is_err() {
-                continue;
-            }
-            if let Some((seq, rec)) = StateRecord::decode(&b) {
-                if best.is_none_or(|(s, _)| seq > s) {
-                    best = Some((seq, rec));
-                }
+        // A short file leaves the missing slot blank, which decodes to none.
+        let mut b = [0u8; STATE_LEN];
+        let mut got = 0;
+        while got < STATE_LEN {
+            match file.read_at(&mut b[got..], got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
             }
         }
-        let (seq, current) = best.ok_or_else(|| {
+        let (seq, current) = newest(&b).ok_or_else(|| {
             Error::Corrupt(format!(
                 "{}: no valid state record in either slot",
                 path.display()

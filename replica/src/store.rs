@@ -801,25 +801,31 @@ impl Replica {
         let chain_version = self.chain_version.load(Ordering::Acquire);
         let dir = std::path::absolute(&self.dir)
             .map_err(|e| Error::io(format!("resolving {}", self.dir.display()), e))?;
+        use std::os::unix::fs::MetadataExt;
+        let stat = |f: &File, name: &str| {
+            f.metadata()
+                .map_err(|e| Error::io(format!("stat {name}"), e))
+        };
         let files = layers
             .iter()
             .map(|l| {
-                let m = l
-                    .file
-                    .metadata()
-                    .map_err(|e| Error::io(format!("stat {}", l.name), e))?;
+                let m = stat(&l.file, &l.name)?;
                 Ok(crate::direct::LayerFile {
                     name: l.name.clone(),
-                    dev: std::os::unix::fs::MetadataExt::dev(&m),
-                    ino: std::os::unix::fs::MetadataExt::ino(&m),
+                    dev: m.dev(),
+                    ino: m.ino(),
+                    sidecar_ino: Some(stat(&l.crc, &l.name)?.ino()),
                 })
             })
             .collect::<Result<_>>()?;
+        let state = fs::metadata(self.dir.join(STATE_FILE))
+            .map_err(|e| Error::io(format!("stat {STATE_FILE}"), e))?;
         Ok(crate::direct::LayerFiles {
             chain_version,
             boot_id: crate::direct::boot_id().to_string(),
             dir,
             files,
+            state_ino: Some(state.ino()),
         })
     }
 
