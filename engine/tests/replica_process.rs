@@ -517,6 +517,73 @@ async fn a_full_disk_fails_writes_cleanly_and_keeps_earlier_data() {
     assert_eq!(c.read(0, 65536).await.unwrap(), vec![3u8; 65536]);
 }
 
+/// Small reads of blocks in the head come from its file with no request to
+/// the replica, and only while that returns what the replica would: not a
+/// rotten block, not a hole, not the head a revert threw away, and not
+/// once another engine holds the lease.
+#[tokio::test]
+async fn small_reads_from_the_head_are_served_only_while_they_are_right() {
+    use rvol_replica::client::{ClientError, Links};
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let ep = format!("127.0.0.1:{}", free_port());
+    let _p = start_replica(tmp.path(), &ep, "8M");
+    let links = Links {
+        connections: 1,
+        direct_reads: true,
+    };
+    let c = connect_with(&ep, 1, 1, links).await.unwrap();
+    let block = |b: u8| Bytes::from(vec![b; BLOCK_SIZE as usize]);
+    c.write(0, Bytes::from(vec![0x11u8; 64 << 10]), false, 0)
+        .await
+        .unwrap();
+    let read = c.read_stored(4096, 4096).await.unwrap();
+    assert_eq!((read.data, read.from_files), (block(0x11), true));
+    // A hole has no checksum to check: the replica answers.
+    let read = c.read_stored(1 << 20, 4096).await.unwrap();
+    assert_eq!((read.data, read.from_files), (block(0), false));
+
+    // Rot is not served; the replica names it.
+    let head = tmp.path().join("data/volume-head-000.img");
+    let f = std::fs::OpenOptions::new().write(true).open(&head).unwrap();
+    f.write_all_at(&[0x12], 4096 + 9).unwrap();
+    match c.read_stored(4096, 4096).await.unwrap_err() {
+        ClientError::Remote {
+            status: Status::Checksum,
+            ..
+        } => {}
+        e => panic!("{e}"),
+    }
+    f.write_all_at(&[0x11], 4096 + 9).unwrap();
+
+    // A trimmed block reads as zeros, from the replica.
+    c.trim(8192, 4096, 0).await.unwrap();
+    let read = c.read_stored(8192, 4096).await.unwrap();
+    assert_eq!((read.data, read.from_files), (block(0), false));
+
+    // Below a snapshot, only what the new head holds comes from it.
+    c.snapshot("s1", true, &Default::default()).await.unwrap();
+    c.write(0, Bytes::from(vec![0x22u8; 32 << 10]), false, 0)
+        .await
+        .unwrap();
+    let read = c.read_stored(4096, 4096).await.unwrap();
+    assert_eq!((read.data, read.from_files), (block(0x22), true));
+    let read = c.read_stored(32 << 10, 4096).await.unwrap();
+    assert_eq!((read.data, read.from_files), (block(0x11), false));
+    // A revert drops the head whose file the client held.
+    c.revert("s1").await.unwrap();
+    let read = c.read_stored(4096, 4096).await.unwrap();
+    assert_eq!(read.data, block(0x11));
+    c.write(4096, block(0x33), false, 0).await.unwrap();
+    let read = c.read_stored(4096, 4096).await.unwrap();
+    assert_eq!((read.data, read.from_files), (block(0x33), true));
+
+    // Another engine takes the replica over: no more reads for this one.
+    let _newer = connect_with(&ep, 2, 2, 1.into()).await.unwrap();
+    let e = c.read_stored(4096, 4096).await.unwrap_err();
+    assert!(e.is_fenced(), "{e}");
+}
+
 /// Large reads sent from the files unchecked (`read_stored`), by the
 /// replica or, from a replica on this node, read from its files by the
 /// client itself: the data is right across layers and holes, rot shows up
