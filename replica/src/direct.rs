@@ -390,7 +390,8 @@ impl HeadFiles {
     /// Whole blocks from the head, if every one of them is certain to be
     /// what a READ returns; see the module documentation.
     fn read(&self, owner: Owner, offset: u64, len: u64) -> std::io::Result<Option<Vec<u8>>> {
-        if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 || !self.leased_to(owner)? {
+        let aligned = offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE);
+        if !aligned || !self.leased_to(owner)? {
             return Ok(None);
         }
         let end = offset + len;
