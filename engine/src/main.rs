@@ -109,9 +109,10 @@ enum Command {
         /// no slower (docs/benchmarks.md).
         #[arg(long, default_value_t = 1)]
         connections_per_replica: usize,
-        /// Whether large reads from a replica process on this node come
-        /// straight from its files (it says where they are, the engine
-        /// reads and checks them) instead of through its socket.
+        /// Whether reads from a replica process on this node come straight
+        /// from its files, checked against its recorded checksums, instead
+        /// of through its socket: blocks in its head always, others of 64
+        /// KiB or more after it says where they are.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         direct_reads: bool,
         /// With no healthy replica left, I/O waits this many seconds for one

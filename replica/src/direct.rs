@@ -21,6 +21,9 @@
 //!    for a stored read: read again, verified by the replica, which names
 //!    a rotten block or returns data that is good.
 //!
+//! Blocks in the head need not even that: see "Reads answered without
+//! asking" below.
+//!
 //! # Why what the engine reads is right
 //!
 //! - **Same node.** LAYERS reports the replica's boot id, which the engine
@@ -89,8 +92,9 @@ use crate::ids::BLOCK_SIZE;
 use crate::state::{newest, STATE_LEN};
 use crate::store::{data_extents_upto, read_appending, Owner, Segment, Stored};
 
-/// Reads at least this large go to the files. Below it the bytes saved are
-/// fewer than a LOCATE costs beside a READ (both are one round trip).
+/// Reads not answered from the head are located and read from the files
+/// from this size on. Below it the bytes saved are fewer than a LOCATE
+/// costs beside a READ (both are one round trip).
 pub const DIRECT_READ_MIN: u64 = 64 << 10;
 
 /// The files of a replica's chain, oldest first, as of `chain_version`.
