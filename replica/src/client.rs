@@ -227,7 +227,7 @@ impl ReplicaClient {
         epoch: u64,
         payload: impl Into<Sealed>,
     ) -> Result<Reply> {
-        let direct = self.direct.as_ref().filter(|_| may_change_chain(op));
+        let direct = self.direct.as_ref().filter(|_| op.changes_chain());
         // Head reads must not use files listed before the change, nor
         // while it runs ([`crate::direct`]); closing also lets a deleted
         // layer's blocks go.
@@ -604,23 +604,6 @@ impl ReplicaClient {
             .await?;
         decode_extents(&r.payload).ok_or_else(|| ClientError::Lost("bad ALLOCATION payload".into()))
     }
-}
-
-/// Whether `op` may change the replica's chain or write below its head:
-/// the files held for direct reads are closed around it.
-fn may_change_chain(op: Op) -> bool {
-    matches!(
-        op,
-        Op::Snapshot
-            | Op::WriteLayer
-            | Op::PunchLayer
-            | Op::PrepareRebuild
-            | Op::FinishRebuild
-            | Op::RemoveSnapshot
-            | Op::PurgeStep
-            | Op::Revert
-            | Op::Expand
-    )
 }
 
 fn connect_err(endpoint: &Endpoint, e: impl std::fmt::Display) -> ClientError {

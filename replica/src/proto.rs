@@ -131,6 +131,24 @@ pub enum Op {
 }
 
 impl Op {
+    /// Whether the op may change the replica's chain of layers or write
+    /// below its head (what a reader of its files must know about, see
+    /// [`crate::direct`]).
+    pub fn changes_chain(self) -> bool {
+        matches!(
+            self,
+            Op::Snapshot
+                | Op::WriteLayer
+                | Op::PunchLayer
+                | Op::PrepareRebuild
+                | Op::FinishRebuild
+                | Op::RemoveSnapshot
+                | Op::PurgeStep
+                | Op::Revert
+                | Op::Expand
+        )
+    }
+
     pub fn from_u8(v: u8) -> Option<Op> {
         Some(match v {
             1 => Op::Hello,

@@ -173,20 +173,10 @@ impl Session {
                     r.flush()
                 });
             }
-            Some(
-                op @ (Op::Snapshot
-                | Op::LayerChecksums
-                | Op::ReadLayer
-                | Op::WriteLayer
-                | Op::PunchLayer
-                | Op::PrepareRebuild
-                | Op::FinishRebuild
-                | Op::RemoveSnapshot
-                | Op::PurgeStep
-                | Op::Revert
-                | Op::Expand
-                | Op::Scrub),
-            ) => {
+            Some(op)
+                if op.changes_chain()
+                    || matches!(op, Op::LayerChecksums | Op::ReadLayer | Op::Scrub) =>
+            {
                 let h = *h;
                 return self
                     .spawn_blocking_reply(h.id, to, move |r| run_layer_op(r, op, &h, &payload));
