@@ -1,6 +1,6 @@
 //! User snapshots through the engine: taken under a live writer on every
 //! replica, listed with their labels and sizes, kept across an engine
-//! restart; removed and purged; reverted to; and the space a removed
+//! restart; removed and purged; reverted to, with a replica away; and the space a removed
 //! snapshot and a trim give back. Volume expansion, too.
 
 mod common;
@@ -145,6 +145,47 @@ fn revert_brings_back_what_a_snapshot_held() {
     }
     // And the reverted volume takes writes as usual.
     qemu_io(&uri, &["write -P 0x12 0 1M", "read -P 0x12 0 1M"]);
+}
+
+/// A replica that was away while the volume was reverted holds the head the
+/// revert threw away. It must come back only through a rebuild from one
+/// that took the revert: then it alone reads as the snapshot did.
+#[test]
+fn a_replica_away_during_a_revert_comes_back_reverted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "32M");
+    let (mut engine, uri, admin) = start_engine("away", "32M", &addrs(&rs), &[]);
+    let src = tmp.path().join("src.img");
+    std::fs::write(&src, pseudo_random(12, 32 << 20)).unwrap();
+    import_file(&src, &uri);
+    let good = sha256_file(&src);
+    run_ok(RVOL, &["snapshot", "create", "good", "--admin", &admin]);
+    qemu_io(&uri, &["write -P 0x77 4M 8M", "flush"]);
+    assert_eq!(engine.stop(), 0);
+
+    rs[2].proc.kill9();
+    let (mut m, madmin) = start_maintenance_engine("away", "32M", &addrs(&rs));
+    run_ok(RVOL, &["snapshot", "revert", "good", "--admin", &madmin]);
+    assert_eq!(m.stop(), 0);
+
+    rs[2].restart("32M");
+    let (_engine, uri, admin) = start_engine("away", "32M", &addrs(&rs), &[]);
+    wait_until("all three to be RW", Duration::from_secs(120), || {
+        modes(&admin).iter().all(|m| m == "RW")
+    });
+    // Rebuilt: below its head, r0's chain (the rebuild's cut included).
+    let below_head = |r: &ReplicaProc| {
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(r.dir.join("replica.json")).unwrap()).unwrap();
+        let mut chain = meta["chain"].as_array().unwrap().clone();
+        chain.pop();
+        chain
+    };
+    assert_eq!(below_head(&rs[2]), below_head(&rs[0]));
+    assert_eq!(below_head(&rs[2])[0], "volume-snap-good.img");
+    rs[0].proc.kill9();
+    rs[1].proc.kill9();
+    assert_eq!(export_sha(&uri, tmp.path()), good, "r2 alone");
 }
 
 /// Fails if `p` holds a file that was deleted (whose blocks it keeps).
