@@ -1,7 +1,8 @@
 //! User snapshots through the engine: taken under a live writer on every
 //! replica, listed with their labels and sizes, kept across an engine
-//! restart; removed and purged; reverted to, with a replica away; and the space a removed
-//! snapshot and a trim give back. Volume expansion, too.
+//! restart; removed and purged; reverted to, with and without a replica
+//! away; and the space a removed snapshot and a trim give back. Volume
+//! expansion, too.
 
 mod common;
 
