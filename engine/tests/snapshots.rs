@@ -299,3 +299,25 @@ fn expand_grows_the_volume_online() {
     assert_eq!(status(&admin)["size"], 48 << 20);
     qemu_io(&uri, &["read -P 0x42 40M 8M"]);
 }
+
+/// A replica away during an expansion missed it. It comes back at the new
+/// size, holding what was written past the old end, and serves it alone.
+#[test]
+fn a_replica_away_during_an_expansion_comes_back_grown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "16M");
+    let (_engine, uri, admin) =
+        start_engine("grow-away", "16M", &addrs(&rs), &["--replica-timeout", "2"]);
+    qemu_io(&uri, &["write -P 0x41 12M 4M", "flush"]);
+    rs[2].proc.kill9();
+    run_ok(RVOL, &["expand", "48M", "--admin", &admin]);
+    qemu_io(&uri, &["write -P 0x42 40M 8M", "flush"]);
+    rs[2].restart("16M");
+    wait_until("all three to be RW", Duration::from_secs(120), || {
+        modes(&admin).iter().all(|m| m == "RW")
+    });
+    rs[0].proc.kill9();
+    rs[1].proc.kill9();
+    qemu_io(&uri, &["read -P 0x42 40M 8M", "read -P 0x41 12M 4M"]);
+    assert_eq!(status(&admin)["size"], 48 << 20);
+}
