@@ -350,10 +350,7 @@ impl ReplicaClient {
         if !direct.is_open() {
             self.list_files(direct).await?;
         }
-        Ok(match direct.read_head(offset, length) {
-            DirectRead::Data(data) => Some(data),
-            DirectRead::Mismatch(_) | DirectRead::NotHere => None,
-        })
+        Ok(direct.read_head(offset, length))
     }
 
     /// Opens the files of the replica's chain as LAYERS lists them now.

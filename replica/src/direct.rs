@@ -288,7 +288,10 @@ impl DirectReads {
 
     /// Whether files of any chain are open.
     pub fn is_open(&self) -> bool {
-        self.open_chain().is_some()
+        self.chain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Whether the files of `chain_version` are open.
@@ -372,19 +375,16 @@ impl DirectReads {
 
     /// Reads whole blocks from the head without asking the replica, where
     /// that is sure to return what a READ would (see the module
-    /// documentation). Anything else is `NotHere`, data that fails its
+    /// documentation). `None` for anything else, data that fails its
     /// checksum included: the replica then reads it and tells bit rot from
     /// a racing write.
-    pub fn read_head(&self, offset: u64, len: u64) -> DirectRead {
-        let Some(head) = self.open_chain().and_then(|c| c.head) else {
-            return DirectRead::NotHere;
-        };
+    pub fn read_head(&self, offset: u64, len: u64) -> Option<Bytes> {
+        let head = self.open_chain()?.head?;
         match head.read(self.owner, offset, len) {
-            Ok(Some(data)) => DirectRead::Data(data.into()),
-            Ok(None) => DirectRead::NotHere,
+            Ok(data) => data.map(Bytes::from),
             Err(e) => {
                 tracing::debug!(error = %e, offset, "head read failed; reading through the replica");
-                DirectRead::NotHere
+                None
             }
         }
     }
