@@ -1,15 +1,19 @@
-//! SIGKILL of a replica process in the middle of a snapshot cut and in the
-//! middle of a purge, 20 rounds each: the chain opens every time, every
-//! acknowledged write reads back, and every kept snapshot is still there.
+//! SIGKILL of a replica process in the middle of changes to its chain, 20
+//! rounds of each: a snapshot cut, a purge, a revert and an expansion. The
+//! chain opens every time, every acknowledged write reads back, every kept
+//! snapshot is still there, and a change cut short happened entirely or
+//! not at all: a revert shows the snapshot or the head it replaces, never
+//! a mix; an expansion leaves the old size or the new one.
 
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::direct::*;
-use common::{block_for, id_of, xorshift};
+use common::{block_for, id_of, xorshift, Proc};
 use futures::future::join_all;
 use rvol_replica::client::ReplicaClient;
 use rvol_replica::BLOCK_SIZE;
@@ -47,20 +51,31 @@ async fn write_round(
     c.flush().await.unwrap();
 }
 
-async fn verify(c: &ReplicaClient, model: &HashMap<u64, u64>, round: u64) {
-    let reads =
-        join_all((0..BLOCKS / CHUNK).map(|i| c.read(i * CHUNK * BLOCK_SIZE, CHUNK * BLOCK_SIZE)))
-            .await;
-    for (i, data) in reads.into_iter().enumerate() {
-        let data = data.unwrap();
-        for (j, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
-            let b = i as u64 * CHUNK + j as u64;
-            assert_eq!(
-                id_of(block, b),
-                model.get(&b).copied(),
-                "round {round}: block {b}"
-            );
+/// What each of the first `blocks` blocks holds: the id of its write, or
+/// `None` for zeros.
+async fn view(c: &ReplicaClient, blocks: u64) -> Vec<Option<u64>> {
+    let reads = join_all((0..blocks.div_ceil(CHUNK)).map(|i| {
+        let len = CHUNK.min(blocks - i * CHUNK);
+        c.read(i * CHUNK * BLOCK_SIZE, len * BLOCK_SIZE)
+    }))
+    .await;
+    let mut ids = Vec::with_capacity(blocks as usize);
+    for data in reads {
+        for block in data.unwrap().chunks(BLOCK_SIZE as usize) {
+            ids.push(id_of(block, ids.len() as u64));
         }
+    }
+    ids
+}
+
+fn expected(model: &HashMap<u64, u64>, blocks: u64) -> Vec<Option<u64>> {
+    (0..blocks).map(|b| model.get(&b).copied()).collect()
+}
+
+async fn verify(c: &ReplicaClient, model: &HashMap<u64, u64>, round: u64) {
+    let got = view(c, BLOCKS).await;
+    for (b, (got, want)) in got.iter().zip(expected(model, BLOCKS)).enumerate() {
+        assert_eq!(*got, want, "round {round}: block {b}");
     }
 }
 
@@ -171,5 +186,149 @@ async fn sigkill_during_snapshot_create_and_purge_keeps_chain_and_data() {
     assert!(
         cut_mid_purge >= 5,
         "only {cut_mid_purge} of 20 kills landed during a purge"
+    );
+}
+
+/// Kills the replica process while `op` runs, after a delay drawn
+/// log-uniformly below `window`, and returns whether `op` was
+/// acknowledged. `window` becomes how long `op` took when the kill came
+/// too late; the log scale spreads the kills over the op's first
+/// milliseconds (where a revert or expansion does its work) as well as over
+/// its tail.
+async fn kill_during<T, E>(
+    p: Proc,
+    window: &mut Duration,
+    rand: &mut impl FnMut() -> u64,
+    op: impl std::future::Future<Output = Result<T, E>>,
+) -> bool {
+    let delay = window.div_f64(2f64.powf((rand() % 8000) as f64 / 1000.0));
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let mut p = p;
+        p.kill9();
+    });
+    let started = Instant::now();
+    let acknowledged = op.await.is_ok();
+    if acknowledged {
+        *window = started.elapsed();
+    }
+    killer.await.unwrap();
+    acknowledged
+}
+
+/// What `replica.json` records, the chain and the size, and the length of
+/// every layer file, as a kill left them.
+fn on_disk(dir: &Path) -> (Vec<String>, u64, Vec<(String, u64)>) {
+    let data = dir.join("data");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("replica.json")).unwrap()).unwrap();
+    let chain = meta["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    let layers = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().unwrap();
+            name.ends_with(".img")
+                .then(|| (name, e.metadata().unwrap().len()))
+        })
+        .collect();
+    (chain, meta["size"].as_u64().unwrap(), layers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_revert_and_expansion_applies_all_or_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ep = sock(tmp.path());
+    let mut model: HashMap<u64, u64> = HashMap::new();
+    let mut next_id = 0u64;
+    let mut rand = xorshift(0x5eed_u64);
+    let mut p = start_replica(tmp.path(), &ep, "32M");
+    let mut blocks = BLOCKS;
+    let mut revert_window = Duration::from_millis(20);
+    let mut expand_window = Duration::from_millis(20);
+    // Kills that left a change half done on disk: a new head file the
+    // unchanged chain does not name, layer files longer than the recorded
+    // size.
+    let (mut mid_revert, mut mid_expand) = (0, 0);
+    for round in 1..=40u64 {
+        let c = connect(&ep, round, round).await.unwrap();
+        write_round(&c, &mut model, &mut next_id, &mut rand).await;
+        if round % 2 == 1 {
+            // Kill during a revert to a snapshot with 4 MiB written since.
+            let name = format!("r{round}");
+            c.snapshot(&name, true, &Default::default()).await.unwrap();
+            let at_snapshot = model.clone();
+            write_round(&c, &mut model, &mut next_id, &mut rand).await;
+            let (before, _, _) = on_disk(tmp.path());
+            let acknowledged = kill_during(p, &mut revert_window, &mut rand, c.revert(&name)).await;
+            let (chain, _, layers) = on_disk(tmp.path());
+            let stray = layers.iter().any(|(l, _)| !chain.contains(l));
+            mid_revert += u32::from(chain == before && stray);
+            p = start_replica(tmp.path(), &ep, "32M");
+            let c = connect(&ep, round, round).await.unwrap();
+            let got = view(&c, blocks).await;
+            let reverted = got == expected(&at_snapshot, blocks);
+            assert!(
+                reverted || (!acknowledged && got == expected(&model, blocks)),
+                "round {round}: after a revert {} the replica shows neither the \
+                 snapshot nor the head it replaces",
+                if acknowledged {
+                    "acknowledged"
+                } else {
+                    "cut short"
+                }
+            );
+            if !reverted {
+                c.revert(&name).await.unwrap();
+            }
+            model = at_snapshot;
+            verify(&c, &model, round).await;
+        } else {
+            // Kill during an expansion by 4 MiB.
+            let (size, new_size) = (blocks * BLOCK_SIZE, (blocks + 1024) * BLOCK_SIZE);
+            let acknowledged =
+                kill_during(p, &mut expand_window, &mut rand, c.expand(new_size)).await;
+            let (_, recorded, layers) = on_disk(tmp.path());
+            mid_expand += u32::from(recorded == size && layers.iter().any(|&(_, len)| len > size));
+            p = start_replica(tmp.path(), &ep, "32M");
+            let c = connect(&ep, round, round).await.unwrap();
+            let now = c.info().await.unwrap().size;
+            assert!(
+                now == new_size || (!acknowledged && now == size),
+                "round {round}: size {now} after an expansion from {size} to {new_size} {}",
+                if acknowledged {
+                    "acknowledged"
+                } else {
+                    "cut short"
+                }
+            );
+            if now != new_size {
+                c.expand(new_size).await.unwrap();
+            }
+            // The new tail reads as zeros and takes writes.
+            let tail = blocks + rand() % 1024;
+            next_id += 1;
+            let data = Bytes::from(block_for(next_id, tail));
+            c.write(tail * BLOCK_SIZE, data, false, 0).await.unwrap();
+            model.insert(tail, next_id);
+            blocks += 1024;
+            assert_eq!(
+                view(&c, blocks).await,
+                expected(&model, blocks),
+                "round {round}"
+            );
+        }
+    }
+    println!(
+        "kills that left a change half done: {mid_revert}/20 reverts, {mid_expand}/20 expansions"
+    );
+    assert!(
+        mid_revert >= 1 && mid_expand >= 1,
+        "no kill landed mid-change: {mid_revert} reverts, {mid_expand} expansions of 20"
     );
 }
