@@ -227,34 +227,37 @@ impl ReplicaClient {
         epoch: u64,
         payload: impl Into<Sealed>,
     ) -> Result<Reply> {
+        let payload = payload.into();
+        let request = RequestHeader {
+            op: op as u8,
+            flags,
+            id: 0,
+            offset,
+            length,
+            epoch,
+            payload_len: payload.data.len() as u32,
+            crc: 0, // sealed per connection, with its id
+        };
         let direct = self.direct.as_ref().filter(|_| op.changes_chain());
         // Head reads must not use files listed before the change, nor
         // while it runs ([`crate::direct`]); closing also lets a deleted
         // layer's blocks go.
         direct.inspect(|d| d.close());
-        let reply = self
-            .send(op, flags, offset, length, epoch, payload.into())
-            .await;
+        let reply = self.send(request, payload).await;
         direct.inspect(|d| d.close());
         reply
     }
 
-    async fn send(
-        &self,
-        op: Op,
-        flags: u8,
-        offset: u64,
-        length: u64,
-        epoch: u64,
-        payload: Sealed,
-    ) -> Result<Reply> {
+    /// Sends `request` (its id aside, which each connection numbers) and
+    /// waits for the reply.
+    async fn send(&self, request: RequestHeader, payload: Sealed) -> Result<Reply> {
         let (conns, next) = match &self.transport {
             Transport::Sockets { conns, next } => (conns, next),
             Transport::InProcess(session) => {
                 let Some(session) = session else {
                     return Err(ClientError::Lost("a probe takes nothing over".into()));
                 };
-                return call_in_process(session, op, flags, offset, length, epoch, payload).await;
+                return call_in_process(session, request, payload).await;
             }
         };
         let n = conns.len();
@@ -268,17 +271,8 @@ impl ReplicaClient {
                 let Some(p) = pending.as_mut() else { continue };
                 p.insert(id, tx);
             }
-            let header = RequestHeader {
-                op: op as u8,
-                flags,
-                id,
-                offset,
-                length,
-                epoch,
-                payload_len: payload.data.len() as u32,
-                crc: 0,
-            }
-            .encode_sealed(payload.data.len() as u32, payload.crc);
+            let header =
+                RequestHeader { id, ..request }.encode_sealed(request.payload_len, payload.crc);
             if conn
                 .tx
                 .send(Outgoing {
@@ -658,28 +652,22 @@ fn hello_info(reply: Result<Reply>) -> Result<ReplicaInfo> {
 /// "stored": that saves a copy into a socket, and there is none here.
 async fn call_in_process(
     session: &Session,
-    op: Op,
-    flags: u8,
-    offset: u64,
-    length: u64,
-    epoch: u64,
+    request: RequestHeader,
     payload: Sealed,
 ) -> Result<Reply> {
     let h = RequestHeader {
-        op: op as u8,
-        flags: flags & !FLAG_STORED_CRC,
-        id: 0,
-        offset,
-        length,
-        epoch,
-        payload_len: payload.data.len() as u32,
-        crc: payload.crc,
+        flags: request.flags & !FLAG_STORED_CRC,
+        ..request
     };
     // What the socket server computes from a WRITE of whole blocks, the
     // seal already holds (`Sealed::new`); other payloads get none there
     // either.
     let mut crcs = Vec::new();
-    if let (Op::Write, Some(blocks)) = (op, &payload.block_crcs) {
+    if let Some(blocks) = payload
+        .block_crcs
+        .as_ref()
+        .filter(|_| h.op == Op::Write as u8)
+    {
         crcs.extend_from_slice(blocks);
     }
     let (tx, rx) = oneshot::channel();
