@@ -196,7 +196,7 @@ async fn sigkill_during_snapshot_create_and_purge_keeps_chain_and_data() {
 /// milliseconds (where a revert or expansion does its work) as well as over
 /// its tail.
 async fn kill_during<T, E>(
-    p: Proc,
+    mut p: Proc,
     window: &mut Duration,
     rand: &mut impl FnMut() -> u64,
     op: impl std::future::Future<Output = Result<T, E>>,
@@ -204,7 +204,6 @@ async fn kill_during<T, E>(
     let delay = window.div_f64(2f64.powf((rand() % 8000) as f64 / 1000.0));
     let killer = tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        let mut p = p;
         p.kill9();
     });
     let started = Instant::now();
