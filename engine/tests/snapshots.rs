@@ -95,16 +95,22 @@ fn snapshots_are_taken_on_every_replica_under_load_and_listed() {
     qemu_io(&uri, &["read -P 0x62 16M 4M"]);
 }
 
+/// Fills the 32 MiB volume with pseudo-random data from `seed` and takes
+/// snapshot "good" of it; returns the data's sha256.
+fn fill_and_snapshot_good(tmp: &std::path::Path, uri: &str, admin: &str, seed: u64) -> String {
+    let src = tmp.join("src.img");
+    std::fs::write(&src, pseudo_random(seed, 32 << 20)).unwrap();
+    import_file(&src, uri);
+    run_ok(RVOL, &["snapshot", "create", "good", "--admin", admin]);
+    sha256_file(&src)
+}
+
 #[test]
 fn revert_brings_back_what_a_snapshot_held() {
     let tmp = tempfile::tempdir().unwrap();
     let rs = three_replicas(tmp.path(), "32M");
     let (mut engine, uri, admin) = start_engine("revert", "32M", &addrs(&rs), &[]);
-    let src = tmp.path().join("src.img");
-    std::fs::write(&src, pseudo_random(11, 32 << 20)).unwrap();
-    import_file(&src, &uri);
-    let good = sha256_file(&src);
-    run_ok(RVOL, &["snapshot", "create", "good", "--admin", &admin]);
+    let good = fill_and_snapshot_good(tmp.path(), &uri, &admin, 11);
     qemu_io(&uri, &["write -P 0x77 4M 8M", "write -z 20M 4M"]);
     assert_ne!(export_sha(&uri, tmp.path()), good);
 
@@ -156,11 +162,7 @@ fn a_replica_away_during_a_revert_comes_back_reverted() {
     let tmp = tempfile::tempdir().unwrap();
     let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "32M");
     let (mut engine, uri, admin) = start_engine("away", "32M", &addrs(&rs), &[]);
-    let src = tmp.path().join("src.img");
-    std::fs::write(&src, pseudo_random(12, 32 << 20)).unwrap();
-    import_file(&src, &uri);
-    let good = sha256_file(&src);
-    run_ok(RVOL, &["snapshot", "create", "good", "--admin", &admin]);
+    let good = fill_and_snapshot_good(tmp.path(), &uri, &admin, 12);
     qemu_io(&uri, &["write -P 0x77 4M 8M", "flush"]);
     assert_eq!(engine.stop(), 0);
 
