@@ -8,7 +8,7 @@ nbdkit file) and writes the results as JSON.
 
   scripts/bench.sh [--quick] [--out DIR] [--only TARGET,...]
 """
-import argparse, json, os, resource, shutil, signal, socket, subprocess, sys, tempfile, time
+import argparse, json, os, random, resource, shutil, signal, socket, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RVOL = os.path.join(ROOT, "target", "release", "rvol")
@@ -27,11 +27,18 @@ JOBS = [
 
 
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+    """A free loopback port for a server that takes a port number, from
+    below the kernel's ephemeral range (32768 and up): a port-0 pick, once
+    released, can go to any outgoing connection before the server binds it."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
 
 
 def cpu_seconds(pids):

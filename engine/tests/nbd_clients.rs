@@ -209,8 +209,8 @@ fn data_survives_engine_restart() {
 fn engine_refuses_replicas_of_another_size_and_no_replicas() {
     let tmp = tempfile::tempdir().unwrap();
     let r = ReplicaProc::start(&tmp.path().join("r0"), "16M", "127.0.0.1:0");
-    let nbd = format!("127.0.0.1:{}", free_port());
-    let admin = format!("127.0.0.1:{}", free_port());
+    // It must refuse before it listens: any port will do.
+    let (nbd, admin) = ("127.0.0.1:0", "127.0.0.1:0");
     let out = run_within(
         REFUSAL_LIMIT,
         RVOL,
@@ -223,9 +223,9 @@ fn engine_refuses_replicas_of_another_size_and_no_replicas() {
             "--replica",
             &r.addr,
             "--nbd-listen",
-            &nbd,
+            nbd,
             "--admin-listen",
-            &admin,
+            admin,
         ],
     );
     assert_eq!(out.status.code(), Some(1));
@@ -247,9 +247,9 @@ fn engine_refuses_replicas_of_another_size_and_no_replicas() {
             "--replica",
             &dead,
             "--nbd-listen",
-            &nbd,
+            nbd,
             "--admin-listen",
-            &admin,
+            admin,
             "--replica-timeout",
             "1",
         ],

@@ -141,26 +141,43 @@ impl ReplicaProc {
     }
 }
 
-/// A free loopback TCP port (bound and released).
+/// A loopback TCP port for an address that must outlive its process, such
+/// as a replica restarted where the engine expects it. Anything that only
+/// needs *a* port binds port 0 and reports what it got instead.
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up by
+/// default), distinct within this test binary: a port picked from that
+/// range and released could be taken by any outgoing connection or
+/// port-0 listener before its process binds it again.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Test binaries run one after another; starting each at its own place
+    // keeps a port from being reused while a dead one's sockets linger.
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = FIRST + (start.wrapping_add(n)) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
-/// An engine over the given replica addresses, NBD on a fresh port.
+/// An engine over the given replica addresses, NBD on a port of its own
+/// choosing; returns it, its NBD URI and its admin API's address.
 pub fn start_engine(
     name: &str,
     size: &str,
     replicas: &[String],
     extra: &[&str],
 ) -> (Proc, String, String) {
-    let nbd = format!("127.0.0.1:{}", free_port());
-    let mut frontend = vec!["--nbd-listen", &nbd];
+    let mut frontend = vec!["--nbd-listen", "127.0.0.1:0"];
     frontend.extend_from_slice(extra);
     let (p, admin) = start_engine_with(name, size, replicas, &frontend);
+    let nbd = p.ready["nbd"][0].as_str().expect("NBD address").to_string();
     (p, format!("nbd://{nbd}"), admin)
 }
 
@@ -169,15 +186,14 @@ pub fn start_maintenance_engine(name: &str, size: &str, replicas: &[String]) -> 
     start_engine_with(name, size, replicas, &["--frontend", "none"])
 }
 
-/// An engine with the admin API on a fresh port; returns it and the API's
-/// address.
+/// An engine with the admin API on a port of its own choosing; returns it
+/// and the API's address.
 fn start_engine_with(
     name: &str,
     size: &str,
     replicas: &[String],
     extra: &[&str],
 ) -> (Proc, String) {
-    let admin = format!("127.0.0.1:{}", free_port());
     let mut args = vec![
         "engine",
         "--name",
@@ -185,14 +201,19 @@ fn start_engine_with(
         "--size",
         size,
         "--admin-listen",
-        &admin,
+        "127.0.0.1:0",
     ];
     for r in replicas {
         args.push("--replica");
         args.push(r);
     }
     args.extend_from_slice(extra);
-    (Proc::start(&args), admin)
+    let p = Proc::start(&args);
+    let admin = p.ready["admin"]
+        .as_str()
+        .expect("admin address")
+        .to_string();
+    (p, admin)
 }
 
 /// Runs a command, returning its output; panics if it cannot start.
