@@ -519,8 +519,8 @@ async fn a_full_disk_fails_writes_cleanly_and_keeps_earlier_data() {
 
 /// Small reads of blocks in the head come from its file with no request to
 /// the replica, and only while that returns what the replica would: not a
-/// rotten block, not a hole, not the head a revert threw away, and not
-/// once another engine holds the lease.
+/// rotten block, not a hole over a snapshot, not the head a revert threw
+/// away, and not once another engine holds the lease.
 #[tokio::test]
 async fn small_reads_from_the_head_are_served_only_while_they_are_right() {
     use rvol_replica::client::{ClientError, Links};
@@ -539,9 +539,10 @@ async fn small_reads_from_the_head_are_served_only_while_they_are_right() {
         .unwrap();
     let read = c.read_stored(4096, 4096).await.unwrap();
     assert_eq!((read.data, read.from_files), (block(0x11), true));
-    // A hole has no checksum to check: the replica answers.
+    // A block never written reads as zeros, from the file too: the head is
+    // the only layer.
     let read = c.read_stored(1 << 20, 4096).await.unwrap();
-    assert_eq!((read.data, read.from_files), (block(0), false));
+    assert_eq!((read.data, read.from_files), (block(0), true));
 
     // Rot is not served; the replica names it.
     let head = tmp.path().join("data/volume-head-000.img");
@@ -568,6 +569,7 @@ async fn small_reads_from_the_head_are_served_only_while_they_are_right() {
         .unwrap();
     let read = c.read_stored(4096, 4096).await.unwrap();
     assert_eq!((read.data, read.from_files), (block(0x22), true));
+    // A hole in the head shows the snapshot: the replica answers.
     let read = c.read_stored(32 << 10, 4096).await.unwrap();
     assert_eq!((read.data, read.from_files), (block(0x11), false));
     // A revert drops the head whose file the client held.

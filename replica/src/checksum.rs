@@ -111,17 +111,26 @@ pub fn verify(
 }
 
 /// Whether every block of `data` (whole blocks read from the layer at
-/// `first_block`) has a recorded entry and matches one of its slots: data
-/// that needs no other check to be served.
-pub fn verify_recorded(file: &File, first_block: u64, data: &[u8]) -> std::io::Result<bool> {
+/// `first_block`) needs no other check to be served: its entry is recorded
+/// and matches one of its slots, or, where `unwritten_reads_as_zeros` (the
+/// layer is the only one), it records nothing and the block is all zeros,
+/// which is what a block never written there reads as.
+pub fn verify_recorded(
+    file: &File,
+    first_block: u64,
+    data: &[u8],
+    unwritten_reads_as_zeros: bool,
+) -> std::io::Result<bool> {
     let entries = read_entries(file, first_block, data.len() / BLOCK_SIZE as usize)?;
     Ok(entries
         .chunks(ENTRY as usize)
         .zip(data.chunks(BLOCK_SIZE as usize))
-        .all(|(e, block)| {
-            let (older, newer) = slots(e);
-            let crc = crate::crc::of(block);
-            (older, newer) != (0, 0) && (crc == older || crc == newer)
+        .all(|(e, block)| match slots(e) {
+            (0, 0) => unwritten_reads_as_zeros && block.iter().all(|&b| b == 0),
+            (older, newer) => {
+                let crc = crate::crc::of(block);
+                crc == older || crc == newer
+            }
         }))
 }
 
@@ -177,9 +186,23 @@ mod tests {
         let mut rotten = b.clone();
         rotten[100] ^= 0x10;
         assert_eq!(check(1, &rotten), Some(1));
-        assert!(verify_recorded(&f, 1, &a).unwrap() && verify_recorded(&f, 1, &b).unwrap());
-        assert!(!verify_recorded(&f, 1, &rotten).unwrap());
-        assert!(!verify_recorded(&f, 3, &a).unwrap(), "nothing recorded");
+        for only_layer in [false, true] {
+            assert!(verify_recorded(&f, 1, &a, only_layer).unwrap());
+            assert!(verify_recorded(&f, 1, &b, only_layer).unwrap());
+            assert!(!verify_recorded(&f, 1, &rotten, only_layer).unwrap());
+            assert!(
+                !verify_recorded(&f, 3, &a, only_layer).unwrap(),
+                "nothing recorded"
+            );
+        }
+        // Nothing recorded and zeros: a block never written, which reads as
+        // zeros only where no layer lies below.
+        let zeros = vec![0u8; 4096];
+        assert!(verify_recorded(&f, 3, &zeros, true).unwrap());
+        assert!(!verify_recorded(&f, 3, &zeros, false).unwrap());
+        // Recorded, and zeros that match neither slot: a trimmed block or one
+        // whose write is under way, not served.
+        assert!(!verify_recorded(&f, 1, &zeros, true).unwrap());
         record_settled(&f, 2, &rotten).unwrap();
         assert_eq!(check(2, &rotten), None);
         assert_eq!(check(2, &b), Some(2));

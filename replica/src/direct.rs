@@ -53,7 +53,9 @@
 //! head is the only layer, a hole in it reads as zeros. The engine reads
 //! such blocks from the head file it holds open, and serves them only if
 //! each has an entry in the head's checksum sidecar and matches one of its
-//! slots ([`crate::checksum`]). Three things keep that right without the
+//! slots ([`crate::checksum`]), or, where the head is the only layer, has
+//! no entry and reads as zeros: a block never written, which the replica
+//! would answer with zeros too. Three things keep that right without the
 //! replica:
 //!
 //! - **The lease.** Each such read first reads the replica's state file
@@ -67,8 +69,11 @@
 //!   only the head; a read racing one may see either side, as a READ may,
 //!   and a block caught half-written fails its checksum.
 //! - **The data.** A block that fails its checksum, or has none recorded
-//!   (a hole, mostly), is not served from here: the whole read goes to
-//!   the replica, which tells bit rot from a racing write.
+//!   and holds data, is not served from here: the whole read goes to the
+//!   replica, which tells bit rot from a racing write. A write records the
+//!   block's checksum before it writes the data, and the engine reads the
+//!   data before the checksums, so zeros with nothing recorded were read
+//!   before any write to that block began.
 //!
 //! # What it costs the replica
 //!
@@ -404,7 +409,8 @@ impl HeadFiles {
         }
         let mut buf = Vec::with_capacity(len as usize);
         read_appending(&self.data, offset, len as usize, &mut buf)?;
-        Ok(verify_recorded(&self.checksums, offset / BLOCK_SIZE, &buf)?.then_some(buf))
+        let first_block = offset / BLOCK_SIZE;
+        Ok(verify_recorded(&self.checksums, first_block, &buf, self.only_layer)?.then_some(buf))
     }
 
     /// Whether the replica's newest state record names `owner`.
