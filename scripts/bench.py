@@ -27,7 +27,8 @@ JOBS = [
 
 
 def free_port():
-    """A free loopback port for a server that takes a port number, from
+    """A free loopback port for a server that cannot report the one it
+    bound (nbdkit, qemu-nbd), from
     below the kernel's ephemeral range (32768 and up): a port-0 pick, once
     released, can go to any outgoing connection before the server binds it."""
     while True:
@@ -160,8 +161,10 @@ def start(name, work, size, engine_args=()):
             r = t.spawn([RVOL, "replica", "--dir", os.path.join(work, f"{name}-r{i}"),
                          "--listen", listen, "--size", str(size)], ready_line=True)
             replicas += ["--replica", listen if unix else r["listen"]]
-        t.spawn([RVOL, "engine", "--name", "bench", "--size", str(size), "--nbd-listen", f"127.0.0.1:{port}",
-                 "--admin-listen", f"127.0.0.1:{free_port()}"] + replicas + list(engine_args), ready_line=True)
+        # The engine binds ports of its own choosing and reports them.
+        e = t.spawn([RVOL, "engine", "--name", "bench", "--size", str(size), "--nbd-listen", "127.0.0.1:0",
+                     "--admin-listen", "127.0.0.1:0"] + replicas + list(engine_args), ready_line=True)
+        t.fio = ["--ioengine=nbd", f"--uri=nbd://{e['nbd'][0]}/"]
     return t
 
 
