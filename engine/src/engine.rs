@@ -22,7 +22,7 @@ use rvol_frontend::ublk::{UblkConfig, UblkTarget};
 use rvol_frontend::BlockVolume;
 use rvol_replica::client::{Links, ReplicaClient};
 use rvol_replica::server::{Endpoint, Listener};
-use rvol_replica::{Generation, Owner, ReplicaInfo};
+use rvol_replica::{volume_uuid, Generation, Owner, ReplicaInfo};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -58,18 +58,14 @@ pub struct EngineConfig {
     pub rebuild_rate_mib: f64,
 }
 
-/// The UUID every replica of volume `name` is bound to.
-pub fn volume_uuid(name: &str) -> Uuid {
-    const NAMESPACE: Uuid = Uuid::from_u128(0x9d6f_2b1c_7a43_4e0b_a7c5_3f1e_8d20_6b91);
-    Uuid::new_v5(&NAMESPACE, name.as_bytes())
-}
-
 /// Asks a replica what it holds; see [`rvol_replica::local::prepare`].
-async fn probe(ep: &Endpoint, size: u64) -> Result<ReplicaInfo, String> {
-    rvol_replica::local::prepare(ep, size)
+async fn probe(ep: &Endpoint, cfg: &EngineConfig) -> Result<ReplicaInfo, String> {
+    rvol_replica::local::prepare(ep, cfg.size)
         .await
         .map_err(|e| e.to_string())?;
-    ReplicaClient::probe(ep).await.map_err(|e| e.to_string())
+    ReplicaClient::probe(ep, volume_uuid(&cfg.name), &cfg.links)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Connects to the replicas and builds the volume; see the module docs.
@@ -79,7 +75,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
     let probes = join_all(
         cfg.replicas
             .iter()
-            .map(|ep| tokio::time::timeout(t, probe(ep, cfg.size))),
+            .map(|ep| tokio::time::timeout(t, probe(ep, cfg))),
     )
     .await;
     let mut reachable = Vec::new();
@@ -123,10 +119,10 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
         generation: max_generation.next(),
         engine_id: rand_u64(),
     };
-    let links = cfg.links;
+    let links = cfg.links.clone();
     let connected = join_all(reachable.iter().map(|&i| {
         let ep = &cfg.replicas[i];
-        tokio::time::timeout(t, ReplicaClient::connect(ep, uuid, owner, links))
+        tokio::time::timeout(t, ReplicaClient::connect(ep, uuid, owner, links.clone()))
     }))
     .await;
     let mut taken = Vec::new();

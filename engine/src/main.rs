@@ -8,12 +8,15 @@
 //! rvol volume status --admin ADDR [--json];  rvol expand SIZE --admin ADDR
 //! rvol snapshot create [NAME] | ls | rm NAME | revert NAME | verify  --admin ADDR
 //! rvol demo
+//! rvol cert ca --dir DIR;  rvol cert issue --ca-dir DIR --out PREFIX --volume V|--node N|--controller
 //! ```
+//! Engines and replicas take `--tls-cert --tls-key --tls-ca` (mutual TLS).
 //!
 //! Exit status: 0 clean stop; 1 could not start or failed; 2 bad usage;
 //! 3 (engine) fenced by a newer engine.
 
 mod admin;
+mod cert;
 mod chain;
 mod demo;
 mod engine;
@@ -122,6 +125,15 @@ enum Command {
         /// Rebuild copy rate limit in MiB/s (0: unlimited).
         #[arg(long, default_value_t = 0.0)]
         rebuild_rate_mib: f64,
+        /// Mutual TLS to the replicas (TCP); the certificate must name
+        /// the volume (rvol://volume/NAME).
+        #[command(flatten)]
+        tls: cert::TlsArgs,
+    },
+    /// Make a cluster CA and issue certificates for rvol's processes.
+    Cert {
+        #[command(subcommand)]
+        command: cert::CertCommand,
     },
     /// Grow a running volume to SIZE on every replica.
     Expand {
@@ -158,6 +170,10 @@ struct ReplicaArgs {
     /// Create a replica of this size (e.g. 1G) if DIR holds none.
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
+    /// With these, TCP callers must present a certificate of the CA naming
+    /// this replica's volume (or the controller); nothing else is served.
+    #[command(flatten)]
+    tls: cert::TlsArgs,
 }
 
 #[derive(Subcommand)]
@@ -329,7 +345,8 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             dir: Some(dir),
             listen: Some(listen),
             size,
-        }) => run_replica(dir, listen, size).await,
+            tls,
+        }) => run_replica(dir, listen, size, tls).await,
         Command::Replica(_) => {
             anyhow::bail!("rvol replica needs --dir and --listen, or a subcommand")
         }
@@ -351,10 +368,12 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             direct_reads,
             io_hold_timeout,
             rebuild_rate_mib,
+            tls,
         } => {
             if frontend == "none" && !nbd_listen.is_empty() {
                 anyhow::bail!("--frontend none serves no NBD: drop --nbd-listen");
             }
+            let tls = tls.engine_client(&name)?;
             engine::run(engine::EngineConfig {
                 name,
                 size,
@@ -376,6 +395,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 links: rvol_replica::client::Links {
                     connections: connections_per_replica,
                     direct_reads,
+                    tls,
                 },
                 io_hold: Duration::from_secs_f64(io_hold_timeout),
                 rebuild_rate_mib,
@@ -383,6 +403,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             .await
         }
         Command::Snapshot { command } => snapshot_command(command).await,
+        Command::Cert { command } => cert::run(command),
         Command::Expand { size, admin } => {
             let body = serde_json::json!({ "size": size }).to_string();
             admin::request(&admin, "POST", "/v1/volume/expand", Some(&body)).await?;
@@ -422,7 +443,13 @@ fn raise_file_limit() {
     }
 }
 
-async fn run_replica(dir: PathBuf, listen: Endpoint, size: Option<u64>) -> anyhow::Result<u8> {
+async fn run_replica(
+    dir: PathBuf,
+    listen: Endpoint,
+    size: Option<u64>,
+    tls: cert::TlsArgs,
+) -> anyhow::Result<u8> {
+    let tls = tls.server()?;
     raise_file_limit();
     let d = dir.clone();
     let replica = tokio::task::spawn_blocking(move || Replica::open_or_create(&d, size))
@@ -449,7 +476,7 @@ async fn run_replica(dir: PathBuf, listen: Endpoint, size: Option<u64>) -> anyho
     );
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    rvol_replica::server::serve(replica, listener, async move {
+    rvol_replica::server::serve(replica, listener, tls, async move {
         tokio::select! {
             _ = sigterm.recv() => {}
             _ = sigint.recv() => {}

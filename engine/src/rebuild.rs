@@ -123,7 +123,7 @@ impl ReplicatedVolume {
 
     async fn rebuild(&self, slot: &Arc<ReplicaSlot>, rate_mib_s: f64) -> Result<u64, String> {
         let a = self.attach_info();
-        let connect = ReplicaClient::connect(&slot.endpoint, a.volume, a.owner, a.links);
+        let connect = ReplicaClient::connect(&slot.endpoint, a.volume, a.owner, a.links.clone());
         let (client, joining) = tokio::time::timeout(self.timeout(), connect)
             .await
             .map_err(|_| "no answer".to_string())?

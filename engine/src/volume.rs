@@ -738,7 +738,8 @@ impl ReplicatedVolume {
                 continue;
             }
             let a = &self.attach;
-            let connect = ReplicaClient::connect(&slot.endpoint, a.volume, a.owner, a.links);
+            let connect =
+                ReplicaClient::connect(&slot.endpoint, a.volume, a.owner, a.links.clone());
             match tokio::time::timeout(self.timeout, connect).await {
                 Ok(Ok((_, info))) if info.replica_uuid != slot.identity() => {
                     // Another replica now answers at this address (a

@@ -262,7 +262,9 @@ fn a_replica_the_last_flush_never_reached_is_reconciled_not_rebuilt() {
         let mut epoch = 0;
         for r in &rs {
             let ep: Endpoint = r.addr.parse().unwrap();
-            let info = ReplicaClient::probe(&ep).await.unwrap();
+            let info = ReplicaClient::probe(&ep, uuid::Uuid::nil(), &1.into())
+                .await
+                .unwrap();
             let owner = Owner {
                 generation: Generation(info.generation.0 + 10),
                 engine_id: 77,
@@ -326,7 +328,9 @@ fn a_replica_that_joined_for_a_rebuild_is_no_source_after_the_engine_dies() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ep0: Endpoint = rs[0].addr.parse().unwrap();
-        let info = ReplicaClient::probe(&ep0).await.unwrap();
+        let info = ReplicaClient::probe(&ep0, uuid::Uuid::nil(), &1.into())
+            .await
+            .unwrap();
         let owner = Owner {
             generation: Generation(info.generation.0 + 10),
             engine_id: 78,

@@ -35,6 +35,7 @@ use crate::server::Endpoint;
 use crate::session::{Body, Session};
 use crate::store::ChecksumUnit;
 use crate::store::{Owner, ReplicaInfo};
+use rvol_tls::ClientTls;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -115,13 +116,25 @@ impl std::fmt::Debug for StoredRead {
 }
 
 /// How a client reaches a replica process.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Links {
     /// Pipelined connections.
     pub connections: usize,
     /// Read large ranges from the replica's files when it runs on this
     /// node ([`crate::direct`]).
     pub direct_reads: bool,
+    /// Mutual TLS on TCP connections (Unix sockets never carry it).
+    pub tls: Option<Arc<ClientTls>>,
+}
+
+impl std::fmt::Debug for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Links")
+            .field("connections", &self.connections)
+            .field("direct_reads", &self.direct_reads)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl From<usize> for Links {
@@ -129,6 +142,7 @@ impl From<usize> for Links {
         Links {
             connections,
             direct_reads: false,
+            tls: None,
         }
     }
 }
@@ -179,7 +193,7 @@ impl ReplicaClient {
         let mut conns = Vec::new();
         let mut info = None;
         for _ in 0..links.connections.max(1) {
-            let (conn, i) = open_socket(endpoint, &hello).await?;
+            let (conn, i) = open_socket(endpoint, links.tls.as_deref(), &hello).await?;
             conns.push(conn);
             info.get_or_insert(i);
         }
@@ -199,10 +213,15 @@ impl ReplicaClient {
         ))
     }
 
-    /// Asks a replica what it holds without taking it over.
-    pub async fn probe(endpoint: &Endpoint) -> Result<ReplicaInfo> {
-        let owner = Owner::default();
-        let (_, info) = ReplicaClient::connect(endpoint, Uuid::nil(), owner, 1).await?;
+    /// Asks a replica what it holds without taking it over, as a client
+    /// of `volume` (a replica served with TLS answers only those).
+    pub async fn probe(endpoint: &Endpoint, volume: Uuid, links: &Links) -> Result<ReplicaInfo> {
+        let links = Links {
+            connections: 1,
+            direct_reads: false,
+            tls: links.tls.clone(),
+        };
+        let (_, info) = ReplicaClient::connect(endpoint, volume, Owner::default(), links).await?;
         Ok(info)
     }
 
@@ -609,20 +628,37 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Opens one connection and performs the HELLO exchange on it.
-async fn open_socket(endpoint: &Endpoint, hello: &Hello) -> Result<(Arc<Conn>, ReplicaInfo)> {
+async fn open_socket(
+    endpoint: &Endpoint,
+    tls: Option<&ClientTls>,
+    hello: &Hello,
+) -> Result<(Arc<Conn>, ReplicaInfo)> {
     match endpoint {
         Endpoint::Tcp(a) => {
             let s = tokio::net::TcpStream::connect(a)
                 .await
                 .map_err(|e| connect_err(endpoint, e))?;
             let _ = s.set_nodelay(true);
-            start(s, hello).await
+            match tls {
+                Some(tls) => {
+                    let s = tls
+                        .connect(a, s)
+                        .await
+                        .map_err(|e| connect_err(endpoint, e))?;
+                    start(s, None, hello).await
+                }
+                None => {
+                    let socket = s.as_fd().try_clone_to_owned().ok();
+                    start(s, socket, hello).await
+                }
+            }
         }
         Endpoint::Unix(p) => {
             let s = tokio::net::UnixStream::connect(p)
                 .await
                 .map_err(|e| connect_err(endpoint, e))?;
-            start(s, hello).await
+            let socket = s.as_fd().try_clone_to_owned().ok();
+            start(s, socket, hello).await
         }
         Endpoint::Local(_) => Err(connect_err(endpoint, "a replica directory has no socket")),
     }
@@ -694,11 +730,16 @@ fn in_process_reply(reply: crate::session::Reply) -> Result<Reply> {
 }
 
 /// Performs the HELLO exchange on a fresh stream and starts its tasks.
-async fn start<S>(stream: S, hello: &Hello) -> Result<(Arc<Conn>, ReplicaInfo)>
+/// `socket` is the stream's socket where bytes written to it reach the
+/// peer as they are (not through TLS), for [`FrameWriter`].
+async fn start<S>(
+    stream: S,
+    socket: Option<std::os::fd::OwnedFd>,
+    hello: &Hello,
+) -> Result<(Arc<Conn>, ReplicaInfo)>
 where
-    S: AsyncRead + AsyncWrite + AsFd + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let socket = stream.as_fd().try_clone_to_owned().ok();
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(256 << 10, rd);
     let payload = hello.encode();

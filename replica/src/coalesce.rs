@@ -106,13 +106,14 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
-    /// Writes what is gathered.
+    /// Writes what is gathered, and makes the writer send what it holds
+    /// (a TLS stream keeps encrypted records until flushed).
     pub async fn flush(&mut self) -> std::io::Result<()> {
         if !self.gathered.is_empty() {
             self.wr.write_all(&self.gathered).await?;
             self.gathered.clear();
         }
-        Ok(())
+        self.wr.flush().await
     }
 
     pub fn get_mut(&mut self) -> &mut W {

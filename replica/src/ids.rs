@@ -1,6 +1,7 @@
 //! Newtypes for the numbers a replica keeps apart.
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// Size of a block: the unit of every replica I/O, of the index and of the
 /// on-disk allocation the replica tracks.
@@ -14,6 +15,14 @@ impl BlockIndex {
     pub fn byte_offset(self) -> u64 {
         self.0 * BLOCK_SIZE
     }
+}
+
+/// The UUID every replica of volume `name` is bound to. Derived from the
+/// name, so that a certificate naming the volume (`rvol://volume/NAME`)
+/// names its replicas' UUID too.
+pub fn volume_uuid(name: &str) -> Uuid {
+    const NAMESPACE: Uuid = Uuid::from_u128(0x9d6f_2b1c_7a43_4e0b_a7c5_3f1e_8d20_6b91);
+    Uuid::new_v5(&NAMESPACE, name.as_bytes())
 }
 
 /// Raised by every engine that takes a replica over. A replica obeys only

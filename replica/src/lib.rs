@@ -35,5 +35,5 @@ pub mod state;
 pub mod store;
 
 pub use error::{Error, Result};
-pub use ids::{BlockIndex, Generation, LayerPos, Revision, BLOCK_SIZE};
+pub use ids::{volume_uuid, BlockIndex, Generation, LayerPos, Revision, BLOCK_SIZE};
 pub use store::{Owner, Replica, ReplicaInfo};

@@ -195,6 +195,8 @@ pub enum Status {
     Corrupt = 8,
     /// Data did not match its checksum (see [`crate::checksum`]).
     Checksum = 9,
+    /// The caller's certificate does not allow what it asked.
+    Denied = 10,
 }
 
 impl Status {
@@ -209,6 +211,7 @@ impl Status {
             6 => Status::VersionMismatch,
             7 => Status::Unsupported,
             9 => Status::Checksum,
+            10 => Status::Denied,
             _ => Status::Corrupt,
         }
     }

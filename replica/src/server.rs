@@ -15,6 +15,19 @@
 //! page-cache pages themselves). The engine checks the seal, so bit rot is
 //! still caught, one hop later; see [`crate::proto`].
 //!
+//! **Who may connect.** Served with TLS (`serve`'s `tls`), a TCP
+//! connection gets nothing but a mutual TLS handshake ([`rvol_tls`]): a
+//! caller without a certificate of the cluster's CA, or with an expired
+//! one, is dropped before a byte of the protocol is read. Its HELLO is
+//! then answered only if its certificate names the controller or the
+//! volume the HELLO is for (`rvol://volume/NAME`, whose UUID is
+//! [`crate::volume_uuid`]`(NAME)`), and this replica belongs to that
+//! volume or to none yet; anything else is answered `Denied` and the
+//! connection closed, before a probe is answered or a generation looked
+//! at. So a certificate stolen from one volume's engine opens no other
+//! volume. Unix sockets carry no TLS: they are created mode 0600, and the
+//! file system says who may connect.
+//!
 //! A frame that fails to decode (bad magic, crc, oversized) closes the
 //! connection with a logged reason before any of it is acted on. A request
 //! that decodes but is wrong (unaligned, past the end, unknown op) gets an
@@ -42,6 +55,7 @@ use crate::proto::{
 use crate::session::{Body, Reply, Session};
 use crate::store::{Replica, Segment};
 use crate::BLOCK_SIZE;
+use rvol_tls::{Identity, ServerTls};
 
 /// Where a server listens or a client connects: `host:port` or `unix:PATH`;
 /// or, for a client only, `local:DIR`, a replica directory the client's
@@ -104,7 +118,7 @@ impl Listener {
                 {
                     let _ = std::fs::remove_file(p);
                 }
-                Listener::Unix(UnixListener::bind(p)?)
+                Listener::Unix(bind_private(p)?)
             }
             Endpoint::Local(_) => {
                 return Err(std::io::Error::new(
@@ -129,16 +143,36 @@ impl Listener {
     }
 }
 
+/// Binds a Unix socket that only its owner can connect to: bound under a
+/// temporary name, made 0600, then renamed into place, so no caller can
+/// connect while it is still open to others.
+fn bind_private(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
+    Ok(listener)
+}
+
 /// Reads at least this large are sent from the files when the engine
 /// allows it. Below it the saved copy is smaller than the cost of a socket
 /// write of its own (replies are otherwise batched).
 pub const STORED_READ_MIN: u64 = 64 << 10;
 
 /// Serves `replica` on `listener` until `shutdown` resolves, then closes
-/// every connection, flushes and marks the replica clean.
+/// every connection, flushes and marks the replica clean. With `tls`, TCP
+/// callers must prove who they are (see the module docs).
 pub async fn serve(
     replica: Arc<Replica>,
     listener: Listener,
+    tls: Option<Arc<ServerTls>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> crate::Result<()> {
     let mut conns = JoinSet::new();
@@ -151,16 +185,27 @@ pub async fn serve(
         match accepted {
             Ok((stream, peer)) => {
                 let r = replica.clone();
+                let tls = tls.clone();
                 conns.spawn(async move {
-                    match stream {
-                        Stream::Tcp(s) => {
+                    match (stream, tls) {
+                        (Stream::Tcp(s), Some(tls)) => {
+                            let _ = s.set_nodelay(true);
+                            match tls.accept(s, &peer).await {
+                                Ok((s, ids)) => {
+                                    let (rd, wr) = tokio::io::split(s);
+                                    serve_connection(r, rd, wr, Caller::Tls(ids), peer).await
+                                }
+                                Err(e) => tracing::warn!(%peer, error = %e, "refused connection"),
+                            }
+                        }
+                        (Stream::Tcp(s), None) => {
                             let _ = s.set_nodelay(true);
                             let (rd, wr) = s.into_split();
-                            serve_connection(r, rd, wr, peer).await
+                            serve_connection(r, rd, wr, Caller::Plain, peer).await
                         }
-                        Stream::Unix(s) => {
+                        (Stream::Unix(s), _) => {
                             let (rd, wr) = s.into_split();
-                            serve_connection(r, rd, wr, peer).await
+                            serve_connection(r, rd, wr, Caller::Plain, peer).await
                         }
                     }
                 });
@@ -206,15 +251,55 @@ async fn accept(l: &Listener) -> std::io::Result<(Stream, String)> {
     })
 }
 
+/// Who is at the other end of a connection.
+enum Caller {
+    /// Not asked: a Unix socket, or a replica served without TLS.
+    Plain,
+    /// Proven by TLS; what the certificate names.
+    Tls(Vec<Identity>),
+}
+
+impl Caller {
+    /// Whether this caller may send `hello` to `replica`.
+    fn may_open(&self, replica: &Replica, hello: &Hello) -> Result<(), String> {
+        let Caller::Tls(ids) = self else {
+            return Ok(());
+        };
+        let named = ids.iter().any(|id| match id {
+            Identity::Controller => true,
+            Identity::Volume(name) => crate::volume_uuid(name) == hello.volume_uuid,
+            Identity::Node(_) => false,
+        });
+        if !named {
+            let names: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+            return Err(format!(
+                "the certificate ({}) does not name volume {}",
+                if names.is_empty() {
+                    "no rvol identity".into()
+                } else {
+                    names.join(", ")
+                },
+                hello.volume_uuid
+            ));
+        }
+        let bound = replica.volume_uuid();
+        if !bound.is_nil() && bound != hello.volume_uuid {
+            return Err(format!("this replica belongs to volume {bound}"));
+        }
+        Ok(())
+    }
+}
+
 /// Serves one connection until it closes or sends a bad frame.
-async fn serve_connection<R, W>(replica: Arc<Replica>, rd: R, wr: W, peer: String)
+async fn serve_connection<R, W>(replica: Arc<Replica>, rd: R, wr: W, caller: Caller, peer: String)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: SendFile + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_replies(wr, rx));
-    match read_requests(&replica, BufReader::with_capacity(256 << 10, rd), &tx).await {
+    let rd = BufReader::with_capacity(256 << 10, rd);
+    match read_requests(&replica, rd, &caller, &tx).await {
         Ok(()) => tracing::debug!(%peer, "connection closed"),
         Err(reason) => tracing::warn!(%peer, %reason, "closing connection"),
     }
@@ -232,15 +317,16 @@ trait SendFile: AsyncWrite + Unpin {
         len: usize,
     ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
 
-    /// The connection's socket.
-    fn socket(&self) -> BorrowedFd<'_>;
+    /// The connection's socket, where bytes written to it go to the peer
+    /// as they are (not through TLS).
+    fn socket(&self) -> Option<BorrowedFd<'_>>;
 }
 
 macro_rules! send_file_on {
     ($half:ty) => {
         impl SendFile for $half {
-            fn socket(&self) -> BorrowedFd<'_> {
-                self.as_ref().as_fd()
+            fn socket(&self) -> Option<BorrowedFd<'_>> {
+                Some(self.as_ref().as_fd())
             }
 
             async fn send_file(&mut self, file: &File, at: u64, len: usize) -> std::io::Result<()> {
@@ -282,8 +368,22 @@ macro_rules! send_file_on {
 send_file_on!(tokio::net::tcp::OwnedWriteHalf);
 send_file_on!(tokio::net::unix::OwnedWriteHalf);
 
+/// Through TLS, file ranges are read here and encrypted like any payload.
+impl SendFile for tokio::io::WriteHalf<rvol_tls::server::TlsStream<tokio::net::TcpStream>> {
+    fn socket(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    async fn send_file(&mut self, file: &File, at: u64, len: usize) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, at)?;
+        tokio::io::AsyncWriteExt::write_all(self, &buf).await
+    }
+}
+
 async fn write_replies<W: SendFile>(wr: W, rx: mpsc::UnboundedReceiver<Reply>) {
-    let socket = wr.socket().try_clone_to_owned().ok();
+    let socket = wr.socket().and_then(|s| s.try_clone_to_owned().ok());
     FrameWriter::new(wr, socket)
         .write_queued(rx, async |w, reply| write_reply(w, &reply).await)
         .await;
@@ -372,6 +472,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
 async fn read_requests<R: AsyncRead + Unpin>(
     replica: &Arc<Replica>,
     mut rd: R,
+    caller: &Caller,
     tx: &mpsc::UnboundedSender<Reply>,
 ) -> Result<(), Closed> {
     let mut payload = Vec::new();
@@ -400,6 +501,10 @@ async fn read_requests<R: AsyncRead + Unpin>(
             ),
         ));
         return Err(Closed::Protocol("protocol version mismatch".into()));
+    }
+    if let Err(why) = caller.may_open(replica, &hello) {
+        let _ = tx.send(Reply::error(h.id, Status::Denied, &why));
+        return Err(Closed::Protocol(format!("denied: {why}")));
     }
     let (reply, session) = Session::open(replica, &hello, h.id).await;
     let _ = tx.send(reply);

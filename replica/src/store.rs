@@ -512,6 +512,11 @@ impl Replica {
         self.size.load(Ordering::Acquire)
     }
 
+    /// The volume this replica is bound to (nil until an engine binds it).
+    pub fn volume_uuid(&self) -> Uuid {
+        lock(&self.meta).volume_uuid
+    }
+
     pub fn info(&self) -> ReplicaInfo {
         let meta = lock(&self.meta).clone();
         let layers = self.layers.read().unwrap_or_else(|e| e.into_inner());

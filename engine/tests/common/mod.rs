@@ -3,6 +3,7 @@
 
 pub mod direct;
 pub mod netns;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -118,7 +119,12 @@ pub struct ReplicaProc {
 impl ReplicaProc {
     /// Starts a replica in `dir` on a fresh loopback port (or the port it had).
     pub fn start(dir: &Path, size: &str, listen: &str) -> ReplicaProc {
-        let proc = Proc::start(&[
+        let tls = if tls::enabled() && !listen.starts_with("unix:") {
+            tls::replica(listen)
+        } else {
+            Vec::new()
+        };
+        let mut args = vec![
             "replica",
             "--dir",
             dir.to_str().unwrap(),
@@ -126,7 +132,9 @@ impl ReplicaProc {
             listen,
             "--size",
             size,
-        ]);
+        ];
+        args.extend(tls.iter().map(String::as_str));
+        let proc = Proc::start(&args);
         let addr = proc.ready["listen"].as_str().unwrap().to_string();
         ReplicaProc {
             dir: dir.to_path_buf(),
@@ -208,6 +216,12 @@ fn start_engine_with(
         args.push(r);
     }
     args.extend_from_slice(extra);
+    let tls = if tls::enabled() {
+        tls::engine(name)
+    } else {
+        Vec::new()
+    };
+    args.extend(tls.iter().map(String::as_str));
     let p = Proc::start(&args);
     let admin = p.ready["admin"]
         .as_str()
