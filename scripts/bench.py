@@ -149,9 +149,11 @@ def start(name, work, size, engine_args=()):
     else:
         # rvol-N: N replica processes on loopback TCP; rvol-N-unix: on Unix
         # sockets, as a node's local replicas can be; rvol-N-local: the
-        # first replica in the engine's process (local:DIR), the rest on TCP.
+        # first replica in the engine's process (local:DIR), the rest on TCP;
+        # rvol-N-tls: on TCP with mutual TLS.
         n = int(name.split("-")[1])
         unix = name.endswith("-unix")
+        tls = tls_flags(work) if name.endswith("-tls") else None
         replicas = []
         in_process = 1 if name.endswith("-local") else 0
         if in_process:
@@ -159,13 +161,28 @@ def start(name, work, size, engine_args=()):
         for i in range(in_process, n):
             listen = f"unix:{work}/{name}-r{i}.sock" if unix else "127.0.0.1:0"
             r = t.spawn([RVOL, "replica", "--dir", os.path.join(work, f"{name}-r{i}"),
-                         "--listen", listen, "--size", str(size)], ready_line=True)
+                         "--listen", listen, "--size", str(size)] + (tls["replica"] if tls else []),
+                        ready_line=True)
             replicas += ["--replica", listen if unix else r["listen"]]
         # The engine binds ports of its own choosing and reports them.
         e = t.spawn([RVOL, "engine", "--name", "bench", "--size", str(size), "--nbd-listen", "127.0.0.1:0",
-                     "--admin-listen", "127.0.0.1:0"] + replicas + list(engine_args), ready_line=True)
+                     "--admin-listen", "127.0.0.1:0"] + replicas + list(engine_args)
+                    + (tls["engine"] if tls else []), ready_line=True)
         t.fio = ["--ioengine=nbd", f"--uri=nbd://{e['nbd'][0]}/"]
     return t
+
+
+def tls_flags(work):
+    """A CA in WORK and the --tls-* flags of the replicas and the engine."""
+    pki = os.path.join(work, "pki")
+    if not os.path.isdir(pki):
+        subprocess.run([RVOL, "cert", "ca", "--dir", pki], check=True, capture_output=True)
+        for who, what in [("replica", ["--node", "bench", "--ip", "127.0.0.1"]),
+                          ("engine", ["--volume", "bench"])]:
+            subprocess.run([RVOL, "cert", "issue", "--ca-dir", pki, "--out", os.path.join(pki, who)] + what,
+                           check=True, capture_output=True)
+    return {who: ["--tls-cert", os.path.join(pki, who + ".crt"), "--tls-key", os.path.join(pki, who + ".key"),
+                  "--tls-ca", os.path.join(pki, "ca.crt")] for who in ("replica", "engine")}
 
 
 def run_job(t, job, runtime, ramp, size):
@@ -231,10 +248,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few seconds per job (CI regression check)")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"))
-    ap.add_argument("--only", default="local,nbdkit,nbdkit-x3,qemu-nbd,rvol-1,rvol-1-local,rvol-3,rvol-3-local",
+    ap.add_argument("--only", default="local,nbdkit,nbdkit-x3,qemu-nbd,rvol-1,rvol-1-local,rvol-3,rvol-3-local,"
+                                      "rvol-3-tls",
                     help="targets, comma-separated (nbdkit-x3: fio writing to three nbdkit "
                          "servers at once, figures per server, three copies with nothing "
-                         "added; rvol-N-local: one replica in the engine's process); also "
+                         "added; rvol-N-local: one replica in the engine's process; "
+                         "rvol-N-tls: replicas behind mutual TLS); also "
                          "rvol-1-unix and rvol-3-unix (replicas on Unix sockets instead of "
                          "loopback TCP)")
     ap.add_argument("--check", action="store_true",

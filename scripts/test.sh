@@ -6,6 +6,7 @@
 #   RVOL_FUZZ_SECONDS=0 ...    # skip the fuzz smoke run
 #   RVOL_BENCH_CHECK=0 ...     # skip the benchmark regression check
 #   RVOL_VM_TESTS=0 ...        # skip the guest tests (real ublk and nbd drivers)
+#   RVOL_TEST_TLS=1 cargo test # any test run with mutual TLS between engines and replicas
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/deps.sh
@@ -18,6 +19,9 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee target/test.log
+echo "== the replica-path tests again, every replica and engine behind mutual TLS"
+RVOL_TEST_TLS=1 cargo test -p rvol-engine --test rebuild --test snapshots --test replica_loss \
+  --test engine_crash --test partition --test seed_drill --test chain_crash 2>&1 | tee -a target/test.log
 echo "== guest tests: ublk and kernel NBD in a QEMU guest (skipped, saying so, where it cannot boot)"
 if [ "${RVOL_VM_TESTS:-1}" = 1 ]; then
   scripts/vm-test.sh
@@ -27,7 +31,7 @@ scripts/fuzz.sh "${RVOL_FUZZ_SECONDS:-15}"
 echo "== benchmark regression check (a few seconds per job; fails only on gross breakage)"
 if [ "${RVOL_BENCH_CHECK:-1}" = 1 ]; then
   cargo build --release --bin rvol
-  python3 scripts/bench.py --quick --only nbdkit,rvol-1,rvol-3,rvol-1-local,rvol-3-local --check --out target/bench-check | tail -n 1
+  python3 scripts/bench.py --quick --only nbdkit,rvol-1,rvol-3,rvol-1-local,rvol-3-local,rvol-3-tls --check --out target/bench-check | tail -n 1
 fi
 # One line for the CI log reader: totals over every test binary.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test.log

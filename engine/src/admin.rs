@@ -370,7 +370,7 @@ pub async fn serve(
     let app = router(state);
     match listener {
         Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(stop).await,
-        Listener::Unix(l) => axum::serve(l, app).with_graceful_shutdown(stop).await,
+        Listener::Unix(l, _) => axum::serve(l, app).with_graceful_shutdown(stop).await,
     }
 }
 

@@ -279,7 +279,7 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
         nbd_addrs.push(listener.local_endpoint()?.to_string());
         let listener = match listener {
             Listener::Tcp(l) => NbdListener::Tcp(l),
-            Listener::Unix(l) => NbdListener::Unix(l),
+            Listener::Unix(l, _) => NbdListener::Unix(l),
         };
         nbd_tasks.push(tokio::spawn(nbd.clone().serve(listener, stop_rx.clone())));
     }

@@ -262,14 +262,14 @@ fn a_replica_the_last_flush_never_reached_is_reconciled_not_rebuilt() {
         let mut epoch = 0;
         for r in &rs {
             let ep: Endpoint = r.addr.parse().unwrap();
-            let info = ReplicaClient::probe(&ep, uuid::Uuid::nil(), &1.into())
-                .await
-                .unwrap();
+            let links = tls::links("vouch");
+            let volume = rvol_replica::volume_uuid("vouch");
+            let info = ReplicaClient::probe(&ep, volume, &links).await.unwrap();
             let owner = Owner {
                 generation: Generation(info.generation.0 + 10),
                 engine_id: 77,
             };
-            let (c, _) = ReplicaClient::connect(&ep, info.volume_uuid, owner, 1)
+            let (c, _) = ReplicaClient::connect(&ep, info.volume_uuid, owner, links)
                 .await
                 .unwrap();
             epoch = epoch.max(info.epoch_seen + 1);
@@ -328,9 +328,9 @@ fn a_replica_that_joined_for_a_rebuild_is_no_source_after_the_engine_dies() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ep0: Endpoint = rs[0].addr.parse().unwrap();
-        let info = ReplicaClient::probe(&ep0, uuid::Uuid::nil(), &1.into())
-            .await
-            .unwrap();
+        let links = tls::links("joiner");
+        let volume = rvol_replica::volume_uuid("joiner");
+        let info = ReplicaClient::probe(&ep0, volume, &links).await.unwrap();
         let owner = Owner {
             generation: Generation(info.generation.0 + 10),
             engine_id: 78,
@@ -338,7 +338,7 @@ fn a_replica_that_joined_for_a_rebuild_is_no_source_after_the_engine_dies() {
         let epoch = info.epoch_seen + 1;
         for r in &rs {
             let ep: Endpoint = r.addr.parse().unwrap();
-            let (c, _) = ReplicaClient::connect(&ep, info.volume_uuid, owner, 1)
+            let (c, _) = ReplicaClient::connect(&ep, info.volume_uuid, owner, links.clone())
                 .await
                 .unwrap();
             c.flush_barrier(epoch, &[info.replica_uuid]).await.unwrap();

@@ -27,18 +27,22 @@ fn replicas_on_hosts(lab: &Lab, base: &Path, n: usize, size: &str) -> (Vec<Proc>
             let h = lab.host(i);
             let listen = format!("{}:4001", h.ip);
             let dir = base.join(format!("r{i}"));
-            let p = Proc::start_in(
-                &h.ns,
-                &[
-                    "replica",
-                    "--dir",
-                    dir.to_str().unwrap(),
-                    "--listen",
-                    &listen,
-                    "--size",
-                    size,
-                ],
-            );
+            let mut args = vec![
+                "replica",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--size",
+                size,
+            ];
+            let tls = if tls::enabled() {
+                tls::replica(&listen)
+            } else {
+                Vec::new()
+            };
+            args.extend(tls.iter().map(String::as_str));
+            let p = Proc::start_in(&h.ns, &args);
             (p, listen)
         })
         .unzip()
@@ -62,6 +66,12 @@ fn engine_in(ns: &str, name: &str, size: &str, replicas: &[&String], extra: &[&s
         args.extend(["--replica", a.as_str()]);
     }
     args.extend_from_slice(extra);
+    let tls = if tls::enabled() {
+        tls::engine(name)
+    } else {
+        Vec::new()
+    };
+    args.extend(tls.iter().map(String::as_str));
     Proc::start_in(ns, &args)
 }
 

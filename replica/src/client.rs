@@ -757,9 +757,13 @@ where
     wr.write_all(&h.encode(&payload)).await.map_err(lost)?;
     wr.write_all(&payload).await.map_err(lost)?;
     wr.flush().await.map_err(lost)?;
-    let reply = read_reply(&mut rd)
-        .await?
-        .ok_or_else(|| ClientError::Lost("closed during HELLO".into()))?;
+    let reply = read_reply(&mut rd).await?.ok_or_else(|| {
+        ClientError::Lost(
+            "the replica closed the connection during HELLO (a replica that requires \
+                 TLS does so to a client without it)"
+                .into(),
+        )
+    })?;
     let (h, body) = reply;
     let info = hello_info(reply_result(&h, body?))?;
     let (tx, rx) = mpsc::unbounded_channel();

@@ -100,26 +100,17 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
-/// A bound listener of either kind.
+/// A bound listener of either kind; a Unix one with the path it serves at.
 pub enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener),
+    Unix(UnixListener, PathBuf),
 }
 
 impl Listener {
     pub async fn bind(ep: &Endpoint) -> std::io::Result<Listener> {
         Ok(match ep {
             Endpoint::Tcp(a) => Listener::Tcp(TcpListener::bind(a).await?),
-            Endpoint::Unix(p) => {
-                // A socket file left by a killed server would make bind fail.
-                if std::fs::symlink_metadata(p)
-                    .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-                    .unwrap_or(false)
-                {
-                    let _ = std::fs::remove_file(p);
-                }
-                Listener::Unix(bind_private(p)?)
-            }
+            Endpoint::Unix(p) => Listener::Unix(bind_private(p)?, p.clone()),
             Endpoint::Local(_) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
@@ -133,21 +124,25 @@ impl Listener {
     pub fn local_endpoint(&self) -> std::io::Result<Endpoint> {
         Ok(match self {
             Listener::Tcp(l) => Endpoint::Tcp(l.local_addr()?.to_string()),
-            Listener::Unix(l) => Endpoint::Unix(
-                l.local_addr()?
-                    .as_pathname()
-                    .map(|p| p.to_path_buf())
-                    .unwrap_or_default(),
-            ),
+            Listener::Unix(_, p) => Endpoint::Unix(p.clone()),
         })
     }
 }
 
 /// Binds a Unix socket that only its owner can connect to: bound under a
 /// temporary name, made 0600, then renamed into place, so no caller can
-/// connect while it is still open to others.
+/// connect while it is still open to others. The rename replaces a socket
+/// file left by a killed server; any other file at `path` is refused.
 fn bind_private(path: &std::path::Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+    }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
@@ -244,7 +239,7 @@ async fn accept(l: &Listener) -> std::io::Result<(Stream, String)> {
             let (s, a) = l.accept().await?;
             (Stream::Tcp(s), a.to_string())
         }
-        Listener::Unix(l) => {
+        Listener::Unix(l, _) => {
             let (s, _) = l.accept().await?;
             (Stream::Unix(s), "unix".to_string())
         }
@@ -522,4 +517,33 @@ async fn read_requests<R: AsyncRead + Unpin>(
         session.run(&h, payload, std::mem::take(&mut crcs), tx.clone());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// Only the owner may connect, also where a killed server left its
+    /// socket file behind.
+    #[tokio::test]
+    async fn unix_sockets_are_bound_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        for _ in 0..2 {
+            let l = Listener::bind(&Endpoint::Unix(path.clone())).await.unwrap();
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+            assert_eq!(l.local_endpoint().unwrap(), Endpoint::Unix(path.clone()));
+            tokio::net::UnixStream::connect(&path).await.unwrap();
+            drop(l);
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Never over a file that is not a socket.
+        let file = dir.path().join("data");
+        std::fs::write(&file, b"keep").unwrap();
+        assert!(Listener::bind(&Endpoint::Unix(file.clone())).await.is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+    }
 }

@@ -75,3 +75,22 @@ pub fn replica(listen: &str) -> Vec<String> {
     let host = listen.rsplit_once(':').map_or(listen, |(h, _)| h);
     issue(&["--node", "test-node", "--ip", host])
 }
+
+/// Links for a test playing an engine of `volume` against the replicas
+/// the helpers started: with TLS when they run with it.
+pub fn links(volume: &str) -> rvol_replica::client::Links {
+    let tls = enabled().then(|| {
+        let f = engine(volume);
+        let files = rvol_tls::TlsFiles {
+            cert: f[1].clone().into(),
+            key: f[3].clone().into(),
+            ca: f[5].clone().into(),
+        };
+        std::sync::Arc::new(rvol_tls::ClientTls::new(files).expect("test certificate"))
+    });
+    rvol_replica::client::Links {
+        connections: 1,
+        direct_reads: false,
+        tls,
+    }
+}
