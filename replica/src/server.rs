@@ -364,7 +364,7 @@ send_file_on!(tokio::net::tcp::OwnedWriteHalf);
 send_file_on!(tokio::net::unix::OwnedWriteHalf);
 
 /// Through TLS, file ranges are read here and encrypted like any payload.
-impl SendFile for tokio::io::WriteHalf<rvol_tls::server::TlsStream<tokio::net::TcpStream>> {
+impl SendFile for tokio::io::WriteHalf<rvol_tls::ServerStream<tokio::net::TcpStream>> {
     fn socket(&self) -> Option<BorrowedFd<'_>> {
         None
     }
