@@ -12,7 +12,8 @@
 //! - `POST /v1/verify`: scrub every replica (see [`crate::scrub`]).
 //! - `GET /metrics`: the status as Prometheus text, for scraping.
 //!
-//! Errors: 400/409 with `{"error": ...}`.
+//! Errors: 400/409 with `{"error": ...}`; 401 without a valid token and
+//! 403 for a read-only token on a control verb (see [`crate::access`]).
 //!
 //! The CLI's side ([`get`]) is a minimal HTTP/1.1 client over TCP or a
 //! Unix socket, enough for our own JSON endpoints.
@@ -29,6 +30,7 @@ use rvol_replica::server::{Endpoint, Listener};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::access::{self, Tokens};
 use crate::volume::{Mode, ReplicatedVolume};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -340,7 +342,7 @@ async fn expand(State(s): State<Arc<AdminState>>, Json(r): Json<ExpandRequest>) 
     answer(s.volume.expand(r.size).await)
 }
 
-pub fn router(state: Arc<AdminState>) -> Router {
+pub fn router(state: Arc<AdminState>, tokens: Arc<Tokens>) -> Router {
     Router::new()
         .route("/v1/volume", get_route(volume_status))
         .route(
@@ -359,15 +361,24 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/verify", post_route(verify))
         .route("/metrics", get_route(metrics))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(tokens, access::guard))
 }
 
 /// Serves the admin API on `listener` until `stop` resolves.
 pub async fn serve(
     listener: Listener,
     state: Arc<AdminState>,
+    tokens: Arc<Tokens>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state);
+    if let (Listener::Tcp(l), true) = (&listener, tokens.is_open()) {
+        tracing::warn!(
+            address = %l.local_addr()?,
+            "the admin API listens on TCP without a token: whoever reaches it controls the \
+             volume (--admin-token-file, or a Unix socket)"
+        );
+    }
+    let app = router(state, tokens);
     match listener {
         Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(stop).await,
         Listener::Unix(l, _) => axum::serve(l, app).with_graceful_shutdown(stop).await,
@@ -388,10 +399,15 @@ pub async fn request(
     json: Option<&str>,
 ) -> anyhow::Result<String> {
     let body = json.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: rvol\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+    let auth = match access::client_token()? {
+        Some(t) => zeroize::Zeroizing::new(format!("Authorization: Bearer {}\r\n", t.as_str())),
+        None => zeroize::Zeroizing::new(String::new()),
+    };
+    let request = zeroize::Zeroizing::new(format!(
+        "{method} {path} HTTP/1.1\r\nHost: rvol\r\nConnection: close\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        auth.as_str(),
         body.len()
-    );
+    ));
     let mut raw = Vec::new();
     match endpoint {
         Endpoint::Tcp(a) => {

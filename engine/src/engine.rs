@@ -47,6 +47,8 @@ pub struct EngineConfig {
     /// Serve the volume as /dev/ublkbN too.
     pub ublk: Option<UblkConfig>,
     pub admin_listen: Endpoint,
+    /// Who may use the admin API.
+    pub admin_tokens: Arc<crate::access::Tokens>,
     pub replica_timeout: Duration,
     /// The same for requests that wait for the disk (flush, FUA writes).
     pub flush_timeout: Duration,
@@ -318,9 +320,15 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
         device: device.as_ref().map(|d| d.path.clone()),
     });
     let mut admin_stop = stop_rx.clone();
-    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, async move {
-        let _ = admin_stop.wait_for(|s| *s).await;
-    }));
+    let tokens = cfg.admin_tokens.clone();
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        admin_state,
+        tokens,
+        async move {
+            let _ = admin_stop.wait_for(|s| *s).await;
+        },
+    ));
 
     println!(
         "{}",

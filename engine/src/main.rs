@@ -15,6 +15,7 @@
 //! Exit status: 0 clean stop; 1 could not start or failed; 2 bad usage;
 //! 3 (engine) fenced by a newer engine.
 
+mod access;
 mod admin;
 mod cert;
 mod chain;
@@ -99,6 +100,13 @@ enum Command {
         no_user_recovery: bool,
         #[arg(long)]
         admin_listen: Endpoint,
+        /// A file holding the token that controls the volume through the
+        /// admin API (Authorization: Bearer); without one the API is open.
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
+        /// A file holding a token that may only read (status, metrics).
+        #[arg(long)]
+        admin_read_token_file: Option<PathBuf>,
         /// A replica that does not answer within this many seconds is dropped.
         #[arg(long, default_value_t = 5.0)]
         replica_timeout: f64,
@@ -362,6 +370,8 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             block_size,
             no_user_recovery,
             admin_listen,
+            admin_token_file,
+            admin_read_token_file,
             replica_timeout,
             flush_timeout,
             connections_per_replica,
@@ -374,6 +384,10 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 anyhow::bail!("--frontend none serves no NBD: drop --nbd-listen");
             }
             let tls = tls.engine_client(&name)?;
+            let admin_tokens = Arc::new(access::Tokens::load(
+                admin_token_file.as_deref(),
+                admin_read_token_file.as_deref(),
+            )?);
             engine::run(engine::EngineConfig {
                 name,
                 size,
@@ -390,6 +404,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                     }
                 }),
                 admin_listen,
+                admin_tokens,
                 replica_timeout: Duration::from_secs_f64(replica_timeout),
                 flush_timeout: Duration::from_secs_f64(flush_timeout),
                 links: rvol_replica::client::Links {
