@@ -44,6 +44,8 @@ pub struct EngineConfig {
     pub size: u64,
     pub replicas: Vec<Endpoint>,
     pub nbd_listen: Vec<Endpoint>,
+    /// Required of NBD clients on TCP when set.
+    pub nbd_tls: Option<Arc<rvol_tls::ServerTls>>,
     /// Serve the volume as /dev/ublkbN too.
     pub ublk: Option<UblkConfig>,
     pub admin_listen: Endpoint,
@@ -271,6 +273,7 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
         volume.clone(),
         cfg.name.clone(),
         format!("rvol volume {}", cfg.name),
+        cfg.nbd_tls.clone(),
     );
     let mut nbd_tasks = Vec::new();
     let mut nbd_addrs = Vec::new();

@@ -80,6 +80,11 @@ enum Command {
         /// Where NBD clients connect; repeat to listen on several.
         #[arg(long = "nbd-listen", required_if_eq("frontend", "nbd"))]
         nbd_listen: Vec<Endpoint>,
+        /// Require TLS (STARTTLS) of NBD clients on TCP, with the --tls-*
+        /// certificate; a client must present one of the CA naming the
+        /// volume. Unix sockets (0600) are served without.
+        #[arg(long, requires = "tls_cert")]
+        nbd_tls: bool,
         /// ublk device id (/dev/ublkbN). A device with this id left by an
         /// engine that died is recovered (or, if it cannot be, replaced).
         #[arg(long)]
@@ -364,6 +369,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             replicas,
             frontend,
             nbd_listen,
+            nbd_tls,
             ublk_id,
             queues,
             depth,
@@ -383,6 +389,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             if frontend == "none" && !nbd_listen.is_empty() {
                 anyhow::bail!("--frontend none serves no NBD: drop --nbd-listen");
             }
+            let nbd_tls = if nbd_tls { tls.server()? } else { None };
             let tls = tls.engine_client(&name)?;
             let admin_tokens = Arc::new(access::Tokens::load(
                 admin_token_file.as_deref(),
@@ -393,6 +400,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 size,
                 replicas,
                 nbd_listen,
+                nbd_tls,
                 ublk: (frontend == "ublk").then(|| {
                     let default = rvol_frontend::ublk::UblkConfig::default();
                     rvol_frontend::ublk::UblkConfig {

@@ -120,7 +120,12 @@ impl Ca {
         for ip in &what.ips {
             params.subject_alt_names.push(SanType::IpAddress(*ip));
         }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // keyEncipherment means nothing to an ECDSA key, but QEMU's
+        // credential check refuses a certificate without it.
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         // Every rvol party is both: replicas accept engines and agents dial
         // the controller.
         params.extended_key_usages = vec![

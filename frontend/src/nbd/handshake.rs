@@ -6,6 +6,14 @@
 //! else is answered with NBD_REP_ERR_UNSUP and negotiation goes on. A
 //! client that breaks the framing (bad magic, an option longer than we are
 //! willing to read) is disconnected.
+//!
+//! **TLS** (STARTTLS, forced mode, as `nbdkit --tls=require`): where the
+//! server requires TLS, every option before STARTTLS but ABORT is answered
+//! NBD_REP_ERR_TLS_REQD and EXPORT_NAME, which has no error reply, closes
+//! the connection: a client that does not start TLS learns nothing about
+//! the export. After STARTTLS is acknowledged the caller runs the TLS
+//! handshake and negotiation starts over inside it ([`options`] again);
+//! nothing agreed before it carries over.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -38,13 +46,56 @@ pub enum HandshakeError {
     OptionTooLong { option: u32, len: u32 },
     #[error("client asked for unknown export {0:?} with EXPORT_NAME")]
     UnknownExport(String),
+    #[error("client sent EXPORT_NAME without TLS, which this server requires")]
+    TlsRequired,
 }
 
-/// Runs the handshake. `Ok(None)`: the client aborted or went away.
+/// Where negotiation stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// The server offers none.
+    Off,
+    /// The server requires it and the client has not started it.
+    Required,
+    /// Negotiation runs inside TLS.
+    Active,
+}
+
+/// How the option phase ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Transmission starts.
+    Serve(Negotiated),
+    /// The client aborted or went away.
+    Closed,
+    /// STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls,
+}
+
+/// What the greeting settled.
+#[derive(Debug, Clone, Copy)]
+pub struct Greeting {
+    no_zeroes: bool,
+}
+
+/// Runs the handshake of a server without TLS. `Ok(None)`: the client
+/// aborted or went away.
 pub async fn negotiate<S>(
     s: &mut S,
     export: &ExportInfo,
 ) -> Result<Option<Negotiated>, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let greeting = greet(s).await?;
+    Ok(match options(s, export, greeting, Tls::Off).await? {
+        Outcome::Serve(agreed) => Some(agreed),
+        Outcome::Closed | Outcome::StartTls => None,
+    })
+}
+
+/// Sends the server's greeting and reads the client's flags.
+pub async fn greet<S>(s: &mut S) -> Result<Greeting, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -60,12 +111,27 @@ where
     {
         return Err(HandshakeError::ClientFlags(client_flags));
     }
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    Ok(Greeting {
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+    })
+}
+
+/// Runs the option phase; see the module docs for `tls`.
+pub async fn options<S>(
+    s: &mut S,
+    export: &ExportInfo,
+    greeting: Greeting,
+    tls: Tls,
+) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let no_zeroes = greeting.no_zeroes;
     let mut agreed = Negotiated::default();
     loop {
         let magic = match s.read_u64().await {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Outcome::Closed),
             Err(e) => return Err(e.into()),
         };
         if magic != IHAVEOPT {
@@ -82,6 +148,31 @@ where
             buf: Vec::new(),
             option,
         };
+        match (option, tls) {
+            (OPT_ABORT, _) => {
+                out.reply(REP_ACK, &[]);
+                let _ = s.write_all(&out.buf).await;
+                let _ = s.flush().await;
+                return Ok(Outcome::Closed);
+            }
+            (OPT_STARTTLS, Tls::Required) if data.is_empty() => {
+                out.reply(REP_ACK, &[]);
+                s.write_all(&out.buf).await?;
+                s.flush().await?;
+                return Ok(Outcome::StartTls);
+            }
+            (OPT_STARTTLS, Tls::Required) => out.error(REP_ERR_INVALID, "option takes no data"),
+            (OPT_STARTTLS, Tls::Off) => out.error(REP_ERR_UNSUP, "this server offers no TLS"),
+            (OPT_STARTTLS, Tls::Active) => out.error(REP_ERR_INVALID, "TLS is already on"),
+            (OPT_EXPORT_NAME, Tls::Required) => return Err(HandshakeError::TlsRequired),
+            (_, Tls::Required) => out.error(REP_ERR_TLS_REQD, "this server requires TLS"),
+            _ => {}
+        }
+        if !out.buf.is_empty() {
+            s.write_all(&out.buf).await?;
+            s.flush().await?;
+            continue;
+        }
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
@@ -96,13 +187,7 @@ where
                 }
                 s.write_all(&b).await?;
                 s.flush().await?;
-                return Ok(Some(agreed));
-            }
-            OPT_ABORT => {
-                out.reply(REP_ACK, &[]);
-                let _ = s.write_all(&out.buf).await;
-                let _ = s.flush().await;
-                return Ok(None);
+                return Ok(Outcome::Serve(agreed));
             }
             OPT_LIST if data.is_empty() => {
                 let mut d = Vec::new();
@@ -145,7 +230,7 @@ where
                     if option == OPT_GO {
                         s.write_all(&out.buf).await?;
                         s.flush().await?;
-                        return Ok(Some(agreed));
+                        return Ok(Outcome::Serve(agreed));
                     }
                 }
             },

@@ -29,8 +29,9 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::{BlockVolume, Extent, VolumeError};
-use handshake::{negotiate, ExportInfo, Negotiated};
+use handshake::{negotiate, ExportInfo, Negotiated, Outcome, Tls};
 use proto::*;
+use rvol_tls::{Identity, ServerTls};
 
 /// Requests run concurrently per connection.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -48,18 +49,25 @@ pub struct NbdServer<V> {
     volume: Arc<V>,
     name: String,
     description: String,
+    /// Required on TCP connections when set; see [`handshake`].
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl<V: BlockVolume> NbdServer<V> {
+    /// With `tls`, clients on TCP must start TLS and present a certificate
+    /// of its CA naming the volume `name` (`rvol://volume/NAME`) or the
+    /// controller; Unix sockets (0600) are served without.
     pub fn new(
         volume: Arc<V>,
         name: impl Into<String>,
         description: impl Into<String>,
+        tls: Option<Arc<ServerTls>>,
     ) -> Arc<Self> {
         Arc::new(NbdServer {
             volume,
             name: name.into(),
             description: description.into(),
+            tls,
         })
     }
 
@@ -75,7 +83,15 @@ impl<V: BlockVolume> NbdServer<V> {
             match accepted {
                 Ok((Stream::Tcp(s), peer)) => {
                     let _ = s.set_nodelay(true);
-                    conns.spawn(self.clone().serve_connection(s, peer, stop.clone()));
+                    match self.tls.clone() {
+                        Some(tls) => conns.spawn(self.clone().serve_tls_connection(
+                            s,
+                            tls,
+                            peer,
+                            stop.clone(),
+                        )),
+                        None => conns.spawn(self.clone().serve_connection(s, peer, stop.clone())),
+                    };
                 }
                 Ok((Stream::Unix(s), peer)) => {
                     conns.spawn(self.clone().serve_connection(s, peer, stop.clone()));
@@ -90,16 +106,8 @@ impl<V: BlockVolume> NbdServer<V> {
         while conns.join_next().await.is_some() {}
     }
 
-    /// Serves one client from handshake to disconnect.
-    pub async fn serve_connection<S>(
-        self: Arc<Self>,
-        mut stream: S,
-        peer: String,
-        stop: watch::Receiver<bool>,
-    ) where
-        S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
-    {
-        let export = ExportInfo {
+    fn export(&self) -> ExportInfo {
+        ExportInfo {
             name: self.name.clone(),
             description: self.description.clone(),
             size: self.volume.size(),
@@ -110,8 +118,19 @@ impl<V: BlockVolume> NbdServer<V> {
                 | TFLAG_SEND_WRITE_ZEROES
                 | TFLAG_CAN_MULTI_CONN
                 | TFLAG_SEND_CACHE,
-        };
-        let agreed = match negotiate(&mut stream, &export).await {
+        }
+    }
+
+    /// Serves one client from handshake to disconnect.
+    pub async fn serve_connection<S>(
+        self: Arc<Self>,
+        mut stream: S,
+        peer: String,
+        stop: watch::Receiver<bool>,
+    ) where
+        S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
+    {
+        let agreed = match negotiate(&mut stream, &self.export()).await {
             Ok(Some(a)) => a,
             Ok(None) => return,
             Err(e) => {
@@ -119,9 +138,68 @@ impl<V: BlockVolume> NbdServer<V> {
                 return;
             }
         };
-        tracing::debug!(%peer, ?agreed, "NBD client connected");
         // Without a second descriptor, headers are written like the rest.
         let corkable = stream.as_fd().try_clone_to_owned().ok();
+        self.serve_negotiated(stream, corkable, agreed, peer, stop)
+            .await
+    }
+
+    /// Serves a client that must start TLS first (see [`handshake`]).
+    async fn serve_tls_connection(
+        self: Arc<Self>,
+        mut stream: tokio::net::TcpStream,
+        tls: Arc<ServerTls>,
+        peer: String,
+        stop: watch::Receiver<bool>,
+    ) {
+        let export = self.export();
+        let greeting = match handshake::greet(&mut stream).await {
+            Ok(g) => g,
+            Err(e) => return tracing::info!(%peer, error = %e, "NBD handshake failed"),
+        };
+        match handshake::options(&mut stream, &export, greeting, Tls::Required).await {
+            Ok(Outcome::StartTls) => {}
+            Ok(_) => return,
+            Err(e) => return tracing::warn!(%peer, error = %e, "NBD client refused"),
+        }
+        let (mut stream, ids) = match tls.accept(stream, &peer).await {
+            Ok(accepted) => accepted,
+            Err(e) => return tracing::warn!(%peer, error = %e, "NBD client refused"),
+        };
+        let allowed = ids.iter().any(|id| match id {
+            Identity::Volume(v) => *v == self.name,
+            Identity::Controller => true,
+            Identity::Node(_) => false,
+        });
+        if !allowed {
+            let names: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+            tracing::warn!(%peer, certificate = ?names, volume = %self.name,
+                "NBD client refused: its certificate does not name the volume");
+            let _ = refuse_all_options(&mut stream).await;
+            return;
+        }
+        match handshake::options(&mut stream, &export, greeting, Tls::Active).await {
+            Ok(Outcome::Serve(agreed)) => {
+                self.serve_negotiated(stream, None, agreed, peer, stop)
+                    .await
+            }
+            Ok(_) => {}
+            Err(e) => tracing::info!(%peer, error = %e, "NBD handshake failed"),
+        }
+    }
+
+    /// Runs transmission on a negotiated connection.
+    async fn serve_negotiated<S>(
+        self: Arc<Self>,
+        stream: S,
+        corkable: Option<OwnedFd>,
+        agreed: Negotiated,
+        peer: String,
+        stop: watch::Receiver<bool>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        tracing::debug!(%peer, ?agreed, "NBD client connected");
         let (rd, wr) = tokio::io::split(stream);
         let (tx, rx) = mpsc::unbounded_channel::<Reply>();
         let writer = tokio::spawn(write_replies(wr, corkable, rx));
@@ -479,6 +557,42 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 async fn drain<W: AsyncWrite + Unpin>(wr: &mut W, gathered: &mut BytesMut) -> std::io::Result<()> {
     wr.write_all(gathered).await?;
     gathered.clear();
+    // A TLS stream holds encrypted records until flushed.
+    wr.flush().await
+}
+
+/// Answers every option of a client whose certificate does not allow it
+/// with NBD_REP_ERR_POLICY until it gives up (ABORT or disconnect); bounded,
+/// so a client that keeps asking is dropped.
+async fn refuse_all_options<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> std::io::Result<()> {
+    for _ in 0..16 {
+        let magic = s.read_u64().await?;
+        let option = s.read_u32().await?;
+        let len = s.read_u32().await?;
+        if magic != IHAVEOPT || len > MAX_OPTION_LEN {
+            break;
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data).await?;
+        let message = b"this certificate does not name the volume";
+        let mut r = Vec::with_capacity(20 + message.len());
+        r.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+        r.extend_from_slice(&option.to_be_bytes());
+        let kind = if option == OPT_ABORT {
+            REP_ACK
+        } else {
+            REP_ERR_POLICY
+        };
+        r.extend_from_slice(&kind.to_be_bytes());
+        let body: &[u8] = if option == OPT_ABORT { b"" } else { message };
+        r.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        r.extend_from_slice(body);
+        s.write_all(&r).await?;
+        s.flush().await?;
+        if option == OPT_ABORT || option == OPT_EXPORT_NAME {
+            break;
+        }
+    }
     Ok(())
 }
 
