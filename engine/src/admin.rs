@@ -30,6 +30,10 @@ use rvol_replica::server::{Endpoint, Listener};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use std::net::SocketAddr;
+
+use rvol_tls::{ServerStream, ServerTls};
+
 use crate::access::{self, Tokens};
 use crate::volume::{Mode, ReplicatedVolume};
 
@@ -364,11 +368,13 @@ pub fn router(state: Arc<AdminState>, tokens: Arc<Tokens>) -> Router {
         .layer(axum::middleware::from_fn_with_state(tokens, access::guard))
 }
 
-/// Serves the admin API on `listener` until `stop` resolves.
+/// Serves the admin API on `listener` until `stop` resolves; with `tls`, a
+/// TCP listener serves HTTPS only.
 pub async fn serve(
     listener: Listener,
     state: Arc<AdminState>,
     tokens: Arc<Tokens>,
+    tls: Option<Arc<ServerTls>>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     if let (Listener::Tcp(l), true) = (&listener, tokens.is_open()) {
@@ -379,9 +385,78 @@ pub async fn serve(
         );
     }
     let app = router(state, tokens);
-    match listener {
-        Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(stop).await,
-        Listener::Unix(l, _) => axum::serve(l, app).with_graceful_shutdown(stop).await,
+    match (listener, tls) {
+        (Listener::Tcp(l), Some(tls)) => {
+            let l = TlsListener::start(l, tls)?;
+            axum::serve(l, app).with_graceful_shutdown(stop).await
+        }
+        (Listener::Tcp(l), None) => axum::serve(l, app).with_graceful_shutdown(stop).await,
+        (Listener::Unix(l, _), _) => axum::serve(l, app).with_graceful_shutdown(stop).await,
+    }
+}
+
+/// HTTPS for axum: connections are accepted, and their TLS handshakes run,
+/// in a task of their own, so that a client that never finishes one holds
+/// up no other.
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(ServerStream<tokio::net::TcpStream>, SocketAddr)>,
+    addr: SocketAddr,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    fn start(l: tokio::net::TcpListener, tls: Arc<ServerTls>) -> std::io::Result<TlsListener> {
+        let addr = l.local_addr()?;
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let acceptor = tokio::spawn(async move {
+            loop {
+                let (s, peer) = match l.accept().await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (tls, tx) = (tls.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tls.accept(s, &peer.to_string()).await {
+                        Ok((s, _)) => {
+                            let _ = tx.send((s, peer)).await;
+                        }
+                        Err(e) => tracing::warn!(%peer, error = %e, "admin connection refused"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener {
+            ready,
+            addr,
+            acceptor,
+        })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = ServerStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(accepted) => accepted,
+            // The acceptor only ends with this listener.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
     }
 }
 
@@ -409,13 +484,28 @@ pub async fn request(
         body.len()
     ));
     let mut raw = Vec::new();
+    let ca = std::env::var_os("RVOL_ADMIN_CA_FILE");
     match endpoint {
         Endpoint::Tcp(a) => {
-            let mut s = tokio::net::TcpStream::connect(a)
+            let s = tokio::net::TcpStream::connect(a)
                 .await
                 .with_context(|| format!("connecting to {a}"))?;
-            s.write_all(request.as_bytes()).await?;
-            s.read_to_end(&mut raw).await?;
+            match ca {
+                Some(ca) => {
+                    let mut s =
+                        rvol_tls::connect_anonymous(std::path::Path::new(&ca), a, s).await?;
+                    s.write_all(request.as_bytes()).await?;
+                    s.flush().await?;
+                    // A TLS server may close without close_notify after
+                    // Connection: close; what arrived is the reply.
+                    let _ = s.read_to_end(&mut raw).await;
+                }
+                None => {
+                    let mut s = s;
+                    s.write_all(request.as_bytes()).await?;
+                    let _ = s.read_to_end(&mut raw).await;
+                }
+            }
         }
         Endpoint::Unix(p) => {
             let mut s = tokio::net::UnixStream::connect(p)
@@ -428,7 +518,10 @@ pub async fn request(
     }
     let text = String::from_utf8_lossy(&raw);
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        bail!("malformed HTTP reply from {endpoint}");
+        bail!(
+            "no HTTP reply from {endpoint} (if its admin API serves HTTPS, name the CA \
+             certificate in RVOL_ADMIN_CA_FILE)"
+        );
     };
     let status_line = head.lines().next().unwrap_or_default();
     if !status_line.contains(" 200 ") {

@@ -35,9 +35,18 @@ impl TlsArgs {
         )?)
     }
 
+    /// A server whose clients present a certificate of the CA.
     pub fn server(&self) -> anyhow::Result<Option<Arc<ServerTls>>> {
         self.files()?
             .map(|f| ServerTls::new(f).map(Arc::new))
+            .transpose()
+            .context("loading the TLS files")
+    }
+
+    /// A server whose clients present none (they bring a token).
+    pub fn anonymous_clients_server(&self) -> anyhow::Result<Option<Arc<ServerTls>>> {
+        self.files()?
+            .map(|f| ServerTls::anonymous_clients(f).map(Arc::new))
             .transpose()
             .context("loading the TLS files")
     }

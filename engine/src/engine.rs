@@ -51,6 +51,8 @@ pub struct EngineConfig {
     pub admin_listen: Endpoint,
     /// Who may use the admin API.
     pub admin_tokens: Arc<crate::access::Tokens>,
+    /// HTTPS on a TCP admin listener when set.
+    pub admin_tls: Option<Arc<rvol_tls::ServerTls>>,
     pub replica_timeout: Duration,
     /// The same for requests that wait for the disk (flush, FUA writes).
     pub flush_timeout: Duration,
@@ -328,6 +330,7 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
         admin_listener,
         admin_state,
         tokens,
+        cfg.admin_tls.clone(),
         async move {
             let _ = admin_stop.wait_for(|s| *s).await;
         },

@@ -112,6 +112,11 @@ enum Command {
         /// A file holding a token that may only read (status, metrics).
         #[arg(long)]
         admin_read_token_file: Option<PathBuf>,
+        /// Serve the admin API on TCP as HTTPS only, with the --tls-*
+        /// certificate (clients verify it; they bring a token, not one of
+        /// their own). The CLI reads the CA from RVOL_ADMIN_CA_FILE.
+        #[arg(long, requires = "tls_cert")]
+        admin_tls: bool,
         /// A replica that does not answer within this many seconds is dropped.
         #[arg(long, default_value_t = 5.0)]
         replica_timeout: f64,
@@ -378,6 +383,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             admin_listen,
             admin_token_file,
             admin_read_token_file,
+            admin_tls,
             replica_timeout,
             flush_timeout,
             connections_per_replica,
@@ -390,6 +396,11 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 anyhow::bail!("--frontend none serves no NBD: drop --nbd-listen");
             }
             let nbd_tls = if nbd_tls { tls.server()? } else { None };
+            let admin_tls = if admin_tls {
+                tls.anonymous_clients_server()?
+            } else {
+                None
+            };
             let tls = tls.engine_client(&name)?;
             let admin_tokens = Arc::new(access::Tokens::load(
                 admin_token_file.as_deref(),
@@ -413,6 +424,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 }),
                 admin_listen,
                 admin_tokens,
+                admin_tls,
                 replica_timeout: Duration::from_secs_f64(replica_timeout),
                 flush_timeout: Duration::from_secs_f64(flush_timeout),
                 links: rvol_replica::client::Links {

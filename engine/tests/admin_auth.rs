@@ -195,3 +195,74 @@ fn a_read_token_without_a_control_token_is_refused_at_start() {
         assert!(err.contains("token"), "{flags:?}: {err}");
     }
 }
+
+/// With --admin-tls the API answers HTTPS only: the CLI verifies it with
+/// the CA in RVOL_ADMIN_CA_FILE and sends its token inside TLS; plain HTTP
+/// and a client trusting another CA get no answer.
+#[test]
+fn with_admin_tls_only_https_is_answered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let rs: Vec<ReplicaProc> = (0..2)
+        .map(|i| {
+            let sock = format!("unix:{}", base.join(format!("r{i}.sock")).display());
+            ReplicaProc::start(&base.join(format!("r{i}")), "16M", &sock)
+        })
+        .collect();
+    let control = token_file(base, "control", "c0ntrol-secret");
+    let engine_tls = tls::issue(&["--volume", "guarded-tls", "--ip", "127.0.0.1"]);
+    let mut extra: Vec<&str> = engine_tls.iter().map(String::as_str).collect();
+    extra.extend(["--admin-tls", "--admin-token-file", &control]);
+    let (_engine, _nbd, admin) = start_engine("guarded-tls", "16M", &addrs(&rs), &extra);
+    let ca = engine_tls[5].clone();
+    let cli = |ca: Option<&str>, token: Option<&str>| {
+        let mut c = std::process::Command::new(RVOL);
+        c.args(["volume", "status", "--json", "--admin", &admin]);
+        c.env_remove("RVOL_ADMIN_TOKEN_FILE")
+            .env_remove("RVOL_ADMIN_CA_FILE");
+        if let Some(ca) = ca {
+            c.env("RVOL_ADMIN_CA_FILE", ca);
+        }
+        if let Some(t) = token {
+            c.env("RVOL_ADMIN_TOKEN_FILE", t);
+        }
+        c.output().unwrap()
+    };
+    let out = cli(Some(&ca), Some(&control));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"guarded-tls\""));
+    // Inside TLS, still no token, no answer.
+    let out = cli(Some(&ca), None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    // Plain HTTP: no HTTP reply at all, and the CLI says what to do.
+    let out = cli(None, Some(&control));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RVOL_ADMIN_CA_FILE"));
+    let mut s = TcpStream::connect(&admin).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    let _ = write!(
+        s,
+        "GET /v1/volume HTTP/1.1\r\nHost: rvol\r\nConnection: close\r\n\r\n"
+    );
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        !String::from_utf8_lossy(&got).contains("HTTP/1.1"),
+        "{got:?}"
+    );
+    // A client that trusts another CA does not send its token.
+    let other = base.join("other-ca");
+    run_ok(RVOL, &["cert", "ca", "--dir", other.to_str().unwrap()]);
+    let out = cli(other.join("ca.crt").to_str(), Some(&control));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid peer certificate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -195,6 +195,18 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
     }
 }
 
+/// The CA certificates in the PEM file `ca`.
+fn read_roots(ca: &Path) -> Result<Arc<RootCertStore>> {
+    let mut roots = RootCertStore::empty();
+    let cas = CertificateDer::pem_file_iter(ca)
+        .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| file_err(ca, e))?;
+    if roots.add_parsable_certificates(cas).0 == 0 {
+        return Err(file_err(ca, "holds no usable CA certificate"));
+    }
+    Ok(Arc::new(roots))
+}
+
 impl Loaded {
     fn read(files: &TlsFiles) -> Result<Loaded> {
         let chain = CertificateDer::pem_file_iter(&files.cert)
@@ -204,25 +216,30 @@ impl Loaded {
             return Err(file_err(&files.cert, "holds no certificate"));
         }
         let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_err(&files.key, e))?;
-        let mut roots = RootCertStore::empty();
-        let cas = CertificateDer::pem_file_iter(&files.ca)
-            .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
-            .map_err(|e| file_err(&files.ca, e))?;
-        let (added, _) = roots.add_parsable_certificates(cas);
-        if added == 0 {
-            return Err(file_err(&files.ca, "holds no usable CA certificate"));
-        }
         Ok(Loaded {
             chain,
             key,
-            roots: Arc::new(roots),
+            roots: read_roots(&files.ca)?,
         })
     }
 
+    /// A server that requires a client certificate of the CA.
     fn server_config(self) -> Result<ServerConfig> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots, provider())
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
+        self.server_config_with(verifier)
+    }
+
+    /// A server whose clients prove nothing in TLS (they bring a token).
+    fn anonymous_clients_config(self) -> Result<ServerConfig> {
+        self.server_config_with(WebPkiClientVerifier::no_client_auth())
+    }
+
+    fn server_config_with(
+        self,
+        verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    ) -> Result<ServerConfig> {
         ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .and_then(|b| {
@@ -301,8 +318,15 @@ impl<C> Reloading<C> {
 pub struct ServerTls(Reloading<ServerConfig>);
 
 impl ServerTls {
+    /// Clients must present a certificate of the CA.
     pub fn new(files: TlsFiles) -> Result<ServerTls> {
         Reloading::new(files, Loaded::server_config).map(ServerTls)
+    }
+
+    /// Clients present no certificate: for an API whose callers bring a
+    /// token, which TLS then keeps from the network.
+    pub fn anonymous_clients(files: TlsFiles) -> Result<ServerTls> {
+        Reloading::new(files, Loaded::anonymous_clients_config).map(ServerTls)
     }
 
     /// Runs the handshake on an accepted stream; returns the stream and
@@ -335,20 +359,7 @@ impl ClientTls {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let host = addr
-            .rsplit_once(':')
-            .map_or(addr, |(h, _)| h)
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let name = ServerName::try_from(host.to_string()).map_err(|e| TlsError::Handshake {
-            peer: addr.to_string(),
-            message: format!("{host:?} is not a server name: {e}"),
-        })?;
-        let connector = tokio_rustls::TlsConnector::from(self.0.get());
-        let io = BufReader::with_capacity(READ_BUFFER, io);
-        let mut stream = handshake(addr, connector.connect(name, io)).await?;
-        stream.get_mut().1.set_buffer_limit(Some(SEND_BUFFER));
-        Ok(stream)
+        dial(self.0.get(), addr, io).await
     }
 
     /// What this party's own certificate names (the current files).
@@ -356,6 +367,42 @@ impl ClientTls {
         let loaded = Loaded::read(&self.0.files)?;
         identities(&loaded.chain[0])
     }
+}
+
+/// Runs a client handshake with the server at `addr` (`host:port`, the
+/// host a DNS name or an IP address its certificate must name).
+async fn dial<IO>(config: Arc<ClientConfig>, addr: &str, io: IO) -> Result<ClientStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = ServerName::try_from(host.to_string()).map_err(|e| TlsError::Handshake {
+        peer: addr.to_string(),
+        message: format!("{host:?} is not a server name: {e}"),
+    })?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let io = BufReader::with_capacity(READ_BUFFER, io);
+    let mut stream = handshake(addr, connector.connect(name, io)).await?;
+    stream.get_mut().1.set_buffer_limit(Some(SEND_BUFFER));
+    Ok(stream)
+}
+
+/// Connects as a client that presents no certificate, checking the server
+/// at `addr` against the CA in `ca` (a short-lived caller such as the CLI).
+pub async fn connect_anonymous<IO>(ca: &Path, addr: &str, io: IO) -> Result<ClientStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(read_roots(ca)?)
+        .with_no_client_auth();
+    dial(Arc::new(config), addr, io).await
 }
 
 async fn handshake<T>(
