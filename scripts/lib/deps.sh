@@ -15,8 +15,9 @@ apt_install() {
 }
 
 install_build_deps() {
-  # libublk's sys crate runs bindgen, which needs libclang.
-  apt_install libclang-dev
+  # libublk's sys crate runs bindgen, which needs libclang; etcd-client's
+  # build compiles etcd's protobufs with protoc.
+  apt_install libclang-dev protobuf-compiler
   command -v cargo >/dev/null || { echo "cargo is required (rustup.rs)"; exit 1; }
 }
 
@@ -29,5 +30,6 @@ install_run_deps() {
 
 install_test_deps() {
   install_run_deps
-  apt_install python3-libnbd nbdkit
+  # etcd-server: the cluster store's tests run a real etcd.
+  apt_install python3-libnbd nbdkit etcd-server
 }

@@ -1,0 +1,257 @@
+//! The cluster store on etcd (v3 API): each [`Store`] operation is one
+//! etcd request, a conditional write one transaction.
+//!
+//! - `put`/`delete` with [`Expect`]: a transaction comparing the key's
+//!   `mod_revision` (0 when absent) and, when the comparison fails,
+//!   reading the key so the conflict can say where it is now.
+//! - `list`: a prefix range read; the response header's revision is the
+//!   listing's, so a watch from it misses nothing.
+//! - `watch`: a prefix watch from `after + 1`; a watch cancelled because
+//!   that revision was compacted becomes [`StoreError::Compacted`].
+//! - Every request is bounded by a timeout, so a lost etcd is an error
+//!   within seconds, never a hang.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use futures::stream::{self, BoxStream, StreamExt};
+use tonic::Code;
+
+use crate::store::{
+    Change, Expect, LeaseId, Listing, Result, Revision, Store, StoreError, Versioned,
+};
+
+/// How long one request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A handle on an etcd cluster; cheap to clone.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    endpoints: String,
+}
+
+impl EtcdStore {
+    /// Connects to etcd at `endpoints` (`http://host:port`, comma
+    /// separated). Succeeds while etcd is down: requests fail until it is
+    /// back.
+    pub async fn connect(endpoints: &str) -> Result<EtcdStore> {
+        let list: Vec<&str> = endpoints.split(',').map(str::trim).collect();
+        if list.iter().any(|e| e.is_empty()) {
+            return Err(StoreError::Refused(format!(
+                "{endpoints:?} is not a list of etcd endpoints"
+            )));
+        }
+        let options = ConnectOptions::new()
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_connect_timeout(CONNECT_TIMEOUT);
+        let client = Client::connect(&list, Some(options))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("etcd at {endpoints}: {e}")))?;
+        Ok(EtcdStore {
+            client,
+            endpoints: endpoints.to_string(),
+        })
+    }
+
+    fn err(&self, e: etcd_client::Error) -> StoreError {
+        use etcd_client::Error as E;
+        match e {
+            E::GRpcStatus(s)
+                if matches!(s.code(), Code::InvalidArgument | Code::FailedPrecondition) =>
+            {
+                StoreError::Refused(s.message().to_string())
+            }
+            e => StoreError::Unavailable(format!("etcd at {}: {e}", self.endpoints)),
+        }
+    }
+
+    async fn conditional(&self, key: &str, expect: Expect, op: TxnOp) -> Result<TxnOutcome> {
+        let compare = match expect {
+            Expect::Anything => None,
+            Expect::Absent => Some(Compare::mod_revision(key, CompareOp::Equal, 0)),
+            Expect::At(r) => Some(Compare::mod_revision(key, CompareOp::Equal, r.0)),
+        };
+        let mut txn = Txn::new();
+        if let Some(c) = compare {
+            txn = txn.when([c]);
+        }
+        let txn = txn.and_then([op]).or_else([TxnOp::get(key, None)]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.err(e))?;
+        let revision = Revision(resp.header().map_or(0, |h| h.revision()));
+        if resp.succeeded() {
+            let deleted = resp
+                .op_responses()
+                .iter()
+                .any(|r| matches!(r, TxnOpResponse::Delete(d) if d.deleted() > 0));
+            return Ok(TxnOutcome { revision, deleted });
+        }
+        let current = resp.op_responses().iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| Revision(kv.mod_revision())),
+            _ => None,
+        });
+        Err(StoreError::Conflict {
+            key: key.to_string(),
+            current,
+        })
+    }
+}
+
+struct TxnOutcome {
+    revision: Revision,
+    deleted: bool,
+}
+
+fn versioned(kv: &etcd_client::KeyValue) -> Versioned {
+    Versioned {
+        value: kv.value().to_vec(),
+        revision: Revision(kv.mod_revision()),
+    }
+}
+
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>> {
+        let resp = self
+            .client
+            .clone()
+            .get(key, None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp.kvs().first().map(versioned))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Listing> {
+        let resp = self
+            .client
+            .clone()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut items = Vec::with_capacity(resp.kvs().len());
+        for kv in resp.kvs() {
+            let key = kv.key_str().map_err(|e| {
+                StoreError::Refused(format!("a key under {prefix:?} is not UTF-8: {e}"))
+            })?;
+            items.push((key.to_string(), versioned(kv)));
+        }
+        Ok(Listing {
+            items,
+            revision: Revision(resp.header().map_or(0, |h| h.revision())),
+        })
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision> {
+        let options = lease.map(|l| PutOptions::new().with_lease(l.0));
+        let op = TxnOp::put(key, value, options);
+        self.conditional(key, expect, op).await.map(|o| o.revision)
+    }
+
+    async fn delete(&self, key: &str, expect: Expect) -> Result<bool> {
+        let op = TxnOp::delete(key, None);
+        self.conditional(key, expect, op).await.map(|o| o.deleted)
+    }
+
+    async fn watch(
+        &self,
+        prefix: &str,
+        after: Revision,
+    ) -> Result<BoxStream<'static, Result<Change>>> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(after.0 + 1);
+        let watch = self
+            .client
+            .clone()
+            .watch(prefix, Some(options))
+            .await
+            .map_err(|e| self.err(e))?;
+        let this = self.clone();
+        let changes = watch.flat_map(move |resp| {
+            let batch: Vec<Result<Change>> = match resp {
+                Err(e) => vec![Err(this.err(e))],
+                Ok(r) if r.canceled() && r.compact_revision() > 0 => {
+                    vec![Err(StoreError::Compacted(after))]
+                }
+                Ok(r) if r.canceled() => vec![Err(StoreError::Unavailable(format!(
+                    "etcd at {} cancelled the watch: {}",
+                    this.endpoints,
+                    r.cancel_reason()
+                )))],
+                Ok(r) => r
+                    .events()
+                    .iter()
+                    .filter_map(|ev| {
+                        let kv = ev.kv()?;
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        let revision = Revision(kv.mod_revision());
+                        Some(Ok(match ev.event_type() {
+                            EventType::Put => Change::Put {
+                                key,
+                                value: kv.value().to_vec(),
+                                revision,
+                            },
+                            EventType::Delete => Change::Delete { key, revision },
+                        }))
+                    })
+                    .collect(),
+            };
+            stream::iter(batch)
+        });
+        Ok(changes.boxed())
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        let secs = ttl.as_secs().max(1) as i64;
+        let resp = self
+            .client
+            .clone()
+            .lease_grant(secs, None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(LeaseId(resp.id()))
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
+        // etcd says a lease it does not know is "not found".
+        let err = |e| match e {
+            etcd_client::Error::LeaseKeepAliveError(_) => StoreError::LeaseExpired(lease),
+            e => self.err(e),
+        };
+        let (mut keeper, mut replies) = self
+            .client
+            .clone()
+            .lease_keep_alive(lease.0)
+            .await
+            .map_err(err)?;
+        keeper.keep_alive().await.map_err(err)?;
+        match replies.message().await.map_err(err)? {
+            Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
+            _ => Err(StoreError::LeaseExpired(lease)),
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        match self.client.clone().lease_revoke(lease.0).await {
+            Ok(_) => Ok(()),
+            Err(etcd_client::Error::GRpcStatus(s)) if s.code() == Code::NotFound => {
+                Err(StoreError::LeaseExpired(lease))
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+}
