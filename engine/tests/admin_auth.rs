@@ -203,12 +203,7 @@ fn a_read_token_without_a_control_token_is_refused_at_start() {
 fn with_admin_tls_only_https_is_answered() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path();
-    let rs: Vec<ReplicaProc> = (0..2)
-        .map(|i| {
-            let sock = format!("unix:{}", base.join(format!("r{i}.sock")).display());
-            ReplicaProc::start(&base.join(format!("r{i}")), "16M", &sock)
-        })
-        .collect();
+    let rs = unix_replicas(base, 2, "16M");
     let control = token_file(base, "control", "c0ntrol-secret");
     let engine_tls = tls::issue(&["--volume", "guarded-tls", "--ip", "127.0.0.1"]);
     let mut extra: Vec<&str> = engine_tls.iter().map(String::as_str).collect();

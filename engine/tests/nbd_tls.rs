@@ -48,12 +48,7 @@ fn qemu_io_tls(port: &str, dir: &str, cmds: &[&str]) -> std::process::Output {
 fn nbd_clients_must_start_tls_with_a_certificate_of_the_volume() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path();
-    let rs: Vec<ReplicaProc> = (0..2)
-        .map(|i| {
-            let sock = format!("unix:{}", base.join(format!("r{i}.sock")).display());
-            ReplicaProc::start(&base.join(format!("r{i}")), "16M", &sock)
-        })
-        .collect();
+    let rs = unix_replicas(base, 2, "16M");
     let engine_tls = tls::issue(&["--volume", VOLUME, "--ip", "127.0.0.1"]);
     let mut extra: Vec<&str> = engine_tls.iter().map(String::as_str).collect();
     extra.push("--nbd-tls");

@@ -28,6 +28,40 @@ fn issue(ca: &Ca, dir: &Path, name: &str, ids: Vec<Identity>) -> TlsFiles {
     files(dir, name)
 }
 
+/// A CA in a temporary folder, a replica's server on loopback with a
+/// certificate of it, and the listener's address.
+struct Setup {
+    dir: tempfile::TempDir,
+    ca: Ca,
+    server: ServerTls,
+    listener: TcpListener,
+    addr: String,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("test ca").unwrap();
+        ca.write(dir.path()).unwrap();
+        let replica = issue(
+            &ca,
+            dir.path(),
+            "replica",
+            vec![Identity::Node("n1".into())],
+        );
+        let server = ServerTls::new(replica).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        Setup {
+            dir,
+            ca,
+            server,
+            listener,
+            addr,
+        }
+    }
+}
+
 /// Serves one connection: handshake, then echoes one byte. Returns the
 /// handshake's outcome.
 async fn serve_one(listener: &TcpListener, tls: &ServerTls) -> Result<Vec<Identity>> {
@@ -83,21 +117,20 @@ fn rvol_uris_parse_and_others_do_not() {
 
 #[tokio::test]
 async fn peers_learn_each_others_identity_and_strangers_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        dir,
+        ca,
+        server,
+        listener,
+        addr,
+    } = Setup::new().await;
     let d = dir.path();
-    let ca = Ca::generate("test ca").unwrap();
-    ca.write(d).unwrap();
-    let server =
-        ServerTls::new(issue(&ca, d, "replica", vec![Identity::Node("n1".into())])).unwrap();
     let engine = issue(&ca, d, "engine", vec![Identity::Volume("v1".into())]);
     let client = ClientTls::new(engine).unwrap();
     assert_eq!(
         client.own_identities().unwrap(),
         vec![Identity::Volume("v1".into())]
     );
-
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
 
     let (served, echoed) = tokio::join!(serve_one(&listener, &server), dial(&client, &addr));
     assert_eq!(served.unwrap(), vec![Identity::Volume("v1".into())]);
@@ -140,12 +173,14 @@ async fn peers_learn_each_others_identity_and_strangers_are_refused() {
 
 #[tokio::test]
 async fn rotated_files_serve_the_next_connection_and_a_half_written_rotation_is_ignored() {
-    let dir = tempfile::tempdir().unwrap();
+    let Setup {
+        dir,
+        ca,
+        server,
+        listener,
+        addr,
+    } = Setup::new().await;
     let d = dir.path();
-    let ca = Ca::generate("test ca").unwrap();
-    ca.write(d).unwrap();
-    let server =
-        ServerTls::new(issue(&ca, d, "replica", vec![Identity::Node("n1".into())])).unwrap();
     let client = ClientTls::new(issue(
         &ca,
         d,
@@ -153,8 +188,6 @@ async fn rotated_files_serve_the_next_connection_and_a_half_written_rotation_is_
         vec![Identity::Volume("old".into())],
     ))
     .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
 
     // Rotate the engine's certificate by rename, as Kubernetes does.
     ca.issue_to(
@@ -184,14 +217,12 @@ async fn rotated_files_serve_the_next_connection_and_a_half_written_rotation_is_
 
 #[tokio::test]
 async fn a_silent_or_plaintext_caller_gets_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let ca = Ca::generate("test ca").unwrap();
-    ca.write(d).unwrap();
-    let server =
-        ServerTls::new(issue(&ca, d, "replica", vec![Identity::Node("n1".into())])).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+    let Setup {
+        server,
+        listener,
+        addr,
+        ..
+    } = Setup::new().await;
     let garbage = async {
         let mut s = TcpStream::connect(&addr).await.unwrap();
         s.write_all(b"RVOL\x00\x01 not a TLS record at all")

@@ -315,6 +315,17 @@ pub fn three_replicas(base: &Path, size: &str) -> Vec<ReplicaProc> {
         .collect()
 }
 
+/// `n` replicas under `base`, each on a Unix socket of its own (no TLS
+/// there, whatever the helpers' mode).
+pub fn unix_replicas(base: &Path, n: usize, size: &str) -> Vec<ReplicaProc> {
+    (0..n)
+        .map(|i| {
+            let sock = format!("unix:{}", base.join(format!("r{i}.sock")).display());
+            ReplicaProc::start(&base.join(format!("r{i}")), size, &sock)
+        })
+        .collect()
+}
+
 /// Replicas on ports chosen now, so that each can be restarted at the same
 /// address.
 pub fn replicas_on_fixed_ports(base: &Path, n: usize, size: &str) -> Vec<ReplicaProc> {
