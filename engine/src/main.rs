@@ -485,6 +485,9 @@ async fn run_replica(
     tls: cert::TlsArgs,
 ) -> anyhow::Result<u8> {
     let tls = tls.server()?;
+    if tls.is_some() && matches!(listen, Endpoint::Unix(_)) {
+        tracing::warn!(%listen, "--tls-* does not apply to a Unix socket: it is served without TLS, mode 0600");
+    }
     raise_file_limit();
     let d = dir.clone();
     let replica = tokio::task::spawn_blocking(move || Replica::open_or_create(&d, size))
