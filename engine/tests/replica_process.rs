@@ -14,7 +14,7 @@ use common::direct::*;
 use common::*;
 use futures::future::join_all;
 use rvol_replica::client::ReplicaClient;
-use rvol_replica::proto::{Hello, Op, RequestHeader, Status, PROTOCOL_VERSION, REPLY_HEADER_LEN};
+use rvol_replica::proto::{Op, RequestHeader, Status, REPLY_HEADER_LEN};
 use rvol_replica::{Generation, Owner, BLOCK_SIZE};
 use uuid::Uuid;
 
@@ -168,25 +168,7 @@ async fn fencing(ep: &str) {
 fn raw_session(sock_path: &Path, frames: &[u8]) -> (bool, Vec<u8>) {
     let mut s = UnixStream::connect(sock_path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
-        volume_uuid: VOLUME,
-        generation: 1,
-        engine_id: 1,
-    }
-    .encode();
-    let h = RequestHeader {
-        op: Op::Hello as u8,
-        flags: 0,
-        id: 0,
-        offset: 0,
-        length: 0,
-        epoch: 0,
-        payload_len: 0,
-        crc: 0,
-    };
-    s.write_all(&h.encode(&hello)).unwrap();
-    s.write_all(&hello).unwrap();
+    s.write_all(&hello_frame(VOLUME, 1, 1)).unwrap();
     let mut rh = [0u8; REPLY_HEADER_LEN];
     s.read_exact(&mut rh).unwrap();
     let plen = u32::from_le_bytes(rh[24..28].try_into().unwrap());

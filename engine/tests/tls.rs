@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 use rvol_replica::client::{ClientError, Links, ReplicaClient};
-use rvol_replica::proto::{Hello, Op, RequestHeader, Status, PROTOCOL_VERSION};
+use rvol_replica::proto::Status;
 use rvol_replica::server::Endpoint;
 use rvol_replica::{volume_uuid, Generation, Owner};
 use rvol_tls::pki::{Ca, Issue};
@@ -28,25 +28,8 @@ use rvol_tls::{ClientTls, Identity, TlsFiles};
 const VOLUME: &str = "vol-tls";
 
 /// A HELLO frame taking the replica over with `generation` (0: a probe).
-fn hello_frame(generation: u64) -> Vec<u8> {
-    let payload = Hello {
-        protocol_version: PROTOCOL_VERSION,
-        volume_uuid: volume_uuid(VOLUME),
-        generation,
-        engine_id: 0xbad,
-    }
-    .encode();
-    let h = RequestHeader {
-        op: Op::Hello as u8,
-        flags: 0,
-        id: 1,
-        offset: 0,
-        length: 0,
-        epoch: 0,
-        payload_len: payload.len() as u32,
-        crc: 0,
-    };
-    [h.encode(&payload).as_slice(), &payload].concat()
+fn hello(generation: u64) -> Vec<u8> {
+    common::direct::hello_frame(volume_uuid(VOLUME), generation, 0xbad)
 }
 
 /// Sends `bytes` on a plain TCP connection and returns all it gets back.
@@ -144,7 +127,7 @@ fn strangers_cannot_read_or_take_over_a_replica() {
 
     // 1. The script of the issue: plaintext HELLOs, a probe then a takeover.
     for generation in [0, 1 << 40] {
-        let got = raw_exchange(&target, &hello_frame(generation));
+        let got = raw_exchange(&target, &hello(generation));
         // Nothing but, at most, a TLS alert record (content type 21).
         assert!(
             got.is_empty() || got[0] == 21,
@@ -173,7 +156,7 @@ fn strangers_cannot_read_or_take_over_a_replica() {
             .stdin
             .take()
             .unwrap()
-            .write_all(&hello_frame(1 << 40))
+            .write_all(&hello(1 << 40))
             .unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(
