@@ -175,20 +175,10 @@ fn a_read_token_without_a_control_token_is_refused_at_start() {
         vec!["--admin-token-file", empty.as_str()],
         vec!["--admin-token-file", "/nonexistent/token"],
     ] {
-        let mut args = vec![
-            "engine",
-            "--name",
-            "x",
-            "--size",
-            "16M",
-            "--replica",
-            &r.addr,
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ];
-        args.extend(&flags);
+        let mut extra = vec!["--nbd-listen", "127.0.0.1:0"];
+        extra.extend(&flags);
+        let args = engine_args("x", "16M", std::slice::from_ref(&r.addr), &extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = run(RVOL, &args);
         assert_eq!(out.status.code(), Some(1), "{flags:?}");
         let err = String::from_utf8_lossy(&out.stderr);

@@ -231,20 +231,10 @@ fn an_engine_whose_certificate_names_another_volume_does_not_start() {
     let tmp = tempfile::tempdir().unwrap();
     let r = ReplicaProc::start(&tmp.path().join("r0"), "16M", "127.0.0.1:0");
     let flags = tls::engine("some-other-volume");
-    let mut args = vec![
-        "engine",
-        "--name",
-        VOLUME,
-        "--size",
-        "16M",
-        "--replica",
-        &r.addr,
-        "--nbd-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ];
-    args.extend(flags.iter().map(String::as_str));
+    let mut extra = vec!["--nbd-listen", "127.0.0.1:0"];
+    extra.extend(flags.iter().map(String::as_str));
+    let args = engine_args(VOLUME, "16M", std::slice::from_ref(&r.addr), &extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run(RVOL, &args);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);

@@ -742,20 +742,8 @@ where
 {
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(256 << 10, rd);
-    let payload = hello.encode();
-    let h = RequestHeader {
-        op: Op::Hello as u8,
-        flags: 0,
-        id: 0,
-        offset: 0,
-        length: 0,
-        epoch: 0,
-        payload_len: payload.len() as u32,
-        crc: 0,
-    };
     let lost = |e: std::io::Error| ClientError::Lost(e.to_string());
-    wr.write_all(&h.encode(&payload)).await.map_err(lost)?;
-    wr.write_all(&payload).await.map_err(lost)?;
+    wr.write_all(&hello.frame()).await.map_err(lost)?;
     wr.flush().await.map_err(lost)?;
     let reply = read_reply(&mut rd).await?.ok_or_else(|| {
         ClientError::Lost(

@@ -535,6 +535,22 @@ pub struct Hello {
 }
 
 impl Hello {
+    /// The whole HELLO request, header and payload, as it goes on the wire.
+    pub fn frame(&self) -> Vec<u8> {
+        let payload = self.encode();
+        let h = RequestHeader {
+            op: Op::Hello as u8,
+            flags: 0,
+            id: 0,
+            offset: 0,
+            length: 0,
+            epoch: 0,
+            payload_len: payload.len() as u32,
+            crc: 0,
+        };
+        [h.encode(&payload).as_slice(), &payload].concat()
+    }
+
     pub fn encode(&self) -> [u8; HELLO_LEN] {
         let mut b = [0u8; HELLO_LEN];
         b[0..4].copy_from_slice(&self.protocol_version.to_le_bytes());

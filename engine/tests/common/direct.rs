@@ -11,29 +11,16 @@ use super::Proc;
 
 pub const VOLUME: Uuid = Uuid::from_u128(0x1234);
 
-/// A HELLO frame, header and payload, as an engine of `volume` with
-/// `generation` sends it (0: a probe), for tests that speak the wire
-/// protocol byte by byte.
+/// A HELLO frame as an engine of `volume` with `generation` sends it (0:
+/// a probe), for tests that speak the wire protocol byte by byte.
 pub fn hello_frame(volume: Uuid, generation: u64, engine_id: u64) -> Vec<u8> {
-    use rvol_replica::proto::{Hello, Op, RequestHeader, PROTOCOL_VERSION};
-    let payload = Hello {
-        protocol_version: PROTOCOL_VERSION,
+    rvol_replica::proto::Hello {
+        protocol_version: rvol_replica::proto::PROTOCOL_VERSION,
         volume_uuid: volume,
         generation,
         engine_id,
     }
-    .encode();
-    let h = RequestHeader {
-        op: Op::Hello as u8,
-        flags: 0,
-        id: 0,
-        offset: 0,
-        length: 0,
-        epoch: 0,
-        payload_len: payload.len() as u32,
-        crc: 0,
-    };
-    [h.encode(&payload).as_slice(), &payload].concat()
+    .frame()
 }
 
 pub fn sock(dir: &Path) -> String {

@@ -202,32 +202,32 @@ fn start_engine_with(
     replicas: &[String],
     extra: &[&str],
 ) -> (Proc, String) {
-    let mut args = vec![
-        "engine",
-        "--name",
-        name,
-        "--size",
-        size,
-        "--admin-listen",
-        "127.0.0.1:0",
-    ];
-    for r in replicas {
-        args.push("--replica");
-        args.push(r);
+    let mut args = engine_args(name, size, replicas, extra);
+    if tls::enabled() {
+        args.extend(tls::engine(name));
     }
-    args.extend_from_slice(extra);
-    let tls = if tls::enabled() {
-        tls::engine(name)
-    } else {
-        Vec::new()
-    };
-    args.extend(tls.iter().map(String::as_str));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let p = Proc::start(&args);
     let admin = p.ready["admin"]
         .as_str()
         .expect("admin address")
         .to_string();
     (p, admin)
+}
+
+/// `rvol engine` arguments for a volume over `replicas`, the admin API on
+/// a port of its own choosing, then `extra`.
+pub fn engine_args(name: &str, size: &str, replicas: &[String], extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["engine", "--name", name, "--size", size]
+        .into_iter()
+        .chain(["--admin-listen", "127.0.0.1:0"])
+        .map(String::from)
+        .collect();
+    for r in replicas {
+        args.extend(["--replica".to_string(), r.clone()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }
 
 /// Runs a command, returning its output; panics if it cannot start.
