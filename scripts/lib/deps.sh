@@ -30,6 +30,7 @@ install_run_deps() {
 
 install_test_deps() {
   install_run_deps
-  # etcd-server: the cluster store's tests run a real etcd.
-  apt_install python3-libnbd nbdkit etcd-server
+  # etcd-server: the cluster store's tests run a real etcd; openssl: the
+  # TLS tests attack a replica with s_client.
+  apt_install python3-libnbd nbdkit etcd-server openssl
 }
