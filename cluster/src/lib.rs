@@ -1,13 +1,16 @@
-//! rvol's control plane. So far: the cluster store ([`store`]), a small
-//! trait over a replicated key-value store, its etcd backend ([`etcd`]),
-//! leadership among several controllers ([`leader`]), the records kept in
-//! the store ([`model`]), an agent's registration of its node ([`agent`])
-//! and where a volume's replicas go ([`placement`]). The controller and
-//! the agents' work build on them.
+//! rvol's control plane: the cluster store ([`store`]), a small trait over
+//! a replicated key-value store, and its etcd backend ([`etcd`]); the
+//! records kept in it ([`model`]) and one read of them ([`view`]);
+//! leadership among controllers ([`leader`]); where replicas go
+//! ([`placement`]); the controller ([`controller`]) and the node agent
+//! ([`agent`]); and the HTTP client they share ([`http`]).
 
 pub mod agent;
+pub mod controller;
 pub mod etcd;
+pub mod http;
 pub mod leader;
 pub mod model;
 pub mod placement;
 pub mod store;
+pub mod view;

@@ -19,43 +19,72 @@ pub const PREFIX: &str = "/rvol/";
 /// The version of the records' meaning; raised on incompatible changes.
 pub const PROTOCOL: u32 = 1;
 
-/// A node's name: `[A-Za-z0-9._-]`, 1 to 63 characters (a DNS label, or
-/// close to one, as Kubernetes node names are).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct NodeName(String);
+/// Declares a name type: `[A-Za-z0-9._-]`, 1 to 63 characters (a DNS
+/// label, or close to one, as Kubernetes names are), so a name is safe in
+/// a store key, a file name and a URI.
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $dir:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String")]
+        pub struct $name(String);
 
-impl NodeName {
-    pub fn new(name: &str) -> Result<NodeName, String> {
-        let ok = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-        if ok {
-            Ok(NodeName(name.to_string()))
-        } else {
-            Err(format!(
-                "{name:?} is not a node name (1-63 of A-Z a-z 0-9 . _ -)"
-            ))
+        impl $name {
+            pub fn new(name: &str) -> Result<$name, String> {
+                let ok = !name.is_empty()
+                    && name.len() <= 63
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                    && name != "."
+                    && name != "..";
+                if ok {
+                    Ok($name(name.to_string()))
+                } else {
+                    Err(format!(
+                        "{name:?} is not a {} name (1-63 of A-Z a-z 0-9 . _ -)",
+                        $what
+                    ))
+                }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// Its key in the store.
+            pub fn key(&self) -> String {
+                format!("{PREFIX}{}/{}", $dir, self.0)
+            }
         }
-    }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(s: String) -> Result<$name, String> {
+                $name::new(&s)
+            }
+        }
 
-    /// This node's key in the store.
-    pub fn key(&self) -> String {
-        format!("{PREFIX}nodes/{}", self.0)
-    }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(&self.0)
+            }
+        }
+    };
 }
 
-impl std::fmt::Display for NodeName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+name_type!(
+    /// A node's name; its record is `nodes/NAME`.
+    NodeName,
+    "node",
+    "nodes"
+);
+name_type!(
+    /// A volume's name; its record is `volumes/NAME`.
+    VolumeName,
+    "volume",
+    "volumes"
+);
 
 /// A disk an agent offers for replicas.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,12 +101,264 @@ pub struct Node {
     pub name: NodeName,
     /// Where the agent is reached (its API address).
     pub address: String,
+    /// The IP address replicas and NBD exports of this node listen on.
+    pub advertise: String,
+    /// The ports the controller may give this node's replicas and exports.
+    pub ports: PortRange,
     pub zone: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub disks: Vec<Disk>,
     /// The lease the record lives under: the agent's, which a restarted
     /// agent of the same node resumes while it still lives.
     pub lease: i64,
+}
+
+/// An inclusive range of TCP ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PortRange, String> {
+        let bad = || format!("{s:?} is not a port range FIRST-LAST");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (first, last) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+/// What the operator decided about a node (`settings/NAME`), kept apart
+/// from the agent's record so that neither overwrites the other.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSettings {
+    pub protocol: u32,
+    /// No new replica or attachment is placed on it.
+    pub cordoned: bool,
+}
+
+pub fn settings_key(node: &NodeName) -> String {
+    format!("{PREFIX}settings/{node}")
+}
+
+/// Zone anti-affinity of a volume's replicas.
+pub use crate::placement::ZoneAntiAffinity;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataLocality {
+    /// Replicas go wherever placement puts them.
+    #[default]
+    Disabled,
+    /// One replica is kept on the node the volume is attached to when it
+    /// fits there.
+    BestEffort,
+    /// Attaching requires a replica on the node.
+    StrictLocal,
+}
+
+impl std::str::FromStr for DataLocality {
+    type Err = String;
+    fn from_str(s: &str) -> Result<DataLocality, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_string()))
+            .map_err(|_| format!("{s:?}: data locality is disabled, best-effort or strict-local"))
+    }
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub size: u64,
+    pub replicas: usize,
+    #[serde(default)]
+    pub zone_anti_affinity: ZoneAntiAffinity,
+    #[serde(default)]
+    pub data_locality: DataLocality,
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+/// A replica's id within its volume: `r1`, `r2`, ... never reused, so a
+/// replica that was removed can never be mistaken for its successor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ReplicaId(pub u32);
+
+impl std::fmt::Display for ReplicaId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "r{}", self.0)
+    }
+}
+
+/// Where one replica of a volume lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaPlace {
+    pub id: ReplicaId,
+    pub node: NodeName,
+    pub disk: String,
+    pub port: u16,
+    /// Where engines reach it (`IP:PORT`), fixed when it is placed so
+    /// that it stays known while its node is away.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Frontend {
+    #[default]
+    Nbd,
+    Ublk,
+}
+
+impl std::str::FromStr for Frontend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Frontend, String> {
+        match s {
+            "nbd" => Ok(Frontend::Nbd),
+            "ublk" => Ok(Frontend::Ublk),
+            _ => Err(format!("{s:?}: the frontend is nbd or ublk")),
+        }
+    }
+}
+
+/// Where a volume is attached: the node whose agent runs its engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub node: NodeName,
+    pub frontend: Frontend,
+    /// The NBD export's port on the node.
+    pub port: u16,
+    /// Raised by every attachment: an agent runs the engine of the
+    /// attachment it sees, and reports which one it runs.
+    pub serial: u64,
+}
+
+/// One line of a volume's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    pub message: String,
+}
+
+/// Events kept per volume; older ones are dropped.
+pub const EVENTS_KEPT: usize = 20;
+
+/// A volume (`volumes/NAME`): what was asked, where its replicas are,
+/// where it is attached and which replicas hold its current data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub protocol: u32,
+    pub name: VolumeName,
+    /// Tells this volume from an earlier one of the same name: replica
+    /// directories carry it, so one of a deleted volume is never served
+    /// as the new one's.
+    pub uid: String,
+    pub spec: VolumeSpec,
+    pub replicas: Vec<ReplicaPlace>,
+    /// The next replica id to give.
+    pub next_replica: u32,
+    pub attachment: Option<Attachment>,
+    pub last_serial: u64,
+    /// The replicas that hold every acknowledged write, as the engine last
+    /// reported them (all replicas until an engine has run). An engine is
+    /// only started when one of them can be reached.
+    pub in_sync: Vec<ReplicaId>,
+    pub events: Vec<Event>,
+}
+
+impl Volume {
+    /// Appends an event, keeping the newest [`EVENTS_KEPT`].
+    pub fn event(&mut self, message: String) {
+        tracing::info!(volume = %self.name, "{message}");
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.events.push(Event { at, message });
+        let extra = self.events.len().saturating_sub(EVENTS_KEPT);
+        self.events.drain(..extra);
+    }
+
+    /// The directory name of a replica of this volume on a disk.
+    pub fn replica_dir(&self, id: ReplicaId) -> String {
+        replica_dir(&self.name, &self.uid, id)
+    }
+}
+
+/// See [`Volume::replica_dir`].
+pub fn replica_dir(volume: &VolumeName, uid: &str, id: ReplicaId) -> String {
+    format!("{volume}.{uid}.{id}")
+}
+
+/// What a process run by an agent is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum ProcessState {
+    /// Started, not ready yet.
+    Starting,
+    Running {
+        pid: u32,
+    },
+    /// Not running: why, and how many times it was restarted.
+    Failed {
+        error: String,
+        restarts: u32,
+    },
+    /// Not started: what it waits for.
+    Waiting {
+        reason: String,
+    },
+}
+
+/// A replica as its agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    pub volume: VolumeName,
+    pub uid: String,
+    pub id: ReplicaId,
+    pub address: String,
+    #[serde(flatten)]
+    pub state: ProcessState,
+}
+
+/// An engine replica's mode, as the engine reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineReplica {
+    pub id: ReplicaId,
+    pub mode: String,
+}
+
+/// An engine as its agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineReport {
+    pub volume: VolumeName,
+    pub uid: String,
+    /// The attachment it serves.
+    pub serial: u64,
+    #[serde(flatten)]
+    pub state: ProcessState,
+    pub nbd: Option<String>,
+    pub device: Option<String>,
+    pub size: u64,
+    pub replicas: Vec<EngineReplica>,
+}
+
+/// What runs on a node (`reports/NAME`), written by its agent under its
+/// lease, so a dead node's report disappears with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub protocol: u32,
+    pub node: NodeName,
+    pub replicas: Vec<ReplicaReport>,
+    pub engines: Vec<EngineReport>,
+}
+
+pub fn report_key(node: &NodeName) -> String {
+    format!("{PREFIX}reports/{node}")
 }
 
 /// Decodes a record of type `T` stored at `key`, refusing one written by
@@ -107,11 +388,16 @@ pub trait HasProtocol {
     fn protocol(&self) -> u32;
 }
 
-impl HasProtocol for Node {
-    fn protocol(&self) -> u32 {
-        self.protocol
-    }
+macro_rules! has_protocol {
+    ($($t:ty),*) => {
+        $(impl HasProtocol for $t {
+            fn protocol(&self) -> u32 {
+                self.protocol
+            }
+        })*
+    };
 }
+has_protocol!(Node, Volume, NodeSettings, Report);
 
 #[cfg(test)]
 mod tests {
@@ -133,6 +419,8 @@ mod tests {
             protocol: PROTOCOL + 1,
             name: NodeName::new("n1").unwrap(),
             address: "10.0.0.1:7000".into(),
+            advertise: "10.0.0.1".into(),
+            ports: PortRange { first: 10100, last: 10199 },
             zone: None,
             labels: BTreeMap::new(),
             disks: vec![],

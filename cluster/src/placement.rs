@@ -26,6 +26,17 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::{Node, NodeName};
 
+impl std::str::FromStr for ZoneAntiAffinity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ZoneAntiAffinity, String> {
+        match s {
+            "soft" => Ok(ZoneAntiAffinity::Soft),
+            "hard" => Ok(ZoneAntiAffinity::Hard),
+            _ => Err(format!("{s:?}: zone anti-affinity is soft or hard")),
+        }
+    }
+}
+
 /// A node as placement sees it.
 #[derive(Debug, Clone)]
 pub struct NodeView {
@@ -36,8 +47,10 @@ pub struct NodeView {
     pub scheduled: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ZoneAntiAffinity {
+    #[default]
     Soft,
     Hard,
 }

@@ -22,6 +22,8 @@ fn config(node: &str, disk: &Path, address: &str) -> AgentConfig {
     AgentConfig {
         node: NodeName::new(node).unwrap(),
         address: address.into(),
+        advertise: "10.0.0.1".into(),
+        ports: "10100-10199".parse().unwrap(),
         zone: Some("z1".into()),
         labels: BTreeMap::from([("rack".to_string(), "r7".to_string())]),
         disks: vec![disk.to_path_buf()],

@@ -62,6 +62,8 @@ pub struct EngineConfig {
     pub io_hold: Duration,
     /// Rebuild copy rate limit in MiB/s (0: none).
     pub rebuild_rate_mib: f64,
+    /// Where the cluster records the in-sync replicas (`crate::in_sync`).
+    pub in_sync_hook: Option<rvol_cluster::http::Address>,
 }
 
 /// Asks a replica what it holds; see [`rvol_replica::local::prepare`].
@@ -257,6 +259,10 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
             links,
         },
         hold: cfg.io_hold,
+        in_sync_hook: cfg
+            .in_sync_hook
+            .clone()
+            .map(|a| crate::in_sync::InSyncHook::new(a, &cfg.name)),
     };
     Ok(ReplicatedVolume::new(params, slots))
 }

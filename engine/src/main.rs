@@ -8,6 +8,8 @@
 //! rvol volume status --admin ADDR [--json];  rvol expand SIZE --admin ADDR
 //! rvol snapshot create [NAME] | ls | rm NAME | revert NAME | verify  --admin ADDR
 //! rvol demo
+//! rvol controller --etcd URLS --listen ADDR;  rvol agent --node N --etcd URLS --listen ADDR --disk DIR
+//! rvol volume create|ls|get|rm|attach|detach ... --cluster URL;  rvol node ls|cordon|uncordon --cluster URL
 //! rvol cert ca --dir DIR;  rvol cert issue --ca-dir DIR --out PREFIX --volume V|--node N|--controller
 //! ```
 //! Engines and replicas take `--tls-cert --tls-key --tls-ca` (mutual TLS).
@@ -19,10 +21,12 @@ mod access;
 mod admin;
 mod cert;
 mod chain;
+mod cluster_cli;
 mod demo;
 mod engine;
 mod epoch;
 mod freshness;
+mod in_sync;
 mod range_lock;
 mod rebuild;
 mod reconcile;
@@ -147,6 +151,11 @@ enum Command {
         /// the volume (rvol://volume/NAME).
         #[command(flatten)]
         tls: cert::TlsArgs,
+        /// The node agent's socket (unix:PATH) that records the in-sync
+        /// replicas before a flush after a replica change is acknowledged.
+        /// Set by the agent that runs the engine.
+        #[arg(long)]
+        in_sync_hook: Option<rvol_cluster::http::Address>,
     },
     /// Make a cluster CA and issue certificates for rvol's processes.
     Cert {
@@ -172,6 +181,15 @@ enum Command {
     },
     /// Run 3 replicas and an engine under a temporary directory, serving NBD.
     Demo(demo::DemoArgs),
+    /// Serve the cluster's API; the leader places and heals replicas.
+    Controller(cluster_cli::ControllerArgs),
+    /// Run a node's replicas and engines, as the cluster places them.
+    Agent(cluster_cli::AgentArgs),
+    /// List, cordon and uncordon the cluster's nodes.
+    Node {
+        #[command(subcommand)]
+        command: cluster_cli::NodeCommand,
+    },
 }
 
 #[derive(clap::Args)]
@@ -268,12 +286,51 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 #[derive(Subcommand)]
 enum VolumeCommand {
-    /// Show the volume's status and its replicas.
+    /// Show a running engine's status and its replicas.
     Status {
         #[arg(long)]
         admin: Endpoint,
         #[arg(long)]
         json: bool,
+    },
+    /// Create a volume in the cluster; its replicas are placed at once.
+    Create(cluster_cli::CreateArgs),
+    /// The cluster's volumes.
+    Ls {
+        #[command(flatten)]
+        cluster: cluster_cli::ClusterArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One volume: state, replicas, attachment, events.
+    Get {
+        name: String,
+        #[command(flatten)]
+        cluster: cluster_cli::ClusterArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a detached volume and its replicas' data.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        cluster: cluster_cli::ClusterArg,
+    },
+    /// Serve the volume on a node; prints {"nbd": URL} or {"device": PATH}.
+    Attach {
+        name: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value = "nbd")]
+        frontend: rvol_cluster::model::Frontend,
+        #[command(flatten)]
+        cluster: cluster_cli::ClusterArg,
+    },
+    /// Stop serving the volume (its engine flushes and stops).
+    Detach {
+        name: String,
+        #[command(flatten)]
+        cluster: cluster_cli::ClusterArg,
     },
 }
 
@@ -391,6 +448,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             io_hold_timeout,
             rebuild_rate_mib,
             tls,
+            in_sync_hook,
         } => {
             if frontend == "none" && !nbd_listen.is_empty() {
                 anyhow::bail!("--frontend none serves no NBD: drop --nbd-listen");
@@ -434,6 +492,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 },
                 io_hold: Duration::from_secs_f64(io_hold_timeout),
                 rebuild_rate_mib,
+                in_sync_hook,
             })
             .await
         }
@@ -445,9 +504,17 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             println!("volume grown to {size} bytes");
             Ok(0)
         }
-        Command::Volume {
-            command: VolumeCommand::Status { admin, json },
-        } => {
+        Command::Volume { command } => volume_command(command).await,
+        Command::Demo(args) => demo::run(args).await,
+        Command::Controller(args) => cluster_cli::controller(args).await,
+        Command::Agent(args) => cluster_cli::agent(args).await,
+        Command::Node { command } => cluster_cli::node(command).await,
+    }
+}
+
+async fn volume_command(c: VolumeCommand) -> anyhow::Result<u8> {
+    match c {
+        VolumeCommand::Status { admin, json } => {
             let body = admin::get(&admin, "/v1/volume").await?;
             if json {
                 println!("{body}");
@@ -458,7 +525,21 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Demo(args) => demo::run(args).await,
+        VolumeCommand::Create(args) => cluster_cli::create(args).await,
+        VolumeCommand::Ls { cluster, json } => cluster_cli::list(cluster, json).await,
+        VolumeCommand::Get {
+            name,
+            cluster,
+            json,
+        } => cluster_cli::get(name, cluster, json).await,
+        VolumeCommand::Rm { name, cluster } => cluster_cli::remove(name, cluster).await,
+        VolumeCommand::Attach {
+            name,
+            node,
+            frontend,
+            cluster,
+        } => cluster_cli::attach(name, node, frontend, cluster).await,
+        VolumeCommand::Detach { name, cluster } => cluster_cli::detach(name, cluster).await,
     }
 }
 

@@ -245,6 +245,8 @@ pub struct ReplicatedVolume {
     /// flush has covered (see the module documentation).
     departures: AtomicU64,
     departures_flushed: AtomicU64,
+    /// Has the cluster record the RW set before a flush is acknowledged.
+    in_sync_hook: Option<crate::in_sync::InSyncHook>,
 }
 
 /// What reconnecting a replica needs.
@@ -268,6 +270,7 @@ pub struct VolumeParams {
     pub flush_timeout: Duration,
     pub attach: AttachInfo,
     pub hold: Duration,
+    pub in_sync_hook: Option<crate::in_sync::InSyncHook>,
 }
 
 impl ReplicatedVolume {
@@ -286,6 +289,7 @@ impl ReplicatedVolume {
             flush_timeout,
             attach,
             hold,
+            in_sync_hook,
         } = p;
         ReplicatedVolume {
             name,
@@ -311,6 +315,7 @@ impl ReplicatedVolume {
             direct_read_bytes: AtomicU64::new(0),
             departures: AtomicU64::new(departed),
             departures_flushed: AtomicU64::new(0),
+            in_sync_hook,
         }
     }
 
@@ -998,6 +1003,15 @@ impl BlockVolume for ReplicatedVolume {
             async move { c.flush_barrier(epoch, &members).await.map(drop) }
         })
         .await?;
+        if let Some(hook) = &self.in_sync_hook {
+            let rw = self
+                .writable()
+                .iter()
+                .filter(|s| s.mode() == Mode::RW)
+                .map(|s| s.endpoint.to_string())
+                .collect();
+            hook.record(rw, self.hold).await.map_err(VolumeError::Io)?;
+        }
         self.departures_flushed
             .fetch_max(departures, Ordering::AcqRel);
         Ok(())

@@ -1,7 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::{Disk, PROTOCOL};
+use crate::model::{Disk, PortRange, PROTOCOL};
 
 const GIB: u64 = 1 << 30;
 
@@ -11,6 +11,8 @@ fn view(name: &str, zone: Option<&str>, free_gib: u64) -> NodeView {
             protocol: PROTOCOL,
             name: NodeName::new(name).unwrap(),
             address: format!("{name}:7000"),
+            advertise: "10.0.0.1".into(),
+            ports: PortRange { first: 10100, last: 10199 },
             zone: zone.map(str::to_string),
             labels: BTreeMap::new(),
             disks: vec![Disk {

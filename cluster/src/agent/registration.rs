@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::model::{decode, encode, Disk, Node, NodeName, PROTOCOL};
+use crate::model::{decode, encode, Disk, Node, NodeName, PortRange, PROTOCOL};
 use crate::store::{Expect, LeaseId, Revision, Store, StoreError};
 
 /// What an agent says about its node.
@@ -31,6 +31,10 @@ pub struct AgentConfig {
     pub node: NodeName,
     /// Where the agent is reached.
     pub address: String,
+    /// The IP replicas and exports of this node listen on.
+    pub advertise: String,
+    /// The ports they may use.
+    pub ports: PortRange,
     pub zone: Option<String>,
     pub labels: BTreeMap<String, String>,
     /// At least one; the first also keeps the agent's lease file.
@@ -89,6 +93,8 @@ impl AgentConfig {
             protocol: PROTOCOL,
             name: self.node.clone(),
             address: self.address.clone(),
+            advertise: self.advertise.clone(),
+            ports: self.ports,
             zone: self.zone.clone(),
             labels: self.labels.clone(),
             disks: self
@@ -217,12 +223,15 @@ impl<S: Store> Registration<S> {
 
     /// Beats every third of the time to live until the node is lost to
     /// another agent (returned as the error); store outages are logged and
-    /// retried.
-    pub async fn heartbeat(mut self) -> AgentError {
+    /// retried. The lease in use (it changes when a lapsed registration is
+    /// made again) is published on `lease`.
+    pub async fn heartbeat(mut self, lease: tokio::sync::watch::Sender<LeaseId>) -> AgentError {
         loop {
             tokio::time::sleep(self.config.ttl / 3).await;
             match self.beat().await {
-                Ok(()) => {}
+                Ok(()) => {
+                    lease.send_if_modified(|l| std::mem::replace(l, self.lease) != self.lease);
+                }
                 Err(AgentError::Store(StoreError::Unavailable(e))) => {
                     tracing::warn!(error = %e, "heartbeat failed; retrying")
                 }

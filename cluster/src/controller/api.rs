@@ -1,0 +1,569 @@
+//! The controller's HTTP/JSON API, which the CLI (and the CSI driver)
+//! drive. Every change is checked whole before anything is written: bad
+//! input gets a 4xx answer with a message and changes nothing.
+//!
+//! ```text
+//! GET    /v1/volumes                  POST /v1/volumes {name, size, replicas, ...}
+//! GET    /v1/volumes/NAME             DELETE /v1/volumes/NAME
+//! POST   /v1/volumes/NAME/attach {node, frontend}   POST /v1/volumes/NAME/detach
+//! GET    /v1/nodes                    POST /v1/nodes/NAME/cordon | uncordon
+//! ```
+//!
+//! Attach and detach answer once the node's agent reports the engine
+//! serving (or gone), or with an error that says what it waits for.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::Ctl;
+use crate::model::{
+    encode, settings_key, Attachment, DataLocality, Frontend, NodeName, NodeSettings, ProcessState,
+    Volume, VolumeName, VolumeSpec, ZoneAntiAffinity, PROTOCOL,
+};
+use crate::store::{Expect, Store, StoreError};
+use crate::view::{ClusterView, VolumeState};
+
+/// The largest volume: 64 TiB.
+pub const MAX_SIZE: u64 = 64 << 40;
+/// The most replicas a volume may ask for.
+pub const MAX_REPLICAS: usize = 5;
+/// How long attach and detach wait for the agent.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// An error answer: a status and a message, as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Conflict { .. } => ApiError(
+                StatusCode::CONFLICT,
+                format!("{e}: changed by someone else meanwhile; try again"),
+            ),
+            e => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+fn not_found(what: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("{what} does not exist"))
+}
+
+fn conflict(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::CONFLICT, message.into())
+}
+
+pub fn router<S: Store>(ctl: Arc<Ctl<S>>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/leader", get(leader::<S>))
+        .route("/v1/volumes", get(list_volumes::<S>).post(create::<S>))
+        .route(
+            "/v1/volumes/{name}",
+            get(get_volume::<S>).delete(remove::<S>),
+        )
+        .route("/v1/volumes/{name}/attach", post(attach::<S>))
+        .route("/v1/volumes/{name}/detach", post(detach::<S>))
+        .route("/v1/nodes", get(list_nodes::<S>))
+        .route("/v1/nodes/{name}/cordon", post(cordon::<S>))
+        .route("/v1/nodes/{name}/uncordon", post(uncordon::<S>))
+        .with_state(ctl)
+}
+
+/// Holds the leader's change lock, or answers where the leader is.
+async fn change_lock<S: Store>(ctl: &Ctl<S>) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
+    if !ctl.leading() {
+        let leader = ctl.leader().await.unwrap_or_else(|| "(none yet)".into());
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("this controller does not lead; the leader is at {leader}"),
+        ));
+    }
+    Ok(ctl.changes.lock().await)
+}
+
+async fn leader<S: Store>(State(ctl): State<Arc<Ctl<S>>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "leader": ctl.leader().await,
+        "this": ctl.address,
+        "leading": ctl.leading(),
+    }))
+}
+
+/// A volume as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VolumeView {
+    pub name: VolumeName,
+    pub size: u64,
+    pub state: VolumeState,
+    pub spec: VolumeSpec,
+    pub attached_node: Option<NodeName>,
+    pub frontend: Option<Frontend>,
+    pub nbd: Option<String>,
+    pub device: Option<String>,
+    pub replicas: Vec<ReplicaView>,
+    pub events: Vec<crate::model::Event>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub id: crate::model::ReplicaId,
+    pub node: NodeName,
+    pub disk: String,
+    pub address: String,
+    /// The replica process, as its agent reports it.
+    pub process: Option<ProcessState>,
+    /// Its mode in the engine, while attached.
+    pub mode: Option<String>,
+    pub in_sync: bool,
+}
+
+pub fn volume_view(view: &ClusterView, v: &Volume) -> VolumeView {
+    let engine = view.engine_report(v);
+    VolumeView {
+        name: v.name.clone(),
+        size: engine.map_or(v.spec.size, |e| e.size.max(v.spec.size)),
+        state: view.state(v),
+        spec: v.spec.clone(),
+        attached_node: v.attachment.as_ref().map(|a| a.node.clone()),
+        frontend: v.attachment.as_ref().map(|a| a.frontend),
+        nbd: engine.and_then(|e| e.nbd.clone()),
+        device: engine.and_then(|e| e.device.clone()),
+        replicas: v
+            .replicas
+            .iter()
+            .map(|p| ReplicaView {
+                id: p.id,
+                node: p.node.clone(),
+                disk: p.disk.clone(),
+                address: p.address.clone(),
+                process: view.replica_report(v, p).map(|r| r.state.clone()),
+                mode: engine
+                    .and_then(|e| e.replicas.iter().find(|r| r.id == p.id))
+                    .map(|r| r.mode.clone()),
+                in_sync: v.in_sync.contains(&p.id),
+            })
+            .collect(),
+        events: v.events.clone(),
+    }
+}
+
+fn volume_name(name: &str) -> Result<VolumeName, ApiError> {
+    VolumeName::new(name).map_err(bad)
+}
+
+fn node_name(name: &str) -> Result<NodeName, ApiError> {
+    NodeName::new(name).map_err(bad)
+}
+
+async fn list_volumes<S: Store>(State(ctl): State<Arc<Ctl<S>>>) -> ApiResult<Vec<VolumeView>> {
+    let view = ClusterView::load(&*ctl.store).await?;
+    Ok(Json(
+        view.volumes
+            .values()
+            .map(|(v, _)| volume_view(&view, v))
+            .collect(),
+    ))
+}
+
+async fn get_volume<S: Store>(
+    State(ctl): State<Arc<Ctl<S>>>,
+    Path(name): Path<String>,
+) -> ApiResult<VolumeView> {
+    let name = volume_name(&name)?;
+    let view = ClusterView::load(&*ctl.store).await?;
+    let (v, _) = view
+        .volumes
+        .get(&name)
+        .ok_or_else(|| not_found(&format!("volume {name}")))?;
+    Ok(Json(volume_view(&view, v)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub name: String,
+    pub size: u64,
+    pub replicas: usize,
+    #[serde(default)]
+    pub zone_anti_affinity: ZoneAntiAffinity,
+    #[serde(default)]
+    pub data_locality: DataLocality,
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+async fn create<S: Store>(
+    State(ctl): State<Arc<Ctl<S>>>,
+    Json(req): Json<CreateRequest>,
+) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
+    let name = volume_name(&req.name)?;
+    if req.size == 0 || req.size % 4096 != 0 || req.size > MAX_SIZE {
+        return Err(bad(format!(
+            "size {} is not a multiple of 4096 between 4096 and {MAX_SIZE}",
+            req.size
+        )));
+    }
+    if !(1..=MAX_REPLICAS).contains(&req.replicas) {
+        return Err(bad(format!(
+            "replicas {} is not between 1 and {MAX_REPLICAS}",
+            req.replicas
+        )));
+    }
+    let _lock = change_lock(&ctl).await?;
+    let view = ClusterView::load(&*ctl.store).await?;
+    if view.volumes.contains_key(&name) {
+        return Err(conflict(format!("volume {name} already exists")));
+    }
+    let spec = VolumeSpec {
+        size: req.size,
+        replicas: req.replicas,
+        zone_anti_affinity: req.zone_anti_affinity,
+        data_locality: req.data_locality,
+        node_selector: req.node_selector,
+    };
+    let mut volume = Volume {
+        protocol: PROTOCOL,
+        name: name.clone(),
+        uid: uuid::Uuid::new_v4().simple().to_string()[..16].to_string(),
+        spec,
+        replicas: Vec::new(),
+        next_replica: 1,
+        attachment: None,
+        last_serial: 0,
+        in_sync: Vec::new(),
+        events: Vec::new(),
+    };
+    let placed = super::heal::place_missing(&view, &mut volume, ctl.policy, None)
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    volume.in_sync = volume.replicas.iter().map(|p| p.id).collect();
+    volume.event(format!("created: {placed}"));
+    ctl.store
+        .put(&name.key(), encode(&volume), Expect::Absent, None)
+        .await?;
+    let view = ClusterView::load(&*ctl.store).await?;
+    Ok((StatusCode::CREATED, Json(volume_view(&view, &volume))))
+}
+
+async fn remove<S: Store>(
+    State(ctl): State<Arc<Ctl<S>>>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    let name = volume_name(&name)?;
+    let _lock = change_lock(&ctl).await?;
+    let view = ClusterView::load(&*ctl.store).await?;
+    let (v, revision) = view
+        .volumes
+        .get(&name)
+        .ok_or_else(|| not_found(&format!("volume {name}")))?;
+    if let Some(a) = &v.attachment {
+        return Err(conflict(format!(
+            "volume {name} is attached to {}: detach it first",
+            a.node
+        )));
+    }
+    ctl.store.delete(&name.key(), Expect::At(*revision)).await?;
+    tracing::info!(volume = %name, "deleted; agents delete its replicas' data");
+    Ok(Json(serde_json::json!({ "deleted": name })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachRequest {
+    pub node: String,
+    #[serde(default)]
+    pub frontend: Frontend,
+}
+
+/// Where an attached volume is served.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Attached {
+    pub node: NodeName,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+async fn attach<S: Store>(
+    State(ctl): State<Arc<Ctl<S>>>,
+    Path(name): Path<String>,
+    Json(req): Json<AttachRequest>,
+) -> ApiResult<Attached> {
+    let name = volume_name(&name)?;
+    let node = node_name(&req.node)?;
+    let serial = {
+        let _lock = change_lock(&ctl).await?;
+        let view = ClusterView::load(&*ctl.store).await?;
+        let (v, revision) = view
+            .volumes
+            .get(&name)
+            .ok_or_else(|| not_found(&format!("volume {name}")))?;
+        if !view.alive(&node) {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("node {node} has no live agent"),
+            ));
+        }
+        match &v.attachment {
+            Some(a) if a.node == node && a.frontend == req.frontend => a.serial,
+            Some(a) if a.node == node => {
+                return Err(conflict(format!(
+                    "volume {name} is attached to {node} with {:?}: detach it first",
+                    a.frontend
+                )))
+            }
+            Some(a) if view.alive(&a.node) => {
+                return Err(conflict(format!(
+                    "volume {name} is attached to {}, which is alive: detach it there first",
+                    a.node
+                )))
+            }
+            current => {
+                if v.spec.data_locality == DataLocality::StrictLocal
+                    && !v.replicas.iter().any(|p| p.node == node)
+                {
+                    return Err(conflict(format!(
+                        "volume {name} is strict-local and has no replica on {node}"
+                    )));
+                }
+                let port = super::heal::free_port(&view, &node, &[]).ok_or_else(|| {
+                    conflict(format!("node {node} has no free port left in its range"))
+                })?;
+                let mut next = v.clone();
+                next.last_serial += 1;
+                next.attachment = Some(Attachment {
+                    node: node.clone(),
+                    frontend: req.frontend,
+                    port,
+                    serial: next.last_serial,
+                });
+                next.event(match current {
+                    Some(old) => format!(
+                        "attached to {node}, taking over from {}, whose agent is away",
+                        old.node
+                    ),
+                    None => format!("attached to {node}"),
+                });
+                ctl.store
+                    .put(&name.key(), encode(&next), Expect::At(*revision), None)
+                    .await?;
+                next.last_serial
+            }
+        }
+    };
+    // The agent starts the engine; wait for it to serve, or to say why not.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let view = ClusterView::load(&*ctl.store).await?;
+        let Some((v, _)) = view.volumes.get(&name) else {
+            return Err(not_found(&format!("volume {name}")));
+        };
+        if v.attachment.as_ref().map(|a| a.serial) != Some(serial) {
+            return Err(conflict(format!("volume {name} was detached meanwhile")));
+        }
+        if let Some(e) = view.engine_report(v) {
+            match &e.state {
+                ProcessState::Running { .. } => {
+                    return Ok(Json(Attached {
+                        node,
+                        nbd: e.nbd.clone(),
+                        device: e.device.clone(),
+                    }))
+                }
+                // Replicas that are starting come; those of nodes away
+                // may not: say so at once.
+                ProcessState::Waiting { reason }
+                    if v.replicas
+                        .iter()
+                        .filter(|p| v.in_sync.contains(&p.id))
+                        .all(|p| !view.alive(&p.node)) =>
+                {
+                    return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, reason.clone()))
+                }
+                ProcessState::Failed { error, restarts } if *restarts > 0 => {
+                    return Err(ApiError(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("the engine on {node} fails: {error}"),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(ApiError(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("the engine on {node} did not start within {WAIT:?}"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn detach<S: Store>(
+    State(ctl): State<Arc<Ctl<S>>>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    let name = volume_name(&name)?;
+    let old = {
+        let _lock = change_lock(&ctl).await?;
+        let view = ClusterView::load(&*ctl.store).await?;
+        let (v, revision) = view
+            .volumes
+            .get(&name)
+            .ok_or_else(|| not_found(&format!("volume {name}")))?;
+        let Some(old) = v.attachment.clone() else {
+            return Ok(Json(serde_json::json!({ "detached": name })));
+        };
+        let mut next = v.clone();
+        next.attachment = None;
+        next.event(format!("detached from {}", old.node));
+        ctl.store
+            .put(&name.key(), encode(&next), Expect::At(*revision), None)
+            .await?;
+        old
+    };
+    // Wait for the engine to stop (it flushes and marks its replicas
+    // clean), or for its node to be gone.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let view = ClusterView::load(&*ctl.store).await?;
+        let running = view.reports.get(&old.node).is_some_and(|r| {
+            r.engines
+                .iter()
+                .any(|e| e.volume == name && e.serial == old.serial)
+        });
+        if !running {
+            return Ok(Json(serde_json::json!({ "detached": name })));
+        }
+        if Instant::now() > deadline {
+            return Err(ApiError(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("the engine on {} did not stop within {WAIT:?}", old.node),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A node as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: NodeName,
+    pub alive: bool,
+    pub cordoned: bool,
+    pub address: Option<String>,
+    pub zone: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub disks: Vec<crate::model::Disk>,
+    pub replicas: usize,
+    pub engines: usize,
+}
+
+async fn list_nodes<S: Store>(State(ctl): State<Arc<Ctl<S>>>) -> ApiResult<Vec<NodeView>> {
+    let view = ClusterView::load(&*ctl.store).await?;
+    let mut names: Vec<NodeName> = view.nodes.keys().cloned().collect();
+    // Nodes that hold replicas or settings are listed while away too.
+    for (v, _) in view.volumes.values() {
+        names.extend(v.replicas.iter().map(|p| p.node.clone()));
+    }
+    names.extend(view.settings.keys().cloned());
+    names.sort();
+    names.dedup();
+    Ok(Json(
+        names
+            .into_iter()
+            .map(|name| {
+                let n = view.nodes.get(&name);
+                NodeView {
+                    alive: n.is_some(),
+                    cordoned: view.cordoned(&name),
+                    address: n.map(|n| n.address.clone()),
+                    zone: n.and_then(|n| n.zone.clone()),
+                    labels: n.map(|n| n.labels.clone()).unwrap_or_default(),
+                    disks: n.map(|n| n.disks.clone()).unwrap_or_default(),
+                    replicas: view
+                        .volumes
+                        .values()
+                        .flat_map(|(v, _)| &v.replicas)
+                        .filter(|p| p.node == name)
+                        .count(),
+                    engines: view
+                        .volumes
+                        .values()
+                        .filter(|(v, _)| v.attachment.as_ref().is_some_and(|a| a.node == name))
+                        .count(),
+                    name,
+                }
+            })
+            .collect(),
+    ))
+}
+
+async fn set_cordon<S: Store>(
+    ctl: &Ctl<S>,
+    name: &str,
+    cordoned: bool,
+) -> ApiResult<serde_json::Value> {
+    let node = node_name(name)?;
+    let _lock = change_lock(ctl).await?;
+    let view = ClusterView::load(&*ctl.store).await?;
+    let known = view.alive(&node)
+        || view
+            .volumes
+            .values()
+            .any(|(v, _)| v.replicas.iter().any(|p| p.node == node));
+    if !known {
+        return Err(not_found(&format!("node {node}")));
+    }
+    let settings = NodeSettings {
+        protocol: PROTOCOL,
+        cordoned,
+    };
+    ctl.store
+        .put(
+            &settings_key(&node),
+            encode(&settings),
+            Expect::Anything,
+            None,
+        )
+        .await?;
+    Ok(Json(
+        serde_json::json!({ "node": node, "cordoned": cordoned }),
+    ))
+}
+
+async fn cordon<S: Store>(
+    State(ctl): State<Arc<Ctl<S>>>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    set_cordon(&ctl, &name, true).await
+}
+
+async fn uncordon<S: Store>(
+    State(ctl): State<Arc<Ctl<S>>>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    set_cordon(&ctl, &name, false).await
+}

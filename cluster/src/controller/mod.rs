@@ -1,0 +1,119 @@
+//! `rvol controller`: the cluster's API and its reconcilers.
+//!
+//! Several controllers may run; one leads ([`crate::leader`]). Every one
+//! answers reads (they come from the store), but only the leader changes
+//! anything: it alone serves changes through the API, serialised in the
+//! process, and runs the reconcilers ([`heal`]). A follower answers a
+//! change with 503 and the leader's address; the CLI, given every
+//! controller's URL, tries the next. Changes are written with revision
+//! checks all the same, so in the moment two processes believe they lead,
+//! neither can undo the other's write.
+//!
+//! The controller never talks to agents or engines: it writes what should
+//! be (volume records) and reads what is (the agents' reports), both in
+//! the store. So a controller can die at any point of any operation and
+//! its successor, reading the same records, carries on from there.
+
+pub mod api;
+pub mod heal;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Mutex};
+
+use crate::leader::Candidate;
+use crate::model::PREFIX;
+use crate::placement::Policy;
+use crate::store::Store;
+
+pub struct ControllerOptions {
+    /// This controller's API address, as others should reach it.
+    pub address: String,
+    /// How long a replica's node may be away before it is replaced.
+    pub replenish_wait: Duration,
+    /// How long the leader's lease lasts without a renewal.
+    pub leader_ttl: Duration,
+    pub policy: Policy,
+    /// How often the reconcilers run.
+    pub tick: Duration,
+}
+
+/// What the API handlers share.
+pub struct Ctl<S> {
+    pub store: Arc<S>,
+    pub policy: Policy,
+    pub address: String,
+    leading: watch::Receiver<bool>,
+    /// Serialises changes within the leader.
+    pub changes: Mutex<()>,
+    candidate: Candidate<S>,
+}
+
+impl<S: Store> Ctl<S> {
+    pub fn leading(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    /// Who leads, for a follower's answer.
+    pub async fn leader(&self) -> Option<String> {
+        self.candidate.leader().await.ok().flatten()
+    }
+}
+
+pub fn leader_key() -> String {
+    format!("{PREFIX}leader")
+}
+
+/// Serves the API on `listener` and leads when elected, until `stop`.
+pub async fn run<S: Store>(
+    store: Arc<S>,
+    opts: ControllerOptions,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (leading_tx, leading) = watch::channel(false);
+    let ctl = Arc::new(Ctl {
+        store: store.clone(),
+        policy: opts.policy,
+        address: opts.address.clone(),
+        leading,
+        changes: Mutex::new(()),
+        candidate: Candidate::new(store.clone(), &leader_key(), &opts.address, opts.leader_ttl),
+    });
+    let elector = tokio::spawn(lead(ctl.clone(), leading_tx, opts));
+    let served = axum::serve(listener, api::router(ctl))
+        .with_graceful_shutdown(stop)
+        .await;
+    elector.abort();
+    served
+}
+
+/// Campaigns, and while leading runs the reconcilers; campaigns again when
+/// leadership is lost.
+async fn lead<S: Store>(ctl: Arc<Ctl<S>>, leading: watch::Sender<bool>, opts: ControllerOptions) {
+    loop {
+        let mut leadership = match ctl.candidate.campaign().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "campaigning for leadership failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        tracing::info!(address = %opts.address, "leading the cluster");
+        let _ = leading.send(true);
+        let mut healer = heal::Healer::new(ctl.clone(), opts.replenish_wait);
+        tokio::select! {
+            _ = leadership.lost() => {}
+            _ = async {
+                loop {
+                    healer.pass().await;
+                    tokio::time::sleep(opts.tick).await;
+                }
+            } => {}
+        }
+        let _ = leading.send(false);
+        tracing::warn!("no longer leading");
+    }
+}

@@ -1,0 +1,478 @@
+//! The cluster's commands: `rvol controller`, `rvol agent`, and the
+//! `--cluster` verbs of `rvol volume` and `rvol node`, a thin layer over
+//! [`rvol_cluster`] and the controller's API.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use hyper::Method;
+use rvol_cluster::agent::{AgentConfig, AgentOptions};
+use rvol_cluster::controller::api::{Attached, NodeView, VolumeView};
+use rvol_cluster::controller::ControllerOptions;
+use rvol_cluster::etcd::EtcdStore;
+use rvol_cluster::http::{self, Address, HttpError};
+use rvol_cluster::model::{
+    DataLocality, Frontend, NodeName, PortRange, VolumeName, ZoneAntiAffinity,
+};
+use rvol_cluster::placement::Policy;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Parses `90`, `90s`, `5m`, `1h`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration"))?;
+    Ok(match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    })
+}
+
+#[derive(clap::Args)]
+pub struct ControllerArgs {
+    /// etcd client URLs, comma-separated.
+    #[arg(long, env = "RVOL_ETCD")]
+    etcd: String,
+    /// Where the API listens (host:port).
+    #[arg(long)]
+    listen: String,
+    /// How other processes reach this controller (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// How long a replica's node may be away before it is replaced.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    replica_replenish_wait: Duration,
+    /// How long a silent leader leads before another takes over.
+    #[arg(long, default_value = "6s", value_parser = parse_duration)]
+    leader_ttl: Duration,
+    /// How far scheduled replica sizes may exceed a disk (1.0: 100 %).
+    #[arg(long, default_value_t = 1.0)]
+    overprovisioning: f64,
+}
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    #[arg(long)]
+    node: String,
+    /// etcd client URLs, comma-separated.
+    #[arg(long, env = "RVOL_ETCD")]
+    etcd: String,
+    /// Where the agent's API listens (host:port).
+    #[arg(long)]
+    listen: String,
+    /// A directory for replicas; repeat for several disks.
+    #[arg(long = "disk", required = true)]
+    disks: Vec<PathBuf>,
+    #[arg(long)]
+    zone: Option<String>,
+    /// A label KEY=VALUE for node selectors; repeat for several.
+    #[arg(long = "label", value_parser = crate::parse_label)]
+    labels: Vec<(String, String)>,
+    /// The IP replicas and NBD exports listen on (default: --listen's).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// The ports replicas and NBD exports may use.
+    #[arg(long, default_value = "10100-10999")]
+    ports: PortRange,
+    /// How long the node stays registered after the agent falls silent.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    ttl: Duration,
+}
+
+/// `--cluster`: the controllers' URLs, comma-separated.
+#[derive(clap::Args, Clone)]
+pub struct ClusterArg {
+    #[arg(long, env = "RVOL_CLUSTER")]
+    cluster: String,
+}
+
+#[derive(clap::Subcommand)]
+pub enum NodeCommand {
+    /// The nodes, live or holding replicas.
+    Ls {
+        #[command(flatten)]
+        cluster: ClusterArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// No new replica is placed on the node.
+    Cordon {
+        node: String,
+        #[command(flatten)]
+        cluster: ClusterArg,
+    },
+    Uncordon {
+        node: String,
+        #[command(flatten)]
+        cluster: ClusterArg,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    name: String,
+    #[arg(long, value_parser = crate::parse_size)]
+    size: u64,
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    #[arg(long, default_value = "soft")]
+    zone_anti_affinity: ZoneAntiAffinity,
+    #[arg(long, default_value = "disabled")]
+    data_locality: DataLocality,
+    /// Only nodes with this label KEY=VALUE; repeat for several.
+    #[arg(long = "node-selector", value_parser = crate::parse_label)]
+    node_selector: Vec<(String, String)>,
+    #[command(flatten)]
+    cluster: ClusterArg,
+    #[arg(long)]
+    json: bool,
+}
+
+async fn store(urls: &str) -> anyhow::Result<Arc<EtcdStore>> {
+    Ok(Arc::new(EtcdStore::connect(urls).await.with_context(
+        || format!("connecting to etcd at {urls}"),
+    )?))
+}
+
+async fn stopped() {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+pub async fn controller(a: ControllerArgs) -> anyhow::Result<u8> {
+    let store = store(&a.etcd).await?;
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    let address = a.advertise.unwrap_or_else(|| {
+        format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .map_or(a.listen.clone(), |l| l.to_string())
+        )
+    });
+    println!(
+        "{}",
+        serde_json::json!({ "event": "ready", "controller": address })
+    );
+    rvol_cluster::controller::run(
+        store,
+        ControllerOptions {
+            address,
+            replenish_wait: a.replica_replenish_wait,
+            leader_ttl: a.leader_ttl,
+            policy: Policy {
+                overprovisioning: a.overprovisioning,
+                ..Policy::default()
+            },
+            tick: Duration::from_secs(1),
+        },
+        listener,
+        stopped(),
+    )
+    .await?;
+    Ok(0)
+}
+
+pub async fn agent(a: AgentArgs) -> anyhow::Result<u8> {
+    let node = NodeName::new(&a.node).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    let local = listener.local_addr()?;
+    let advertise = a.advertise.unwrap_or_else(|| local.ip().to_string());
+    for d in &a.disks {
+        std::fs::create_dir_all(d).with_context(|| format!("disk {}", d.display()))?;
+    }
+    let store = store(&a.etcd).await?;
+    let (report_tx, report_rx) = tokio::sync::watch::channel(None);
+    let api =
+        tokio::spawn(
+            async move { axum::serve(listener, rvol_cluster::agent::router(report_rx)).await },
+        );
+    println!(
+        "{}",
+        serde_json::json!({ "event": "ready", "node": node, "listen": local.to_string() })
+    );
+    let result = rvol_cluster::agent::run(
+        store,
+        AgentOptions {
+            config: AgentConfig {
+                node,
+                address: local.to_string(),
+                advertise,
+                ports: a.ports,
+                zone: a.zone,
+                labels: a.labels.into_iter().collect(),
+                disks: a.disks,
+                ttl: a.ttl,
+            },
+            rvol: std::env::current_exe().context("finding the rvol program")?,
+            tick: Duration::from_secs(1),
+        },
+        report_tx,
+        stopped(),
+    )
+    .await;
+    api.abort();
+    result?;
+    Ok(0)
+}
+
+/// One API call, tried on each controller in turn until one that leads
+/// (or, for reads, any) answers.
+async fn call(
+    cluster: &ClusterArg,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let mut last = None;
+    for url in cluster.cluster.split(',').filter(|u| !u.trim().is_empty()) {
+        let address: Address = url.trim().parse().map_err(anyhow::Error::msg)?;
+        let body = body.as_ref().map(|b| b.to_string());
+        match http::request(
+            &address,
+            method.clone(),
+            path,
+            body,
+            None,
+            Duration::from_secs(120),
+        )
+        .await
+        {
+            Ok(reply) => {
+                return serde_json::from_slice(&reply.body)
+                    .with_context(|| format!("{address}{path}: the answer is not JSON"))
+            }
+            Err(HttpError::Status { status, body }) => {
+                let message = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_string))
+                    .unwrap_or(body);
+                let not_leader = message.contains("does not lead");
+                last = Some(anyhow::anyhow!("{message} ({status})"));
+                if !not_leader {
+                    break;
+                }
+            }
+            Err(e) => last = Some(e.into()),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("--cluster names no controller")))
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+pub async fn create(a: CreateArgs) -> anyhow::Result<u8> {
+    let body = serde_json::json!({
+        "name": a.name,
+        "size": a.size,
+        "replicas": a.replicas,
+        "zone_anti_affinity": a.zone_anti_affinity,
+        "data_locality": a.data_locality,
+        "node_selector": a.node_selector.into_iter().collect::<BTreeMap<_, _>>(),
+    });
+    let v = call(&a.cluster, Method::POST, "/v1/volumes", Some(body)).await?;
+    if a.json {
+        return print_json(&v).map(|_| 0);
+    }
+    let view: VolumeView = serde_json::from_value(v)?;
+    let places: Vec<String> = view
+        .replicas
+        .iter()
+        .map(|r| format!("{} on {}", r.id, r.node))
+        .collect();
+    println!("volume {} created: {}", view.name, places.join(", "));
+    Ok(0)
+}
+
+pub async fn list(cluster: ClusterArg, json: bool) -> anyhow::Result<u8> {
+    let v = call(&cluster, Method::GET, "/v1/volumes", None).await?;
+    if json {
+        return print_json(&v).map(|_| 0);
+    }
+    let volumes: Vec<VolumeView> = serde_json::from_value(v)?;
+    println!(
+        "{:<24} {:>14} {:<10} {:<12} REPLICAS",
+        "NAME", "SIZE", "STATE", "ATTACHED"
+    );
+    for v in volumes {
+        let replicas: Vec<String> = v
+            .replicas
+            .iter()
+            .map(|r| format!("{}@{}", r.id, r.node))
+            .collect();
+        println!(
+            "{:<24} {:>14} {:<10} {:<12} {}",
+            v.name,
+            v.size,
+            serde_json::to_value(v.state)?.as_str().unwrap_or("?"),
+            v.attached_node.map_or("-".into(), |n| n.to_string()),
+            replicas.join(" ")
+        );
+    }
+    Ok(0)
+}
+
+/// A name checked before it goes into a URL.
+fn checked(name: &str) -> anyhow::Result<String> {
+    VolumeName::new(name).map_err(anyhow::Error::msg)?;
+    Ok(name.to_string())
+}
+
+pub async fn get(name: String, cluster: ClusterArg, json: bool) -> anyhow::Result<u8> {
+    let name = checked(&name)?;
+    let v = call(&cluster, Method::GET, &format!("/v1/volumes/{name}"), None).await?;
+    if json {
+        return print_json(&v).map(|_| 0);
+    }
+    let v: VolumeView = serde_json::from_value(v)?;
+    println!(
+        "volume {}  size {}  state {}  replicas {}  attached {}",
+        v.name,
+        v.size,
+        serde_json::to_value(v.state)?.as_str().unwrap_or("?"),
+        v.spec.replicas,
+        v.attached_node.map_or("-".into(), |n| n.to_string())
+    );
+    for r in &v.replicas {
+        println!(
+            "  {:<4} {:<16} {:<22} mode {:<4} in-sync {:<5} {}",
+            r.id.to_string(),
+            r.node.to_string(),
+            r.address,
+            r.mode.as_deref().unwrap_or("-"),
+            r.in_sync,
+            r.disk
+        );
+    }
+    for e in &v.events {
+        println!("  event {}: {}", e.at, e.message);
+    }
+    Ok(0)
+}
+
+pub async fn remove(name: String, cluster: ClusterArg) -> anyhow::Result<u8> {
+    let name = checked(&name)?;
+    call(
+        &cluster,
+        Method::DELETE,
+        &format!("/v1/volumes/{name}"),
+        None,
+    )
+    .await?;
+    println!("volume {name} deleted; its replicas' data is deleted by their agents");
+    Ok(0)
+}
+
+pub async fn attach(
+    name: String,
+    node: String,
+    frontend: Frontend,
+    cluster: ClusterArg,
+) -> anyhow::Result<u8> {
+    let name = checked(&name)?;
+    let body = serde_json::json!({ "node": node, "frontend": frontend });
+    let v = call(
+        &cluster,
+        Method::POST,
+        &format!("/v1/volumes/{name}/attach"),
+        Some(body),
+    )
+    .await?;
+    let a: Attached = serde_json::from_value(v)?;
+    let out = match (a.device, a.nbd) {
+        (Some(d), _) => serde_json::json!({ "device": d }),
+        (None, Some(n)) => serde_json::json!({ "nbd": n }),
+        (None, None) => bail!("attached to {}, but it reports no device or export", a.node),
+    };
+    println!("{out}");
+    Ok(0)
+}
+
+pub async fn detach(name: String, cluster: ClusterArg) -> anyhow::Result<u8> {
+    let name = checked(&name)?;
+    call(
+        &cluster,
+        Method::POST,
+        &format!("/v1/volumes/{name}/detach"),
+        None,
+    )
+    .await?;
+    println!("volume {name} detached");
+    Ok(0)
+}
+
+pub async fn node(c: NodeCommand) -> anyhow::Result<u8> {
+    match c {
+        NodeCommand::Ls { cluster, json } => {
+            let v = call(&cluster, Method::GET, "/v1/nodes", None).await?;
+            if json {
+                return print_json(&v).map(|_| 0);
+            }
+            let nodes: Vec<NodeView> = serde_json::from_value(v)?;
+            println!(
+                "{:<16} {:<6} {:<9} {:<10} {:>8} {:>7} {:>10}",
+                "NODE", "ALIVE", "CORDONED", "ZONE", "REPLICAS", "ENGINES", "FREE GiB"
+            );
+            for n in nodes {
+                let free: u64 = n.disks.iter().map(|d| d.free_bytes).sum();
+                println!(
+                    "{:<16} {:<6} {:<9} {:<10} {:>8} {:>7} {:>10.1}",
+                    n.name.to_string(),
+                    n.alive,
+                    n.cordoned,
+                    n.zone.as_deref().unwrap_or("-"),
+                    n.replicas,
+                    n.engines,
+                    free as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        NodeCommand::Cordon { node, cluster } => {
+            NodeName::new(&node).map_err(anyhow::Error::msg)?;
+            call(
+                &cluster,
+                Method::POST,
+                &format!("/v1/nodes/{node}/cordon"),
+                None,
+            )
+            .await?;
+            println!("node {node} cordoned: no new replica goes there");
+        }
+        NodeCommand::Uncordon { node, cluster } => {
+            NodeName::new(&node).map_err(anyhow::Error::msg)?;
+            call(
+                &cluster,
+                Method::POST,
+                &format!("/v1/nodes/{node}/uncordon"),
+                None,
+            )
+            .await?;
+            println!("node {node} uncordoned");
+        }
+    }
+    Ok(0)
+}
