@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::cluster::Cluster;
+use common::cluster::{pids_matching, Cluster};
 use serde_json::Value;
 
 fn nodes_of(v: &Value) -> Vec<String> {
@@ -261,4 +261,237 @@ fn bad_requests_are_refused_and_change_nothing() {
         assert!(reply.starts_with('4'), "{method} {path} {body}: {reply}");
     }
     assert_eq!(before(&c), snapshot, "a refused request changed something");
+}
+
+/// The stale-replica trap: a replica that missed writes comes back alone.
+/// Attach is refused, naming the replica it waits for, until a replica
+/// with the newest data returns; then the newest data is served.
+#[test]
+fn an_engine_never_starts_on_stale_replicas_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::local(
+        tmp.path(),
+        &[("n1", "za"), ("n2", "zb"), ("e1", "zc"), ("e2", "zd")],
+        "10m",
+    );
+    // Both replicas on n1 and n2: e1 and e2 only run engines.
+    c.ok(&["node", "cordon", "e1"]);
+    c.ok(&["node", "cordon", "e2"]);
+    c.ok(&["volume", "create", "t", "--size", "32M", "--replicas", "2"]);
+    let mut v = nodes_of(&c.volume("t"));
+    v.sort();
+    assert_eq!(v, ["n1", "n2"]);
+    let uri = c.attach("t", 2);
+    written(&c, 2, &uri, &["write -P 0xa1 0 2M", "flush"]);
+
+    // n2 is lost; the volume takes writes without it.
+    c.kill_node(1);
+    written(&c, 2, &uri, &["write -P 0xb2 0 2M", "flush"]);
+    let v = c.volume("t");
+    let in_sync: Vec<&Value> = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["in_sync"] == true)
+        .collect();
+    assert_eq!(in_sync.len(), 1, "{v}");
+    assert_eq!(in_sync[0]["node"], "n1", "{v}");
+
+    // Then n1 and the engine's node are lost too, and only n2 returns.
+    c.kill_node(0);
+    c.kill_node(2);
+    c.start_agent(1);
+    c.wait_for(Duration::from_secs(30), "n1 and e1 seen away", |c| {
+        let nodes = c.json(&["node", "ls", "--json"]);
+        nodes.as_array().unwrap().iter().all(|n| {
+            (n["name"] == "n1" || n["name"] == "e1") == (n["alive"] == false)
+        })
+    });
+    let err = c.fails(&["volume", "attach", "t", "--node", "e2"]);
+    assert!(
+        err.contains("waiting for a replica with the volume's current data") && err.contains("r1 on n1"),
+        "{err}"
+    );
+    assert_ne!(c.volume("t")["state"], "healthy");
+
+    // n1 returns: the engine starts and serves the newest data.
+    c.start_agent(0);
+    let uri = c.attach("t", 3);
+    written(&c, 3, &uri, &["read -P 0xb2 0 2M"]);
+    c.wait_for(Duration::from_secs(30), "n2's replica rebuilt", |c| {
+        c.volume("t")["state"] == "healthy"
+    });
+}
+
+/// An agent SIGKILLed and restarted while its node serves I/O: no replica
+/// or engine restarts, and the client sees no error.
+#[test]
+fn a_restarted_agent_adopts_what_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::local(tmp.path(), &[("n1", "za"), ("n2", "zb")], "10m");
+    c.ok(&["volume", "create", "a", "--size", "64M", "--replicas", "2"]);
+    let uri = c.attach("a", 0);
+    let disk = c.nodes[0].disk.to_str().unwrap().to_string();
+    let before: BTreeSet<i32> = pids_matching(&format!("{disk}/")).into_iter().collect();
+    assert_eq!(before.len(), 2, "a replica and an engine on n1");
+    let fio = std::process::Command::new("fio")
+        .args([
+            "--name=adopt",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=32M",
+            "--rate_iops=500",
+            "--runtime=8",
+            "--time_based",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("fio");
+    std::thread::sleep(Duration::from_secs(2));
+    c.nodes[0].agent.take().unwrap().kill9();
+    std::thread::sleep(Duration::from_secs(1));
+    c.start_agent(0);
+    let out = fio.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("verify: bad"), "fio: {text}");
+    let after: BTreeSet<i32> = pids_matching(&format!("{disk}/"))
+        .into_iter()
+        .filter(|p| !c.nodes[0].agent.as_ref().is_some_and(|a| a.child.id() as i32 == *p))
+        .collect();
+    assert_eq!(before, after, "the replica and engine kept running");
+    assert_eq!(c.volume("a")["state"], "healthy");
+}
+
+fn lab_or_skip(names: &[&str]) -> Option<common::netns::Lab> {
+    if !common::netns::Lab::available() {
+        eprintln!("SKIPPED: network namespaces need root and iproute2");
+        return None;
+    }
+    Some(common::netns::Lab::new(names))
+}
+
+/// A node holding a replica is cut off (its processes SIGKILLed, its link
+/// down) while fio verifies I/O: I/O goes on, the volume is degraded, a
+/// replica is rebuilt on the spare node after the replenish wait, and the
+/// lost node, returning, deletes its old replica instead of rejoining.
+#[test]
+fn a_lost_node_is_replaced_under_load_and_never_rejoins() {
+    let Some(lab) = lab_or_skip(&["ctl", "n1", "n2", "n3", "n4"]) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::in_lab(
+        tmp.path(),
+        &lab,
+        &[("n1", "z1"), ("n2", "z2"), ("n3", "z3"), ("n4", "z4")],
+        "5s",
+    );
+    c.ok(&["node", "cordon", "n4"]);
+    c.ok(&["volume", "create", "v", "--size", "128M", "--replicas", "3"]);
+    c.ok(&["node", "uncordon", "n4"]);
+    let uri = c.attach("v", 3);
+    let lost = c.node_index(nodes_of(&c.volume("v"))[0].as_str());
+    let fio = std::process::Command::new("ip")
+        .args(["netns", "exec", c.nodes[3].ns.as_deref().unwrap(), "fio"])
+        .args([
+            "--name=loss",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=64M",
+            "--rate_iops=1000",
+            "--runtime=15",
+            "--time_based",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("fio");
+    std::thread::sleep(Duration::from_secs(2));
+    c.kill_node(lost);
+    lab.link(lost + 1, false);
+    c.wait_for(Duration::from_secs(20), "the volume degraded", |c| {
+        c.volume("v")["state"] == "degraded"
+    });
+    let out = fio.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("verify: bad"), "fio: {text}");
+    c.wait_for(Duration::from_secs(90), "a replica rebuilt on n4", |c| {
+        let v = c.volume("v");
+        v["state"] == "healthy" && nodes_of(&v).contains(&"n4".to_string())
+    });
+    let v = c.volume("v");
+    let name = c.nodes[lost].name.clone();
+    assert!(!nodes_of(&v).contains(&name), "{v}");
+    let events = v["events"].to_string();
+    assert!(events.contains(&format!("on {name} removed")), "{events}");
+
+    // The lost node returns: its old replica's data goes.
+    lab.link(lost + 1, true);
+    c.start_agent(lost);
+    let root = c.nodes[lost].disk.join("rvol-replicas");
+    c.wait_for(Duration::from_secs(20), "the old replica deleted", |_| {
+        std::fs::read_dir(&root).map_or(true, |mut d| d.next().is_none())
+    });
+    assert!(!nodes_of(&c.volume("v")).contains(&name));
+}
+
+/// The node serving a volume is cut off (its processes keep running):
+/// attaching elsewhere succeeds once its lease expires, with every
+/// acknowledged write intact; when its link returns, its engine is fenced
+/// and a write it was holding never lands.
+#[test]
+fn an_engine_node_cut_off_is_taken_over_and_fenced() {
+    let Some(lab) = lab_or_skip(&["ctl", "n1", "n2", "n3", "e1", "e2"]) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cluster::in_lab(
+        tmp.path(),
+        &lab,
+        &[("n1", "z1"), ("n2", "z2"), ("n3", "z3"), ("e1", "z4"), ("e2", "z5")],
+        "10m",
+    );
+    c.ok(&["node", "cordon", "e1"]);
+    c.ok(&["node", "cordon", "e2"]);
+    c.ok(&["volume", "create", "f", "--size", "64M", "--replicas", "3"]);
+    let old = c.attach("f", 3);
+    written(&c, 3, &old, &["write -P 0xa5 0 8M", "flush"]);
+    let old_engine = pids_matching(&format!("{}/.rvol-agent/e-", c.nodes[3].disk.display()));
+    assert_eq!(old_engine.len(), 1);
+
+    lab.link(4, false);
+    // A write issued on the cut-off node: it cannot be acknowledged.
+    let held = std::process::Command::new("ip")
+        .args(["netns", "exec", c.nodes[3].ns.as_deref().unwrap(), "qemu-io", "-f", "raw"])
+        .args(["-c", "write -P 0xee 0 1M", "-c", "flush", &old])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.wait_for(Duration::from_secs(20), "e1 seen away", |c| {
+        let nodes = c.json(&["node", "ls", "--json"]);
+        nodes.as_array().unwrap().iter().any(|n| n["name"] == "e1" && n["alive"] == false)
+    });
+    let new = c.attach("f", 4);
+    written(&c, 4, &new, &["read -P 0xa5 0 8M"]);
+
+    lab.link(4, true);
+    c.wait_for(Duration::from_secs(90), "the old engine gone", |_| {
+        old_engine.iter().all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()
+            || std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| s.contains(") Z")))
+    });
+    let out = held.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("held write on the cut-off node: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("wrote 1048576"), "the cut-off engine acknowledged: {text}");
+    written(&c, 4, &new, &["read -P 0xa5 0 8M"]);
+    assert_eq!(c.volume("f")["state"], "healthy");
 }
