@@ -10,7 +10,20 @@
 //!   that revision was compacted becomes [`StoreError::Compacted`].
 //! - Every request is bounded by a timeout, so a lost etcd is an error
 //!   within seconds, never a hang.
+//! - **Failover among members.** Each member has a client of its own and
+//!   requests go to one of them until it cannot be reached; then the next
+//!   is tried, as etcd's own Go client does. (etcd-client's balanced
+//!   channel over several endpoints fails every request while any one of
+//!   them is down: etcdv3/etcd-client#39.) A request that did not complete
+//!   on a member (transport errors, `Unavailable`, `Unknown`, timeouts) is
+//!   sent to the next. Every write but a lease's is conditional or sets
+//!   the same value again, so one that did apply before its answer was
+//!   lost is not applied twice: it meets a conflict instead, which every
+//!   caller already handles as "changed meanwhile".
 
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
@@ -31,8 +44,24 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A handle on an etcd cluster; cheap to clone.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    /// One per member, in the order given.
+    clients: Arc<[Client]>,
+    /// The member requests go to now.
+    current: Arc<AtomicUsize>,
     endpoints: String,
+}
+
+/// Whether `e` means the request did not complete on the member.
+fn unreached(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match e {
+        E::TransportError(_) | E::IoError(_) => true,
+        E::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+        ),
+        _ => false,
+    }
 }
 
 impl EtcdStore {
@@ -49,13 +78,45 @@ impl EtcdStore {
         let options = ConnectOptions::new()
             .with_timeout(REQUEST_TIMEOUT)
             .with_connect_timeout(CONNECT_TIMEOUT);
-        let client = Client::connect(&list, Some(options))
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("etcd at {endpoints}: {e}")))?;
+        let mut clients = Vec::with_capacity(list.len());
+        for e in list {
+            // One endpoint connects lazily: a member down now is no error.
+            let client = Client::connect([e], Some(options.clone()))
+                .await
+                .map_err(|err| StoreError::Unavailable(format!("etcd at {e}: {err}")))?;
+            clients.push(client);
+        }
         Ok(EtcdStore {
-            client,
+            clients: clients.into(),
+            current: Arc::new(AtomicUsize::new(0)),
             endpoints: endpoints.to_string(),
         })
+    }
+
+    /// Runs `op` on the current member, and on the next ones while it
+    /// does not reach them; see the module docs.
+    async fn call<T, F, Fut>(&self, op: F) -> std::result::Result<T, etcd_client::Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let n = self.clients.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut i = first;
+        loop {
+            match op(self.clients[i].clone()).await {
+                Err(e) if unreached(&e) && (i + 1) % n != first => {
+                    tracing::debug!(error = %e, "etcd member unreachable; trying the next");
+                    i = (i + 1) % n;
+                }
+                result => {
+                    if result.is_ok() {
+                        self.current.store(i, Ordering::Relaxed);
+                    }
+                    return result;
+                }
+            }
+        }
     }
 
     fn err(&self, e: etcd_client::Error) -> StoreError {
@@ -82,9 +143,10 @@ impl EtcdStore {
         }
         let txn = txn.and_then([op]).or_else([TxnOp::get(key, None)]);
         let resp = self
-            .client
-            .clone()
-            .txn(txn)
+            .call(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await
             .map_err(|e| self.err(e))?;
         let revision = Revision(resp.header().map_or(0, |h| h.revision()));
@@ -121,9 +183,7 @@ fn versioned(kv: &etcd_client::KeyValue) -> Versioned {
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>> {
         let resp = self
-            .client
-            .clone()
-            .get(key, None)
+            .call(|mut c| async move { c.get(key, None).await })
             .await
             .map_err(|e| self.err(e))?;
         Ok(resp.kvs().first().map(versioned))
@@ -131,9 +191,7 @@ impl Store for EtcdStore {
 
     async fn list(&self, prefix: &str) -> Result<Listing> {
         let resp = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
             .await
             .map_err(|e| self.err(e))?;
         let mut items = Vec::with_capacity(resp.kvs().len());
@@ -175,9 +233,10 @@ impl Store for EtcdStore {
             .with_prefix()
             .with_start_revision(after.0 + 1);
         let watch = self
-            .client
-            .clone()
-            .watch(prefix, Some(options))
+            .call(|mut c| {
+                let options = options.clone();
+                async move { c.watch(prefix, Some(options)).await }
+            })
             .await
             .map_err(|e| self.err(e))?;
         let this = self.clone();
@@ -218,9 +277,7 @@ impl Store for EtcdStore {
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
         let secs = ttl.as_secs().max(1) as i64;
         let resp = self
-            .client
-            .clone()
-            .lease_grant(secs, None)
+            .call(|mut c| async move { c.lease_grant(secs, None).await })
             .await
             .map_err(|e| self.err(e))?;
         Ok(LeaseId(resp.id()))
@@ -232,21 +289,26 @@ impl Store for EtcdStore {
             etcd_client::Error::LeaseKeepAliveError(_) => StoreError::LeaseExpired(lease),
             e => self.err(e),
         };
-        let (mut keeper, mut replies) = self
-            .client
-            .clone()
-            .lease_keep_alive(lease.0)
+        let ttl = self
+            .call(|mut c| async move {
+                let (mut keeper, mut replies) = c.lease_keep_alive(lease.0).await?;
+                keeper.keep_alive().await?;
+                Ok(replies.message().await?.map_or(0, |r| r.ttl()))
+            })
             .await
             .map_err(err)?;
-        keeper.keep_alive().await.map_err(err)?;
-        match replies.message().await.map_err(err)? {
-            Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
-            _ => Err(StoreError::LeaseExpired(lease)),
+        if ttl > 0 {
+            Ok(Duration::from_secs(ttl as u64))
+        } else {
+            Err(StoreError::LeaseExpired(lease))
         }
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<()> {
-        match self.client.clone().lease_revoke(lease.0).await {
+        match self
+            .call(|mut c| async move { c.lease_revoke(lease.0).await })
+            .await
+        {
             Ok(_) => Ok(()),
             Err(etcd_client::Error::GRpcStatus(s)) if s.code() == Code::NotFound => {
                 Err(StoreError::LeaseExpired(lease))

@@ -303,19 +303,23 @@ fn an_engine_never_starts_on_stale_replicas_alone() {
     c.start_agent(1);
     c.wait_for(Duration::from_secs(30), "n1 and e1 seen away", |c| {
         let nodes = c.json(&["node", "ls", "--json"]);
-        nodes.as_array().unwrap().iter().all(|n| {
-            (n["name"] == "n1" || n["name"] == "e1") == (n["alive"] == false)
-        })
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| (n["name"] == "n1" || n["name"] == "e1") == (n["alive"] == false))
     });
     let err = c.fails(&["volume", "attach", "t", "--node", "e2"]);
     assert!(
-        err.contains("waiting for a replica with the volume's current data") && err.contains("r1 on n1"),
+        err.contains("waiting for a replica with the volume's current data")
+            && err.contains("r1 on n1"),
         "{err}"
     );
     assert_ne!(c.volume("t")["state"], "healthy");
 
     // n1 returns: the engine starts and serves the newest data.
     c.start_agent(0);
+    c.wait_alive("n1", true);
     let uri = c.attach("t", 3);
     written(&c, 3, &uri, &["read -P 0xb2 0 2M"]);
     c.wait_for(Duration::from_secs(30), "n2's replica rebuilt", |c| {
@@ -358,10 +362,18 @@ fn a_restarted_agent_adopts_what_runs() {
     c.start_agent(0);
     let out = fio.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && !text.contains("verify: bad"), "fio: {text}");
+    assert!(
+        out.status.success() && !text.contains("verify: bad"),
+        "fio: {text}"
+    );
     let after: BTreeSet<i32> = pids_matching(&format!("{disk}/"))
         .into_iter()
-        .filter(|p| !c.nodes[0].agent.as_ref().is_some_and(|a| a.child.id() as i32 == *p))
+        .filter(|p| {
+            c.nodes[0]
+                .agent
+                .as_ref()
+                .is_none_or(|a| a.child.id() as i32 != *p)
+        })
         .collect();
     assert_eq!(before, after, "the replica and engine kept running");
     assert_eq!(c.volume("a")["state"], "healthy");
@@ -423,7 +435,10 @@ fn a_lost_node_is_replaced_under_load_and_never_rejoins() {
     });
     let out = fio.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && !text.contains("verify: bad"), "fio: {text}");
+    assert!(
+        out.status.success() && !text.contains("verify: bad"),
+        "fio: {text}"
+    );
     c.wait_for(Duration::from_secs(90), "a replica rebuilt on n4", |c| {
         let v = c.volume("v");
         v["state"] == "healthy" && nodes_of(&v).contains(&"n4".to_string())
@@ -457,7 +472,13 @@ fn an_engine_node_cut_off_is_taken_over_and_fenced() {
     let c = Cluster::in_lab(
         tmp.path(),
         &lab,
-        &[("n1", "z1"), ("n2", "z2"), ("n3", "z3"), ("e1", "z4"), ("e2", "z5")],
+        &[
+            ("n1", "z1"),
+            ("n2", "z2"),
+            ("n3", "z3"),
+            ("e1", "z4"),
+            ("e2", "z5"),
+        ],
         "10m",
     );
     c.ok(&["node", "cordon", "e1"]);
@@ -471,27 +492,205 @@ fn an_engine_node_cut_off_is_taken_over_and_fenced() {
     lab.link(4, false);
     // A write issued on the cut-off node: it cannot be acknowledged.
     let held = std::process::Command::new("ip")
-        .args(["netns", "exec", c.nodes[3].ns.as_deref().unwrap(), "qemu-io", "-f", "raw"])
+        .args([
+            "netns",
+            "exec",
+            c.nodes[3].ns.as_deref().unwrap(),
+            "qemu-io",
+            "-f",
+            "raw",
+        ])
         .args(["-c", "write -P 0xee 0 1M", "-c", "flush", &old])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     c.wait_for(Duration::from_secs(20), "e1 seen away", |c| {
         let nodes = c.json(&["node", "ls", "--json"]);
-        nodes.as_array().unwrap().iter().any(|n| n["name"] == "e1" && n["alive"] == false)
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "e1" && n["alive"] == false)
     });
     let new = c.attach("f", 4);
     written(&c, 4, &new, &["read -P 0xa5 0 8M"]);
 
     lab.link(4, true);
     c.wait_for(Duration::from_secs(90), "the old engine gone", |_| {
-        old_engine.iter().all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()
-            || std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| s.contains(") Z")))
+        old_engine.iter().all(|p| {
+            !std::path::Path::new(&format!("/proc/{p}")).exists()
+                || std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .is_ok_and(|s| s.contains(") Z"))
+        })
     });
     let out = held.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    eprintln!("held write on the cut-off node: {text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!text.contains("wrote 1048576"), "the cut-off engine acknowledged: {text}");
+    eprintln!(
+        "held write on the cut-off node: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("wrote 1048576"),
+        "the cut-off engine acknowledged: {text}"
+    );
     written(&c, 4, &new, &["read -P 0xa5 0 8M"]);
     assert_eq!(c.volume("f")["state"], "healthy");
+}
+
+/// etcd loses one member of three: everything goes on. etcd is lost
+/// whole: the attached volume serves fio without an error, control
+/// commands fail saying the store is unavailable, and everything works
+/// again once etcd returns.
+#[test]
+fn volumes_serve_through_etcd_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::local_with_etcd(tmp.path(), &[("n1", "za"), ("n2", "zb")], "10m", 3);
+    c.ok(&["volume", "create", "v", "--size", "64M", "--replicas", "2"]);
+    let uri = c.attach("v", 0);
+
+    c.etcd[0].kill();
+    c.ok(&["volume", "create", "w", "--size", "16M", "--replicas", "1"]);
+    c.attach("w", 1);
+    c.ok(&["volume", "detach", "w"]);
+
+    let fio = std::process::Command::new("fio")
+        .args([
+            "--name=etcd-down",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=32M",
+            "--rate_iops=500",
+            "--runtime=12",
+            "--time_based",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("fio");
+    std::thread::sleep(Duration::from_secs(1));
+    c.etcd[1].kill();
+    c.etcd[2].kill();
+    let err = c.fails(&["volume", "ls"]);
+    assert!(err.contains("the cluster store is unavailable"), "{err}");
+    let err = c.fails(&["volume", "detach", "v"]);
+    assert!(err.contains("the cluster store is unavailable"), "{err}");
+    let out = fio.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("verify: bad"),
+        "fio: {text}"
+    );
+
+    for m in &mut c.etcd {
+        m.start();
+    }
+    c.wait_for(
+        Duration::from_secs(60),
+        "the volume seen healthy again",
+        |c| {
+            let out = c.cli(&["volume", "get", "v", "--json"]);
+            out.status.success()
+                && serde_json::from_slice::<Value>(&out.stdout)
+                    .is_ok_and(|v| v["state"] == "healthy")
+        },
+    );
+    c.wait_for(Duration::from_secs(30), "a leader again", |c| {
+        c.cli(&["volume", "detach", "v"]).status.success()
+    });
+    let uri = c.attach("v", 1);
+    written(&c, 1, &uri, &["read 0 32M"]);
+}
+
+/// The leading controller is SIGKILLed while volumes are created and
+/// attached: the standby leads within seconds, and every operation is done
+/// exactly once.
+#[test]
+fn a_standby_controller_takes_over_and_nothing_happens_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::local(
+        tmp.path(),
+        &[("n1", "za"), ("n2", "zb"), ("n3", "zc")],
+        "10m",
+    );
+    c.add_controller();
+    let leader = c.json(&["volume", "ls", "--json"]);
+    assert!(leader.is_array());
+    let url = c.url.clone();
+    let rvol = common::RVOL;
+    let worker = std::thread::spawn(move || {
+        let run = |args: &[&str]| {
+            std::process::Command::new(rvol)
+                .args(args)
+                .args(["--cluster", &url])
+                .output()
+                .unwrap()
+        };
+        let mut retries = 0;
+        for i in 0..6 {
+            let name = format!("v{i}");
+            let node = format!("n{}", i % 3 + 1);
+            loop {
+                let out = run(&[
+                    "volume",
+                    "create",
+                    &name,
+                    "--size",
+                    "16M",
+                    "--replicas",
+                    "2",
+                ]);
+                let err = String::from_utf8_lossy(&out.stderr);
+                if out.status.success() || err.contains("already exists") {
+                    break;
+                }
+                retries += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            while !run(&["volume", "attach", &name, "--node", &node])
+                .status
+                .success()
+            {
+                retries += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        retries
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = std::time::Instant::now();
+    c.controllers[0].kill9();
+    c.wait_for(Duration::from_secs(20), "the standby leading", |c| {
+        c.cli(&["node", "cordon", "n1"]).status.success()
+    });
+    eprintln!(
+        "the standby led {:?} after the leader was killed",
+        killed.elapsed()
+    );
+    c.ok(&["node", "uncordon", "n1"]);
+    let retries = worker.join().unwrap();
+    eprintln!("{retries} calls were retried");
+    let mut ports = BTreeSet::new();
+    for i in 0..6 {
+        let v = c.volume(&format!("v{i}"));
+        let events = v["events"].as_array().unwrap();
+        let count = |what: &str| {
+            events
+                .iter()
+                .filter(|e| e["message"].as_str().unwrap().starts_with(what))
+                .count()
+        };
+        assert_eq!((count("created"), count("attached to")), (1, 1), "{v}");
+        assert_eq!(v["replicas"].as_array().unwrap().len(), 2, "{v}");
+        assert_eq!(v["attached_node"], format!("n{}", i % 3 + 1), "{v}");
+        for r in v["replicas"].as_array().unwrap() {
+            assert!(
+                ports.insert(r["address"].to_string()),
+                "a port given twice: {v}"
+            );
+        }
+    }
 }

@@ -94,7 +94,7 @@ pub fn router<S: Store>(ctl: Arc<Ctl<S>>) -> Router {
 /// Holds the leader's change lock, or answers where the leader is.
 async fn change_lock<S: Store>(ctl: &Ctl<S>) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
     if !ctl.leading() {
-        let leader = ctl.leader().await.unwrap_or_else(|| "(none yet)".into());
+        let leader = ctl.leader().await?.unwrap_or_else(|| "(none yet)".into());
         return Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("this controller does not lead; the leader is at {leader}"),
@@ -105,7 +105,7 @@ async fn change_lock<S: Store>(ctl: &Ctl<S>) -> Result<tokio::sync::MutexGuard<'
 
 async fn leader<S: Store>(State(ctl): State<Arc<Ctl<S>>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
-        "leader": ctl.leader().await,
+        "leader": ctl.leader().await.ok().flatten(),
         "this": ctl.address,
         "leading": ctl.leading(),
     }))

@@ -56,8 +56,8 @@ impl<S: Store> Ctl<S> {
     }
 
     /// Who leads, for a follower's answer.
-    pub async fn leader(&self) -> Option<String> {
-        self.candidate.leader().await.ok().flatten()
+    pub async fn leader(&self) -> crate::store::Result<Option<String>> {
+        self.candidate.leader().await
     }
 }
 

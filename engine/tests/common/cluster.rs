@@ -24,10 +24,13 @@ pub struct Node {
 
 pub struct Cluster {
     pub dir: PathBuf,
-    pub etcd: Proc,
+    pub etcd: Vec<EtcdMember>,
     pub etcd_url: String,
-    pub controller: Option<Proc>,
+    /// The controllers, and the CLI's `--cluster` naming all of them.
+    pub controllers: Vec<Proc>,
     pub url: String,
+    ctl_ip: String,
+    wait: String,
     /// Where the controller and etcd run, when nodes are namespaces.
     pub ctl_ns: Option<String>,
     pub nodes: Vec<Node>,
@@ -61,35 +64,85 @@ fn in_ns(ns: &Option<String>, program: &str) -> Command {
     }
 }
 
-fn start_etcd(dir: &Path, ns: &Option<String>, ip: &str) -> (Proc, String) {
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://{ip}:{client}");
-    let peer_url = format!("http://{ip}:{peer}");
-    let child = in_ns(ns, "etcd")
-        .args(["--name", "t", "--data-dir"])
-        .arg(dir)
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("t={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcd (Debian's etcd-server) must be installed");
-    let proc = Proc {
-        child,
-        ready: serde_json::Value::Null,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// One member of the test's etcd cluster; it can be stopped and started
+/// again on the same ports and data.
+pub struct EtcdMember {
+    name: String,
+    dir: PathBuf,
+    ns: Option<String>,
+    client: String,
+    peer: String,
+    initial: String,
+    pub proc: Option<Proc>,
+}
+
+impl EtcdMember {
+    pub fn start(&mut self) {
+        let child = in_ns(&self.ns, "etcd")
+            .args(["--name", &self.name, "--data-dir"])
+            .arg(&self.dir)
+            .args([
+                "--listen-client-urls",
+                &self.client,
+                "--advertise-client-urls",
+                &self.client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &self.peer,
+                "--initial-advertise-peer-urls",
+                &self.peer,
+            ])
+            .args(["--initial-cluster", &self.initial])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (Debian's etcd-server) must be installed");
+        self.proc = Some(Proc {
+            child,
+            ready: serde_json::Value::Null,
+        });
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+}
+
+/// `members` etcd members, started, once they answer.
+fn start_etcd(
+    dir: &Path,
+    ns: &Option<String>,
+    ip: &str,
+    members: usize,
+) -> (Vec<EtcdMember>, String) {
+    let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
+    let initial: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("m{i}=http://{ip}:{peer}"))
+        .collect();
+    let mut etcd: Vec<EtcdMember> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (client, peer))| EtcdMember {
+            name: format!("m{i}"),
+            dir: dir.join(format!("m{i}")),
+            ns: ns.clone(),
+            client: format!("http://{ip}:{client}"),
+            peer: format!("http://{ip}:{peer}"),
+            initial: initial.join(","),
+            proc: None,
+        })
+        .collect();
+    for m in &mut etcd {
+        m.start();
+    }
+    let urls: Vec<String> = etcd.iter().map(|m| m.client.clone()).collect();
+    let url = urls.join(",");
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ok = in_ns(ns, "etcdctl")
             .env("ETCDCTL_API", "3")
@@ -102,31 +155,49 @@ fn start_etcd(dir: &Path, ns: &Option<String>, ip: &str) -> (Proc, String) {
         assert!(Instant::now() < deadline, "etcd did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
-    (proc, url)
+    (etcd, url)
 }
 
 impl Cluster {
     /// etcd, a controller and one agent per `(name, zone)`, on loopback.
     pub fn local(dir: &Path, nodes: &[(&str, &str)], replenish_wait: &str) -> Cluster {
-        Self::build(dir, None, nodes, replenish_wait)
+        Self::build(dir, None, nodes, replenish_wait, 1)
+    }
+
+    /// The same on an etcd of `members` members.
+    pub fn local_with_etcd(
+        dir: &Path,
+        nodes: &[(&str, &str)],
+        replenish_wait: &str,
+        members: usize,
+    ) -> Cluster {
+        Self::build(dir, None, nodes, replenish_wait, members)
     }
 
     /// The same with every node in a namespace of `lab` (host 0 runs etcd
     /// and the controller, host i+1 node i).
     pub fn in_lab(dir: &Path, lab: &Lab, nodes: &[(&str, &str)], replenish_wait: &str) -> Cluster {
-        Self::build(dir, Some(lab), nodes, replenish_wait)
+        Self::build(dir, Some(lab), nodes, replenish_wait, 1)
     }
 
-    fn build(dir: &Path, lab: Option<&Lab>, nodes: &[(&str, &str)], wait: &str) -> Cluster {
+    fn build(
+        dir: &Path,
+        lab: Option<&Lab>,
+        nodes: &[(&str, &str)],
+        wait: &str,
+        members: usize,
+    ) -> Cluster {
         let ctl_ns = lab.map(|l| l.host(0).ns.clone());
         let ctl_ip = lab.map_or("127.0.0.1".to_string(), |l| l.host(0).ip.clone());
-        let (etcd, etcd_url) = start_etcd(&dir.join("etcd"), &ctl_ns, &ctl_ip);
+        let (etcd, etcd_url) = start_etcd(&dir.join("etcd"), &ctl_ns, &ctl_ip, members);
         let mut c = Cluster {
             dir: dir.to_path_buf(),
             etcd,
             etcd_url,
-            controller: None,
+            controllers: Vec::new(),
             url: String::new(),
+            ctl_ip: ctl_ip.clone(),
+            wait: wait.to_string(),
             ctl_ns,
             nodes: nodes
                 .iter()
@@ -147,7 +218,7 @@ impl Cluster {
                 .collect(),
             agent_ttl: "3s",
         };
-        c.start_controller(&ctl_ip, wait);
+        c.add_controller();
         for i in 0..c.nodes.len() {
             c.start_agent(i);
         }
@@ -159,8 +230,9 @@ impl Cluster {
         c
     }
 
-    fn start_controller(&mut self, ip: &str, wait: &str) {
-        let listen = format!("{ip}:{}", free_port());
+    /// Starts one more controller (a standby, unless none leads).
+    pub fn add_controller(&mut self) {
+        let listen = format!("{}:{}", self.ctl_ip, free_port());
         let args = [
             "controller",
             "--etcd",
@@ -168,7 +240,7 @@ impl Cluster {
             "--listen",
             &listen,
             "--replica-replenish-wait",
-            wait,
+            &self.wait,
             "--leader-ttl",
             "3s",
         ];
@@ -176,8 +248,11 @@ impl Cluster {
             Some(ns) => Proc::start_in(ns, &args),
             None => Proc::start(&args),
         };
-        self.url = format!("http://{listen}");
-        self.controller = Some(p);
+        if !self.url.is_empty() {
+            self.url.push(',');
+        }
+        self.url.push_str(&format!("http://{listen}"));
+        self.controllers.push(p);
     }
 
     pub fn start_agent(&mut self, i: usize) {
@@ -261,6 +336,19 @@ impl Cluster {
     pub fn attach(&self, volume: &str, i: usize) -> String {
         let v = self.json(&["volume", "attach", volume, "--node", &self.nodes[i].name]);
         v["nbd"].as_str().expect("an NBD export").to_string()
+    }
+
+    /// Waits until the controller sees node `name` alive (or away).
+    pub fn wait_alive(&self, name: &str, alive: bool) {
+        self.wait_for(
+            Duration::from_secs(30),
+            &format!("{name} alive={alive}"),
+            |c| {
+                c.json(&["node", "ls", "--json"])
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|n| n["name"] == name && n["alive"] == alive))
+            },
+        );
     }
 
     pub fn node_index(&self, name: &str) -> usize {
