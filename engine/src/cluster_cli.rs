@@ -368,8 +368,11 @@ pub async fn get(name: String, cluster: ClusterArg, json: bool) -> anyhow::Resul
             r.disk
         );
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     for e in &v.events {
-        println!("  event {}: {}", e.at, e.message);
+        println!("  {:>6}s ago  {}", now.saturating_sub(e.at), e.message);
     }
     Ok(0)
 }

@@ -23,14 +23,15 @@ install_build_deps() {
 
 install_run_deps() {
   install_build_deps
-  # qemu-img/qemu-io come with qemu-utils; nbdinfo with libnbd-bin.
+  # qemu-img/qemu-io come with qemu-utils; nbdinfo with libnbd-bin;
+  # etcd-server is the cluster's store, which the demo runs.
   command -v qemu-img >/dev/null || apt_install qemu-utils
-  apt_install libnbd-bin fio
+  apt_install libnbd-bin fio etcd-server
 }
 
 install_test_deps() {
   install_run_deps
-  # etcd-server: the cluster store's tests run a real etcd; openssl: the
-  # TLS tests attack a replica with s_client.
-  apt_install python3-libnbd nbdkit etcd-server openssl
+  # openssl: the TLS tests attack a replica with s_client; curl: the
+  # cluster tests send the controller malformed requests.
+  apt_install python3-libnbd nbdkit openssl curl
 }

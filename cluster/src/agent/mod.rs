@@ -94,7 +94,16 @@ pub async fn run<S: Store>(
         path: run_dir.display().to_string(),
         message: e.to_string(),
     })?;
-    let registration = Registration::register(store.clone(), opts.config.clone()).await?;
+    // A node may boot before the store is reachable: wait for it.
+    let registration = loop {
+        match Registration::register(store.clone(), opts.config.clone()).await {
+            Err(AgentError::Store(StoreError::Unavailable(e))) => {
+                tracing::warn!(error = %e, "cannot register yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            r => break r?,
+        }
+    };
     let hook = {
         let (store, node, path) = (
             store.clone(),
