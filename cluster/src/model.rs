@@ -312,6 +312,8 @@ pub enum ProcessState {
     Waiting {
         reason: String,
     },
+    /// Asked to stop (an engine flushing its replicas), not gone yet.
+    Stopping,
 }
 
 /// A replica as its agent reports it.
@@ -420,7 +422,10 @@ mod tests {
             name: NodeName::new("n1").unwrap(),
             address: "10.0.0.1:7000".into(),
             advertise: "10.0.0.1".into(),
-            ports: PortRange { first: 10100, last: 10199 },
+            ports: PortRange {
+                first: 10100,
+                last: 10199,
+            },
             zone: None,
             labels: BTreeMap::new(),
             disks: vec![],

@@ -28,7 +28,7 @@ pub mod process;
 mod registration;
 pub mod supervisor;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,12 +38,14 @@ pub use registration::{AgentConfig, AgentError, Registration};
 use tokio::sync::watch;
 
 use crate::http::{self, Address};
+use crate::model::PREFIX;
 use crate::model::{
     encode, report_key, EngineReplica, EngineReport, Frontend, ProcessState, ReplicaId,
     ReplicaReport, Report, Volume, PROTOCOL,
 };
-use crate::store::{Expect, LeaseId, Store, StoreError};
+use crate::store::{Change, Expect, LeaseId, Revision, Store, StoreError};
 use crate::view::{join_host_port, ClusterView};
+use futures::stream::BoxStream;
 use process::{argv, Spec};
 use supervisor::{Supervisor, Wanted};
 
@@ -67,6 +69,9 @@ struct Agent<S> {
     config: AgentConfig,
     rvol: PathBuf,
     sup: Supervisor,
+    /// Engines started, by key, so that one stopping is still reported
+    /// (a detach is done when its engine has flushed and exited).
+    engines: BTreeMap<String, EngineReport>,
     /// What was last reported, so an unchanged report is not rewritten.
     reported: Option<(Report, LeaseId)>,
     report: watch::Sender<Option<Report>>,
@@ -124,15 +129,35 @@ pub async fn run<S: Store>(
         config: opts.config,
         rvol: opts.rvol,
         sup: Supervisor::new(&run_dir),
+        engines: BTreeMap::new(),
         reported: None,
         report,
     };
     tokio::pin!(stop);
+    // Volume changes wake the agent at once; so does a process that is
+    // starting or stopping, which is polled closely until it is done.
+    let mut changes = None;
     loop {
         let lease = *lease.borrow();
-        if let Err(e) = agent.pass(lease).await {
-            tracing::warn!(error = %e, "pass failed; what runs keeps running");
+        let revision = match agent.pass(lease).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "pass failed; what runs keeps running");
+                None
+            }
+        };
+        if let (None, Some(r)) = (&changes, revision) {
+            changes = agent
+                .store
+                .watch(&format!("{PREFIX}volumes/"), r)
+                .await
+                .ok();
         }
+        let wait = if agent.sup.busy() {
+            opts.tick.min(Duration::from_millis(50))
+        } else {
+            opts.tick
+        };
         tokio::select! {
             _ = &mut stop => return Ok(()),
             lost = &mut heartbeat => {
@@ -141,8 +166,33 @@ pub async fn run<S: Store>(
                     message: format!("the heartbeat task failed: {e}"),
                 }));
             }
-            _ = tokio::time::sleep(opts.tick) => {}
+            _ = tokio::time::sleep(wait) => {}
+            alive = changed(&mut changes) => {
+                if !alive {
+                    changes = None;
+                }
+            }
         }
+    }
+}
+
+/// Waits for a change on `changes` and takes every other one already
+/// there; false when the watch ended (it is made again).
+async fn changed(changes: &mut Option<BoxStream<'static, Result<Change, StoreError>>>) -> bool {
+    use futures::{FutureExt, StreamExt};
+    let Some(stream) = changes.as_mut() else {
+        return std::future::pending().await;
+    };
+    match stream.next().await {
+        Some(Ok(_)) => {
+            while let Some(Some(next)) = stream.next().now_or_never() {
+                if next.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+        _ => false,
     }
 }
 
@@ -168,7 +218,8 @@ fn engine_socket(run_dir: &Path, v: &Volume) -> PathBuf {
 }
 
 impl<S: Store> Agent<S> {
-    async fn pass(&mut self, lease: LeaseId) -> Result<(), StoreError> {
+    /// One pass; returns the store revision it read.
+    async fn pass(&mut self, lease: LeaseId) -> Result<Revision, StoreError> {
         let view = ClusterView::load(&*self.store).await?;
         let me = self.config.node.clone();
         let run_dir = self.sup.run_dir().to_path_buf();
@@ -263,9 +314,21 @@ impl<S: Store> Agent<S> {
                 .collect(),
             engines: Vec::new(),
         };
+        let wanted_engines: BTreeSet<String> = engines.iter().map(|(_, _, k)| k.clone()).collect();
         for (v, serial, key) in engines {
             let e = self.engine(&v, serial, &key).await;
+            self.engines.insert(key, e.clone());
             report.engines.push(e);
+        }
+        self.engines
+            .retain(|key, _| wanted_engines.contains(key) || self.sup.holds(key));
+        for (key, e) in &self.engines {
+            if !wanted_engines.contains(key) {
+                report.engines.push(EngineReport {
+                    state: ProcessState::Stopping,
+                    ..e.clone()
+                });
+            }
         }
         if self.reported.as_ref() != Some(&(report.clone(), lease)) {
             self.store
@@ -279,7 +342,7 @@ impl<S: Store> Agent<S> {
             self.report.send_replace(Some(report.clone()));
             self.reported = Some((report, lease));
         }
-        Ok(())
+        Ok(view.revision)
     }
 
     /// Reports an engine, keeps its replica set to the record's and writes

@@ -210,6 +210,13 @@ impl Supervisor {
         p.ready().map(|r| (p, r))
     }
 
+    /// Whether a process is starting (no ready line yet) or stopping.
+    pub fn busy(&self) -> bool {
+        self.table
+            .iter()
+            .any(|(key, e)| e.stopping.is_some() || self.state(key) == Some(ProcessState::Starting))
+    }
+
     /// Whether anything runs (or is stopping) under `key`.
     pub fn holds(&self, key: &str) -> bool {
         self.table.contains_key(key)

@@ -25,11 +25,13 @@ use serde::{Deserialize, Serialize};
 
 use super::Ctl;
 use crate::model::{
-    encode, settings_key, Attachment, DataLocality, Frontend, NodeName, NodeSettings, ProcessState,
-    Volume, VolumeName, VolumeSpec, ZoneAntiAffinity, PROTOCOL,
+    encode, report_key, settings_key, Attachment, DataLocality, Frontend, NodeName, NodeSettings,
+    ProcessState, Volume, VolumeName, VolumeSpec, ZoneAntiAffinity, PROTOCOL,
 };
-use crate::store::{Expect, Store, StoreError};
+use crate::store::{Change, Expect, Revision, Store, StoreError};
 use crate::view::{ClusterView, VolumeState};
+use futures::stream::BoxStream;
+use futures::StreamExt;
 
 /// The largest volume: 64 TiB.
 pub const MAX_SIZE: u64 = 64 << 40;
@@ -313,7 +315,7 @@ async fn attach<S: Store>(
 ) -> ApiResult<Attached> {
     let name = volume_name(&name)?;
     let node = node_name(&req.node)?;
-    let serial = {
+    let (serial, written) = {
         let _lock = change_lock(&ctl).await?;
         let view = ClusterView::load(&*ctl.store).await?;
         let (v, revision) = view
@@ -327,7 +329,7 @@ async fn attach<S: Store>(
             ));
         }
         match &v.attachment {
-            Some(a) if a.node == node && a.frontend == req.frontend => a.serial,
+            Some(a) if a.node == node && a.frontend == req.frontend => (a.serial, view.revision),
             Some(a) if a.node == node => {
                 return Err(conflict(format!(
                     "volume {name} is attached to {node} with {:?}: detach it first",
@@ -366,15 +368,17 @@ async fn attach<S: Store>(
                     ),
                     None => format!("attached to {node}"),
                 });
-                ctl.store
+                let written = ctl
+                    .store
                     .put(&name.key(), encode(&next), Expect::At(*revision), None)
                     .await?;
-                next.last_serial
+                (next.last_serial, written)
             }
         }
     };
     // The agent starts the engine; wait for it to serve, or to say why not.
     let deadline = Instant::now() + WAIT;
+    let mut reports = ReportWatch::new(&*ctl.store, &node, written).await;
     loop {
         let view = ClusterView::load(&*ctl.store).await?;
         let Some((v, _)) = view.volumes.get(&name) else {
@@ -417,7 +421,7 @@ async fn attach<S: Store>(
                 format!("the engine on {node} did not start within {WAIT:?}"),
             ));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        reports.next().await;
     }
 }
 
@@ -426,7 +430,7 @@ async fn detach<S: Store>(
     Path(name): Path<String>,
 ) -> ApiResult<serde_json::Value> {
     let name = volume_name(&name)?;
-    let old = {
+    let (old, written) = {
         let _lock = change_lock(&ctl).await?;
         let view = ClusterView::load(&*ctl.store).await?;
         let (v, revision) = view
@@ -439,14 +443,16 @@ async fn detach<S: Store>(
         let mut next = v.clone();
         next.attachment = None;
         next.event(format!("detached from {}", old.node));
-        ctl.store
+        let written = ctl
+            .store
             .put(&name.key(), encode(&next), Expect::At(*revision), None)
             .await?;
-        old
+        (old, written)
     };
     // Wait for the engine to stop (it flushes and marks its replicas
     // clean), or for its node to be gone.
     let deadline = Instant::now() + WAIT;
+    let mut reports = ReportWatch::new(&*ctl.store, &old.node, written).await;
     loop {
         let view = ClusterView::load(&*ctl.store).await?;
         let running = view.reports.get(&old.node).is_some_and(|r| {
@@ -463,7 +469,31 @@ async fn detach<S: Store>(
                 format!("the engine on {} did not stop within {WAIT:?}", old.node),
             ));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        reports.next().await;
+    }
+}
+
+/// Wakes when a node's report changes (at least every second), so attach
+/// and detach answer as soon as the agent reports, without polling the
+/// store in a loop.
+struct ReportWatch(Option<BoxStream<'static, Result<Change, StoreError>>>);
+
+impl ReportWatch {
+    async fn new<S: Store>(store: &S, node: &NodeName, after: Revision) -> ReportWatch {
+        ReportWatch(store.watch(&report_key(node), after).await.ok())
+    }
+
+    async fn next(&mut self) {
+        match &mut self.0 {
+            Some(changes) => {
+                if let Ok(None | Some(Err(_))) =
+                    tokio::time::timeout(Duration::from_secs(1), changes.next()).await
+                {
+                    self.0 = None;
+                }
+            }
+            None => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
     }
 }
 

@@ -12,7 +12,10 @@ fn view(name: &str, zone: Option<&str>, free_gib: u64) -> NodeView {
             name: NodeName::new(name).unwrap(),
             address: format!("{name}:7000"),
             advertise: "10.0.0.1".into(),
-            ports: PortRange { first: 10100, last: 10199 },
+            ports: PortRange {
+                first: 10100,
+                last: 10199,
+            },
             zone: zone.map(str::to_string),
             labels: BTreeMap::new(),
             disks: vec![Disk {
