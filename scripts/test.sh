@@ -30,7 +30,7 @@ echo "== fuzz smoke"
 scripts/fuzz.sh "${RVOL_FUZZ_SECONDS:-15}"
 echo "== the demo, as a user runs it: a local cluster, a volume written, moved and read back"
 scripts/demo.sh --check >target/demo-check.log 2>&1 || { tail -n 40 target/demo-check.log; exit 1; }
-tail -n 1 target/demo-check.log
+grep "demo check passed" target/demo-check.log
 echo "== benchmark regression check (a few seconds per job; fails only on gross breakage)"
 if [ "${RVOL_BENCH_CHECK:-1}" = 1 ]; then
   cargo build --release --bin rvol

@@ -259,6 +259,10 @@ pub struct Volume {
     /// as the new one's.
     pub uid: String,
     pub spec: VolumeSpec,
+    /// The size it was created with. Engines start with it and are grown
+    /// to `spec.size` by their agent, so an engine never refuses replicas
+    /// that missed an expansion made while the volume was detached.
+    pub created_size: u64,
     pub replicas: Vec<ReplicaPlace>,
     /// The next replica id to give.
     pub next_replica: u32,
@@ -361,6 +365,48 @@ pub struct Report {
 
 pub fn report_key(node: &NodeName) -> String {
     format!("{PREFIX}reports/{node}")
+}
+
+/// The cluster's protocol, in `version`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Version {
+    protocol: u32,
+}
+
+/// Joins this process to the cluster's protocol: the first controller or
+/// agent writes it, every later one checks it, so a process of an
+/// incompatible version refuses to start instead of misreading records
+/// (each record names its protocol too, and one of another is ignored).
+pub async fn check_version<S: crate::store::Store>(store: &S) -> Result<(), StoreError> {
+    let key = format!("{PREFIX}version");
+    loop {
+        match store.get(&key).await? {
+            Some(v) => {
+                let theirs: Version = serde_json::from_slice(&v.value).map_err(|e| {
+                    StoreError::Refused(format!("{key} holds no valid record: {e}"))
+                })?;
+                return if theirs.protocol == PROTOCOL {
+                    Ok(())
+                } else {
+                    Err(StoreError::Refused(format!(
+                        "this cluster runs rvol protocol {}, this process speaks {PROTOCOL}: \
+                         run one version",
+                        theirs.protocol
+                    )))
+                };
+            }
+            None => {
+                let version = encode(&Version { protocol: PROTOCOL });
+                match store
+                    .put(&key, version, crate::store::Expect::Absent, None)
+                    .await
+                {
+                    Err(StoreError::Conflict { .. }) => continue,
+                    r => return r.map(drop),
+                }
+            }
+        }
+    }
 }
 
 /// Decodes a record of type `T` stored at `key`, refusing one written by

@@ -79,7 +79,7 @@ pub struct AgentArgs {
     labels: Vec<(String, String)>,
     /// The IP replicas and NBD exports listen on (default: --listen's).
     #[arg(long)]
-    advertise: Option<String>,
+    advertise: Option<std::net::IpAddr>,
     /// The ports replicas and NBD exports may use.
     #[arg(long, default_value = "10100-10999")]
     ports: PortRange,
@@ -198,7 +198,14 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<u8> {
         .await
         .with_context(|| format!("binding {}", a.listen))?;
     let local = listener.local_addr()?;
-    let advertise = a.advertise.unwrap_or_else(|| local.ip().to_string());
+    let advertise = match a.advertise {
+        Some(ip) => ip.to_string(),
+        None if local.ip().is_unspecified() => bail!(
+            "--listen {} is every address: name the one other nodes reach with --advertise",
+            a.listen
+        ),
+        None => local.ip().to_string(),
+    };
     for d in &a.disks {
         std::fs::create_dir_all(d).with_context(|| format!("disk {}", d.display()))?;
     }
@@ -412,6 +419,26 @@ pub async fn attach(
         (None, None) => bail!("attached to {}, but it reports no device or export", a.node),
     };
     println!("{out}");
+    Ok(0)
+}
+
+pub async fn expand(name: String, size: u64, cluster: ClusterArg) -> anyhow::Result<u8> {
+    let name = checked(&name)?;
+    let body = serde_json::json!({ "size": size });
+    let v = call(
+        &cluster,
+        Method::POST,
+        &format!("/v1/volumes/{name}/expand"),
+        Some(body),
+    )
+    .await?;
+    let v: VolumeView = serde_json::from_value(v)?;
+    match v.attached_node {
+        Some(n) => println!("volume {name} grown to {size} bytes (served on {n})"),
+        None => {
+            println!("volume {name} grown to {size} bytes; its replicas grow when it is attached")
+        }
+    }
     Ok(0)
 }
 

@@ -326,6 +326,14 @@ enum VolumeCommand {
         #[command(flatten)]
         cluster: cluster_cli::ClusterArg,
     },
+    /// Grow a cluster volume to --size, attached or not.
+    Expand {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[command(flatten)]
+        cluster: cluster_cli::ClusterArg,
+    },
     /// Stop serving the volume (its engine flushes and stops).
     Detach {
         name: String,
@@ -540,6 +548,11 @@ async fn volume_command(c: VolumeCommand) -> anyhow::Result<u8> {
             cluster,
         } => cluster_cli::attach(name, node, frontend, cluster).await,
         VolumeCommand::Detach { name, cluster } => cluster_cli::detach(name, cluster).await,
+        VolumeCommand::Expand {
+            name,
+            size,
+            cluster,
+        } => cluster_cli::expand(name, size, cluster).await,
     }
 }
 

@@ -131,6 +131,20 @@ fn volumes_land_on_distinct_nodes_and_move_between_them() {
         );
         c.ok(&["volume", "detach", name]);
     }
+    // Growing, attached and then detached: the next engine grows the
+    // replicas that missed it.
+    let uri = c.attach("two", 2);
+    c.ok(&["volume", "expand", "two", "--size", "96M"]);
+    written(&c, 2, &uri, &["write -P 0x77 90M 1M", "flush"]);
+    c.ok(&["volume", "detach", "two"]);
+    c.ok(&["volume", "expand", "two", "--size", "128M"]);
+    let err = c.fails(&["volume", "expand", "two", "--size", "64M"]);
+    assert!(err.contains("volumes only grow"), "{err}");
+    let uri = c.attach("two", 3);
+    written(&c, 3, &uri, &["read -P 0x77 90M 1M", "read -P 0 120M 8M"]);
+    assert_eq!(c.volume("two")["size"], 128 << 20);
+    c.ok(&["volume", "detach", "two"]);
+
     // Deleting a volume deletes its replicas' data on every node.
     c.ok(&["volume", "rm", "three"]);
     c.wait_for(Duration::from_secs(20), "replica data deleted", |c| {
@@ -261,6 +275,50 @@ fn bad_requests_are_refused_and_change_nothing() {
         assert!(reply.starts_with('4'), "{method} {path} {body}: {reply}");
     }
     assert_eq!(before(&c), snapshot, "a refused request changed something");
+
+    // A cluster of another protocol version: a new agent and a new
+    // controller refuse to join it.
+    let etcdctl = |args: &[&str]| {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &c.etcd_url])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "etcdctl {args:?}");
+    };
+    etcdctl(&["put", "/rvol/version", r#"{"protocol":99}"#]);
+    let disk = tmp.path().join("n3");
+    let port = common::free_port().to_string();
+    for args in [
+        vec![
+            "agent",
+            "--node",
+            "n3",
+            "--etcd",
+            &c.etcd_url,
+            "--listen",
+            "127.0.0.1:0",
+            "--disk",
+            disk.to_str().unwrap(),
+        ],
+        vec![
+            "controller",
+            "--etcd",
+            &c.etcd_url,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+    ] {
+        let out = common::run_within(Duration::from_secs(30), common::RVOL, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("this cluster runs rvol protocol 99"),
+            "rvol {}: {err}",
+            args[0]
+        );
+    }
+    etcdctl(&["put", "/rvol/version", r#"{"protocol":1}"#]);
 }
 
 /// The stale-replica trap: a replica that missed writes comes back alone.

@@ -38,7 +38,7 @@ pub use registration::{AgentConfig, AgentError, Registration};
 use tokio::sync::watch;
 
 use crate::http::{self, Address};
-use crate::model::PREFIX;
+use crate::model::{check_version, PREFIX};
 use crate::model::{
     encode, report_key, EngineReplica, EngineReport, Frontend, ProcessState, ReplicaId,
     ReplicaReport, Report, Volume, PROTOCOL,
@@ -101,7 +101,11 @@ pub async fn run<S: Store>(
     })?;
     // A node may boot before the store is reachable: wait for it.
     let registration = loop {
-        match Registration::register(store.clone(), opts.config.clone()).await {
+        let joined = match check_version(&*store).await {
+            Ok(()) => Registration::register(store.clone(), opts.config.clone()).await,
+            Err(e) => Err(e.into()),
+        };
+        match joined {
             Err(AgentError::Store(StoreError::Unavailable(e))) => {
                 tracing::warn!(error = %e, "cannot register yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -262,7 +266,7 @@ impl<S: Store> Agent<S> {
                 "--name".into(),
                 v.name.to_string(),
                 "--size".into(),
-                v.spec.size.to_string(),
+                v.created_size.to_string(),
             ];
             for p in &v.replicas {
                 args.extend(["--replica".into(), p.address.clone()]);
@@ -355,7 +359,7 @@ impl<S: Store> Agent<S> {
             state: self.sup.state(key).unwrap_or(ProcessState::Starting),
             nbd: None,
             device: None,
-            size: v.spec.size,
+            size: v.created_size,
             replicas: Vec::new(),
         };
         let Some((_, ready)) = self.sup.ready(key) else {
@@ -375,7 +379,14 @@ impl<S: Store> Agent<S> {
                 return report;
             }
         };
-        report.size = status["size"].as_u64().unwrap_or(v.spec.size);
+        report.size = status["size"].as_u64().unwrap_or(v.created_size);
+        if report.size < v.spec.size {
+            let body = serde_json::json!({ "size": v.spec.size }).to_string();
+            match admin(&socket, Method::POST, "/v1/volume/expand", Some(body)).await {
+                Ok(_) => tracing::info!(volume = %v.name, size = v.spec.size, "engine grown"),
+                Err(e) => tracing::warn!(volume = %v.name, error = %e, "growing the engine"),
+            }
+        }
         let id_of = |address: &str| {
             v.replicas
                 .iter()

@@ -6,6 +6,7 @@
 //! GET    /v1/volumes                  POST /v1/volumes {name, size, replicas, ...}
 //! GET    /v1/volumes/NAME             DELETE /v1/volumes/NAME
 //! POST   /v1/volumes/NAME/attach {node, frontend}   POST /v1/volumes/NAME/detach
+//! POST   /v1/volumes/NAME/expand {size}
 //! GET    /v1/nodes                    POST /v1/nodes/NAME/cordon | uncordon
 //! ```
 //!
@@ -87,6 +88,7 @@ pub fn router<S: Store>(ctl: Arc<Ctl<S>>) -> Router {
         )
         .route("/v1/volumes/{name}/attach", post(attach::<S>))
         .route("/v1/volumes/{name}/detach", post(detach::<S>))
+        .route("/v1/volumes/{name}/expand", post(expand::<S>))
         .route("/v1/nodes", get(list_nodes::<S>))
         .route("/v1/nodes/{name}/cordon", post(cordon::<S>))
         .route("/v1/nodes/{name}/uncordon", post(uncordon::<S>))
@@ -249,6 +251,7 @@ async fn create<S: Store>(
         protocol: PROTOCOL,
         name: name.clone(),
         uid: uuid::Uuid::new_v4().simple().to_string()[..16].to_string(),
+        created_size: spec.size,
         spec,
         replicas: Vec::new(),
         next_replica: 1,
@@ -470,6 +473,79 @@ async fn detach<S: Store>(
             ));
         }
         reports.next().await;
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpandRequest {
+    pub size: u64,
+}
+
+/// Grows a volume. Attached, it answers once the engine serves the new
+/// size; detached, the next engine grows its replicas when it starts.
+async fn expand<S: Store>(
+    State(ctl): State<Arc<Ctl<S>>>,
+    Path(name): Path<String>,
+    Json(req): Json<ExpandRequest>,
+) -> ApiResult<VolumeView> {
+    let name = volume_name(&name)?;
+    let written = {
+        let _lock = change_lock(&ctl).await?;
+        let view = ClusterView::load(&*ctl.store).await?;
+        let (v, revision) = view
+            .volumes
+            .get(&name)
+            .ok_or_else(|| not_found(&format!("volume {name}")))?;
+        if req.size % 4096 != 0 || req.size > MAX_SIZE {
+            return Err(bad(format!(
+                "size {} is not a multiple of 4096 up to {MAX_SIZE}",
+                req.size
+            )));
+        }
+        if req.size < v.spec.size {
+            return Err(bad(format!(
+                "volume {name} is {} bytes: volumes only grow",
+                v.spec.size
+            )));
+        }
+        let mut next = v.clone();
+        if req.size > v.spec.size {
+            next.spec.size = req.size;
+            next.event(format!("expanded to {} bytes", req.size));
+            ctl.store
+                .put(&name.key(), encode(&next), Expect::At(*revision), None)
+                .await?
+        } else {
+            view.revision
+        }
+    };
+    let deadline = Instant::now() + WAIT;
+    let mut reports = None;
+    loop {
+        let view = ClusterView::load(&*ctl.store).await?;
+        let (v, _) = view
+            .volumes
+            .get(&name)
+            .ok_or_else(|| not_found(&format!("volume {name}")))?;
+        let Some(a) = &v.attachment else {
+            return Ok(Json(volume_view(&view, v)));
+        };
+        if view.engine_report(v).is_some_and(|e| e.size >= req.size) {
+            return Ok(Json(volume_view(&view, v)));
+        }
+        if Instant::now() > deadline {
+            return Err(ApiError(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("the engine on {} did not grow within {WAIT:?}", a.node),
+            ));
+        }
+        if reports.is_none() {
+            reports = Some(ReportWatch::new(&*ctl.store, &a.node, written).await);
+        }
+        if let Some(r) = reports.as_mut() {
+            r.next().await;
+        }
     }
 }
 

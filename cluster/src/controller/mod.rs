@@ -72,6 +72,17 @@ pub async fn run<S: Store>(
     listener: tokio::net::TcpListener,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // The store may come up after the controller: wait for it.
+    loop {
+        match crate::model::check_version(&*store).await {
+            Ok(()) => break,
+            Err(crate::store::StoreError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "the cluster store is unavailable; waiting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(std::io::Error::other(e.to_string())),
+        }
+    }
     let (leading_tx, leading) = watch::channel(false);
     let ctl = Arc::new(Ctl {
         store: store.clone(),
