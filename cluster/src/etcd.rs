@@ -16,7 +16,8 @@
 //!   channel over several endpoints fails every request while any one of
 //!   them is down: etcdv3/etcd-client#39.) A request that did not complete
 //!   on a member (transport errors, `Unavailable`, `Unknown`, timeouts) is
-//!   sent to the next. Every write but a lease's is conditional or sets
+//!   sent to the next, as is one that took longer than
+//!   [`MEMBER_TIMEOUT`] while another member is left to try. Every write but a lease's is conditional or sets
 //!   the same value again, so one that did apply before its answer was
 //!   lost is not applied twice: it meets a conflict instead, which every
 //!   caller already handles as "changed meanwhile".
@@ -40,6 +41,8 @@ use crate::store::{
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one member may take before the next is tried.
+const MEMBER_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// A handle on an etcd cluster; cheap to clone.
 #[derive(Clone)]
@@ -104,8 +107,23 @@ impl EtcdStore {
         let first = self.current.load(Ordering::Relaxed) % n;
         let mut i = first;
         loop {
-            match op(self.clients[i].clone()).await {
-                Err(e) if unreached(&e) && (i + 1) % n != first => {
+            let last = (i + 1) % n == first;
+            // While another member is left to try, one that does not
+            // answer soon counts as unreachable.
+            let attempt = if last {
+                op(self.clients[i].clone()).await
+            } else {
+                tokio::time::timeout(MEMBER_TIMEOUT, op(self.clients[i].clone()))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(etcd_client::Error::IoError(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no answer in time",
+                        )))
+                    })
+            };
+            match attempt {
+                Err(e) if unreached(&e) && !last => {
                     tracing::debug!(error = %e, "etcd member unreachable; trying the next");
                     i = (i + 1) % n;
                 }

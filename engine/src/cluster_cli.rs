@@ -245,8 +245,29 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<u8> {
 }
 
 /// One API call, tried on each controller in turn until one that leads
-/// (or, for reads, any) answers.
+/// (or, for reads, any) answers; while none leads (an election after the
+/// leader was lost takes a few seconds), tried again for up to 20 s.
 async fn call(
+    cluster: &ClusterArg,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match call_once(cluster, method.clone(), path, body.clone()).await {
+            Err(e)
+                if e.to_string().contains("does not lead")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn call_once(
     cluster: &ClusterArg,
     method: Method,
     path: &str,

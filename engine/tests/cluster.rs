@@ -396,24 +396,7 @@ fn a_restarted_agent_adopts_what_runs() {
     let disk = c.nodes[0].disk.to_str().unwrap().to_string();
     let before: BTreeSet<i32> = pids_matching(&format!("{disk}/")).into_iter().collect();
     assert_eq!(before.len(), 2, "a replica and an engine on n1");
-    let fio = std::process::Command::new("fio")
-        .args([
-            "--name=adopt",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=8",
-            "--size=32M",
-            "--rate_iops=500",
-            "--runtime=8",
-            "--time_based",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("fio");
+    let fio = c.fio_verify(0, &uri, 8);
     std::thread::sleep(Duration::from_secs(2));
     c.nodes[0].agent.take().unwrap().kill9();
     std::thread::sleep(Duration::from_secs(1));
@@ -466,25 +449,7 @@ fn a_lost_node_is_replaced_under_load_and_never_rejoins() {
     c.ok(&["node", "uncordon", "n4"]);
     let uri = c.attach("v", 3);
     let lost = c.node_index(nodes_of(&c.volume("v"))[0].as_str());
-    let fio = std::process::Command::new("ip")
-        .args(["netns", "exec", c.nodes[3].ns.as_deref().unwrap(), "fio"])
-        .args([
-            "--name=loss",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=8",
-            "--size=64M",
-            "--rate_iops=1000",
-            "--runtime=15",
-            "--time_based",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("fio");
+    let fio = c.fio_verify(3, &uri, 15);
     std::thread::sleep(Duration::from_secs(2));
     c.kill_node(lost);
     lab.link(lost + 1, false);
@@ -611,24 +576,7 @@ fn volumes_serve_through_etcd_losses() {
     c.attach("w", 1);
     c.ok(&["volume", "detach", "w"]);
 
-    let fio = std::process::Command::new("fio")
-        .args([
-            "--name=etcd-down",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=8",
-            "--size=32M",
-            "--rate_iops=500",
-            "--runtime=12",
-            "--time_based",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("fio");
+    let fio = c.fio_verify(0, &uri, 12);
     std::thread::sleep(Duration::from_secs(1));
     c.etcd[1].kill();
     c.etcd[2].kill();

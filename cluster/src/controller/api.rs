@@ -173,6 +173,13 @@ pub fn volume_view(view: &ClusterView, v: &Volume) -> VolumeView {
     }
 }
 
+/// The volume `name` and its revision, or 404.
+fn find<'a>(view: &'a ClusterView, name: &VolumeName) -> Result<&'a (Volume, Revision), ApiError> {
+    view.volumes
+        .get(name)
+        .ok_or_else(|| not_found(&format!("volume {name}")))
+}
+
 fn volume_name(name: &str) -> Result<VolumeName, ApiError> {
     VolumeName::new(name).map_err(bad)
 }
@@ -197,10 +204,7 @@ async fn get_volume<S: Store>(
 ) -> ApiResult<VolumeView> {
     let name = volume_name(&name)?;
     let view = ClusterView::load(&*ctl.store).await?;
-    let (v, _) = view
-        .volumes
-        .get(&name)
-        .ok_or_else(|| not_found(&format!("volume {name}")))?;
+    let (v, _) = find(&view, &name)?;
     Ok(Json(volume_view(&view, v)))
 }
 
@@ -278,10 +282,7 @@ async fn remove<S: Store>(
     let name = volume_name(&name)?;
     let _lock = change_lock(&ctl).await?;
     let view = ClusterView::load(&*ctl.store).await?;
-    let (v, revision) = view
-        .volumes
-        .get(&name)
-        .ok_or_else(|| not_found(&format!("volume {name}")))?;
+    let (v, revision) = find(&view, &name)?;
     if let Some(a) = &v.attachment {
         return Err(conflict(format!(
             "volume {name} is attached to {}: detach it first",
@@ -321,10 +322,7 @@ async fn attach<S: Store>(
     let (serial, written) = {
         let _lock = change_lock(&ctl).await?;
         let view = ClusterView::load(&*ctl.store).await?;
-        let (v, revision) = view
-            .volumes
-            .get(&name)
-            .ok_or_else(|| not_found(&format!("volume {name}")))?;
+        let (v, revision) = find(&view, &name)?;
         if !view.alive(&node) {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
@@ -384,9 +382,7 @@ async fn attach<S: Store>(
     let mut reports = ReportWatch::new(&*ctl.store, &node, written).await;
     loop {
         let view = ClusterView::load(&*ctl.store).await?;
-        let Some((v, _)) = view.volumes.get(&name) else {
-            return Err(not_found(&format!("volume {name}")));
-        };
+        let (v, _) = find(&view, &name)?;
         if v.attachment.as_ref().map(|a| a.serial) != Some(serial) {
             return Err(conflict(format!("volume {name} was detached meanwhile")));
         }
@@ -436,10 +432,7 @@ async fn detach<S: Store>(
     let (old, written) = {
         let _lock = change_lock(&ctl).await?;
         let view = ClusterView::load(&*ctl.store).await?;
-        let (v, revision) = view
-            .volumes
-            .get(&name)
-            .ok_or_else(|| not_found(&format!("volume {name}")))?;
+        let (v, revision) = find(&view, &name)?;
         let Some(old) = v.attachment.clone() else {
             return Ok(Json(serde_json::json!({ "detached": name })));
         };
@@ -493,10 +486,7 @@ async fn expand<S: Store>(
     let written = {
         let _lock = change_lock(&ctl).await?;
         let view = ClusterView::load(&*ctl.store).await?;
-        let (v, revision) = view
-            .volumes
-            .get(&name)
-            .ok_or_else(|| not_found(&format!("volume {name}")))?;
+        let (v, revision) = find(&view, &name)?;
         if req.size % 4096 != 0 || req.size > MAX_SIZE {
             return Err(bad(format!(
                 "size {} is not a multiple of 4096 up to {MAX_SIZE}",
@@ -524,10 +514,7 @@ async fn expand<S: Store>(
     let mut reports = None;
     loop {
         let view = ClusterView::load(&*ctl.store).await?;
-        let (v, _) = view
-            .volumes
-            .get(&name)
-            .ok_or_else(|| not_found(&format!("volume {name}")))?;
+        let (v, _) = find(&view, &name)?;
         let Some(a) = &v.attachment else {
             return Ok(Json(volume_view(&view, v)));
         };

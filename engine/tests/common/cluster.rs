@@ -367,6 +367,29 @@ impl Cluster {
         }
     }
 
+    /// fio writing and verifying `uri` (from node `i`'s namespace) for
+    /// `secs` seconds at a steady rate.
+    pub fn fio_verify(&self, i: usize, uri: &str, secs: u32) -> std::process::Child {
+        in_ns(&self.nodes[i].ns, "fio")
+            .args([
+                "--name=verify",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=8",
+                "--size=32M",
+                "--rate_iops=1000",
+                &format!("--runtime={secs}"),
+                "--time_based",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("fio")
+    }
+
     /// `qemu-io` on `uri` from node `i`'s namespace.
     pub fn qemu_io(&self, i: usize, uri: &str, cmds: &[&str]) -> Output {
         let mut c = in_ns(&self.nodes[i].ns, "qemu-io");
