@@ -33,19 +33,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::BoxStream;
 use hyper::Method;
 pub use registration::{AgentConfig, AgentError, Registration};
 use tokio::sync::watch;
 
 use crate::http::{self, Address};
-use crate::model::{check_version, PREFIX};
 use crate::model::{
-    encode, report_key, EngineReplica, EngineReport, Frontend, ProcessState, ReplicaId,
-    ReplicaReport, Report, Volume, PROTOCOL,
+    check_version, encode, report_key, Attachment, EngineReplica, EngineReport, Frontend,
+    ProcessState, ReplicaId, ReplicaPlace, ReplicaReport, Report, Volume, PREFIX, PROTOCOL,
 };
 use crate::store::{Change, Expect, LeaseId, Revision, Store, StoreError};
 use crate::view::{join_host_port, ClusterView};
-use futures::stream::BoxStream;
 use process::{argv, Spec};
 use supervisor::{Supervisor, Wanted};
 
@@ -222,6 +221,79 @@ fn engine_socket(run_dir: &Path, v: &Volume) -> PathBuf {
 }
 
 impl<S: Store> Agent<S> {
+    /// The process of a replica placed here, and the address it serves.
+    fn replica_wanted(&self, v: &Volume, p: &ReplicaPlace) -> (Wanted, String) {
+        let name = v.replica_dir(p.id);
+        let dir = Path::new(&p.disk).join(REPLICA_ROOT).join(&name);
+        let listen = join_host_port(&self.config.advertise, p.port);
+        let args = [
+            "replica".to_string(),
+            "--dir".into(),
+            dir.display().to_string(),
+            "--listen".into(),
+            listen.clone(),
+            "--size".into(),
+            v.spec.size.to_string(),
+        ];
+        let w = Wanted {
+            spec: Spec {
+                key: replica_key(&name),
+                argv: argv(&self.rvol, args),
+            },
+            hold: None,
+            final_exit: None,
+        };
+        (w, listen)
+    }
+
+    /// The engine of a volume attached here; held while no replica of its
+    /// in-sync set runs (see the module docs).
+    fn engine_wanted(
+        &self,
+        view: &ClusterView,
+        v: &Volume,
+        a: &Attachment,
+        run_dir: &Path,
+    ) -> Wanted {
+        let key = engine_key(v, a.serial);
+        let mut args: Vec<String> = vec![
+            "engine".into(),
+            "--name".into(),
+            v.name.to_string(),
+            "--size".into(),
+            v.created_size.to_string(),
+        ];
+        for p in &v.replicas {
+            args.extend(["--replica".into(), p.address.clone()]);
+        }
+        match a.frontend {
+            Frontend::Nbd => args.extend([
+                "--frontend".into(),
+                "nbd".into(),
+                "--nbd-listen".into(),
+                join_host_port(&self.config.advertise, a.port),
+            ]),
+            Frontend::Ublk => args.extend(["--frontend".into(), "ublk".into()]),
+        }
+        args.extend([
+            "--admin-listen".into(),
+            format!("unix:{}", engine_socket(run_dir, v).display()),
+            "--in-sync-hook".into(),
+            format!("unix:{}", run_dir.join(HOOK_SOCKET).display()),
+        ]);
+        let hold = (!self.sup.holds(&key))
+            .then(|| waiting_for(view, v))
+            .flatten();
+        Wanted {
+            spec: Spec {
+                key,
+                argv: argv(&self.rvol, args),
+            },
+            hold,
+            final_exit: Some(EXIT_FENCED),
+        }
+    }
+
     /// One pass; returns the store revision it read.
     async fn pass(&mut self, lease: LeaseId) -> Result<Revision, StoreError> {
         let view = ClusterView::load(&*self.store).await?;
@@ -233,71 +305,16 @@ impl<S: Store> Agent<S> {
         let mut kept_dirs = BTreeSet::new();
         for (v, _) in view.volumes.values() {
             for p in v.replicas.iter().filter(|p| p.node == me) {
-                let name = v.replica_dir(p.id);
-                let dir = Path::new(&p.disk).join(REPLICA_ROOT).join(&name);
-                let listen = join_host_port(&self.config.advertise, p.port);
-                let key = replica_key(&name);
-                let args: Vec<String> = vec![
-                    "replica".into(),
-                    "--dir".into(),
-                    dir.display().to_string(),
-                    "--listen".into(),
-                    listen.clone(),
-                    "--size".into(),
-                    v.spec.size.to_string(),
-                ];
-                wanted.push(Wanted {
-                    spec: Spec {
-                        key: key.clone(),
-                        argv: argv(&self.rvol, args),
-                    },
-                    hold: None,
-                    final_exit: None,
-                });
-                kept_dirs.insert(name);
-                replicas.push((v.clone(), p.id, listen, key));
+                let (w, listen) = self.replica_wanted(v, p);
+                kept_dirs.insert(v.replica_dir(p.id));
+                replicas.push((v.clone(), p.id, listen, w.spec.key.clone()));
+                wanted.push(w);
             }
-            let Some(a) = v.attachment.as_ref().filter(|a| a.node == me) else {
-                continue;
-            };
-            let key = engine_key(v, a.serial);
-            let mut args: Vec<String> = vec![
-                "engine".into(),
-                "--name".into(),
-                v.name.to_string(),
-                "--size".into(),
-                v.created_size.to_string(),
-            ];
-            for p in &v.replicas {
-                args.extend(["--replica".into(), p.address.clone()]);
+            if let Some(a) = v.attachment.as_ref().filter(|a| a.node == me) {
+                let w = self.engine_wanted(&view, v, a, &run_dir);
+                engines.push((v.clone(), a.serial, w.spec.key.clone()));
+                wanted.push(w);
             }
-            match a.frontend {
-                Frontend::Nbd => args.extend([
-                    "--frontend".into(),
-                    "nbd".into(),
-                    "--nbd-listen".into(),
-                    join_host_port(&self.config.advertise, a.port),
-                ]),
-                Frontend::Ublk => args.extend(["--frontend".into(), "ublk".into()]),
-            }
-            args.extend([
-                "--admin-listen".into(),
-                format!("unix:{}", engine_socket(&run_dir, v).display()),
-                "--in-sync-hook".into(),
-                format!("unix:{}", run_dir.join(HOOK_SOCKET).display()),
-            ]);
-            let hold = (!self.sup.holds(&key))
-                .then(|| waiting_for(&view, v))
-                .flatten();
-            wanted.push(Wanted {
-                spec: Spec {
-                    key: key.clone(),
-                    argv: argv(&self.rvol, args),
-                },
-                hold,
-                final_exit: Some(EXIT_FENCED),
-            });
-            engines.push((v.clone(), a.serial, key));
         }
         self.sup.converge(&wanted);
         if view.refused.is_empty() {

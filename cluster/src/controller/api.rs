@@ -22,6 +22,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::Ctl;
@@ -31,8 +33,6 @@ use crate::model::{
 };
 use crate::store::{Change, Expect, Revision, Store, StoreError};
 use crate::view::{ClusterView, VolumeState};
-use futures::stream::BoxStream;
-use futures::StreamExt;
 
 /// The largest volume: 64 TiB.
 pub const MAX_SIZE: u64 = 64 << 40;
