@@ -20,7 +20,9 @@
 //!   [`MEMBER_TIMEOUT`] while another member is left to try. Every write but a lease's is conditional or sets
 //!   the same value again, so one that did apply before its answer was
 //!   lost is not applied twice: it meets a conflict instead, which every
-//!   caller already handles as "changed meanwhile".
+//!   caller already handles as "changed meanwhile". While etcd elects a
+//!   new leader (after losing its leader member), requests are tried again
+//!   for a few seconds instead of failing.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -52,6 +54,13 @@ pub struct EtcdStore {
     /// The member requests go to now.
     current: Arc<AtomicUsize>,
     endpoints: String,
+}
+
+/// Whether `e` is etcd saying it has no leader at the moment.
+fn electing(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == Code::Unavailable
+            && (s.message().contains("leader changed") || s.message().contains("no leader")))
 }
 
 /// Whether `e` means the request did not complete on the member.
@@ -97,8 +106,27 @@ impl EtcdStore {
     }
 
     /// Runs `op` on the current member, and on the next ones while it
-    /// does not reach them; see the module docs.
+    /// does not reach them; while etcd elects a leader (every member
+    /// answers "leader changed" or "no leader"), tries again for up to
+    /// [`REQUEST_TIMEOUT`]. See the module docs.
     async fn call<T, F, Fut>(&self, op: F) -> std::result::Result<T, etcd_client::Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            match self.call_members(&op).await {
+                Err(e) if electing(&e) && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "etcd is electing a leader; trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn call_members<T, F, Fut>(&self, op: &F) -> std::result::Result<T, etcd_client::Error>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
@@ -106,6 +134,7 @@ impl EtcdStore {
         let n = self.clients.len();
         let first = self.current.load(Ordering::Relaxed) % n;
         let mut i = first;
+        let mut election = None;
         loop {
             let last = (i + 1) % n == first;
             // While another member is left to try, one that does not
@@ -125,14 +154,18 @@ impl EtcdStore {
             match attempt {
                 Err(e) if unreached(&e) && !last => {
                     tracing::debug!(error = %e, "etcd member unreachable; trying the next");
+                    if electing(&e) {
+                        election = Some(e);
+                    }
                     i = (i + 1) % n;
                 }
-                result => {
-                    if result.is_ok() {
-                        self.current.store(i, Ordering::Relaxed);
-                    }
-                    return result;
+                Ok(v) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(v);
                 }
+                // A member said an election is under way: that, not the
+                // last member's error, is why the round failed.
+                Err(e) => return Err(election.filter(|_| unreached(&e)).unwrap_or(e)),
             }
         }
     }

@@ -109,6 +109,28 @@ impl EtcdMember {
             p.kill9();
         }
     }
+
+    /// Whether this member is etcd's (raft) leader now.
+    pub fn is_leader(&self) -> bool {
+        let out = in_ns(&self.ns, "etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &self.client,
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+            ])
+            .output()
+            .expect("etcdctl");
+        let status: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let s = &status[0]["Status"];
+        s["header"]["member_id"]
+            .as_u64()
+            .is_some_and(|m| Some(m) == s["leader"].as_u64())
+    }
 }
 
 /// `members` etcd members, started, once they answer.
