@@ -57,7 +57,8 @@ for _ in $(seq 100); do
   ETCDCTL_API=3 etcdctl --endpoints "$RVOL_ETCD" endpoint health >/dev/null 2>&1 && break
   sleep 0.2
 done
-"$RVOL" controller --listen "$CTL" --replica-replenish-wait 30s >"$DIR/controller.out" 2>"$DIR/controller.log" &
+# Replicas are sparse: the demo places them however full this disk is.
+"$RVOL" controller --listen "$CTL" --replica-replenish-wait 30s --min-free 0 >"$DIR/controller.out" 2>"$DIR/controller.log" &
 PIDS+=($!)
 agent() { # NAME ZONE PORTS [--label ...]
   local name=$1 zone=$2 ports=$3

@@ -57,6 +57,9 @@ pub struct ControllerArgs {
     /// How far scheduled replica sizes may exceed a disk (1.0: 100 %).
     #[arg(long, default_value_t = 1.0)]
     overprovisioning: f64,
+    /// Share of a disk that must stay free for it to take a replica.
+    #[arg(long, default_value_t = 0.1)]
+    min_free: f64,
 }
 
 #[derive(clap::Args)]
@@ -181,7 +184,7 @@ pub async fn controller(a: ControllerArgs) -> anyhow::Result<u8> {
             leader_ttl: a.leader_ttl,
             policy: Policy {
                 overprovisioning: a.overprovisioning,
-                ..Policy::default()
+                min_free: a.min_free,
             },
             tick: Duration::from_secs(1),
         },

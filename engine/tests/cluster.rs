@@ -641,6 +641,7 @@ fn a_standby_controller_takes_over_and_nothing_happens_twice() {
                 .unwrap()
         };
         let mut retries = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
         for i in 0..6 {
             let name = format!("v{i}");
             let node = format!("n{}", i % 3 + 1);
@@ -658,6 +659,7 @@ fn a_standby_controller_takes_over_and_nothing_happens_twice() {
                 if out.status.success() || err.contains("already exists") {
                     break;
                 }
+                assert!(std::time::Instant::now() < deadline, "create {name}: {err}");
                 retries += 1;
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -665,6 +667,10 @@ fn a_standby_controller_takes_over_and_nothing_happens_twice() {
                 .status
                 .success()
             {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "attach {name} never succeeded"
+                );
                 retries += 1;
                 std::thread::sleep(Duration::from_millis(200));
             }

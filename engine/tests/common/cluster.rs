@@ -265,6 +265,10 @@ impl Cluster {
             &self.wait,
             "--leader-ttl",
             "3s",
+            // The test's disks are the host's: its fill level must not
+            // decide placement.
+            "--min-free",
+            "0",
         ];
         let p = match &self.ctl_ns {
             Some(ns) => Proc::start_in(ns, &args),
