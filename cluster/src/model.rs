@@ -140,6 +140,10 @@ pub struct NodeSettings {
     pub protocol: u32,
     /// No new replica or attachment is placed on it.
     pub cordoned: bool,
+    /// Cordoned, and its replicas move away: each is replaced elsewhere,
+    /// rebuilt, and only then removed (`rvol node drain`).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 pub fn settings_key(node: &NodeName) -> String {
@@ -235,6 +239,11 @@ pub struct Attachment {
     /// Raised by every attachment: an agent runs the engine of the
     /// attachment it sees, and reports which one it runs.
     pub serial: u64,
+    /// Made by the controller, not a user: an engine with no frontend
+    /// that rebuilds the replicas of a detached volume (and takes its
+    /// snapshots). A user's attach replaces it; detach leaves it.
+    #[serde(default)]
+    pub maintenance: bool,
 }
 
 /// One line of a volume's history.
@@ -285,6 +294,11 @@ impl Volume {
         self.events.push(Event { at, message });
         let extra = self.events.len().saturating_sub(EVENTS_KEPT);
         self.events.drain(..extra);
+    }
+
+    /// Where a user attached it (not the controller's maintenance engine).
+    pub fn attached(&self) -> Option<&Attachment> {
+        self.attachment.as_ref().filter(|a| !a.maintenance)
     }
 
     /// The directory name of a replica of this volume on a disk.

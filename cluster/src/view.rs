@@ -39,8 +39,8 @@ pub enum VolumeState {
     Attaching,
     /// Attached, every replica RW.
     Healthy,
-    /// Attached with fewer RW replicas than asked, or detached with
-    /// replicas missing.
+    /// Attached with fewer RW replicas than asked, or detached with fewer
+    /// running in-sync replicas than asked.
     Degraded,
     /// No replica with the volume's current data is available.
     Faulted,
@@ -96,6 +96,10 @@ impl ClusterView {
         self.settings.get(node).is_some_and(|s| s.cordoned)
     }
 
+    pub fn draining(&self, node: &NodeName) -> bool {
+        self.settings.get(node).is_some_and(|s| s.draining)
+    }
+
     /// Where the engine reaches a replica (`IP:PORT`), if its node is known.
     pub fn replica_address(&self, place: &ReplicaPlace) -> Option<String> {
         let node = self.nodes.get(&place.node)?;
@@ -130,21 +134,17 @@ impl ClusterView {
     }
 
     pub fn state(&self, volume: &Volume) -> VolumeState {
-        let running = volume
-            .replicas
-            .iter()
-            .filter(|p| self.replica_running(volume, p))
-            .count();
         let in_sync_running = volume
             .replicas
             .iter()
-            .any(|p| volume.in_sync.contains(&p.id) && self.replica_running(volume, p));
-        if volume.attachment.is_some() {
+            .filter(|p| volume.in_sync.contains(&p.id) && self.replica_running(volume, p))
+            .count();
+        if volume.attached().is_some() {
             let Some(e) = self.engine_report(volume) else {
                 return VolumeState::Attaching;
             };
             if !matches!(e.state, ProcessState::Running { .. }) {
-                return if in_sync_running {
+                return if in_sync_running > 0 {
                     VolumeState::Attaching
                 } else {
                     VolumeState::Faulted
@@ -157,11 +157,12 @@ impl ClusterView {
                 _ => VolumeState::Degraded,
             };
         }
-        if running >= volume.spec.replicas && in_sync_running {
+        // Detached (perhaps with a maintenance engine rebuilding it).
+        if in_sync_running >= volume.spec.replicas {
             VolumeState::Detached
         } else if volume.last_serial == 0 && volume.replicas.iter().all(|p| self.alive(&p.node)) {
             VolumeState::Creating
-        } else if in_sync_running {
+        } else if in_sync_running > 0 {
             VolumeState::Degraded
         } else {
             VolumeState::Faulted

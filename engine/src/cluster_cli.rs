@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use hyper::Method;
 use rvol_cluster::agent::{AgentConfig, AgentOptions};
-use rvol_cluster::controller::api::{Attached, NodeView, VolumeView};
+use rvol_cluster::controller::api::{Attached, VolumeView};
+use rvol_cluster::controller::nodes::NodeView;
 use rvol_cluster::controller::ControllerOptions;
 use rvol_cluster::etcd::EtcdStore;
 use rvol_cluster::http::{self, Address, HttpError};
@@ -113,10 +114,21 @@ pub enum NodeCommand {
         #[command(flatten)]
         cluster: ClusterArg,
     },
+    /// Also stops a drain.
     Uncordon {
         node: String,
         #[command(flatten)]
         cluster: ClusterArg,
+    },
+    /// Cordons the node and moves its replicas away (each rebuilt
+    /// elsewhere before it is removed); waits until none is left.
+    Drain {
+        node: String,
+        #[command(flatten)]
+        cluster: ClusterArg,
+        /// How long to wait; the drain goes on after the command gives up.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
     },
 }
 
@@ -381,12 +393,14 @@ pub async fn get(name: String, cluster: ClusterArg, json: bool) -> anyhow::Resul
     }
     let v: VolumeView = serde_json::from_value(v)?;
     println!(
-        "volume {}  size {}  state {}  replicas {}  attached {}",
+        "volume {}  size {}  state {}  replicas {}  attached {}{}",
         v.name,
         v.size,
         serde_json::to_value(v.state)?.as_str().unwrap_or("?"),
         v.spec.replicas,
-        v.attached_node.map_or("-".into(), |n| n.to_string())
+        v.attached_node.map_or("-".into(), |n| n.to_string()),
+        v.maintenance
+            .map_or(String::new(), |n| format!("  (maintenance engine on {n})"))
     );
     for r in &v.replicas {
         println!(
@@ -497,7 +511,11 @@ pub async fn node(c: NodeCommand) -> anyhow::Result<u8> {
                     "{:<16} {:<6} {:<9} {:<10} {:>8} {:>7} {:>10.1}",
                     n.name.to_string(),
                     n.alive,
-                    n.cordoned,
+                    if n.draining {
+                        "draining".to_string()
+                    } else {
+                        n.cordoned.to_string()
+                    },
                     n.zone.as_deref().unwrap_or("-"),
                     n.replicas,
                     n.engines,
@@ -527,6 +545,62 @@ pub async fn node(c: NodeCommand) -> anyhow::Result<u8> {
             .await?;
             println!("node {node} uncordoned");
         }
+        NodeCommand::Drain {
+            node,
+            cluster,
+            timeout,
+        } => return drain(node, cluster, timeout).await,
     }
     Ok(0)
+}
+
+/// `rvol node drain`: asks for the drain, then follows the node's replica
+/// count down to zero.
+async fn drain(node: String, cluster: ClusterArg, timeout: Duration) -> anyhow::Result<u8> {
+    let node = NodeName::new(&node).map_err(anyhow::Error::msg)?;
+    call(
+        &cluster,
+        Method::POST,
+        &format!("/v1/nodes/{node}/drain"),
+        None,
+    )
+    .await?;
+    println!("node {node} cordoned and draining");
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        let volumes: Vec<VolumeView> =
+            serde_json::from_value(call(&cluster, Method::GET, "/v1/volumes", None).await?)?;
+        let left: Vec<&VolumeView> = volumes
+            .iter()
+            .filter(|v| v.replicas.iter().any(|r| r.node == node))
+            .collect();
+        if left.is_empty() {
+            println!("node {node} drained: it holds no replica");
+            let attached: Vec<String> = volumes
+                .iter()
+                .filter(|v| v.attached_node.as_ref() == Some(&node))
+                .map(|v| v.name.to_string())
+                .collect();
+            if !attached.is_empty() {
+                println!(
+                    "volumes still attached there (detach them to free the node): {}",
+                    attached.join(", ")
+                );
+            }
+            return Ok(0);
+        }
+        if last != Some(left.len()) {
+            println!("{} volume(s) still have a replica on {node}", left.len());
+            last = Some(left.len());
+        }
+        if std::time::Instant::now() > deadline {
+            for v in &left {
+                let why = v.events.last().map_or("", |e| e.message.as_str());
+                eprintln!("  {}: {why}", v.name);
+            }
+            bail!("node {node} still holds replicas after {timeout:?}; the drain goes on");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }

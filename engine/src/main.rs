@@ -9,7 +9,7 @@
 //! rvol snapshot create [NAME] | ls | rm NAME | revert NAME | verify  --admin ADDR
 //! rvol demo
 //! rvol controller --etcd URLS --listen ADDR;  rvol agent --node N --etcd URLS --listen ADDR --disk DIR
-//! rvol volume create|ls|get|rm|attach|detach ... --cluster URL;  rvol node ls|cordon|uncordon --cluster URL
+//! rvol volume create|ls|get|rm|attach|detach ... --cluster URL;  rvol node ls|cordon|uncordon|drain --cluster URL
 //! rvol cert ca --dir DIR;  rvol cert issue --ca-dir DIR --out PREFIX --volume V|--node N|--controller
 //! ```
 //! Engines and replicas take `--tls-cert --tls-key --tls-ca` (mutual TLS).
@@ -185,7 +185,7 @@ enum Command {
     Controller(cluster_cli::ControllerArgs),
     /// Run a node's replicas and engines, as the cluster places them.
     Agent(cluster_cli::AgentArgs),
-    /// List, cordon and uncordon the cluster's nodes.
+    /// List, cordon, uncordon and drain the cluster's nodes.
     Node {
         #[command(subcommand)]
         command: cluster_cli::NodeCommand,

@@ -420,6 +420,139 @@ fn a_restarted_agent_adopts_what_runs() {
     assert_eq!(c.volume("a")["state"], "healthy");
 }
 
+/// The position of the first event of `v` containing `text`.
+fn event_index(v: &Value, text: &str) -> Option<usize> {
+    v["events"]
+        .as_array()?
+        .iter()
+        .position(|e| e["message"].as_str().is_some_and(|m| m.contains(text)))
+}
+
+/// Replicas move without a moment with fewer current copies: to the node
+/// a best-effort volume is attached to while fio verifies it, and off a
+/// drained node, for a detached volume too (a maintenance engine rebuilds
+/// its successor). The replica that leaves goes only after its successor
+/// is in sync, and its data is deleted.
+#[test]
+fn replicas_move_for_locality_and_drain_without_losing_a_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cluster::local(
+        tmp.path(),
+        &[("n1", "za"), ("n2", "zb"), ("n3", "zc"), ("n4", "zd")],
+        "10m",
+    );
+    c.ok(&[
+        "volume",
+        "create",
+        "local",
+        "--size",
+        "64M",
+        "--replicas",
+        "2",
+        "--data-locality",
+        "best-effort",
+    ]);
+    let held = nodes_of(&c.volume("local"));
+    let x = c
+        .nodes
+        .iter()
+        .position(|n| !held.contains(&n.name))
+        .unwrap();
+    let x_name = c.nodes[x].name.clone();
+    let uri = c.attach("local", x);
+    let fio = c.fio_verify(x, &uri, 12);
+    c.wait_for(
+        Duration::from_secs(60),
+        "a replica moved to the attached node",
+        |c| {
+            let v = c.volume("local");
+            let nodes = nodes_of(&v);
+            nodes.len() == 2 && nodes.contains(&x_name) && v["state"] == "healthy"
+        },
+    );
+    let out = fio.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("verify: bad"),
+        "fio: {text}"
+    );
+
+    // A detached volume with data, one of whose replicas is on the node
+    // drained.
+    c.ok(&[
+        "volume",
+        "create",
+        "cold",
+        "--size",
+        "64M",
+        "--replicas",
+        "2",
+    ]);
+    let uri = c.attach("cold", 0);
+    written(&c, 0, &uri, &["write -P 0x5a 0 4M", "flush"]);
+    c.ok(&["volume", "detach", "cold"]);
+    let before = c.volume("cold");
+    let drained = nodes_of(&before)[0].clone();
+    let old_dir = |c: &Cluster| {
+        let d = &c.nodes[c.node_index(&drained)].disk;
+        std::fs::read_dir(d.join("rvol-replicas"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("cold."))
+    };
+    assert!(old_dir(&c));
+    let out = c.ok(&["node", "drain", &drained, "--timeout", "90s"]);
+    assert!(out.contains("drained"), "{out}");
+    let after = c.volume("cold");
+    let nodes = nodes_of(&after);
+    assert_eq!(nodes.len(), 2, "{after}");
+    assert!(!nodes.contains(&drained), "{after}");
+    assert_eq!(after["state"], "detached", "{after}");
+    // The successor joined the in-sync set before the old replica left.
+    let new_id = after["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let joined = after["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|e| {
+            let m = e["message"].as_str().unwrap_or("");
+            m.starts_with("in-sync replicas:") && m.contains(&format!("r{new_id}"))
+        })
+        .expect("the successor was recorded in sync");
+    let retired = event_index(&after, "retired: its node is drained").expect("retired");
+    assert!(joined < retired, "{after}");
+    assert!(
+        event_index(&after, "maintenance engine on").is_some(),
+        "{after}"
+    );
+    c.wait_for(
+        Duration::from_secs(30),
+        "the old replica's data deleted",
+        |c| !old_dir(c),
+    );
+    let n = (0..4).find(|i| c.nodes[*i].name != drained).unwrap();
+    let uri = c.attach("cold", n);
+    written(&c, n, &uri, &["read -P 0x5a 0 4M"]);
+    let ls = c.json(&["node", "ls", "--json"]);
+    let d = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == drained.as_str())
+        .unwrap();
+    assert_eq!(
+        (d["draining"].as_bool(), d["replicas"].as_u64()),
+        (Some(true), Some(0))
+    );
+}
+
 fn lab_or_skip(names: &[&str]) -> Option<common::netns::Lab> {
     if !common::netns::Lab::available() {
         eprintln!("SKIPPED: network namespaces need root and iproute2");

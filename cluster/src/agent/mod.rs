@@ -215,9 +215,11 @@ fn engine_key(v: &Volume, serial: u64) -> String {
     format!("engine.{}.{}.s{serial}", v.name, v.uid)
 }
 
-/// An engine's admin socket: short, as socket paths must be.
-fn engine_socket(run_dir: &Path, v: &Volume) -> PathBuf {
-    run_dir.join(format!("e-{}.sock", v.uid))
+/// An engine's admin socket: short, as socket paths must be, and one per
+/// attachment, as the engine of a new attachment may start while the old
+/// one stops.
+fn engine_socket(run_dir: &Path, v: &Volume, serial: u64) -> PathBuf {
+    run_dir.join(format!("e-{}.{serial}.sock", v.uid))
 }
 
 impl<S: Store> Agent<S> {
@@ -267,6 +269,7 @@ impl<S: Store> Agent<S> {
             args.extend(["--replica".into(), p.address.clone()]);
         }
         match a.frontend {
+            _ if a.maintenance => args.extend(["--frontend".into(), "none".into()]),
             Frontend::Nbd => args.extend([
                 "--frontend".into(),
                 "nbd".into(),
@@ -277,7 +280,7 @@ impl<S: Store> Agent<S> {
         }
         args.extend([
             "--admin-listen".into(),
-            format!("unix:{}", engine_socket(run_dir, v).display()),
+            format!("unix:{}", engine_socket(run_dir, v, a.serial).display()),
             "--in-sync-hook".into(),
             format!("unix:{}", run_dir.join(HOOK_SOCKET).display()),
         ]);
@@ -388,7 +391,7 @@ impl<S: Store> Agent<S> {
             .and_then(|a| a.as_str())
             .map(|a| format!("nbd://{a}/"));
         report.device = ready["device"].as_str().map(str::to_string);
-        let socket = Address::Unix(engine_socket(self.sup.run_dir(), v));
+        let socket = Address::Unix(engine_socket(self.sup.run_dir(), v, serial));
         let status = match admin(&socket, Method::GET, "/v1/volume", None).await {
             Ok(s) => s,
             Err(e) => {

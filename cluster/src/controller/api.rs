@@ -7,7 +7,7 @@
 //! GET    /v1/volumes/NAME             DELETE /v1/volumes/NAME
 //! POST   /v1/volumes/NAME/attach {node, frontend}   POST /v1/volumes/NAME/detach
 //! POST   /v1/volumes/NAME/expand {size}
-//! GET    /v1/nodes                    POST /v1/nodes/NAME/cordon | uncordon
+//! GET    /v1/nodes                    POST /v1/nodes/NAME/cordon | uncordon | drain
 //! ```
 //!
 //! Attach and detach answer once the node's agent reports the engine
@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use super::Ctl;
 use crate::model::{
-    encode, report_key, settings_key, Attachment, DataLocality, Frontend, NodeName, NodeSettings,
-    ProcessState, Volume, VolumeName, VolumeSpec, ZoneAntiAffinity, PROTOCOL,
+    encode, report_key, Attachment, DataLocality, Frontend, NodeName, ProcessState, Volume,
+    VolumeName, VolumeSpec, ZoneAntiAffinity, PROTOCOL,
 };
 use crate::store::{Change, Expect, Revision, Store, StoreError};
 use crate::view::{ClusterView, VolumeState};
@@ -63,13 +63,13 @@ impl From<StoreError> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<Json<T>, ApiError>;
+pub(super) type ApiResult<T> = Result<Json<T>, ApiError>;
 
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, message.into())
 }
 
-fn not_found(what: &str) -> ApiError {
+pub(super) fn not_found(what: &str) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, format!("{what} does not exist"))
 }
 
@@ -89,14 +89,20 @@ pub fn router<S: Store>(ctl: Arc<Ctl<S>>) -> Router {
         .route("/v1/volumes/{name}/attach", post(attach::<S>))
         .route("/v1/volumes/{name}/detach", post(detach::<S>))
         .route("/v1/volumes/{name}/expand", post(expand::<S>))
-        .route("/v1/nodes", get(list_nodes::<S>))
-        .route("/v1/nodes/{name}/cordon", post(cordon::<S>))
-        .route("/v1/nodes/{name}/uncordon", post(uncordon::<S>))
+        .route("/v1/nodes", get(super::nodes::list::<S>))
+        .route("/v1/nodes/{name}/cordon", post(super::nodes::cordon::<S>))
+        .route(
+            "/v1/nodes/{name}/uncordon",
+            post(super::nodes::uncordon::<S>),
+        )
+        .route("/v1/nodes/{name}/drain", post(super::nodes::drain::<S>))
         .with_state(ctl)
 }
 
 /// Holds the leader's change lock, or answers where the leader is.
-async fn change_lock<S: Store>(ctl: &Ctl<S>) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
+pub(super) async fn change_lock<S: Store>(
+    ctl: &Ctl<S>,
+) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
     if !ctl.leading() {
         let leader = ctl.leader().await?.unwrap_or_else(|| "(none yet)".into());
         return Err(ApiError(
@@ -124,6 +130,9 @@ pub struct VolumeView {
     pub spec: VolumeSpec,
     pub attached_node: Option<NodeName>,
     pub frontend: Option<Frontend>,
+    /// Where the controller's maintenance engine runs, while detached.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub maintenance: Option<NodeName>,
     pub nbd: Option<String>,
     pub device: Option<String>,
     pub replicas: Vec<ReplicaView>,
@@ -150,8 +159,13 @@ pub fn volume_view(view: &ClusterView, v: &Volume) -> VolumeView {
         size: engine.map_or(v.spec.size, |e| e.size.max(v.spec.size)),
         state: view.state(v),
         spec: v.spec.clone(),
-        attached_node: v.attachment.as_ref().map(|a| a.node.clone()),
-        frontend: v.attachment.as_ref().map(|a| a.frontend),
+        attached_node: v.attached().map(|a| a.node.clone()),
+        frontend: v.attached().map(|a| a.frontend),
+        maintenance: v
+            .attachment
+            .as_ref()
+            .filter(|a| a.maintenance)
+            .map(|a| a.node.clone()),
         nbd: engine.and_then(|e| e.nbd.clone()),
         device: engine.and_then(|e| e.device.clone()),
         replicas: v
@@ -184,7 +198,7 @@ fn volume_name(name: &str) -> Result<VolumeName, ApiError> {
     VolumeName::new(name).map_err(bad)
 }
 
-fn node_name(name: &str) -> Result<NodeName, ApiError> {
+pub(super) fn node_name(name: &str) -> Result<NodeName, ApiError> {
     NodeName::new(name).map_err(bad)
 }
 
@@ -264,8 +278,15 @@ async fn create<S: Store>(
         in_sync: Vec::new(),
         events: Vec::new(),
     };
-    let placed = super::heal::place_missing(&view, &mut volume, ctl.policy, None)
-        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let count = volume.spec.replicas;
+    let placed = super::heal::place_missing(
+        &view,
+        &mut volume,
+        ctl.policy,
+        count,
+        super::heal::Where::Prefer(None),
+    )
+    .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     volume.in_sync = volume.replicas.iter().map(|p| p.id).collect();
     volume.event(format!("created: {placed}"));
     ctl.store
@@ -283,7 +304,7 @@ async fn remove<S: Store>(
     let _lock = change_lock(&ctl).await?;
     let view = ClusterView::load(&*ctl.store).await?;
     let (v, revision) = find(&view, &name)?;
-    if let Some(a) = &v.attachment {
+    if let Some(a) = v.attached() {
         return Err(conflict(format!(
             "volume {name} is attached to {}: detach it first",
             a.node
@@ -329,7 +350,9 @@ async fn attach<S: Store>(
                 format!("node {node} has no live agent"),
             ));
         }
-        match &v.attachment {
+        // A maintenance engine gives way to the user's: the new engine
+        // takes the replicas over with a higher generation.
+        match v.attached() {
             Some(a) if a.node == node && a.frontend == req.frontend => (a.serial, view.revision),
             Some(a) if a.node == node => {
                 return Err(conflict(format!(
@@ -361,13 +384,20 @@ async fn attach<S: Store>(
                     frontend: req.frontend,
                     port,
                     serial: next.last_serial,
+                    maintenance: false,
                 });
                 next.event(match current {
                     Some(old) => format!(
                         "attached to {node}, taking over from {}, whose agent is away",
                         old.node
                     ),
-                    None => format!("attached to {node}"),
+                    None => match &v.attachment {
+                        Some(m) => format!(
+                            "attached to {node}; the maintenance engine on {} gives way",
+                            m.node
+                        ),
+                        None => format!("attached to {node}"),
+                    },
                 });
                 let written = ctl
                     .store
@@ -433,7 +463,7 @@ async fn detach<S: Store>(
         let _lock = change_lock(&ctl).await?;
         let view = ClusterView::load(&*ctl.store).await?;
         let (v, revision) = find(&view, &name)?;
-        let Some(old) = v.attachment.clone() else {
+        let Some(old) = v.attached().cloned() else {
             return Ok(Json(serde_json::json!({ "detached": name })));
         };
         let mut next = v.clone();
@@ -558,105 +588,4 @@ impl ReportWatch {
             None => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
-}
-
-/// A node as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct NodeView {
-    pub name: NodeName,
-    pub alive: bool,
-    pub cordoned: bool,
-    pub address: Option<String>,
-    pub zone: Option<String>,
-    pub labels: BTreeMap<String, String>,
-    pub disks: Vec<crate::model::Disk>,
-    pub replicas: usize,
-    pub engines: usize,
-}
-
-async fn list_nodes<S: Store>(State(ctl): State<Arc<Ctl<S>>>) -> ApiResult<Vec<NodeView>> {
-    let view = ClusterView::load(&*ctl.store).await?;
-    let mut names: Vec<NodeName> = view.nodes.keys().cloned().collect();
-    // Nodes that hold replicas or settings are listed while away too.
-    for (v, _) in view.volumes.values() {
-        names.extend(v.replicas.iter().map(|p| p.node.clone()));
-    }
-    names.extend(view.settings.keys().cloned());
-    names.sort();
-    names.dedup();
-    Ok(Json(
-        names
-            .into_iter()
-            .map(|name| {
-                let n = view.nodes.get(&name);
-                NodeView {
-                    alive: n.is_some(),
-                    cordoned: view.cordoned(&name),
-                    address: n.map(|n| n.address.clone()),
-                    zone: n.and_then(|n| n.zone.clone()),
-                    labels: n.map(|n| n.labels.clone()).unwrap_or_default(),
-                    disks: n.map(|n| n.disks.clone()).unwrap_or_default(),
-                    replicas: view
-                        .volumes
-                        .values()
-                        .flat_map(|(v, _)| &v.replicas)
-                        .filter(|p| p.node == name)
-                        .count(),
-                    engines: view
-                        .volumes
-                        .values()
-                        .filter(|(v, _)| v.attachment.as_ref().is_some_and(|a| a.node == name))
-                        .count(),
-                    name,
-                }
-            })
-            .collect(),
-    ))
-}
-
-async fn set_cordon<S: Store>(
-    ctl: &Ctl<S>,
-    name: &str,
-    cordoned: bool,
-) -> ApiResult<serde_json::Value> {
-    let node = node_name(name)?;
-    let _lock = change_lock(ctl).await?;
-    let view = ClusterView::load(&*ctl.store).await?;
-    let known = view.alive(&node)
-        || view
-            .volumes
-            .values()
-            .any(|(v, _)| v.replicas.iter().any(|p| p.node == node));
-    if !known {
-        return Err(not_found(&format!("node {node}")));
-    }
-    let settings = NodeSettings {
-        protocol: PROTOCOL,
-        cordoned,
-    };
-    ctl.store
-        .put(
-            &settings_key(&node),
-            encode(&settings),
-            Expect::Anything,
-            None,
-        )
-        .await?;
-    Ok(Json(
-        serde_json::json!({ "node": node, "cordoned": cordoned }),
-    ))
-}
-
-async fn cordon<S: Store>(
-    State(ctl): State<Arc<Ctl<S>>>,
-    Path(name): Path<String>,
-) -> ApiResult<serde_json::Value> {
-    set_cordon(&ctl, &name, true).await
-}
-
-async fn uncordon<S: Store>(
-    State(ctl): State<Arc<Ctl<S>>>,
-    Path(name): Path<String>,
-) -> ApiResult<serde_json::Value> {
-    set_cordon(&ctl, &name, false).await
 }

@@ -1,4 +1,5 @@
-//! The leader's reconciler: keeps every volume at its replica count.
+//! The leader's reconciler: keeps every volume at its replica count, on
+//! the nodes it should be on, with an engine to rebuild it when needed.
 //!
 //! Each pass reads the whole cluster and, for each volume:
 //! 1. **Replaces replicas of nodes away too long.** A node is away while
@@ -9,21 +10,35 @@
 //!    returns, deletes their data. A replica of the in-sync set is kept
 //!    while no other in-sync replica is left: forgetting it would forget
 //!    where the volume's current data is.
-//! 2. **Places missing replicas** ([`place_missing`]), which the agents
-//!    then start and the engine, when attached, adds and rebuilds online;
-//!    a volume short of nodes gets them when nodes are added later. Why
+//! 2. **Places replicas** ([`place_missing`]): those the volume lacks,
+//!    one for each replica on a draining node, and, with best-effort data
+//!    locality, one on the node the volume is attached to. The agents
+//!    start them and the engine adds and rebuilds them online. Why a
 //!    placement fails is written to the volume's events once per reason.
+//! 3. **Retires surplus replicas**, only once the replicas that stay hold
+//!    the volume's count in sync: a replica leaves a draining node, or
+//!    gives way to the local one, after its successor was rebuilt, never
+//!    before. So a move never lowers the number of current copies.
+//! 4. **Runs a maintenance engine for a detached volume** that has a
+//!    replica to rebuild: an engine with no frontend, on a node holding an
+//!    in-sync replica, removed once every replica is in sync. Without it
+//!    a replacement placed while the volume is detached would stay empty,
+//!    and a drain would wait, until a user attached the volume.
 //!
 //! Writes are made at the revision the pass read, so a volume changed
 //! meanwhile (by the API, an agent recording its in-sync set) is left for
-//! the next pass.
+//! the next pass; every step is decided from the record alone, so the
+//! next pass (of this leader or another) decides the same.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Ctl;
-use crate::model::{encode, DataLocality, NodeName, ReplicaId, ReplicaPlace, Volume, VolumeName};
+use crate::model::{
+    encode, Attachment, DataLocality, Frontend, NodeName, ReplicaId, ReplicaPlace, Volume,
+    VolumeName,
+};
 use crate::placement::{self, NodeView, Policy, Request};
 use crate::store::{Expect, Store, StoreError};
 use crate::view::{join_host_port, ClusterView};
@@ -32,8 +47,8 @@ pub struct Healer<S> {
     ctl: Arc<Ctl<S>>,
     wait: Duration,
     away_since: BTreeMap<NodeName, Instant>,
-    /// The last placement failure written to each volume's events.
-    told: BTreeMap<VolumeName, String>,
+    /// The last failure of each kind written to each volume's events.
+    told: BTreeMap<(VolumeName, &'static str), String>,
 }
 
 impl<S: Store> Healer<S> {
@@ -47,7 +62,8 @@ impl<S: Store> Healer<S> {
     }
 
     pub async fn pass(&mut self) {
-        let _lock = self.ctl.changes.lock().await;
+        let ctl = self.ctl.clone();
+        let _lock = ctl.changes.lock().await;
         let view = match ClusterView::load(&*self.ctl.store).await {
             Ok(v) => v,
             Err(e) => {
@@ -71,26 +87,9 @@ impl<S: Store> Healer<S> {
         for (v, revision) in view.volumes.values() {
             let mut next = v.clone();
             let mut changed = self.replace_lost(&mut next, now);
-            if next.replicas.len() < next.spec.replicas {
-                let prefer = match next.spec.data_locality {
-                    DataLocality::Disabled => None,
-                    _ => next.attachment.as_ref().map(|a| a.node.clone()),
-                };
-                match place_missing(&view, &mut next, self.ctl.policy, prefer) {
-                    Ok(placed) => {
-                        next.event(format!("placed {placed}"));
-                        self.told.remove(&v.name);
-                        changed = true;
-                    }
-                    Err(why) => {
-                        if self.told.get(&v.name) != Some(&why) {
-                            next.event(format!("cannot place a replica: {why}"));
-                            self.told.insert(v.name.clone(), why);
-                            changed = true;
-                        }
-                    }
-                }
-            }
+            changed |= self.place(&view, &mut next);
+            changed |= retire_surplus(&view, &mut next);
+            changed |= self.maintain(&view, &mut next);
             if changed {
                 match self
                     .ctl
@@ -102,6 +101,30 @@ impl<S: Store> Healer<S> {
                     Err(e) => tracing::warn!(volume = %v.name, error = %e, "healing not written"),
                 }
             }
+        }
+    }
+
+    /// Writes `outcome` to the volume's events: a success always, a
+    /// failure once until it changes. Whether the volume changed.
+    fn tell(
+        &mut self,
+        v: &mut Volume,
+        kind: &'static str,
+        outcome: Result<String, String>,
+    ) -> bool {
+        let key = (v.name.clone(), kind);
+        match outcome {
+            Ok(said) => {
+                self.told.remove(&key);
+                v.event(said);
+                true
+            }
+            Err(why) if self.told.get(&key) != Some(&why) => {
+                self.told.insert(key, why.clone());
+                v.event(why);
+                true
+            }
+            Err(_) => false,
         }
     }
 
@@ -135,6 +158,161 @@ impl<S: Store> Healer<S> {
         }
         changed
     }
+
+    /// Step 2 of the module docs; whether anything changed.
+    fn place(&mut self, view: &ClusterView, v: &mut Volume) -> bool {
+        let policy = self.ctl.policy;
+        let mut changed = false;
+        let staying = v
+            .replicas
+            .iter()
+            .filter(|p| !view.draining(&p.node))
+            .count();
+        if staying < v.spec.replicas {
+            let prefer = match v.spec.data_locality {
+                DataLocality::Disabled => None,
+                _ => v.attached().map(|a| a.node.clone()),
+            };
+            let count = v.spec.replicas - staying;
+            let outcome = place_missing(view, v, policy, count, Where::Prefer(prefer))
+                .map(|placed| format!("placed {placed}"))
+                .map_err(|why| format!("cannot place a replica: {why}"));
+            changed |= self.tell(v, "place", outcome);
+        }
+        if let Some(local) = locality_wanted(view, v) {
+            let outcome = place_missing(view, v, policy, 1, Where::Only(local.clone()))
+                .map(|placed| format!("placed {placed} for data locality"))
+                .map_err(|why| format!("data locality: no replica fits on {local}: {why}"));
+            changed |= self.tell(v, "locality", outcome);
+        }
+        changed
+    }
+
+    /// Step 4 of the module docs; whether anything changed.
+    fn maintain(&mut self, view: &ClusterView, v: &mut Volume) -> bool {
+        let running = |p: &&ReplicaPlace| view.replica_running(v, p);
+        // The engine goes where an in-sync replica runs, on an uncordoned
+        // node if there is one.
+        let source = v
+            .replicas
+            .iter()
+            .filter(running)
+            .filter(|p| v.in_sync.contains(&p.id))
+            .min_by_key(|p| view.cordoned(&p.node))
+            .map(|p| p.node.clone());
+        let to_rebuild: Vec<ReplicaId> = v
+            .replicas
+            .iter()
+            .filter(running)
+            .filter(|p| !v.in_sync.contains(&p.id))
+            .map(|p| p.id)
+            .collect();
+        match &v.attachment {
+            None if !to_rebuild.is_empty() => {
+                let Some(node) = source else {
+                    let outcome = Err(format!(
+                        "cannot rebuild {to_rebuild:?} while detached: no in-sync replica runs"
+                    ));
+                    return self.tell(v, "maintain", outcome);
+                };
+                v.last_serial += 1;
+                v.attachment = Some(Attachment {
+                    node: node.clone(),
+                    frontend: Frontend::Nbd,
+                    port: 0,
+                    serial: v.last_serial,
+                    maintenance: true,
+                });
+                let list: Vec<String> = to_rebuild.iter().map(|id| id.to_string()).collect();
+                let said = format!(
+                    "maintenance engine on {node}: rebuilding {} while detached",
+                    list.join(", ")
+                );
+                self.tell(v, "maintain", Ok(said))
+            }
+            Some(a) if a.maintenance && (to_rebuild.is_empty() || !view.alive(&a.node)) => {
+                let said = format!("maintenance engine on {} done", a.node);
+                v.attachment = None;
+                self.tell(v, "maintain", Ok(said))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// With best-effort data locality: the node the volume is attached to,
+/// when it holds no replica and may take one.
+fn locality_wanted(view: &ClusterView, v: &Volume) -> Option<NodeName> {
+    let a = v.attached()?;
+    let wanted = v.spec.data_locality == DataLocality::BestEffort
+        && view.alive(&a.node)
+        && !view.cordoned(&a.node)
+        && !v.replicas.iter().any(|p| p.node == a.node);
+    wanted.then(|| a.node.clone())
+}
+
+/// Step 3 of the module docs; whether anything changed.
+fn retire_surplus(view: &ClusterView, v: &mut Volume) -> bool {
+    let mut changed = false;
+    while v.replicas.len() > v.spec.replicas {
+        let in_sync_without = |id: ReplicaId| {
+            v.in_sync
+                .iter()
+                .filter(|i| **i != id && v.replicas.iter().any(|p| p.id == **i))
+                .count()
+        };
+        let Some((id, why)) = surplus(view, v)
+            .into_iter()
+            .find(|(id, _)| in_sync_without(*id) >= v.spec.replicas)
+        else {
+            break;
+        };
+        let node = v
+            .replicas
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.node.clone());
+        v.replicas.retain(|p| p.id != id);
+        v.in_sync.retain(|i| *i != id);
+        if let Some(node) = node {
+            v.event(format!("replica {id} on {node} retired: {why}"));
+        }
+        changed = true;
+    }
+    changed
+}
+
+/// The replicas that may leave a volume with more than its count, best
+/// first, and why each would.
+fn surplus(view: &ClusterView, v: &Volume) -> Vec<(ReplicaId, &'static str)> {
+    let draining: Vec<_> = v
+        .replicas
+        .iter()
+        .filter(|p| view.draining(&p.node))
+        .map(|p| (p.id, "its node is drained"))
+        .collect();
+    if !draining.is_empty() {
+        return draining;
+    }
+    // Those not in sync first, then the newest; with best-effort locality
+    // the local replica stays, once it is in sync (until then, nothing
+    // leaves: it might not make it).
+    let mut rest: Vec<&ReplicaPlace> = v.replicas.iter().collect();
+    let mut why = "the volume has more replicas than asked";
+    if let Some(a) = v
+        .attached()
+        .filter(|_| v.spec.data_locality == DataLocality::BestEffort)
+    {
+        if let Some(local) = v.replicas.iter().find(|p| p.node == a.node) {
+            if !v.in_sync.contains(&local.id) {
+                return Vec::new();
+            }
+            rest.retain(|p| p.id != local.id);
+            why = "a replica on the node the volume is attached to took its place";
+        }
+    }
+    rest.sort_by_key(|p| (v.in_sync.contains(&p.id), std::cmp::Reverse(p.id)));
+    rest.into_iter().map(|p| (p.id, why)).collect()
 }
 
 /// The lowest port of `node`'s range that no replica or export of any
@@ -159,15 +337,23 @@ pub fn free_port(view: &ClusterView, node: &NodeName, taken: &[u16]) -> Option<u
     (range.first..=range.last).find(|p| !used.contains(p))
 }
 
-/// Places the replicas `v` lacks, giving each an id, a port and an
+/// Where [`place_missing`] may put replicas.
+pub enum Where {
+    /// Any node that fits, this one first.
+    Prefer(Option<NodeName>),
+    /// This node only.
+    Only(NodeName),
+}
+
+/// Places `count` more replicas of `v`, giving each an id, a port and an
 /// address; returns what was placed, or why it could not be.
 pub fn place_missing(
     view: &ClusterView,
     v: &mut Volume,
     policy: Policy,
-    prefer: Option<NodeName>,
+    count: usize,
+    at: Where,
 ) -> Result<String, String> {
-    let count = v.spec.replicas.saturating_sub(v.replicas.len());
     if count == 0 {
         return Ok("nothing".into());
     }
@@ -181,9 +367,14 @@ pub fn place_missing(
                 .or_default() += other.spec.size;
         }
     }
+    let (only, prefer) = match at {
+        Where::Prefer(node) => (None, node),
+        Where::Only(node) => (Some(node.clone()), Some(node)),
+    };
     let nodes: Vec<NodeView> = view
         .nodes
         .values()
+        .filter(|n| only.as_ref().is_none_or(|o| *o == n.name))
         .map(|n| NodeView {
             node: n.clone(),
             alive: true,
@@ -191,12 +382,20 @@ pub fn place_missing(
             scheduled: scheduled.remove(&n.name).unwrap_or_default(),
         })
         .collect();
+    // A replica on a draining node neither uses up its zone (its
+    // successor may go there) nor lets its node take another: the node is
+    // cordoned.
     let request = Request {
         count,
         size: v.spec.size,
         zones: v.spec.zone_anti_affinity,
         selector: v.spec.node_selector.clone(),
-        holding: v.replicas.iter().map(|p| p.node.clone()).collect(),
+        holding: v
+            .replicas
+            .iter()
+            .filter(|p| !view.draining(&p.node))
+            .map(|p| p.node.clone())
+            .collect(),
         prefer,
     };
     let placed = placement::place(&nodes, &request, policy).map_err(|e| e.to_string())?;

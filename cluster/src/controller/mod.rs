@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod heal;
+pub mod nodes;
 
 use std::sync::Arc;
 use std::time::Duration;
