@@ -85,6 +85,13 @@ name_type!(
     "volume",
     "volumes"
 );
+name_type!(
+    /// A snapshot's name, unique within its volume (kept in the volume's
+    /// record, not under a key of its own).
+    SnapshotName,
+    "snapshot",
+    "snapshots"
+);
 
 /// A disk an agent offers for replicas.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -281,7 +288,30 @@ pub struct Volume {
     /// reported them (all replicas until an engine has run). An engine is
     /// only started when one of them can be reached.
     pub in_sync: Vec<ReplicaId>,
+    /// Snapshots asked for, taken, or being removed, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<Snapshot>,
     pub events: Vec<Event>,
+}
+
+/// A snapshot of a volume. Users ask for it in the record; the engine of
+/// the volume (the user's, or a maintenance engine while detached) takes
+/// or removes it in every replica's chain, and its agent records that.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub name: SnapshotName,
+    pub state: SnapshotState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "is")]
+pub enum SnapshotState {
+    /// Asked for; no engine has taken it yet.
+    Requested,
+    /// In the chain of the volume's replicas since `at` (Unix seconds).
+    Taken { at: u64 },
+    /// To be removed from the chain; the record goes when it is.
+    Removing,
 }
 
 impl Volume {

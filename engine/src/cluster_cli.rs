@@ -16,7 +16,8 @@ use rvol_cluster::controller::ControllerOptions;
 use rvol_cluster::etcd::EtcdStore;
 use rvol_cluster::http::{self, Address, HttpError};
 use rvol_cluster::model::{
-    DataLocality, Frontend, NodeName, PortRange, VolumeName, ZoneAntiAffinity,
+    DataLocality, Frontend, NodeName, PortRange, Snapshot, SnapshotState, VolumeName,
+    ZoneAntiAffinity,
 };
 use rvol_cluster::placement::Policy;
 use tokio::signal::unix::{signal, SignalKind};
@@ -129,6 +130,33 @@ pub enum NodeCommand {
         /// How long to wait; the drain goes on after the command gives up.
         #[arg(long, default_value = "10m", value_parser = parse_duration)]
         timeout: Duration,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot (through the volume's engine; a maintenance engine
+    /// while it is detached). Asking again for one taken is no error.
+    Create {
+        volume: String,
+        snapshot: String,
+        #[command(flatten)]
+        cluster: ClusterArg,
+    },
+    /// The volume's snapshots, oldest first.
+    Ls {
+        volume: String,
+        #[command(flatten)]
+        cluster: ClusterArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a snapshot from every replica's chain.
+    Rm {
+        volume: String,
+        snapshot: String,
+        #[command(flatten)]
+        cluster: ClusterArg,
     },
 }
 
@@ -550,6 +578,56 @@ pub async fn node(c: NodeCommand) -> anyhow::Result<u8> {
             cluster,
             timeout,
         } => return drain(node, cluster, timeout).await,
+    }
+    Ok(0)
+}
+
+pub async fn snapshot(c: SnapshotCommand) -> anyhow::Result<u8> {
+    match c {
+        SnapshotCommand::Create {
+            volume,
+            snapshot,
+            cluster,
+        } => {
+            let volume = checked(&volume)?;
+            let body = serde_json::json!({ "name": snapshot });
+            let path = format!("/v1/volumes/{volume}/snapshots");
+            call(&cluster, Method::POST, &path, Some(body)).await?;
+            println!("snapshot {snapshot} of volume {volume} taken");
+        }
+        SnapshotCommand::Ls {
+            volume,
+            cluster,
+            json,
+        } => {
+            let volume = checked(&volume)?;
+            let path = format!("/v1/volumes/{volume}/snapshots");
+            let v = call(&cluster, Method::GET, &path, None).await?;
+            if json {
+                return print_json(&v).map(|_| 0);
+            }
+            let list: Vec<Snapshot> = serde_json::from_value(v)?;
+            for s in list {
+                let state = match s.state {
+                    SnapshotState::Taken { at } => format!("taken at {at}"),
+                    other => serde_json::to_value(other)?["is"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .to_string(),
+                };
+                println!("{:<32} {state}", s.name.to_string());
+            }
+        }
+        SnapshotCommand::Rm {
+            volume,
+            snapshot,
+            cluster,
+        } => {
+            let volume = checked(&volume)?;
+            let path = format!("/v1/volumes/{volume}/snapshots/{snapshot}");
+            call(&cluster, Method::DELETE, &path, None).await?;
+            println!("snapshot {snapshot} of volume {volume} removed");
+        }
     }
     Ok(0)
 }

@@ -9,7 +9,7 @@
 //! rvol snapshot create [NAME] | ls | rm NAME | revert NAME | verify  --admin ADDR
 //! rvol demo
 //! rvol controller --etcd URLS --listen ADDR;  rvol agent --node N --etcd URLS --listen ADDR --disk DIR
-//! rvol volume create|ls|get|rm|attach|detach ... --cluster URL;  rvol node ls|cordon|uncordon|drain --cluster URL
+//! rvol volume create|ls|get|rm|attach|detach|expand|snapshot ... --cluster URL;  rvol node ls|cordon|uncordon|drain --cluster URL
 //! rvol cert ca --dir DIR;  rvol cert issue --ca-dir DIR --out PREFIX --volume V|--node N|--controller
 //! ```
 //! Engines and replicas take `--tls-cert --tls-key --tls-ca` (mutual TLS).
@@ -326,6 +326,11 @@ enum VolumeCommand {
         #[command(flatten)]
         cluster: cluster_cli::ClusterArg,
     },
+    /// Snapshots of a cluster volume, attached or not.
+    Snapshot {
+        #[command(subcommand)]
+        command: cluster_cli::SnapshotCommand,
+    },
     /// Grow a cluster volume to --size, attached or not.
     Expand {
         name: String,
@@ -553,6 +558,7 @@ async fn volume_command(c: VolumeCommand) -> anyhow::Result<u8> {
             size,
             cluster,
         } => cluster_cli::expand(name, size, cluster).await,
+        VolumeCommand::Snapshot { command } => cluster_cli::snapshot(command).await,
     }
 }
 

@@ -553,6 +553,69 @@ fn replicas_move_for_locality_and_drain_without_losing_a_copy() {
     );
 }
 
+/// Snapshots through the cluster, attached and detached: each is in
+/// every replica's chain, asking twice takes it once, removing it takes it
+/// out of the list, and the volume's data is untouched.
+#[test]
+fn snapshots_are_taken_attached_or_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cluster::local(tmp.path(), &[("n1", "za"), ("n2", "zb")], "10m");
+    c.ok(&["volume", "create", "s", "--size", "64M", "--replicas", "2"]);
+    let uri = c.attach("s", 0);
+    written(&c, 0, &uri, &["write -P 0x11 0 1M", "flush"]);
+    c.ok(&["volume", "snapshot", "create", "s", "first"]);
+    written(&c, 0, &uri, &["write -P 0x22 0 1M", "flush"]);
+    c.ok(&["volume", "detach", "s"]);
+    c.ok(&["volume", "snapshot", "create", "s", "second"]);
+    c.ok(&["volume", "snapshot", "create", "s", "first"]);
+    let list = c.json(&["volume", "snapshot", "ls", "s", "--json"]);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["first", "second"], "{list}");
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["state"]["is"] == "taken"));
+    for n in &c.nodes {
+        let dir = std::fs::read_dir(n.disk.join("rvol-replicas"))
+            .unwrap()
+            .flatten()
+            .next()
+            .expect("a replica on each node")
+            .path();
+        for snap in ["first", "second"] {
+            assert!(
+                dir.join(format!("volume-snap-{snap}.img")).exists(),
+                "{snap} in {}",
+                dir.display()
+            );
+        }
+    }
+    // The maintenance engine that took the second one goes away.
+    c.wait_for(
+        Duration::from_secs(30),
+        "the maintenance engine gone",
+        |c| {
+            let v = c.volume("s");
+            v["maintenance"].is_null() && v["state"] == "detached"
+        },
+    );
+    let err = c.fails(&["volume", "snapshot", "create", "s", "a/b"]);
+    assert!(err.contains("not a snapshot name"), "{err}");
+    let err = c.fails(&["volume", "snapshot", "rm", "s", "nope"]);
+    assert!(err.contains("does not exist"), "{err}");
+    c.ok(&["volume", "snapshot", "rm", "s", "first"]);
+    let list = c.json(&["volume", "snapshot", "ls", "s", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let uri = c.attach("s", 1);
+    written(&c, 1, &uri, &["read -P 0x22 0 1M"]);
+}
+
 fn lab_or_skip(names: &[&str]) -> Option<common::netns::Lab> {
     if !common::netns::Lab::available() {
         eprintln!("SKIPPED: network namespaces need root and iproute2");

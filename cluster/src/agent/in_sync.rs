@@ -26,17 +26,9 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use crate::model::{decode, encode, NodeName, ReplicaId, Volume, VolumeName};
-use crate::store::{Expect, Store, StoreError};
-
-#[derive(Debug, thiserror::Error)]
-pub enum RecordError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The request cannot be recorded: the answer is the same next time.
-    #[error("{0}")]
-    Refused(String),
-}
+use super::record::{update_attached, RecordError};
+use crate::model::{NodeName, ReplicaId, VolumeName};
+use crate::store::Store;
 
 /// Records `rw` (replica addresses) as the in-sync set of `volume`,
 /// attached to `node`; see the module docs.
@@ -46,19 +38,7 @@ pub async fn record<S: Store>(
     volume: &VolumeName,
     rw: &[String],
 ) -> Result<(), RecordError> {
-    let key = volume.key();
-    for _ in 0..5 {
-        let Some(v) = store.get(&key).await? else {
-            return Err(RecordError::Refused(format!(
-                "volume {volume} does not exist"
-            )));
-        };
-        let mut next: Volume = decode(&key, &v)?;
-        if next.attachment.as_ref().map(|a| &a.node) != Some(node) {
-            return Err(RecordError::Refused(format!(
-                "volume {volume} is not attached to {node}"
-            )));
-        }
+    update_attached(store, node, volume, |next| {
         let ids: BTreeSet<ReplicaId> = next
             .replicas
             .iter()
@@ -66,28 +46,17 @@ pub async fn record<S: Store>(
             .map(|p| p.id)
             .collect();
         if ids.is_empty() {
-            return Err(RecordError::Refused(format!(
-                "none of {rw:?} is a replica of volume {volume}"
-            )));
+            return Err(format!("none of {rw:?} is a replica of volume {volume}"));
         }
         if ids == next.in_sync.iter().copied().collect() {
-            return Ok(());
+            return Ok(false);
         }
         next.in_sync = ids.into_iter().collect();
         let list: Vec<String> = next.in_sync.iter().map(|id| id.to_string()).collect();
         next.event(format!("in-sync replicas: {}", list.join(", ")));
-        match store
-            .put(&key, encode(&next), Expect::At(v.revision), None)
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(RecordError::Store(StoreError::Unavailable(format!(
-        "{key} kept changing; try again"
-    ))))
+        Ok(true)
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]

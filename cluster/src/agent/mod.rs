@@ -25,7 +25,9 @@
 
 mod in_sync;
 pub mod process;
+mod record;
 mod registration;
+mod snapshots;
 pub mod supervisor;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -474,6 +476,7 @@ impl<S: Store> Agent<S> {
                 tracing::warn!(volume = %v.name, error = %e, "recording the in-sync replicas");
             }
         }
+        snapshots::converge(&*self.store, &self.config.node, v, &socket).await;
         report
     }
 

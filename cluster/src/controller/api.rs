@@ -7,6 +7,8 @@
 //! GET    /v1/volumes/NAME             DELETE /v1/volumes/NAME
 //! POST   /v1/volumes/NAME/attach {node, frontend}   POST /v1/volumes/NAME/detach
 //! POST   /v1/volumes/NAME/expand {size}
+//! GET    /v1/volumes/NAME/snapshots   POST /v1/volumes/NAME/snapshots {name}
+//! DELETE /v1/volumes/NAME/snapshots/SNAPSHOT
 //! GET    /v1/nodes                    POST /v1/nodes/NAME/cordon | uncordon | drain
 //! ```
 //!
@@ -39,7 +41,7 @@ pub const MAX_SIZE: u64 = 64 << 40;
 /// The most replicas a volume may ask for.
 pub const MAX_REPLICAS: usize = 5;
 /// How long attach and detach wait for the agent.
-const WAIT: Duration = Duration::from_secs(60);
+pub(super) const WAIT: Duration = Duration::from_secs(60);
 
 /// An error answer: a status and a message, as `{"error": "..."}`.
 #[derive(Debug)]
@@ -65,7 +67,7 @@ impl From<StoreError> for ApiError {
 
 pub(super) type ApiResult<T> = Result<Json<T>, ApiError>;
 
-fn bad(message: impl Into<String>) -> ApiError {
+pub(super) fn bad(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, message.into())
 }
 
@@ -73,7 +75,7 @@ pub(super) fn not_found(what: &str) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, format!("{what} does not exist"))
 }
 
-fn conflict(message: impl Into<String>) -> ApiError {
+pub(super) fn conflict(message: impl Into<String>) -> ApiError {
     ApiError(StatusCode::CONFLICT, message.into())
 }
 
@@ -89,6 +91,14 @@ pub fn router<S: Store>(ctl: Arc<Ctl<S>>) -> Router {
         .route("/v1/volumes/{name}/attach", post(attach::<S>))
         .route("/v1/volumes/{name}/detach", post(detach::<S>))
         .route("/v1/volumes/{name}/expand", post(expand::<S>))
+        .route(
+            "/v1/volumes/{name}/snapshots",
+            get(super::snapshots::list::<S>).post(super::snapshots::create::<S>),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snapshot}",
+            axum::routing::delete(super::snapshots::remove::<S>),
+        )
         .route("/v1/nodes", get(super::nodes::list::<S>))
         .route("/v1/nodes/{name}/cordon", post(super::nodes::cordon::<S>))
         .route(
@@ -188,13 +198,16 @@ pub fn volume_view(view: &ClusterView, v: &Volume) -> VolumeView {
 }
 
 /// The volume `name` and its revision, or 404.
-fn find<'a>(view: &'a ClusterView, name: &VolumeName) -> Result<&'a (Volume, Revision), ApiError> {
+pub(super) fn find<'a>(
+    view: &'a ClusterView,
+    name: &VolumeName,
+) -> Result<&'a (Volume, Revision), ApiError> {
     view.volumes
         .get(name)
         .ok_or_else(|| not_found(&format!("volume {name}")))
 }
 
-fn volume_name(name: &str) -> Result<VolumeName, ApiError> {
+pub(super) fn volume_name(name: &str) -> Result<VolumeName, ApiError> {
     VolumeName::new(name).map_err(bad)
 }
 
@@ -276,6 +289,7 @@ async fn create<S: Store>(
         attachment: None,
         last_serial: 0,
         in_sync: Vec::new(),
+        snapshots: Vec::new(),
         events: Vec::new(),
     };
     let count = volume.spec.replicas;
@@ -409,7 +423,7 @@ async fn attach<S: Store>(
     };
     // The agent starts the engine; wait for it to serve, or to say why not.
     let deadline = Instant::now() + WAIT;
-    let mut reports = ReportWatch::new(&*ctl.store, &node, written).await;
+    let mut reports = KeyWatch::new(&*ctl.store, &report_key(&node), written).await;
     loop {
         let view = ClusterView::load(&*ctl.store).await?;
         let (v, _) = find(&view, &name)?;
@@ -478,7 +492,7 @@ async fn detach<S: Store>(
     // Wait for the engine to stop (it flushes and marks its replicas
     // clean), or for its node to be gone.
     let deadline = Instant::now() + WAIT;
-    let mut reports = ReportWatch::new(&*ctl.store, &old.node, written).await;
+    let mut reports = KeyWatch::new(&*ctl.store, &report_key(&old.node), written).await;
     loop {
         let view = ClusterView::load(&*ctl.store).await?;
         let running = view.reports.get(&old.node).is_some_and(|r| {
@@ -558,7 +572,7 @@ async fn expand<S: Store>(
             ));
         }
         if reports.is_none() {
-            reports = Some(ReportWatch::new(&*ctl.store, &a.node, written).await);
+            reports = Some(KeyWatch::new(&*ctl.store, &report_key(&a.node), written).await);
         }
         if let Some(r) = reports.as_mut() {
             r.next().await;
@@ -566,17 +580,17 @@ async fn expand<S: Store>(
     }
 }
 
-/// Wakes when a node's report changes (at least every second), so attach
-/// and detach answer as soon as the agent reports, without polling the
-/// store in a loop.
-struct ReportWatch(Option<BoxStream<'static, Result<Change, StoreError>>>);
+/// Wakes when a key changes (at least every second), so attach and
+/// detach answer as soon as the agent reports (its node's report key),
+/// without polling the store in a loop.
+pub(super) struct KeyWatch(Option<BoxStream<'static, Result<Change, StoreError>>>);
 
-impl ReportWatch {
-    async fn new<S: Store>(store: &S, node: &NodeName, after: Revision) -> ReportWatch {
-        ReportWatch(store.watch(&report_key(node), after).await.ok())
+impl KeyWatch {
+    pub(super) async fn new<S: Store>(store: &S, key: &str, after: Revision) -> KeyWatch {
+        KeyWatch(store.watch(key, after).await.ok())
     }
 
-    async fn next(&mut self) {
+    pub(super) async fn next(&mut self) {
         match &mut self.0 {
             Some(changes) => {
                 if let Ok(None | Some(Err(_))) =

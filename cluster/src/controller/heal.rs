@@ -20,10 +20,11 @@
 //!    gives way to the local one, after its successor was rebuilt, never
 //!    before. So a move never lowers the number of current copies.
 //! 4. **Runs a maintenance engine for a detached volume** that has a
-//!    replica to rebuild: an engine with no frontend, on a node holding an
-//!    in-sync replica, removed once every replica is in sync. Without it
-//!    a replacement placed while the volume is detached would stay empty,
-//!    and a drain would wait, until a user attached the volume.
+//!    replica to rebuild or a snapshot to take or remove: an engine with
+//!    no frontend, on a node holding an in-sync replica, removed once that
+//!    is done. Without it a replacement placed while the volume is
+//!    detached would stay empty, a drain would wait, and a snapshot could
+//!    not be taken, until a user attached the volume.
 //!
 //! Writes are made at the revision the pass read, so a volume changed
 //! meanwhile (by the API, an agent recording its in-sync set) is left for
@@ -36,8 +37,8 @@ use std::time::{Duration, Instant};
 
 use super::Ctl;
 use crate::model::{
-    encode, Attachment, DataLocality, Frontend, NodeName, ReplicaId, ReplicaPlace, Volume,
-    VolumeName,
+    encode, Attachment, DataLocality, Frontend, NodeName, ReplicaId, ReplicaPlace, SnapshotState,
+    Volume, VolumeName,
 };
 use crate::placement::{self, NodeView, Policy, Request};
 use crate::store::{Expect, Store, StoreError};
@@ -207,11 +208,22 @@ impl<S: Store> Healer<S> {
             .filter(|p| !v.in_sync.contains(&p.id))
             .map(|p| p.id)
             .collect();
+        let mut work: Vec<String> = to_rebuild
+            .iter()
+            .map(|id| format!("rebuild {id}"))
+            .collect();
+        work.extend(
+            v.snapshots
+                .iter()
+                .filter(|s| !matches!(s.state, SnapshotState::Taken { .. }))
+                .map(|s| format!("snapshot {}", s.name)),
+        );
         match &v.attachment {
-            None if !to_rebuild.is_empty() => {
+            None if !work.is_empty() => {
                 let Some(node) = source else {
                     let outcome = Err(format!(
-                        "cannot rebuild {to_rebuild:?} while detached: no in-sync replica runs"
+                        "detached, and no in-sync replica runs to {}",
+                        work.join(", ")
                     ));
                     return self.tell(v, "maintain", outcome);
                 };
@@ -223,14 +235,10 @@ impl<S: Store> Healer<S> {
                     serial: v.last_serial,
                     maintenance: true,
                 });
-                let list: Vec<String> = to_rebuild.iter().map(|id| id.to_string()).collect();
-                let said = format!(
-                    "maintenance engine on {node}: rebuilding {} while detached",
-                    list.join(", ")
-                );
+                let said = format!("maintenance engine on {node}: {}", work.join(", "));
                 self.tell(v, "maintain", Ok(said))
             }
-            Some(a) if a.maintenance && (to_rebuild.is_empty() || !view.alive(&a.node)) => {
+            Some(a) if a.maintenance && (work.is_empty() || !view.alive(&a.node)) => {
                 let said = format!("maintenance engine on {} done", a.node);
                 v.attachment = None;
                 self.tell(v, "maintain", Ok(said))

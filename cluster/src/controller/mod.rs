@@ -17,6 +17,7 @@
 pub mod api;
 pub mod heal;
 pub mod nodes;
+pub mod snapshots;
 
 use std::sync::Arc;
 use std::time::Duration;
