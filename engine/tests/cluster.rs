@@ -616,6 +616,55 @@ fn snapshots_are_taken_attached_or_not() {
     written(&c, 1, &uri, &["read -P 0x22 0 1M"]);
 }
 
+/// A node lost for less than the replenish wait keeps its replica: when
+/// it returns, its agent restarts the replica from its directory and the
+/// engine brings it back (a delta rebuild), with no replacement placed,
+/// while fio verifies the volume throughout.
+#[test]
+fn a_node_back_within_the_wait_keeps_its_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::local(
+        tmp.path(),
+        &[("n1", "za"), ("n2", "zb"), ("n3", "zc")],
+        "10m",
+    );
+    c.ok(&["volume", "create", "v", "--size", "64M", "--replicas", "2"]);
+    let held = nodes_of(&c.volume("v"));
+    let front = c
+        .nodes
+        .iter()
+        .position(|n| !held.contains(&n.name))
+        .unwrap();
+    let lost = c.node_index(&held[0]);
+    let uri = c.attach("v", front);
+    c.wait_for(Duration::from_secs(30), "both replicas RW", |c| {
+        c.volume("v")["state"] == "healthy"
+    });
+    let fio = c.fio_verify(front, &uri, 15);
+    std::thread::sleep(Duration::from_secs(2));
+    c.kill_node(lost);
+    c.wait_for(Duration::from_secs(30), "the volume degraded", |c| {
+        c.volume("v")["state"] == "degraded"
+    });
+    let name = c.nodes[lost].name.clone();
+    c.wait_alive(&name, false);
+    std::thread::sleep(Duration::from_secs(2));
+    c.start_agent(lost);
+    c.wait_for(Duration::from_secs(60), "the replica back", |c| {
+        c.volume("v")["state"] == "healthy"
+    });
+    let out = fio.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("verify: bad"),
+        "fio: {text}"
+    );
+    let v = c.volume("v");
+    assert_eq!(nodes_of(&v), held, "{v}");
+    assert!(event_index(&v, "removed").is_none(), "{v}");
+    assert!(event_index(&v, "placed").is_none(), "{v}");
+}
+
 fn lab_or_skip(names: &[&str]) -> Option<common::netns::Lab> {
     if !common::netns::Lab::available() {
         eprintln!("SKIPPED: network namespaces need root and iproute2");
