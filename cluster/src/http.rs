@@ -2,7 +2,8 @@
 //! on each other: agents on their engines' admin sockets, the CLI on the
 //! controller. One request per connection: these are control calls, a
 //! few per second at most, and a fresh connection never finds a peer's
-//! half-closed keep-alive socket.
+//! half-closed keep-alive socket. `https://` addresses are reached over
+//! TLS, the server checked against a CA the caller names.
 
 use std::time::Duration;
 
@@ -11,11 +12,21 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 
-/// Where a server is: `unix:PATH`, `http://HOST:PORT` or `HOST:PORT`.
+/// Where a server is: `unix:PATH`, `http://HOST:PORT` (or `HOST:PORT`),
+/// `https://HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
     Tcp(String),
+    Https(String),
     Unix(std::path::PathBuf),
+}
+
+/// What a client proves and checks: the bearer token it presents, and the
+/// CA an HTTPS server's certificate must chain to.
+#[derive(Default)]
+pub struct Credentials {
+    pub bearer: Option<zeroize::Zeroizing<String>>,
+    pub ca: Option<std::path::PathBuf>,
 }
 
 impl std::str::FromStr for Address {
@@ -24,13 +35,21 @@ impl std::str::FromStr for Address {
         if let Some(p) = s.strip_prefix("unix:") {
             return Ok(Address::Unix(p.into()));
         }
-        let hostport = s.strip_prefix("http://").unwrap_or(s).trim_end_matches('/');
+        let (https, rest) = match s.strip_prefix("https://") {
+            Some(rest) => (true, rest),
+            None => (false, s.strip_prefix("http://").unwrap_or(s)),
+        };
+        let hostport = rest.trim_end_matches('/');
         if hostport.is_empty() || hostport.contains('/') || !hostport.contains(':') {
             return Err(format!(
-                "{s:?} is not an address (http://HOST:PORT or unix:PATH)"
+                "{s:?} is not an address (http://HOST:PORT, https://HOST:PORT or unix:PATH)"
             ));
         }
-        Ok(Address::Tcp(hostport.to_string()))
+        Ok(if https {
+            Address::Https(hostport.to_string())
+        } else {
+            Address::Tcp(hostport.to_string())
+        })
     }
 }
 
@@ -38,6 +57,7 @@ impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Address::Tcp(a) => write!(f, "http://{a}"),
+            Address::Https(a) => write!(f, "https://{a}"),
             Address::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
@@ -64,7 +84,7 @@ pub async fn request(
     method: Method,
     path: &str,
     json: Option<String>,
-    bearer: Option<&str>,
+    credentials: &Credentials,
     timeout: Duration,
 ) -> Result<Reply, HttpError> {
     let unreachable = |message: String| HttpError::Unreachable {
@@ -76,8 +96,12 @@ pub async fn request(
         .uri(path)
         .header(hyper::header::HOST, "rvol")
         .header(hyper::header::CONTENT_TYPE, "application/json");
-    if let Some(token) = bearer {
-        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    if let Some(token) = &credentials.bearer {
+        let value = zeroize::Zeroizing::new(format!("Bearer {}", token.as_str()));
+        let mut value = hyper::header::HeaderValue::from_str(&value)
+            .map_err(|_| unreachable("the token is not a valid header value".into()))?;
+        value.set_sensitive(true);
+        req = req.header(hyper::header::AUTHORIZATION, value);
     }
     let req = req
         .body(Full::new(Bytes::from(json.unwrap_or_default())))
@@ -86,6 +110,18 @@ pub async fn request(
         let (status, body) = match address {
             Address::Tcp(a) => {
                 let s = tokio::net::TcpStream::connect(a.as_str()).await?;
+                send(TokioIo::new(s), req).await?
+            }
+            Address::Https(a) => {
+                let ca = credentials.ca.as_deref().ok_or_else(|| {
+                    std::io::Error::other(
+                        "an https:// address needs the CA's certificate to check it against",
+                    )
+                })?;
+                let s = tokio::net::TcpStream::connect(a.as_str()).await?;
+                let s = rvol_tls::connect_anonymous(ca, a, s)
+                    .await
+                    .map_err(std::io::Error::other)?;
                 send(TokioIo::new(s), req).await?
             }
             Address::Unix(p) => {

@@ -30,12 +30,14 @@ use rvol_replica::server::{Endpoint, Listener};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use std::net::SocketAddr;
+use rvol_tls::ServerTls;
 
-use rvol_tls::{ServerStream, ServerTls};
-
-use crate::access::{self, Tokens};
 use crate::volume::{Mode, ReplicatedVolume};
+use rvol_access::https::TlsListener;
+use rvol_access::tokens::{self as access, Tokens};
+
+/// The variable naming the file the CLI reads its admin token from.
+pub const ADMIN_TOKEN_ENV: &str = "RVOL_ADMIN_TOKEN_FILE";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VolumeStatus {
@@ -395,71 +397,6 @@ pub async fn serve(
     }
 }
 
-/// HTTPS for axum: connections are accepted, and their TLS handshakes run,
-/// in a task of their own, so that a client that never finishes one holds
-/// up no other.
-struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(ServerStream<tokio::net::TcpStream>, SocketAddr)>,
-    addr: SocketAddr,
-    acceptor: tokio::task::JoinHandle<()>,
-}
-
-impl TlsListener {
-    fn start(l: tokio::net::TcpListener, tls: Arc<ServerTls>) -> std::io::Result<TlsListener> {
-        let addr = l.local_addr()?;
-        let (tx, ready) = tokio::sync::mpsc::channel(64);
-        let acceptor = tokio::spawn(async move {
-            loop {
-                let (s, peer) = match l.accept().await {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let (tls, tx) = (tls.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tls.accept(s, &peer.to_string()).await {
-                        Ok((s, _)) => {
-                            let _ = tx.send((s, peer)).await;
-                        }
-                        Err(e) => tracing::warn!(%peer, error = %e, "admin connection refused"),
-                    }
-                });
-            }
-        });
-        Ok(TlsListener {
-            ready,
-            addr,
-            acceptor,
-        })
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.acceptor.abort();
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = ServerStream<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(accepted) => accepted,
-            // The acceptor only ends with this listener.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
-    }
-}
-
 /// GETs `path` from an admin endpoint and returns the body of a 200 reply.
 pub async fn get(endpoint: &Endpoint, path: &str) -> anyhow::Result<String> {
     request(endpoint, "GET", path, None).await
@@ -474,7 +411,7 @@ pub async fn request(
     json: Option<&str>,
 ) -> anyhow::Result<String> {
     let body = json.unwrap_or("");
-    let auth = match access::client_token()? {
+    let auth = match access::client_token(ADMIN_TOKEN_ENV)? {
         Some(t) => zeroize::Zeroizing::new(format!("Authorization: Bearer {}\r\n", t.as_str())),
         None => zeroize::Zeroizing::new(String::new()),
     };

@@ -14,7 +14,7 @@ use rvol_cluster::controller::api::{Attached, VolumeView};
 use rvol_cluster::controller::nodes::NodeView;
 use rvol_cluster::controller::ControllerOptions;
 use rvol_cluster::etcd::EtcdStore;
-use rvol_cluster::http::{self, Address, HttpError};
+use rvol_cluster::http::{self, Address, Credentials, HttpError};
 use rvol_cluster::model::{
     DataLocality, Frontend, NodeName, PortRange, Snapshot, SnapshotState, VolumeName,
     ZoneAntiAffinity,
@@ -62,7 +62,25 @@ pub struct ControllerArgs {
     /// Share of a disk that must stay free for it to take a replica.
     #[arg(long, default_value_t = 0.1)]
     min_free: f64,
+    /// A file holding the token that controls the cluster (create,
+    /// attach, delete...); without one the API is open to whoever reaches
+    /// it. The CLI reads it from the file named by RVOL_CLUSTER_TOKEN_FILE.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// A file holding a token that may only read (ls, get).
+    #[arg(long, requires = "token_file")]
+    read_token_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate (--tls-cert/--tls-key/--tls-ca;
+    /// clients bring a token, not a certificate). The CLI checks it with
+    /// the CA in RVOL_CLUSTER_CA_FILE, given https:// URLs.
+    #[command(flatten)]
+    tls: crate::cert::TlsArgs,
 }
+
+/// The variables naming the files the CLI reads its cluster token and CA
+/// certificate from.
+pub const TOKEN_ENV: &str = "RVOL_CLUSTER_TOKEN_FILE";
+pub const CA_ENV: &str = "RVOL_CLUSTER_CA_FILE";
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
@@ -200,13 +218,20 @@ async fn stopped() {
 }
 
 pub async fn controller(a: ControllerArgs) -> anyhow::Result<u8> {
+    let tokens = rvol_access::Tokens::load(
+        a.token_file.as_deref(),
+        a.read_token_file.as_deref(),
+        TOKEN_ENV,
+    )?;
+    let tls = a.tls.anonymous_clients_server()?;
     let store = store(&a.etcd).await?;
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
     let address = a.advertise.unwrap_or_else(|| {
         format!(
-            "http://{}",
+            "{}://{}",
+            if tls.is_some() { "https" } else { "http" },
             listener
                 .local_addr()
                 .map_or(a.listen.clone(), |l| l.to_string())
@@ -227,6 +252,8 @@ pub async fn controller(a: ControllerArgs) -> anyhow::Result<u8> {
                 min_free: a.min_free,
             },
             tick: Duration::from_secs(1),
+            tokens: Arc::new(tokens),
+            tls,
         },
         listener,
         stopped(),
@@ -316,6 +343,10 @@ async fn call_once(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
+    let credentials = Credentials {
+        bearer: rvol_access::tokens::client_token(TOKEN_ENV)?,
+        ca: std::env::var_os(CA_ENV).map(PathBuf::from),
+    };
     let mut last = None;
     for url in cluster.cluster.split(',').filter(|u| !u.trim().is_empty()) {
         let address: Address = url.trim().parse().map_err(anyhow::Error::msg)?;
@@ -325,7 +356,7 @@ async fn call_once(
             method.clone(),
             path,
             body,
-            None,
+            &credentials,
             Duration::from_secs(120),
         )
         .await

@@ -50,7 +50,7 @@ pub struct EngineConfig {
     pub ublk: Option<UblkConfig>,
     pub admin_listen: Endpoint,
     /// Who may use the admin API.
-    pub admin_tokens: Arc<crate::access::Tokens>,
+    pub admin_tokens: Arc<rvol_access::Tokens>,
     /// HTTPS on a TCP admin listener when set.
     pub admin_tls: Option<Arc<rvol_tls::ServerTls>>,
     pub replica_timeout: Duration,

@@ -56,7 +56,7 @@ impl InSyncHook {
                 Method::POST,
                 "/v1/in-sync",
                 Some(body.clone()),
-                None,
+                &http::Credentials::default(),
                 Duration::from_secs(5),
             )
             .await;

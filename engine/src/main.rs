@@ -17,7 +17,6 @@
 //! Exit status: 0 clean stop; 1 could not start or failed; 2 bad usage;
 //! 3 (engine) fenced by a newer engine.
 
-mod access;
 mod admin;
 mod cert;
 mod chain;
@@ -473,9 +472,10 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 None
             };
             let tls = tls.engine_client(&name)?;
-            let admin_tokens = Arc::new(access::Tokens::load(
+            let admin_tokens = Arc::new(rvol_access::Tokens::load(
                 admin_token_file.as_deref(),
                 admin_read_token_file.as_deref(),
+                admin::ADMIN_TOKEN_ENV,
             )?);
             engine::run(engine::EngineConfig {
                 name,

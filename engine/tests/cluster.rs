@@ -665,6 +665,115 @@ fn a_node_back_within_the_wait_keeps_its_replica() {
     assert!(event_index(&v, "placed").is_none(), "{v}");
 }
 
+/// The cluster's API with tokens and HTTPS: no token, a wrong one, a
+/// read-only one for a change, plain HTTP, and a CA that did not sign the
+/// controller's certificate are all refused and change nothing; the
+/// control token over HTTPS works.
+#[test]
+fn the_cluster_api_needs_a_token_and_speaks_https_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let token = |name: &str, value: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, format!("{value}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p.display().to_string()
+    };
+    let (control, read, wrong) = (
+        token("control", "c0ntrol"),
+        token("read", "r3ad"),
+        token("wrong", "guess"),
+    );
+    let mut controller_args = common::tls::issue(&["--controller", "--ip", "127.0.0.1"]);
+    let ca = controller_args[5].clone();
+    controller_args.extend([
+        "--token-file".to_string(),
+        control.clone(),
+        "--read-token-file".to_string(),
+        read.clone(),
+    ]);
+    let access = common::cluster::Access {
+        controller_args,
+        cli_env: vec![
+            ("RVOL_CLUSTER_TOKEN_FILE".into(), control.clone()),
+            ("RVOL_CLUSTER_CA_FILE".into(), ca.clone()),
+        ],
+        https: true,
+    };
+    let c = Cluster::local_with_access(tmp.path(), &[("n1", "za")], access);
+    c.ok(&[
+        "volume",
+        "create",
+        "kept",
+        "--size",
+        "16M",
+        "--replicas",
+        "1",
+    ]);
+    let create = ["volume", "create", "x", "--size", "16M", "--replicas", "1"];
+    let refused = |env: &[(&str, &str)], args: &[&str], why: &str| {
+        let out = c.cli_with(env, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{env:?} {args:?}: {err}"
+        );
+    };
+    refused(
+        &[("RVOL_CLUSTER_TOKEN_FILE", "/dev/null")],
+        &create,
+        "empty",
+    );
+    refused(&[("RVOL_CLUSTER_TOKEN_FILE", &wrong)], &create, "401");
+    refused(&[("RVOL_CLUSTER_TOKEN_FILE", &read)], &create, "403");
+    refused(
+        &[("RVOL_CLUSTER_TOKEN_FILE", &read)],
+        &["volume", "rm", "kept"],
+        "403",
+    );
+    // The read token reads.
+    let out = c.cli_with(
+        &[("RVOL_CLUSTER_TOKEN_FILE", &read)],
+        &["volume", "ls", "--json"],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("kept"));
+    // A client trusting another CA does not talk to the controller.
+    let other = tmp.path().join("other-ca");
+    common::run_ok(
+        common::RVOL,
+        &["cert", "ca", "--dir", other.to_str().unwrap()],
+    );
+    let other_ca = other.join("ca.crt").display().to_string();
+    refused(
+        &[("RVOL_CLUSTER_CA_FILE", &other_ca)],
+        &create,
+        "certificate",
+    );
+    // Plain HTTP to the HTTPS port gets no answer.
+    let plain = c.url.replace("https://", "http://");
+    let out = std::process::Command::new(common::RVOL)
+        .args(["volume", "ls", "--cluster", &plain])
+        .env("RVOL_CLUSTER_TOKEN_FILE", &control)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // /healthz answers anyone, and says nothing else.
+    let health = std::process::Command::new("curl")
+        .args(["-s", "--cacert", &ca, &format!("{}/healthz", c.url)])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&health.stdout), "ok");
+    // Nothing was created.
+    let names: Vec<String> = c
+        .json(&["volume", "ls", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["kept"]);
+}
+
 fn lab_or_skip(names: &[&str]) -> Option<common::netns::Lab> {
     if !common::netns::Lab::available() {
         eprintln!("SKIPPED: network namespaces need root and iproute2");

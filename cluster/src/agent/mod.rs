@@ -546,9 +546,16 @@ async fn admin(
     path: &str,
     body: Option<String>,
 ) -> Result<serde_json::Value, String> {
-    let reply = http::request(socket, method, path, body, None, Duration::from_secs(10))
-        .await
-        .map_err(|e| e.to_string())?;
+    let reply = http::request(
+        socket,
+        method,
+        path,
+        body,
+        &http::Credentials::default(),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     if reply.body.is_empty() {
         return Ok(serde_json::Value::Null);
     }

@@ -81,7 +81,6 @@ pub(super) fn conflict(message: impl Into<String>) -> ApiError {
 
 pub fn router<S: Store>(ctl: Arc<Ctl<S>>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
         .route("/v1/leader", get(leader::<S>))
         .route("/v1/volumes", get(list_volumes::<S>).post(create::<S>))
         .route(

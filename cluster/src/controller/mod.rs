@@ -9,6 +9,10 @@
 //! checks all the same, so in the moment two processes believe they lead,
 //! neither can undo the other's write.
 //!
+//! Who may call it: a bearer token that controls or one that only reads
+//! (`rvol_access`), and HTTPS on TCP when it has a certificate; `/healthz`
+//! alone answers anyone, saying nothing but "ok".
+//!
 //! The controller never talks to agents or engines: it writes what should
 //! be (volume records) and reads what is (the agents' reports), both in
 //! the store. So a controller can die at any point of any operation and
@@ -39,6 +43,10 @@ pub struct ControllerOptions {
     pub policy: Policy,
     /// How often the reconcilers run.
     pub tick: Duration,
+    /// Who may call the API.
+    pub tokens: Arc<rvol_access::Tokens>,
+    /// Serve HTTPS with this certificate.
+    pub tls: Option<Arc<rvol_tls::ServerTls>>,
 }
 
 /// What the API handlers share.
@@ -94,10 +102,34 @@ pub async fn run<S: Store>(
         changes: Mutex::new(()),
         candidate: Candidate::new(store.clone(), &leader_key(), &opts.address, opts.leader_ttl),
     });
-    let elector = tokio::spawn(lead(ctl.clone(), leading_tx, opts));
-    let served = axum::serve(listener, api::router(ctl))
-        .with_graceful_shutdown(stop)
-        .await;
+    if opts.tokens.is_open() {
+        tracing::warn!(
+            address = %opts.address,
+            "the cluster API has no token: whoever reaches it can create, attach and delete \
+             volumes (--token-file)"
+        );
+    }
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .merge(
+            api::router(ctl.clone()).layer(axum::middleware::from_fn_with_state(
+                opts.tokens.clone(),
+                rvol_access::guard,
+            )),
+        );
+    let tls = opts.tls.clone();
+    let elector = tokio::spawn(lead(ctl, leading_tx, opts));
+    let served = match tls {
+        Some(tls) => {
+            let l = rvol_access::https::TlsListener::start(listener, tls)?;
+            axum::serve(l, app).with_graceful_shutdown(stop).await
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    };
     elector.abort();
     served
 }

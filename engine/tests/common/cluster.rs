@@ -35,6 +35,17 @@ pub struct Cluster {
     pub ctl_ns: Option<String>,
     pub nodes: Vec<Node>,
     pub agent_ttl: &'static str,
+    pub access: Access,
+}
+
+/// How the cluster's API is guarded: flags every controller gets, the
+/// environment of every CLI call (its token and CA files), and whether its
+/// URLs are `https://`.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub controller_args: Vec<String>,
+    pub cli_env: Vec<(String, String)>,
+    pub https: bool,
 }
 
 /// `n` consecutive free ports, as FIRST-LAST.
@@ -183,7 +194,12 @@ fn start_etcd(
 impl Cluster {
     /// etcd, a controller and one agent per `(name, zone)`, on loopback.
     pub fn local(dir: &Path, nodes: &[(&str, &str)], replenish_wait: &str) -> Cluster {
-        Self::build(dir, None, nodes, replenish_wait, 1)
+        Self::build(dir, None, nodes, replenish_wait, 1, Access::default())
+    }
+
+    /// The same with the API guarded as `access` says.
+    pub fn local_with_access(dir: &Path, nodes: &[(&str, &str)], access: Access) -> Cluster {
+        Self::build(dir, None, nodes, "10m", 1, access)
     }
 
     /// The same on an etcd of `members` members.
@@ -193,13 +209,13 @@ impl Cluster {
         replenish_wait: &str,
         members: usize,
     ) -> Cluster {
-        Self::build(dir, None, nodes, replenish_wait, members)
+        Self::build(dir, None, nodes, replenish_wait, members, Access::default())
     }
 
     /// The same with every node in a namespace of `lab` (host 0 runs etcd
     /// and the controller, host i+1 node i).
     pub fn in_lab(dir: &Path, lab: &Lab, nodes: &[(&str, &str)], replenish_wait: &str) -> Cluster {
-        Self::build(dir, Some(lab), nodes, replenish_wait, 1)
+        Self::build(dir, Some(lab), nodes, replenish_wait, 1, Access::default())
     }
 
     fn build(
@@ -208,6 +224,7 @@ impl Cluster {
         nodes: &[(&str, &str)],
         wait: &str,
         members: usize,
+        access: Access,
     ) -> Cluster {
         let ctl_ns = lab.map(|l| l.host(0).ns.clone());
         let ctl_ip = lab.map_or("127.0.0.1".to_string(), |l| l.host(0).ip.clone());
@@ -239,6 +256,7 @@ impl Cluster {
                 })
                 .collect(),
             agent_ttl: "3s",
+            access,
         };
         c.add_controller();
         for i in 0..c.nodes.len() {
@@ -255,7 +273,7 @@ impl Cluster {
     /// Starts one more controller (a standby, unless none leads).
     pub fn add_controller(&mut self) {
         let listen = format!("{}:{}", self.ctl_ip, free_port());
-        let args = [
+        let mut args = vec![
             "controller",
             "--etcd",
             &self.etcd_url,
@@ -270,6 +288,7 @@ impl Cluster {
             "--min-free",
             "0",
         ];
+        args.extend(self.access.controller_args.iter().map(String::as_str));
         let p = match &self.ctl_ns {
             Some(ns) => Proc::start_in(ns, &args),
             None => Proc::start(&args),
@@ -277,7 +296,8 @@ impl Cluster {
         if !self.url.is_empty() {
             self.url.push(',');
         }
-        self.url.push_str(&format!("http://{listen}"));
+        let scheme = if self.access.https { "https" } else { "http" };
+        self.url.push_str(&format!("{scheme}://{listen}"));
         self.controllers.push(p);
     }
 
@@ -319,12 +339,24 @@ impl Cluster {
 
     /// Runs `rvol ARGS --cluster URL` (in the controller's namespace).
     pub fn cli(&self, args: &[&str]) -> Output {
-        in_ns(&self.ctl_ns, RVOL)
-            .args(args)
+        self.cli_with(&[], args)
+    }
+
+    /// The same with `env` set over the cluster's CLI environment.
+    pub fn cli_with(&self, env: &[(&str, &str)], args: &[&str]) -> Output {
+        let mut c = in_ns(&self.ctl_ns, RVOL);
+        c.args(args)
             .args(["--cluster", &self.url])
             .env("RUST_LOG", "warn")
-            .output()
-            .expect("rvol")
+            .env_remove("RVOL_CLUSTER_TOKEN_FILE")
+            .env_remove("RVOL_CLUSTER_CA_FILE");
+        for (k, v) in &self.access.cli_env {
+            c.env(k, v);
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("rvol")
     }
 
     /// The same, which must succeed; its stdout.

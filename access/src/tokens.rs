@@ -1,11 +1,11 @@
-//! Who may use the admin API: bearer tokens, one that may only read and
-//! one that may also act.
+//! Who may use an API: bearer tokens, one that may only read and one that
+//! may also act.
 //!
-//! A request that only reads (GET or HEAD: status, replicas, snapshots,
-//! metrics) needs either token; anything else (snapshot, revert, replica
-//! add/rm, expand, verify) needs the control token. With no token
-//! configured the API is open, as it was before tokens existed: fit for a
-//! Unix socket (created 0600), and warned about on TCP. Tokens come from
+//! A request that only reads (GET or HEAD: status, lists, metrics) needs
+//! either token; anything else (an engine's snapshot, revert, replica
+//! add/rm, expand; the cluster's create, attach, delete...) needs the
+//! control token. With no token configured the API is open: fit for a
+//! Unix socket (created 0600), and warned about on TCP by its server. Tokens come from
 //! files, never from arguments (visible in `ps`), are compared in constant
 //! time, are wiped from memory when dropped, and never appear in a log
 //! line: a refusal logs the method, the path and why.
@@ -28,11 +28,13 @@ pub enum Role {
     Control,
 }
 
-/// The admin API's tokens; see the module docs.
+/// An API's tokens; see the module docs.
 #[derive(Default)]
 pub struct Tokens {
     control: Option<Zeroizing<String>>,
     read: Option<Zeroizing<String>>,
+    /// Where a refused client finds its token (named in the refusal).
+    env: &'static str,
 }
 
 /// Reads a token: the file's content without surrounding whitespace.
@@ -55,13 +57,22 @@ pub fn read_token(path: &Path) -> anyhow::Result<Zeroizing<String>> {
 }
 
 impl Tokens {
-    pub fn load(control: Option<&Path>, read: Option<&Path>) -> anyhow::Result<Tokens> {
+    /// Reads the tokens' files; `env` names the variable clients read
+    /// their token file's name from, for the refusal to say so.
+    pub fn load(
+        control: Option<&Path>,
+        read: Option<&Path>,
+        env: &'static str,
+    ) -> anyhow::Result<Tokens> {
         let tokens = Tokens {
             control: control.map(read_token).transpose()?,
             read: read.map(read_token).transpose()?,
+            env,
         };
         if tokens.read.is_some() && tokens.control.is_none() {
-            anyhow::bail!("--admin-read-token-file needs --admin-token-file too: otherwise control would need no token");
+            anyhow::bail!(
+                "a read-only token needs a control token too: otherwise control would need no token"
+            );
         }
         Ok(tokens)
     }
@@ -111,7 +122,7 @@ pub async fn guard(State(tokens): State<Arc<Tokens>>, req: Request, next: Next) 
     match role {
         Some(role) if role >= needed => next.run(req).await,
         Some(_) => {
-            tracing::warn!(%method, %path, "admin request refused: the token may only read");
+            tracing::warn!(%method, %path, "request refused: the token may only read");
             refuse(
                 StatusCode::FORBIDDEN,
                 "this token may only read; control needs the control token",
@@ -123,19 +134,22 @@ pub async fn guard(State(tokens): State<Arc<Tokens>>, req: Request, next: Next) 
             } else {
                 "no token"
             };
-            tracing::warn!(%method, %path, reason = why, "admin request refused");
+            tracing::warn!(%method, %path, reason = why, "request refused");
             refuse(
                 StatusCode::UNAUTHORIZED,
-                "this admin API needs a token: Authorization: Bearer TOKEN \
-                 (rvol commands read it from the file named by RVOL_ADMIN_TOKEN_FILE)",
+                &format!(
+                    "this API needs a token: Authorization: Bearer TOKEN (rvol commands \
+                     read it from the file named by {})",
+                    tokens.env
+                ),
             )
         }
     }
 }
 
-/// The token the CLI presents: the file named by `RVOL_ADMIN_TOKEN_FILE`.
-pub fn client_token() -> anyhow::Result<Option<Zeroizing<String>>> {
-    match std::env::var_os("RVOL_ADMIN_TOKEN_FILE") {
+/// The token a CLI presents: the file named by the variable `env`.
+pub fn client_token(env: &str) -> anyhow::Result<Option<Zeroizing<String>>> {
+    match std::env::var_os(env) {
         Some(p) => read_token(Path::new(&p)).map(Some),
         None => Ok(None),
     }
@@ -150,6 +164,7 @@ mod tests {
         let t = Tokens {
             control: Some(Zeroizing::new("c0ntrol".into())),
             read: Some(Zeroizing::new("r3ad".into())),
+            env: "T",
         };
         assert_eq!(t.role_of("c0ntrol"), Some(Role::Control));
         assert_eq!(t.role_of("r3ad"), Some(Role::Read));
