@@ -373,7 +373,24 @@ fn an_engine_never_starts_on_stale_replicas_alone() {
             && err.contains("r1 on n1"),
         "{err}"
     );
-    assert_ne!(c.volume("t")["state"], "healthy");
+    // The attachment stays, and its engine waits: none starts on n2's
+    // stale replica, however long n1 is away (a few agent passes here).
+    std::thread::sleep(Duration::from_secs(5));
+    let e2_disk = c.nodes[3].disk.display().to_string();
+    assert_eq!(
+        pids_matching(&format!("{e2_disk}/.rvol-agent/e-")),
+        Vec::<i32>::new()
+    );
+    let v = c.volume("t");
+    assert_ne!(v["state"], "healthy");
+    let in_sync: Vec<&Value> = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["in_sync"] == true)
+        .collect();
+    assert_eq!(in_sync.len(), 1, "{v}");
+    assert_eq!(in_sync[0]["node"], "n1", "{v}");
 
     // n1 returns: the engine starts and serves the newest data.
     c.start_agent(0);

@@ -286,7 +286,9 @@ impl<S: Store> Agent<S> {
             "--in-sync-hook".into(),
             format!("unix:{}", run_dir.join(HOOK_SOCKET).display()),
         ]);
-        let hold = (!self.sup.holds(&key))
+        // Checked before every start, restarts included: an engine that
+        // crashed must not come back on stale replicas either.
+        let hold = (!self.sup.runs(&key))
             .then(|| waiting_for(view, v))
             .flatten();
         Wanted {

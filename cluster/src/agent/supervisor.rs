@@ -217,9 +217,15 @@ impl Supervisor {
             .any(|(key, e)| e.stopping.is_some() || self.state(key) == Some(ProcessState::Starting))
     }
 
-    /// Whether anything runs (or is stopping) under `key`.
+    /// Whether anything is known under `key`: a process running or
+    /// stopping, one failed and waiting to restart, or one held.
     pub fn holds(&self, key: &str) -> bool {
         self.table.contains_key(key)
+    }
+
+    /// Whether a process runs (or is stopping) under `key`.
+    pub fn runs(&self, key: &str) -> bool {
+        self.table.get(key).is_some_and(|e| e.process.is_some())
     }
 
     /// The last line a process under `key` logged.
