@@ -3,7 +3,7 @@
 //! Everything lives under one prefix ([`PREFIX`]), one JSON record per
 //! key: `nodes/NAME` is a node as its agent last reported it, written under
 //! the agent's lease so that it disappears when the agent stops renewing
-//! it. Every record names the [`PROTOCOL`] of the process that wrote it,
+//! it; `engine-certs/VOLUME` the certificate of a volume's engine. Every record names the [`PROTOCOL`] of the process that wrote it,
 //! so a controller and agents of incompatible versions refuse each other
 //! instead of misreading each other's records.
 
@@ -155,6 +155,31 @@ pub struct NodeSettings {
 
 pub fn settings_key(node: &NodeName) -> String {
     format!("{PREFIX}settings/{node}")
+}
+
+/// The certificate of a volume's engine (`engine-certs/VOLUME`), in a
+/// cluster whose replicas and engines use mutual TLS. The agent of the
+/// node the volume is attached to makes a key, keeps it, and asks with a
+/// certificate request; the leading controller signs the request's key for
+/// the volume's identity (`rvol://volume/NAME`), and only for the node and
+/// attachment the volume's record names. So a node holds an engine
+/// certificate only for a volume attached to it, and a stolen one opens
+/// that volume alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineCert {
+    pub protocol: u32,
+    pub volume: VolumeName,
+    pub uid: String,
+    pub serial: u64,
+    pub node: NodeName,
+    /// The request, in PEM.
+    pub request: String,
+    /// The certificate, in PEM, once signed.
+    pub cert: Option<String>,
+}
+
+pub fn engine_cert_key(volume: &VolumeName) -> String {
+    format!("{PREFIX}engine-certs/{volume}")
 }
 
 /// Zone anti-affinity of a volume's replicas.
@@ -489,7 +514,7 @@ macro_rules! has_protocol {
         })*
     };
 }
-has_protocol!(Node, Volume, NodeSettings, Report);
+has_protocol!(Node, Volume, NodeSettings, Report, EngineCert);
 
 #[cfg(test)]
 mod tests {

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    decode, Attachment, EngineReport, Node, NodeName, NodeSettings, ProcessState, ReplicaPlace,
-    ReplicaReport, Report, Volume, VolumeName, PREFIX,
+    decode, Attachment, EngineCert, EngineReport, Node, NodeName, NodeSettings, ProcessState,
+    ReplicaPlace, ReplicaReport, Report, Volume, VolumeName, PREFIX,
 };
 use crate::store::{Revision, Store, StoreError};
 
@@ -25,6 +25,8 @@ pub struct ClusterView {
     /// Each volume, and the revision to write it back at.
     pub volumes: BTreeMap<VolumeName, (Volume, Revision)>,
     pub reports: BTreeMap<NodeName, Report>,
+    /// Engine certificates, and the revision to write each back at.
+    pub engine_certs: BTreeMap<VolumeName, (EngineCert, Revision)>,
     /// Records left out, and why.
     pub refused: Vec<String>,
 }
@@ -71,6 +73,9 @@ impl ClusterView {
                 }),
                 "reports" => decode::<Report>(key, v).map(|r| {
                     view.reports.insert(r.node.clone(), r);
+                }),
+                "engine-certs" => decode::<EngineCert>(key, v).map(|c| {
+                    view.engine_certs.insert(c.volume.clone(), (c, v.revision));
                 }),
                 "settings" => match NodeName::new(name) {
                     Ok(n) => decode::<NodeSettings>(key, v).map(|s| {

@@ -28,6 +28,7 @@ fn config(node: &str, disk: &Path, address: &str) -> AgentConfig {
         labels: BTreeMap::from([("rack".to_string(), "r7".to_string())]),
         disks: vec![disk.to_path_buf()],
         ttl: TTL,
+        tls: None,
     }
 }
 

@@ -58,23 +58,53 @@ impl TlsArgs {
             return Ok(None);
         };
         let tls = ClientTls::new(files).context("loading the TLS files")?;
-        let ids = tls.own_identities()?;
-        let wanted = Identity::Volume(volume.to_string());
-        if !ids.contains(&wanted) {
-            anyhow::bail!(
-                "--tls-cert does not name {wanted} (it names {}); replicas would refuse it",
-                if ids.is_empty() {
-                    "no rvol identity".to_string()
-                } else {
-                    ids.iter()
-                        .map(|i| i.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                }
-            );
-        }
+        require(
+            &tls,
+            Identity::Volume(volume.to_string()),
+            "replicas would refuse it",
+        )?;
         Ok(Some(Arc::new(tls)))
     }
+
+    /// An agent's files (made absolute, as the processes it starts get
+    /// them), whose certificate must name its node.
+    pub fn node_files(&self, node: &str) -> anyhow::Result<Option<TlsFiles>> {
+        let Some(files) = self.files()? else {
+            return Ok(None);
+        };
+        let abs = |p: &PathBuf| std::path::absolute(p).with_context(|| p.display().to_string());
+        let files = TlsFiles {
+            cert: abs(&files.cert)?,
+            key: abs(&files.key)?,
+            ca: abs(&files.ca)?,
+        };
+        let tls = ClientTls::new(files.clone()).context("loading the TLS files")?;
+        require(
+            &tls,
+            Identity::Node(node.to_string()),
+            "it is not this node's certificate",
+        )?;
+        Ok(Some(files))
+    }
+}
+
+/// Fails unless the certificate of `tls` names `wanted`.
+fn require(tls: &ClientTls, wanted: Identity, otherwise: &str) -> anyhow::Result<()> {
+    let ids = tls.own_identities()?;
+    if !ids.contains(&wanted) {
+        anyhow::bail!(
+            "--tls-cert does not name {wanted} (it names {}); {otherwise}",
+            if ids.is_empty() {
+                "no rvol identity".to_string()
+            } else {
+                ids.iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        );
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]

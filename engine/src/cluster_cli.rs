@@ -75,6 +75,11 @@ pub struct ControllerArgs {
     /// the CA in RVOL_CLUSTER_CA_FILE, given https:// URLs.
     #[command(flatten)]
     tls: crate::cert::TlsArgs,
+    /// A CA's folder (ca.crt, ca.key) to sign engine certificates with, in
+    /// a cluster whose agents run with --tls-*: an engine's certificate
+    /// names its volume and is signed only for the node it is attached to.
+    #[arg(long)]
+    issuer_dir: Option<PathBuf>,
 }
 
 /// The variables naming the files the CLI reads its cluster token and CA
@@ -109,6 +114,11 @@ pub struct AgentArgs {
     /// How long the node stays registered after the agent falls silent.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     ttl: Duration,
+    /// The node's certificate (naming rvol://node/NAME and the --advertise
+    /// IP), its key and the cluster's CA: replicas then serve mutual TLS
+    /// only, and engines run with certificates the controller signs.
+    #[command(flatten)]
+    tls: crate::cert::TlsArgs,
 }
 
 /// `--cluster`: the controllers' URLs, comma-separated.
@@ -224,6 +234,12 @@ pub async fn controller(a: ControllerArgs) -> anyhow::Result<u8> {
         TOKEN_ENV,
     )?;
     let tls = a.tls.anonymous_clients_server()?;
+    let issuer = a
+        .issuer_dir
+        .as_deref()
+        .map(|d| rvol_tls::pki::Ca::load(d).map(Arc::new))
+        .transpose()
+        .context("loading the --issuer-dir CA")?;
     let store = store(&a.etcd).await?;
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
@@ -254,6 +270,7 @@ pub async fn controller(a: ControllerArgs) -> anyhow::Result<u8> {
             tick: Duration::from_secs(1),
             tokens: Arc::new(tokens),
             tls,
+            issuer,
         },
         listener,
         stopped(),
@@ -276,6 +293,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<u8> {
         ),
         None => local.ip().to_string(),
     };
+    let tls = a.tls.node_files(node.as_str())?;
     for d in &a.disks {
         std::fs::create_dir_all(d).with_context(|| format!("disk {}", d.display()))?;
     }
@@ -301,6 +319,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<u8> {
                 labels: a.labels.into_iter().collect(),
                 disks: a.disks,
                 ttl: a.ttl,
+                tls,
             },
             rvol: std::env::current_exe().context("finding the rvol program")?,
             tick: Duration::from_secs(1),

@@ -716,6 +716,7 @@ fn the_cluster_api_needs_a_token_and_speaks_https_only() {
             ("RVOL_CLUSTER_CA_FILE".into(), ca.clone()),
         ],
         https: true,
+        ..Default::default()
     };
     let c = Cluster::local_with_access(tmp.path(), &[("n1", "za")], access);
     c.ok(&[
@@ -789,6 +790,106 @@ fn the_cluster_api_needs_a_token_and_speaks_https_only() {
         .map(|v| v["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, ["kept"]);
+}
+
+/// A cluster with mutual TLS: agents run replicas with their node's
+/// certificate and engines with one the controller signed for the volume
+/// and the attachment; data written on one node reads back on the other.
+#[test]
+fn with_mutual_tls_engines_get_certificates_for_their_volume_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = common::tls::ca_dir().join("ca");
+    let access = common::cluster::Access {
+        controller_args: vec!["--issuer-dir".into(), ca.display().to_string()],
+        agent_args: ["n1", "n2"]
+            .iter()
+            .map(|n| common::tls::issue(&["--node", n, "--ip", "127.0.0.1"]))
+            .collect(),
+        ..Default::default()
+    };
+    let c = Cluster::local_with_access(tmp.path(), &[("n1", "za"), ("n2", "zb")], access);
+    c.ok(&["volume", "create", "t", "--size", "64M", "--replicas", "2"]);
+    let uri = c.attach("t", 0);
+    written(&c, 0, &uri, &["write -P 0x33 0 2M", "flush"]);
+    c.ok(&["volume", "detach", "t"]);
+    let uri = c.attach("t", 1);
+    written(&c, 1, &uri, &["read -P 0x33 0 2M"]);
+    let replicas = pids_matching("rvol-replicas/t.");
+    assert_eq!(replicas.len(), 2);
+    for pid in replicas {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(
+            String::from_utf8_lossy(&cmdline).contains("--tls-ca"),
+            "replica {pid}"
+        );
+    }
+    let run_dir = c.nodes[1].disk.join(".rvol-agent");
+    let certs: Vec<_> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+        .collect();
+    assert_eq!(certs.len(), 1, "{certs:?}");
+    let text = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(&certs[0])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("URI:rvol://volume/t"), "{text}");
+    assert!(!text.contains("rvol://node"), "{text}");
+    // A node that asks for a certificate of a volume attached elsewhere
+    // gets none: the request is deleted unsigned.
+    let etcdctl = |args: &[&str]| {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &c.etcd_url])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let record: Value =
+        serde_json::from_str(etcdctl(&["get", "--print-value-only", "/rvol/volumes/t"]).trim())
+            .unwrap();
+    let key = tmp.path().join("rogue.key");
+    let csr = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-subj", "/CN=rogue", "-keyout"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    let forged = serde_json::json!({
+        "protocol": 1, "volume": "t", "uid": record["uid"], "node": "n1",
+        "serial": record["attachment"]["serial"],
+        "request": String::from_utf8_lossy(&csr.stdout), "cert": null,
+    });
+    etcdctl(&["put", "/rvol/engine-certs/t", &forged.to_string()]);
+    c.wait_for(
+        Duration::from_secs(10),
+        "the forged request deleted",
+        |_| etcdctl(&["get", "/rvol/engine-certs/t"]).is_empty(),
+    );
+
+    // n1's engine certificate went with its attachment.
+    let left = std::fs::read_dir(c.nodes[0].disk.join(".rvol-agent"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.path()
+                .extension()
+                .is_some_and(|x| x == "crt" || x == "key")
+        })
+        .count();
+    assert_eq!(left, 0);
 }
 
 fn lab_or_skip(names: &[&str]) -> Option<common::netns::Lab> {

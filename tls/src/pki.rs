@@ -103,39 +103,20 @@ impl Ca {
     /// Issues a certificate for `what`; returns it and its key, in PEM.
     pub fn issue(&self, what: &Issue) -> Result<(String, String)> {
         let key = KeyPair::generate().map_err(rc)?;
-        let mut params = CertificateParams::default();
-        let cn = what
-            .identities
-            .first()
-            .map_or_else(|| "rvol".to_string(), |i| i.to_string());
-        params.distinguished_name.push(DnType::CommonName, cn);
-        for id in &what.identities {
-            let uri = id.to_string().try_into().map_err(rc)?;
-            params.subject_alt_names.push(SanType::URI(uri));
-        }
-        for d in &what.dns {
-            let name = d.clone().try_into().map_err(rc)?;
-            params.subject_alt_names.push(SanType::DnsName(name));
-        }
-        for ip in &what.ips {
-            params.subject_alt_names.push(SanType::IpAddress(*ip));
-        }
-        // keyEncipherment means nothing to an ECDSA key, but QEMU's
-        // credential check refuses a certificate without it.
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        // Every rvol party is both: replicas accept engines and agents dial
-        // the controller.
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.not_before = what.not_before.into();
-        params.not_after = what.not_after.into();
-        let cert = params.signed_by(&key, &self.issuer).map_err(rc)?;
+        let cert = params(what)?.signed_by(&key, &self.issuer).map_err(rc)?;
         Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Signs the key of a certificate request (from [`request`]) with the
+    /// identities and validity of `what`: everything else the request
+    /// asks for is ignored, so the signer alone decides what the holder
+    /// is. The request's signature proves its sender holds the key.
+    pub fn sign_request(&self, csr_pem: &str, what: &Issue) -> Result<String> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(rc)?;
+        let cert = params(what)?
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(rc)?;
+        Ok(cert.pem())
     }
 
     /// Issues a certificate and writes it as `PREFIX.crt` and `PREFIX.key`.
@@ -149,6 +130,52 @@ impl Ca {
         write_new(&with(".key"), &key, 0o600)?;
         write_new(&with(".crt"), &cert, 0o644)
     }
+}
+
+/// The certificate `what` describes, to be signed.
+fn params(what: &Issue) -> Result<CertificateParams> {
+    let mut params = CertificateParams::default();
+    let cn = what
+        .identities
+        .first()
+        .map_or_else(|| "rvol".to_string(), |i| i.to_string());
+    params.distinguished_name.push(DnType::CommonName, cn);
+    for id in &what.identities {
+        let uri = id.to_string().try_into().map_err(rc)?;
+        params.subject_alt_names.push(SanType::URI(uri));
+    }
+    for d in &what.dns {
+        let name = d.clone().try_into().map_err(rc)?;
+        params.subject_alt_names.push(SanType::DnsName(name));
+    }
+    for ip in &what.ips {
+        params.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
+    // keyEncipherment means nothing to an ECDSA key, but QEMU's
+    // credential check refuses a certificate without it.
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    // Every rvol party is both: replicas accept engines and agents dial
+    // the controller.
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = what.not_before.into();
+    params.not_after = what.not_after.into();
+    Ok(params)
+}
+
+/// A new key and a request to certify it, in PEM: the key stays with
+/// whoever made it, the request goes to the signer ([`Ca::sign_request`]).
+pub fn request() -> Result<(String, String)> {
+    let key = KeyPair::generate().map_err(rc)?;
+    let csr = CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(rc)?;
+    Ok((csr.pem().map_err(rc)?, key.serialize_pem()))
 }
 
 /// Creates `path` with `mode`; an existing file is an error (a key is

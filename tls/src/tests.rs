@@ -237,3 +237,27 @@ async fn a_silent_or_plaintext_caller_gets_nothing() {
     // At most a TLS alert record (content type 21), never data.
     assert!(got.is_empty() || got[0] == 21, "{got:?}");
 }
+
+/// A request's key is certified with the identities the signer chose,
+/// whatever the request asked; the holder of the key then proves it in a
+/// handshake. Garbage is refused.
+#[tokio::test]
+async fn a_signed_request_names_what_the_signer_chose() {
+    let s = Setup::new().await;
+    let (csr, key) = pki::request().unwrap();
+    let cert =
+        s.ca.sign_request(&csr, &Issue::new(vec![Identity::Volume("v1".into())], 1))
+            .unwrap();
+    let pem = rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+    assert_eq!(identities(&pem).unwrap(), [Identity::Volume("v1".into())]);
+    std::fs::write(s.dir.path().join("signed.crt"), &cert).unwrap();
+    std::fs::write(s.dir.path().join("signed.key"), &key).unwrap();
+    let client = ClientTls::new(files(s.dir.path(), "signed")).unwrap();
+    let (served, dialled) = tokio::join!(serve_one(&s.listener, &s.server), dial(&client, &s.addr));
+    assert_eq!(served.unwrap(), [Identity::Volume("v1".into())]);
+    dialled.unwrap();
+    let what = Issue::new(vec![Identity::Volume("v1".into())], 1);
+    assert!(s.ca.sign_request("not a request", &what).is_err());
+    let other = pki::request().unwrap().0.replace('A', "B");
+    assert!(s.ca.sign_request(&other, &what).is_err());
+}

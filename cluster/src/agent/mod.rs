@@ -22,7 +22,12 @@
 //! for. Once running, the engine's RW replicas are written back as the
 //! in-sync set whenever they change (for this attachment only), so a
 //! replica left behind is never again taken as current.
+//!
+//! **With mutual TLS** (`--tls-*`), replicas serve with the node's
+//! certificate, and an engine starts only once the controller has signed
+//! a certificate naming its volume for this attachment ([`certs`]).
 
+mod certs;
 mod in_sync;
 pub mod process;
 mod record;
@@ -217,11 +222,10 @@ fn engine_key(v: &Volume, serial: u64) -> String {
     format!("engine.{}.{}.s{serial}", v.name, v.uid)
 }
 
-/// An engine's admin socket: short, as socket paths must be, and one per
-/// attachment, as the engine of a new attachment may start while the old
-/// one stops.
+/// An engine's admin socket: one per attachment, as the engine of a new
+/// attachment may start while the old one stops.
 fn engine_socket(run_dir: &Path, v: &Volume, serial: u64) -> PathBuf {
-    run_dir.join(format!("e-{}.{serial}.sock", v.uid))
+    run_dir.join(format!("{}.sock", certs::stem(&v.uid, serial)))
 }
 
 impl<S: Store> Agent<S> {
@@ -239,6 +243,10 @@ impl<S: Store> Agent<S> {
             "--size".into(),
             v.spec.size.to_string(),
         ];
+        let mut args = args.to_vec();
+        if let Some(t) = &self.config.tls {
+            args.extend(tls_args(&t.cert, &t.key, &t.ca));
+        }
         let w = Wanted {
             spec: Spec {
                 key: replica_key(&name),
@@ -258,6 +266,7 @@ impl<S: Store> Agent<S> {
         v: &Volume,
         a: &Attachment,
         run_dir: &Path,
+        cert_ready: bool,
     ) -> Wanted {
         let key = engine_key(v, a.serial);
         let mut args: Vec<String> = vec![
@@ -286,10 +295,20 @@ impl<S: Store> Agent<S> {
             "--in-sync-hook".into(),
             format!("unix:{}", run_dir.join(HOOK_SOCKET).display()),
         ]);
+        if let Some(t) = &self.config.tls {
+            let f = certs::files(run_dir, v, a.serial);
+            args.extend(tls_args(&f.cert, &f.key, &t.ca));
+        }
         // Checked before every start, restarts included: an engine that
         // crashed must not come back on stale replicas either.
         let hold = (!self.sup.runs(&key))
-            .then(|| waiting_for(view, v))
+            .then(|| {
+                waiting_for(view, v).or_else(|| {
+                    (!cert_ready).then(|| {
+                        "waiting for the controller to sign the engine's certificate".to_string()
+                    })
+                })
+            })
             .flatten();
         Wanted {
             spec: Spec {
@@ -318,7 +337,17 @@ impl<S: Store> Agent<S> {
                 wanted.push(w);
             }
             if let Some(a) = v.attachment.as_ref().filter(|a| a.node == me) {
-                let w = self.engine_wanted(&view, v, a, &run_dir);
+                let cert_ready = match &self.config.tls {
+                    None => true,
+                    Some(_) if self.sup.runs(&engine_key(v, a.serial)) => true,
+                    Some(_) => certs::ensure(&*self.store, &view, &me, &run_dir, v, a)
+                        .await
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(volume = %v.name, error = %e, "the engine's certificate");
+                            false
+                        }),
+                };
+                let w = self.engine_wanted(&view, v, a, &run_dir, cert_ready);
                 engines.push((v.clone(), a.serial, w.spec.key.clone()));
                 wanted.push(w);
             }
@@ -350,6 +379,18 @@ impl<S: Store> Agent<S> {
         }
         self.engines
             .retain(|key, _| wanted_engines.contains(key) || self.sup.holds(key));
+        if self.config.tls.is_some() {
+            let keep = view
+                .volumes
+                .values()
+                .filter_map(|(v, _)| {
+                    let a = v.attachment.as_ref().filter(|a| a.node == me)?;
+                    Some(certs::stem(&v.uid, a.serial))
+                })
+                .chain(self.engines.values().map(|e| certs::stem(&e.uid, e.serial)))
+                .collect();
+            certs::delete_others(&run_dir, &keep);
+        }
         for (key, e) in &self.engines {
             if !wanted_engines.contains(key) {
                 report.engines.push(EngineReport {
@@ -507,6 +548,18 @@ impl<S: Store> Agent<S> {
             }
         }
     }
+}
+
+/// The `--tls-*` flags of a replica or engine.
+fn tls_args(cert: &Path, key: &Path, ca: &Path) -> [String; 6] {
+    [
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+        "--tls-ca".into(),
+        ca.display().to_string(),
+    ]
 }
 
 /// Why an engine of `v` must not start yet: no replica of its in-sync set

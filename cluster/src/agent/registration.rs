@@ -41,6 +41,10 @@ pub struct AgentConfig {
     pub disks: Vec<PathBuf>,
     /// How long the node stays registered without a heartbeat.
     pub ttl: Duration,
+    /// The node's certificate, key and the cluster's CA: given, replicas
+    /// serve mutual TLS only and engines run with certificates the
+    /// controller signs.
+    pub tls: Option<rvol_tls::TlsFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]

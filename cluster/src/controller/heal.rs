@@ -26,6 +26,8 @@
 //!    detached would stay empty, a drain would wait, and a snapshot could
 //!    not be taken, until a user attached the volume.
 //!
+//! The pass also signs engine certificates (`super::certs`).
+//!
 //! Writes are made at the revision the pass read, so a volume changed
 //! meanwhile (by the API, an agent recording its in-sync set) is left for
 //! the next pass; every step is decided from the record alone, so the
@@ -50,6 +52,8 @@ pub struct Healer<S> {
     away_since: BTreeMap<NodeName, Instant>,
     /// The last failure of each kind written to each volume's events.
     told: BTreeMap<(VolumeName, &'static str), String>,
+    /// Engine certificate requests said to be unsignable.
+    unsigned: BTreeSet<(VolumeName, u64)>,
 }
 
 impl<S: Store> Healer<S> {
@@ -59,6 +63,7 @@ impl<S: Store> Healer<S> {
             wait,
             away_since: BTreeMap::new(),
             told: BTreeMap::new(),
+            unsigned: BTreeSet::new(),
         }
     }
 
@@ -103,6 +108,8 @@ impl<S: Store> Healer<S> {
                 }
             }
         }
+        let issuer = ctl.issuer.as_deref();
+        super::certs::sign(&*ctl.store, issuer, &view, &mut self.unsigned).await;
     }
 
     /// Writes `outcome` to the volume's events: a success always, a

@@ -19,6 +19,7 @@
 //! its successor, reading the same records, carries on from there.
 
 pub mod api;
+mod certs;
 pub mod heal;
 pub mod nodes;
 pub mod snapshots;
@@ -47,6 +48,8 @@ pub struct ControllerOptions {
     pub tokens: Arc<rvol_access::Tokens>,
     /// Serve HTTPS with this certificate.
     pub tls: Option<Arc<rvol_tls::ServerTls>>,
+    /// The CA that signs engine certificates, in a cluster with mutual TLS.
+    pub issuer: Option<Arc<rvol_tls::pki::Ca>>,
 }
 
 /// What the API handlers share.
@@ -54,6 +57,7 @@ pub struct Ctl<S> {
     pub store: Arc<S>,
     pub policy: Policy,
     pub address: String,
+    pub issuer: Option<Arc<rvol_tls::pki::Ca>>,
     leading: watch::Receiver<bool>,
     /// Serialises changes within the leader.
     pub changes: Mutex<()>,
@@ -98,6 +102,7 @@ pub async fn run<S: Store>(
         store: store.clone(),
         policy: opts.policy,
         address: opts.address.clone(),
+        issuer: opts.issuer.clone(),
         leading,
         changes: Mutex::new(()),
         candidate: Candidate::new(store.clone(), &leader_key(), &opts.address, opts.leader_ttl),

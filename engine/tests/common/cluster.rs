@@ -44,6 +44,8 @@ pub struct Cluster {
 #[derive(Debug, Clone, Default)]
 pub struct Access {
     pub controller_args: Vec<String>,
+    /// Flags for each node's agent, by node index.
+    pub agent_args: Vec<Vec<String>>,
     pub cli_env: Vec<(String, String)>,
     pub https: bool,
 }
@@ -321,6 +323,10 @@ impl Cluster {
             "--ttl",
             self.agent_ttl,
         ];
+        let mut args = args.to_vec();
+        if let Some(extra) = self.access.agent_args.get(i) {
+            args.extend(extra.iter().map(String::as_str));
+        }
         let p = match &n.ns {
             Some(ns) => Proc::start_in(ns, &args),
             None => Proc::start(&args),
