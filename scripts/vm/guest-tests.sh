@@ -3,12 +3,15 @@
 # INSIDE the guest that scripts/vm-test.sh boots; every step uses real rvol
 # processes, the kernel's drivers, mkfs/mount and fio.
 #
-#   RVOL=target/release/rvol scripts/vm/guest-tests.sh [all|bench]
+#   RVOL=target/release/rvol scripts/vm/guest-tests.sh [all|bench|cluster]
 #
 # all:   ext4 across an engine restart (ublk, then kernel NBD); fio verify
 #        with a replica SIGKILLed; fio verify across an engine SIGKILL with
-#        user recovery; a stale device cleaned up by the next engine.
+#        user recovery; a stale device cleaned up by the next engine; the
+#        cluster (etcd, a controller, two agents) attaching a volume as
+#        /dev/ublkbN on one node, then on the other, with ext4 across.
 # bench: fio on /dev/ublkb0 and /dev/nbd0 attached to the same volume.
+# cluster: the cluster test alone.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 rvol=$(realpath "${RVOL:-$root/target/release/rvol}")
@@ -64,7 +67,50 @@ fio_still_running() {
   kill -0 $fio_pid 2>/dev/null || fail "fio ended before $1; the test proves nothing (raise --size)"
 }
 
+# cluster_test: etcd, a controller and two agents in the guest; a volume
+# attached as /dev/ublkbN on one node, then on the other, ext4 across.
+cluster_test() {
+  log "cluster: a volume attached through the cluster as a ublk device, moved between nodes"
+  etcd --name g --data-dir "$work/etcd" --listen-client-urls http://127.0.0.1:23790 \
+    --advertise-client-urls http://127.0.0.1:23790 --listen-peer-urls http://127.0.0.1:23800 \
+    --initial-advertise-peer-urls http://127.0.0.1:23800 \
+    --initial-cluster g=http://127.0.0.1:23800 >"$work/etcd.log" 2>&1 &
+  pids+=($!)
+  "$rvol" controller --etcd http://127.0.0.1:23790 --listen 127.0.0.1:7400 --min-free 0 \
+    >"$work/controller.ready" 2>>"$work/controller.log" &
+  pids+=($!)
+  wait_ready controller "$work/controller.ready" $!
+  for n in 1 2; do
+    mkdir -p "$work/node$n"
+    "$rvol" agent --node "g$n" --etcd http://127.0.0.1:23790 --listen "127.0.0.1:750$n" \
+      --disk "$work/node$n" --ports "1${n}100-1${n}199" >"$work/agent$n.ready" 2>>"$work/agent$n.log" &
+    pids+=($!)
+    wait_ready "agent g$n" "$work/agent$n.ready" $!
+  done
+  export RVOL_CLUSTER=http://127.0.0.1:7400
+  for _ in $(seq 100); do
+    [ "$("$rvol" node ls --json | grep -c '"alive": true')" = 2 ] && break
+    sleep 0.2
+  done
+  "$rvol" volume create cv --size 256M --replicas 2 >/dev/null || fail "volume create"
+  dev=$("$rvol" volume attach cv --node g1 --frontend ublk | python3 -c 'import json,sys; print(json.load(sys.stdin)["device"])') ||
+    fail "attach on g1 as ublk"
+  [ -b "$dev" ] || fail "$dev is not a block device"
+  files_write "$dev"
+  "$rvol" volume detach cv >/dev/null || fail "detach from g1"
+  [ ! -e "$dev" ] || fail "detach left $dev behind"
+  dev=$("$rvol" volume attach cv --node g2 --frontend ublk | python3 -c 'import json,sys; print(json.load(sys.stdin)["device"])') ||
+    fail "attach on g2 as ublk"
+  files_check "$dev"
+  "$rvol" volume detach cv >/dev/null || fail "detach from g2"
+  log "PASS ext4 on a cluster volume's ublk device, on one node and then another"
+}
+
 mkdir -p /mnt/t
+if [ "$what" = cluster ]; then
+  cluster_test
+  exit 0
+fi
 for i in 1 2 3; do start_replica $i "$work/r$i"; done
 
 if [ "$what" = bench ]; then
@@ -149,4 +195,6 @@ fio_wait nbd-verify
 nbd-client -d /dev/nbd0 >/dev/null
 stop_engine
 log "PASS ext4 and fio verify on /dev/nbd0"
+
+cluster_test
 log "all guest tests passed"
