@@ -6,6 +6,7 @@
 //! ([`agent`]); and the HTTP client they share ([`http`]).
 
 pub mod agent;
+pub mod client;
 pub mod controller;
 pub mod etcd;
 pub mod http;

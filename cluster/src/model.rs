@@ -217,6 +217,10 @@ pub struct VolumeSpec {
     pub data_locality: DataLocality,
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,
+    /// How long a replica's node may be away before the replica is
+    /// replaced, when not the controller's `--replica-replenish-wait`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replenish_wait_secs: Option<u64>,
 }
 
 /// A replica's id within its volume: `r1`, `r2`, ... never reused, so a
@@ -276,6 +280,10 @@ pub struct Attachment {
     /// snapshots). A user's attach replaces it; detach leaves it.
     #[serde(default)]
     pub maintenance: bool,
+    /// Published read-only: the node mounts it so (the engine does not
+    /// refuse writes itself).
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 /// One line of a volume's history.

@@ -10,11 +10,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use hyper::Method;
 use rvol_cluster::agent::{AgentConfig, AgentOptions};
+use rvol_cluster::client::Client;
 use rvol_cluster::controller::api::{Attached, VolumeView};
 use rvol_cluster::controller::nodes::NodeView;
 use rvol_cluster::controller::ControllerOptions;
 use rvol_cluster::etcd::EtcdStore;
-use rvol_cluster::http::{self, Address, Credentials, HttpError};
+use rvol_cluster::http::Credentials;
 use rvol_cluster::model::{
     DataLocality, Frontend, NodeName, PortRange, Snapshot, SnapshotState, VolumeName,
     ZoneAntiAffinity,
@@ -202,6 +203,10 @@ pub struct CreateArgs {
     /// Only nodes with this label KEY=VALUE; repeat for several.
     #[arg(long = "node-selector", value_parser = crate::parse_label)]
     node_selector: Vec<(String, String)>,
+    /// How long a replica's node may be away before the replica is
+    /// replaced (default: the controller's --replica-replenish-wait).
+    #[arg(long, value_parser = parse_duration)]
+    replenish_wait: Option<Duration>,
     #[command(flatten)]
     cluster: ClusterArg,
     #[arg(long)]
@@ -214,7 +219,7 @@ async fn store(urls: &str) -> anyhow::Result<Arc<EtcdStore>> {
     )?))
 }
 
-async fn stopped() {
+pub async fn stopped() {
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -333,72 +338,25 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-/// One API call, tried on each controller in turn until one that leads
-/// (or, for reads, any) answers; while none leads (an election after the
-/// leader was lost takes a few seconds), tried again for up to 20 s.
+/// The cluster's client, with the token and CA files the environment
+/// names.
+pub fn client(cluster: &ClusterArg) -> anyhow::Result<Client> {
+    let credentials = Credentials {
+        bearer: rvol_access::tokens::client_token(TOKEN_ENV)?,
+        ca: std::env::var_os(CA_ENV).map(PathBuf::from),
+    };
+    Client::new(&cluster.cluster, credentials).map_err(anyhow::Error::msg)
+}
+
+/// One API call through the cluster's client (leader failover, election
+/// wait).
 async fn call(
     cluster: &ClusterArg,
     method: Method,
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match call_once(cluster, method.clone(), path, body.clone()).await {
-            Err(e)
-                if e.to_string().contains("does not lead")
-                    && std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(250)).await
-            }
-            r => return r,
-        }
-    }
-}
-
-async fn call_once(
-    cluster: &ClusterArg,
-    method: Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> anyhow::Result<serde_json::Value> {
-    let credentials = Credentials {
-        bearer: rvol_access::tokens::client_token(TOKEN_ENV)?,
-        ca: std::env::var_os(CA_ENV).map(PathBuf::from),
-    };
-    let mut last = None;
-    for url in cluster.cluster.split(',').filter(|u| !u.trim().is_empty()) {
-        let address: Address = url.trim().parse().map_err(anyhow::Error::msg)?;
-        let body = body.as_ref().map(|b| b.to_string());
-        match http::request(
-            &address,
-            method.clone(),
-            path,
-            body,
-            &credentials,
-            Duration::from_secs(120),
-        )
-        .await
-        {
-            Ok(reply) => {
-                return serde_json::from_slice(&reply.body)
-                    .with_context(|| format!("{address}{path}: the answer is not JSON"))
-            }
-            Err(HttpError::Status { status, body }) => {
-                let message = serde_json::from_str::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v["error"].as_str().map(str::to_string))
-                    .unwrap_or(body);
-                let not_leader = message.contains("does not lead");
-                last = Some(anyhow::anyhow!("{message} ({status})"));
-                if !not_leader {
-                    break;
-                }
-            }
-            Err(e) => last = Some(e.into()),
-        }
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("--cluster names no controller")))
+    Ok(client(cluster)?.call(method, path, body).await?)
 }
 
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
@@ -414,6 +372,7 @@ pub async fn create(a: CreateArgs) -> anyhow::Result<u8> {
         "zone_anti_affinity": a.zone_anti_affinity,
         "data_locality": a.data_locality,
         "node_selector": a.node_selector.into_iter().collect::<BTreeMap<_, _>>(),
+        "replenish_wait_secs": a.replenish_wait.map(|d| d.as_secs()),
     });
     let v = call(&a.cluster, Method::POST, "/v1/volumes", Some(body)).await?;
     if a.json {

@@ -139,6 +139,9 @@ pub struct VolumeView {
     pub spec: VolumeSpec,
     pub attached_node: Option<NodeName>,
     pub frontend: Option<Frontend>,
+    /// Attached read-only.
+    #[serde(default)]
+    pub readonly: bool,
     /// Where the controller's maintenance engine runs, while detached.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub maintenance: Option<NodeName>,
@@ -170,6 +173,7 @@ pub fn volume_view(view: &ClusterView, v: &Volume) -> VolumeView {
         spec: v.spec.clone(),
         attached_node: v.attached().map(|a| a.node.clone()),
         frontend: v.attached().map(|a| a.frontend),
+        readonly: v.attached().is_some_and(|a| a.readonly),
         maintenance: v
             .attachment
             .as_ref()
@@ -246,6 +250,8 @@ pub struct CreateRequest {
     pub data_locality: DataLocality,
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub replenish_wait_secs: Option<u64>,
 }
 
 async fn create<S: Store>(
@@ -276,6 +282,7 @@ async fn create<S: Store>(
         zone_anti_affinity: req.zone_anti_affinity,
         data_locality: req.data_locality,
         node_selector: req.node_selector,
+        replenish_wait_secs: req.replenish_wait_secs,
     };
     let mut volume = Volume {
         protocol: PROTOCOL,
@@ -334,6 +341,8 @@ pub struct AttachRequest {
     pub node: String,
     #[serde(default)]
     pub frontend: Frontend,
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 /// Where an attached volume is served.
@@ -366,11 +375,16 @@ async fn attach<S: Store>(
         // A maintenance engine gives way to the user's: the new engine
         // takes the replicas over with a higher generation.
         match v.attached() {
-            Some(a) if a.node == node && a.frontend == req.frontend => (a.serial, view.revision),
+            Some(a)
+                if a.node == node && a.frontend == req.frontend && a.readonly == req.readonly =>
+            {
+                (a.serial, view.revision)
+            }
             Some(a) if a.node == node => {
                 return Err(conflict(format!(
-                    "volume {name} is attached to {node} with {:?}: detach it first",
-                    a.frontend
+                    "volume {name} is attached to {node} with {:?}{}: detach it first",
+                    a.frontend,
+                    if a.readonly { ", read-only" } else { "" }
                 )))
             }
             Some(a) if view.alive(&a.node) => {
@@ -398,6 +412,7 @@ async fn attach<S: Store>(
                     port,
                     serial: next.last_serial,
                     maintenance: false,
+                    readonly: req.readonly,
                 });
                 next.event(match current {
                     Some(old) => format!(

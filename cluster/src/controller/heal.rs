@@ -5,7 +5,8 @@
 //! 1. **Replaces replicas of nodes away too long.** A node is away while
 //!    it has no live agent; this leader notes when it first saw it away
 //!    (a new leader starts counting again, which only delays a
-//!    replacement). After the replenish wait its replicas leave the
+//!    replacement). After the replenish wait (the volume's own, or the
+//!    controller's) its replicas leave the
 //!    volume's record, so the engine drops them and their node, if it
 //!    returns, deletes their data. A replica of the in-sync set is kept
 //!    while no other in-sync replica is left: forgetting it would forget
@@ -143,7 +144,11 @@ impl<S: Store> Healer<S> {
             .iter()
             .filter_map(|p| {
                 let away = now - *self.away_since.get(&p.node)?;
-                (away >= self.wait).then(|| (p.id, p.node.clone(), away))
+                let wait = v
+                    .spec
+                    .replenish_wait_secs
+                    .map_or(self.wait, Duration::from_secs);
+                (away >= wait).then(|| (p.id, p.node.clone(), away))
             })
             .collect();
         let mut changed = false;
@@ -241,6 +246,7 @@ impl<S: Store> Healer<S> {
                     port: 0,
                     serial: v.last_serial,
                     maintenance: true,
+                    readonly: false,
                 });
                 let said = format!("maintenance engine on {node}: {}", work.join(", "));
                 self.tell(v, "maintain", Ok(said))
