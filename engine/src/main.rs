@@ -21,6 +21,7 @@ mod admin;
 mod cert;
 mod chain;
 mod cluster_cli;
+mod csi_cli;
 mod demo;
 mod engine;
 mod epoch;
@@ -184,6 +185,8 @@ enum Command {
     Controller(cluster_cli::ControllerArgs),
     /// Run a node's replicas and engines, as the cluster places them.
     Agent(cluster_cli::AgentArgs),
+    /// Serve the CSI driver (Kubernetes' storage interface) over the cluster.
+    Csi(csi_cli::CsiArgs),
     /// List, cordon, uncordon and drain the cluster's nodes.
     Node {
         #[command(subcommand)]
@@ -521,6 +524,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
         Command::Demo(args) => demo::run(args).await,
         Command::Controller(args) => cluster_cli::controller(args).await,
         Command::Agent(args) => cluster_cli::agent(args).await,
+        Command::Csi(args) => csi_cli::run(args).await,
         Command::Node { command } => cluster_cli::node(command).await,
     }
 }

@@ -1,0 +1,93 @@
+//! rvol's CSI driver (`rvol csi`): the Container Storage Interface that
+//! Kubernetes speaks to storage, served over the cluster's API. It keeps
+//! no state of its own: every answer comes from the cluster controller,
+//! and every request is a controller call that is safe to repeat, which
+//! is what CSI's idempotency asks for.
+
+pub mod proto {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("csi.v1");
+}
+
+pub mod controller;
+pub mod identity;
+mod mounts;
+pub mod names;
+pub mod node;
+pub mod params;
+mod status;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rvol_cluster::client::Client;
+
+/// A field the request must carry, or INVALID_ARGUMENT.
+fn required<'a>(value: &'a str, what: &str) -> Result<&'a str, tonic::Status> {
+    if value.is_empty() {
+        Err(tonic::Status::invalid_argument(format!(
+            "{what} is required"
+        )))
+    } else {
+        Ok(value)
+    }
+}
+
+/// The driver's name, as Kubernetes' CSIDriver and StorageClasses name it.
+pub const DRIVER: &str = "csi.rvol.io";
+/// The topology key of a node's zone.
+pub const ZONE_KEY: &str = "topology.rvol.io/zone";
+
+pub struct Options {
+    pub client: Arc<Client>,
+    /// Serve the Controller service, publishing volumes with this frontend.
+    pub controller: Option<&'static str>,
+    /// Serve the Node service for this node.
+    pub node_id: Option<String>,
+}
+
+/// Serves the CSI services on the Unix socket at `path` until `stop`.
+pub async fn serve(
+    path: &Path,
+    opts: Options,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use proto::controller_server::ControllerServer;
+    use proto::identity_server::IdentityServer;
+    use proto::node_server::NodeServer;
+    // A socket left by an earlier run: Kubernetes' sidecars find the
+    // driver at this path, so it is taken over.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", path.display()).into()),
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| format!("binding {}: {e}", path.display()))?;
+    let identity = IdentityServer::new(identity::IdentityService {
+        client: opts.client.clone(),
+        controller: opts.controller.is_some(),
+    });
+    let controller = opts.controller.map(|frontend| {
+        ControllerServer::new(controller::ControllerService {
+            client: opts.client.clone(),
+            frontend,
+        })
+    });
+    let node = opts.node_id.map(|node_id| {
+        NodeServer::new(node::NodeService {
+            client: opts.client.clone(),
+            node_id,
+        })
+    });
+    tonic::transport::Server::builder()
+        .add_service(identity)
+        .add_optional_service(controller)
+        .add_optional_service(node)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            stop,
+        )
+        .await?;
+    Ok(())
+}
