@@ -13,6 +13,14 @@ cd "$(dirname "$0")/.."
 install_test_deps
 
 export CARGO_TERM_COLOR=never
+# csi-sanity (the CSI conformance suite) from ../shared/tools, else the PATH.
+for c in ../shared/tools/csi-sanity "$(command -v csi-sanity || true)"; do
+  if [ -n "$c" ] && [ -x "$c" ]; then
+    export CSI_SANITY=$(realpath "$c")
+    break
+  fi
+done
+echo "csi-sanity: ${CSI_SANITY:-not found: the CSI conformance test is SKIPPED}"
 echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"

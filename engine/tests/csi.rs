@@ -11,8 +11,12 @@ use std::process::Command;
 use common::cluster::Cluster;
 use common::Proc;
 
-/// csi-sanity: the project's copy, or one on the PATH.
+/// csi-sanity: `$CSI_SANITY`, the copy beside the project
+/// (`../shared/tools`), or one on the PATH.
 fn csi_sanity() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CSI_SANITY") {
+        return Some(PathBuf::from(p));
+    }
     let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/csi-sanity");
     if shared.exists() {
         return Some(shared);
