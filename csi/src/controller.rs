@@ -106,7 +106,8 @@ fn size_of(range: Option<&CapacityRange>) -> Result<u64, Status> {
     Ok(size)
 }
 
-fn condition(v: &VolumeView) -> VolumeCondition {
+/// What the cluster says of a volume's health, as CSI's volume condition.
+pub(crate) fn condition(v: &VolumeView) -> VolumeCondition {
     let (abnormal, message) = match v.state {
         VolumeState::Faulted => (
             true,

@@ -10,6 +10,7 @@ pub mod proto {
 }
 
 pub mod controller;
+mod fs;
 pub mod identity;
 mod mounts;
 pub mod names;

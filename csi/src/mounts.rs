@@ -33,6 +33,19 @@ fn mount_points(mountinfo: &str) -> impl Iterator<Item = String> + '_ {
         .filter_map(|l| l.split(' ').nth(4).map(unescape))
 }
 
+/// The source (the device) of what is mounted at `path`, the last mount
+/// there winning.
+pub fn source(path: &Path) -> std::io::Result<Option<String>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let path = path.to_string_lossy();
+    let found = text
+        .lines()
+        .rev()
+        .filter(|l| l.split(' ').nth(4).map(unescape).as_deref() == Some(&*path))
+        .find_map(|l| l.split_once(" - ")?.1.split(' ').nth(1).map(unescape));
+    Ok(found)
+}
+
 /// Whether something is mounted at `path`.
 pub fn is_mounted(path: &Path) -> std::io::Result<bool> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")?;

@@ -32,6 +32,7 @@ install_run_deps() {
 install_test_deps() {
   install_run_deps
   # openssl: the TLS tests attack a replica with s_client; curl: the
-  # cluster tests send the controller malformed requests.
-  apt_install python3-libnbd nbdkit openssl curl
+  # cluster tests send the controller malformed requests; xfsprogs: the CSI
+  # node tests make and grow xfs (in the guest, which uses this host's tools).
+  apt_install python3-libnbd nbdkit openssl curl xfsprogs
 }

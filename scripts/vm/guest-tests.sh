@@ -11,7 +11,7 @@
 #        cluster (etcd, a controller, two agents) attaching a volume as
 #        /dev/ublkbN on one node, then on the other, with ext4 across.
 # bench: fio on /dev/ublkb0 and /dev/nbd0 attached to the same volume.
-# cluster: the cluster test alone.
+# cluster: the cluster and CSI tests alone.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 rvol=$(realpath "${RVOL:-$root/target/release/rvol}")
@@ -67,10 +67,11 @@ fio_still_running() {
   kill -0 $fio_pid 2>/dev/null || fail "fio ended before $1; the test proves nothing (raise --size)"
 }
 
-# cluster_test: etcd, a controller and two agents in the guest; a volume
-# attached as /dev/ublkbN on one node, then on the other, ext4 across.
-cluster_test() {
-  log "cluster: a volume attached through the cluster as a ublk device, moved between nodes"
+# cluster_up: etcd, a controller and two agents (g1, g2) in the guest,
+# once; RVOL_CLUSTER names the controller.
+cluster_up() {
+  [ -z "${cluster_started:-}" ] || return 0
+  cluster_started=1
   etcd --name g --data-dir "$work/etcd" --listen-client-urls http://127.0.0.1:23790 \
     --advertise-client-urls http://127.0.0.1:23790 --listen-peer-urls http://127.0.0.1:23800 \
     --initial-advertise-peer-urls http://127.0.0.1:23800 \
@@ -92,6 +93,13 @@ cluster_test() {
     [ "$("$rvol" node ls --json | grep -c '"alive": true')" = 2 ] && break
     sleep 0.2
   done
+}
+
+# cluster_test: a volume attached through the cluster as /dev/ublkbN on one
+# node, then on the other, ext4 across.
+cluster_test() {
+  log "cluster: a volume attached through the cluster as a ublk device, moved between nodes"
+  cluster_up
   "$rvol" volume create cv --size 256M --replicas 2 >/dev/null || fail "volume create"
   dev=$("$rvol" volume attach cv --node g1 --frontend ublk | python3 -c 'import json,sys; print(json.load(sys.stdin)["device"])') ||
     fail "attach on g1 as ublk"
@@ -106,9 +114,37 @@ cluster_test() {
   log "PASS ext4 on a cluster volume's ublk device, on one node and then another"
 }
 
+# csi_test: csi-sanity, the CSI conformance suite, against `rvol csi`
+# serving every service over the guest's cluster, volumes published as
+# ublk devices, for file system and block volumes.
+csi_test() {
+  local sanity=$root/../shared/tools/csi-sanity
+  [ -x "$sanity" ] || sanity=$(command -v csi-sanity || true)
+  if [ -z "$sanity" ]; then
+    log "SKIPPED csi-sanity: not in ../shared/tools nor on the PATH"
+    return 0
+  fi
+  log "csi: csi-sanity against rvol csi, volumes as ublk devices"
+  cluster_up
+  "$rvol" csi --endpoint "unix://$work/csi.sock" --cluster "$RVOL_CLUSTER" --controller \
+    --frontend ublk --node --node-id g1 >"$work/csi.ready" 2>>"$work/csi.log" &
+  pids+=($!)
+  wait_ready csi "$work/csi.ready" $!
+  printf 'numberOfReplicas: "2"\n' >"$work/sc.yaml"
+  for type in mount block; do
+    "$sanity" --csi.endpoint "unix://$work/csi.sock" --csi.stagingdir "$work/csi-staging-$type" \
+      --csi.mountdir "$work/csi-mount-$type" --csi.testvolumeparameters "$work/sc.yaml" \
+      --csi.testvolumesize 67108864 --csi.testvolumeexpandsize 134217728 \
+      --csi.testvolumeaccesstype "$type" --ginkgo.no-color >"$work/sanity-$type.out" 2>&1 ||
+      fail "csi-sanity ($type): $(grep -E '\[FAIL\]|FAIL!' "$work/sanity-$type.out" | head -30)"
+    log "PASS csi-sanity ($type): $(grep -E '^Ran |SUCCESS' "$work/sanity-$type.out" | tr '\n' ' ')"
+  done
+}
+
 mkdir -p /mnt/t
 if [ "$what" = cluster ]; then
   cluster_test
+  csi_test
   exit 0
 fi
 for i in 1 2 3; do start_replica $i "$work/r$i"; done
@@ -197,4 +233,5 @@ stop_engine
 log "PASS ext4 and fio verify on /dev/nbd0"
 
 cluster_test
+csi_test
 log "all guest tests passed"
