@@ -37,13 +37,15 @@ fn mount_points(mountinfo: &str) -> impl Iterator<Item = String> + '_ {
 /// there winning.
 pub fn source(path: &Path) -> std::io::Result<Option<String>> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let path = path.to_string_lossy();
-    let found = text
+    Ok(source_in(&text, &path.to_string_lossy()))
+}
+
+fn source_in(mountinfo: &str, path: &str) -> Option<String> {
+    mountinfo
         .lines()
         .rev()
-        .filter(|l| l.split(' ').nth(4).map(unescape).as_deref() == Some(&*path))
-        .find_map(|l| l.split_once(" - ")?.1.split(' ').nth(1).map(unescape));
-    Ok(found)
+        .filter(|l| l.split(' ').nth(4).map(unescape).as_deref() == Some(path))
+        .find_map(|l| l.split_once(" - ")?.1.split(' ').nth(1).map(unescape))
 }
 
 /// Whether something is mounted at `path`.
@@ -79,6 +81,10 @@ mod tests {
                     37 35 98:0 / /var/lib/kubelet/pods/x/volumes/vol rw - ext4 /dev/y rw\n";
         let points: Vec<String> = mount_points(text).collect();
         assert_eq!(points, ["/mnt/a b", "/var/lib/kubelet/pods/x/volumes/vol"]);
+        assert_eq!(source_in(text, "/mnt/a b").as_deref(), Some("/dev/x"));
+        let over = format!("{text}38 36 98:1 / /mnt/a\\040b rw - xfs /dev/z rw\n");
+        assert_eq!(source_in(&over, "/mnt/a b").as_deref(), Some("/dev/z"));
+        assert_eq!(source_in(text, "/nowhere"), None);
         assert_eq!(unescape("a\\134b\\011c"), "a\\b\tc");
         assert_eq!(unescape("trailing\\"), "trailing\\");
     }
