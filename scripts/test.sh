@@ -27,6 +27,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace 2>&1 | tee target/test.log
+echo "== deployment files: Kubernetes schema, and every container's flags"
+python3 scripts/check_deploy.py --rvol target/debug/rvol
 echo "== the replica-path tests again, every replica and engine behind mutual TLS"
 RVOL_TEST_TLS=1 cargo test -p rvol-engine --test rebuild --test snapshots --test replica_loss \
   --test engine_crash --test partition --test seed_drill --test chain_crash 2>&1 | tee -a target/test.log

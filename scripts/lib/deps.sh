@@ -34,5 +34,9 @@ install_test_deps() {
   # openssl: the TLS tests attack a replica with s_client; curl: the
   # cluster tests send the controller malformed requests; xfsprogs: the CSI
   # node tests make and grow xfs (in the guest, which uses this host's tools).
-  apt_install python3-libnbd nbdkit openssl curl xfsprogs
+  apt_install python3-libnbd nbdkit openssl curl xfsprogs python3-yaml
+  # kubernetes-validate checks deploy/kubernetes/ offline (PyPI).
+  command -v kubernetes-validate >/dev/null ||
+    pip install --quiet kubernetes-validate 2>/dev/null ||
+    pip install --quiet --break-system-packages kubernetes-validate
 }
