@@ -34,9 +34,12 @@ impl Identity for IdentityService {
         &self,
         _: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        // Offline: a ublk device's size is fixed when it is made (the
+        // kernels rvol runs on lack UBLK_U_CMD_UPDATE_SIZE), so a volume
+        // grows while unpublished and its next engine serves the new size.
         let mut capabilities = vec![PluginCapability {
             r#type: Some(Type::VolumeExpansion(VolumeExpansion {
-                r#type: volume_expansion::Type::Online as i32,
+                r#type: volume_expansion::Type::Offline as i32,
             })),
         }];
         if self.controller {

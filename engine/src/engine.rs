@@ -1,8 +1,8 @@
 //! `rvol engine`: start-up, serving, and shutdown of one volume.
 //!
 //! Start-up: probe every replica (HELLO with generation 0), serve the
-//! largest size any reports (`rvol expand` grows replicas past `--size`;
-//! one that missed that is grown too), take every reachable replica over
+//! largest size any reports or `--grow-to` asks (`rvol expand` grows
+//! replicas past `--size`; one that missed that is grown too), take every reachable replica over
 //! with a generation above all of theirs (which fences any older engine),
 //! choose the fresh set by the [`freshness`](crate::freshness) rules, and
 //! [`reconcile`](crate::reconcile) replicas an unclean stop left different.
@@ -42,6 +42,10 @@ pub const EXIT_FENCED: u8 = 3;
 pub struct EngineConfig {
     pub name: String,
     pub size: u64,
+    /// Grow the replicas to at least this before serving (an expansion
+    /// made while no engine ran), so that a ublk device, whose size is
+    /// fixed when it is made, starts at the volume's size.
+    pub grow_to: u64,
     pub replicas: Vec<Endpoint>,
     pub nbd_listen: Vec<Endpoint>,
     /// Required of NBD clients on TCP when set.
@@ -116,7 +120,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
             cfg.size
         );
     }
-    let size = size.max(cfg.size);
+    let size = size.max(cfg.size).max(cfg.grow_to);
     if size > cfg.size {
         tracing::info!(
             size,

@@ -73,6 +73,10 @@ enum Command {
         name: String,
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        /// Grow the replicas to at least this many bytes before serving
+        /// (the volume was expanded while no engine ran).
+        #[arg(long, value_parser = parse_size, default_value = "0")]
+        grow_to: u64,
         /// A replica's address (host:port or unix:PATH); repeat for each.
         #[arg(long = "replica", required = true)]
         replicas: Vec<Endpoint>,
@@ -442,6 +446,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
         }
         Command::Engine {
             name,
+            grow_to,
             size,
             replicas,
             frontend,
@@ -483,6 +488,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             engine::run(engine::EngineConfig {
                 name,
                 size,
+                grow_to,
                 replicas,
                 nbd_listen,
                 nbd_tls,

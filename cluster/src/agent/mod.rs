@@ -276,6 +276,11 @@ impl<S: Store> Agent<S> {
             "--size".into(),
             v.created_size.to_string(),
         ];
+        // An expansion made while detached: the engine grows the replicas
+        // before it serves, so a ublk device starts at the new size.
+        if v.spec.size > v.created_size {
+            args.extend(["--grow-to".into(), v.spec.size.to_string()]);
+        }
         for p in &v.replicas {
             args.extend(["--replica".into(), p.address.clone()]);
         }
