@@ -19,7 +19,7 @@ skip() {
 scripts/vm/setup.sh || skip "scripts/vm/setup.sh could not prepare the guest kernel"
 out=$(scripts/vm/run.sh --timeout 180 -- sh -c 'test -e /dev/ublk-control && test -e /dev/nbd0 && echo up' 2>&1) || true
 [ "$(echo "$out" | tail -n 1)" = up ] || skip "the guest did not boot: $(echo "$out" | tail -n 3)"
-cargo build --release --bin rvol
+cargo build --release --bin rvol --example kubelet_walk
 start=$(date +%s)
 rc=0
 RVOL=$PWD/target/release/rvol RVOL_VM_ENV=RVOL \

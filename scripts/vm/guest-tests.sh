@@ -67,7 +67,7 @@ fio_still_running() {
   kill -0 $fio_pid 2>/dev/null || fail "fio ended before $1; the test proves nothing (raise --size)"
 }
 
-# cluster_up: etcd, a controller and two agents (g1, g2) in the guest,
+# cluster_up: etcd, a controller and three agents (g1, g2, g3) in the guest,
 # once; RVOL_CLUSTER names the controller.
 cluster_up() {
   [ -z "${cluster_started:-}" ] || return 0
@@ -81,7 +81,7 @@ cluster_up() {
     >"$work/controller.ready" 2>>"$work/controller.log" &
   pids+=($!)
   wait_ready controller "$work/controller.ready" $!
-  for n in 1 2; do
+  for n in 1 2 3; do
     mkdir -p "$work/node$n"
     "$rvol" agent --node "g$n" --etcd http://127.0.0.1:23790 --listen "127.0.0.1:750$n" \
       --disk "$work/node$n" --ports "1${n}100-1${n}199" >"$work/agent$n.ready" 2>>"$work/agent$n.log" &
@@ -90,7 +90,7 @@ cluster_up() {
   done
   export RVOL_CLUSTER=http://127.0.0.1:7400
   for _ in $(seq 100); do
-    [ "$("$rvol" node ls --json | grep -c '"alive": true')" = 2 ] && break
+    [ "$("$rvol" node ls --json | grep -c '"alive": true')" = 3 ] && break
     sleep 0.2
   done
 }
@@ -139,6 +139,17 @@ csi_test() {
       fail "csi-sanity ($type): $(grep -E '\[FAIL\]|FAIL!' "$work/sanity-$type.out" | head -30)"
     log "PASS csi-sanity ($type): $(grep -E '^Ran |SUCCESS' "$work/sanity-$type.out" | tr '\n' ' ')"
   done
+  log "csi: the kubelet's walk (create, publish, stage, write, move to another node, expand, delete)"
+  "$rvol" csi --endpoint "unix://$work/csi2.sock" --cluster "$RVOL_CLUSTER" \
+    --node --node-id g2 >"$work/csi2.ready" 2>>"$work/csi2.log" &
+  pids+=($!)
+  wait_ready "csi on g2" "$work/csi2.ready" $!
+  mkdir -p "$work/walk"
+  "$root/target/release/examples/kubelet_walk" "$work/csi.sock" "$work/csi.sock" "$work/csi2.sock" \
+    "$work/walk" "$work/node1" "$work/node2" "$work/node3" >"$work/walk.out" 2>&1 ||
+    fail "the kubelet's walk: $(cat "$work/walk.out")"
+  grep "^walk:" "$work/walk.out" | sed 's/^/guest: /'
+  log "PASS the kubelet's walk"
 }
 
 mkdir -p /mnt/t

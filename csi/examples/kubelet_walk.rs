@@ -1,0 +1,257 @@
+//! The kubelet's walk through a volume's life, as a CSI client against
+//! `rvol csi` (run in the guest by `scripts/vm/guest-tests.sh`, where
+//! published volumes are real `/dev/ublkbN` devices):
+//!
+//! create (3 replicas) → publish on g1 → stage (ext4) → publish → write
+//! files → unpublish → unstage → unpublish → publish on g2 → stage → the
+//! files are there → unpublish, expand, publish, grow the file system →
+//! df shows it larger → stats → tear down → delete → no replica data left
+//! on any disk.
+//!
+//!     kubelet_walk CONTROLLER_SOCK G1_SOCK G2_SOCK WORKDIR DISK...
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rvol_csi::proto::controller_client::ControllerClient;
+use rvol_csi::proto::node_client::NodeClient;
+use rvol_csi::proto::volume_capability::{access_mode, AccessMode, AccessType, MountVolume};
+use rvol_csi::proto::*;
+use tonic::transport::{Channel, Endpoint};
+
+type Error = Box<dyn std::error::Error>;
+
+async fn channel(socket: &str) -> Result<Channel, Error> {
+    Ok(Endpoint::from_shared(format!("unix://{socket}"))?
+        .connect()
+        .await?)
+}
+
+fn capability() -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+struct Staged {
+    staging: String,
+    target: String,
+}
+
+/// ControllerPublish on `node`, then NodeStage and NodePublish on its
+/// Node service; the times of the three.
+async fn bring_up(
+    ctl: &mut ControllerClient<Channel>,
+    node: &mut NodeClient<Channel>,
+    id: &str,
+    node_id: &str,
+    work: &Path,
+) -> Result<(Staged, [Duration; 3]), Error> {
+    let t = Instant::now();
+    let published = ctl
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: id.into(),
+            node_id: node_id.into(),
+            volume_capability: Some(capability()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let publish = t.elapsed();
+    let staged = Staged {
+        staging: work
+            .join(format!("staging-{node_id}"))
+            .display()
+            .to_string(),
+        target: work.join(format!("target-{node_id}")).display().to_string(),
+    };
+    let t = Instant::now();
+    node.node_stage_volume(NodeStageVolumeRequest {
+        volume_id: id.into(),
+        publish_context: published.publish_context.clone(),
+        staging_target_path: staged.staging.clone(),
+        volume_capability: Some(capability()),
+        ..Default::default()
+    })
+    .await?;
+    let stage = t.elapsed();
+    let t = Instant::now();
+    node.node_publish_volume(NodePublishVolumeRequest {
+        volume_id: id.into(),
+        publish_context: published.publish_context,
+        staging_target_path: staged.staging.clone(),
+        target_path: staged.target.clone(),
+        volume_capability: Some(capability()),
+        ..Default::default()
+    })
+    .await?;
+    Ok((staged, [publish, stage, t.elapsed()]))
+}
+
+async fn tear_down(
+    ctl: &mut ControllerClient<Channel>,
+    node: &mut NodeClient<Channel>,
+    id: &str,
+    node_id: &str,
+    s: &Staged,
+) -> Result<(), Error> {
+    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: s.target.clone(),
+    })
+    .await?;
+    node.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: s.staging.clone(),
+    })
+    .await?;
+    ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node_id.into(),
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
+fn fs_size(path: &str) -> Result<u64, Error> {
+    let out = std::process::Command::new("df")
+        .args(["--output=size", "-B1", path])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .nth(1)
+        .ok_or("df said nothing")?
+        .trim()
+        .parse()?)
+}
+
+fn replica_dirs(disks: &[PathBuf], volume: &str) -> Vec<PathBuf> {
+    disks
+        .iter()
+        .flat_map(|d| {
+            std::fs::read_dir(d.join("rvol-replicas"))
+                .into_iter()
+                .flatten()
+        })
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{volume}.")))
+        })
+        .collect()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [ctl_sock, g1_sock, g2_sock, work, disks @ ..] = args.as_slice() else {
+        return Err("usage: kubelet_walk CONTROLLER_SOCK G1_SOCK G2_SOCK WORKDIR DISK...".into());
+    };
+    let work = Path::new(work);
+    let disks: Vec<PathBuf> = disks.iter().map(PathBuf::from).collect();
+    let mut ctl = ControllerClient::new(channel(ctl_sock).await?);
+    let mut g1 = NodeClient::new(channel(g1_sock).await?);
+    let mut g2 = NodeClient::new(channel(g2_sock).await?);
+
+    let t = Instant::now();
+    let created = ctl
+        .create_volume(CreateVolumeRequest {
+            name: "walk".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 64 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![capability()],
+            parameters: HashMap::from([("numberOfReplicas".into(), "3".into())]),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let create = t.elapsed();
+    let id = created.volume.ok_or("no volume")?.volume_id;
+
+    let (s1, [publish, stage, bind]) = bring_up(&mut ctl, &mut g1, &id, "g1", work).await?;
+    println!(
+        "walk: create {create:?}, publish {publish:?}, stage (mkfs and mount) {stage:?}, publish (bind) {bind:?}"
+    );
+    let content: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let file = Path::new(&s1.target).join("data.bin");
+    std::fs::write(&file, &content)?;
+    std::fs::File::open(&file)?.sync_all()?;
+    tear_down(&mut ctl, &mut g1, &id, "g1", &s1).await?;
+
+    let (s2, _) = bring_up(&mut ctl, &mut g2, &id, "g2", work).await?;
+    let read = std::fs::read(Path::new(&s2.target).join("data.bin"))?;
+    if read != content {
+        return Err("the file written on g1 differs on g2".into());
+    }
+    println!("walk: the file written on g1 reads back on g2");
+
+    // Expansion is offline (see the Identity service): unpublished, grown,
+    // published again, and the file system grown on the node.
+    let before = fs_size(&s2.target)?;
+    tear_down(&mut ctl, &mut g2, &id, "g2", &s2).await?;
+    ctl.controller_expand_volume(ControllerExpandVolumeRequest {
+        volume_id: id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 128 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(capability()),
+        ..Default::default()
+    })
+    .await?;
+    let (s2, _) = bring_up(&mut ctl, &mut g2, &id, "g2", work).await?;
+    g2.node_expand_volume(NodeExpandVolumeRequest {
+        volume_id: id.clone(),
+        volume_path: s2.target.clone(),
+        volume_capability: Some(capability()),
+        ..Default::default()
+    })
+    .await?;
+    let after = fs_size(&s2.target)?;
+    if after < before + (48 << 20) {
+        return Err(format!("df: {before} bytes before the expansion, {after} after").into());
+    }
+    println!("walk: expanded, df {before} -> {after} bytes");
+    let stats = g2
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: s2.target.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    if stats.usage.len() != 2 || stats.volume_condition.is_none_or(|c| c.abnormal) {
+        return Err("stats: expected bytes and inodes and a normal condition".into());
+    }
+
+    tear_down(&mut ctl, &mut g2, &id, "g2", &s2).await?;
+    ctl.delete_volume(DeleteVolumeRequest {
+        volume_id: id.clone(),
+        ..Default::default()
+    })
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !replica_dirs(&disks, &id).is_empty() {
+        if Instant::now() > deadline {
+            return Err(format!("replica data left: {:?}", replica_dirs(&disks, &id)).into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("walk: deleted; no replica data left on any disk");
+    println!("kubelet walk passed");
+    Ok(())
+}
