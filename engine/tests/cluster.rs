@@ -418,12 +418,7 @@ fn a_restarted_agent_adopts_what_runs() {
     c.nodes[0].agent.take().unwrap().kill9();
     std::thread::sleep(Duration::from_secs(1));
     c.start_agent(0);
-    let out = fio.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("verify: bad"),
-        "fio: {text}"
-    );
+    common::cluster::fio_passed(fio);
     let after: BTreeSet<i32> = pids_matching(&format!("{disk}/"))
         .into_iter()
         .filter(|p| {
@@ -487,12 +482,7 @@ fn replicas_move_for_locality_and_drain_without_losing_a_copy() {
             nodes.len() == 2 && nodes.contains(&x_name) && v["state"] == "healthy"
         },
     );
-    let out = fio.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("verify: bad"),
-        "fio: {text}"
-    );
+    common::cluster::fio_passed(fio);
 
     // A detached volume with data, one of whose replicas is on the node
     // drained.
@@ -670,12 +660,7 @@ fn a_node_back_within_the_wait_keeps_its_replica() {
     c.wait_for(Duration::from_secs(60), "the replica back", |c| {
         c.volume("v")["state"] == "healthy"
     });
-    let out = fio.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("verify: bad"),
-        "fio: {text}"
-    );
+    common::cluster::fio_passed(fio);
     let v = c.volume("v");
     assert_eq!(nodes_of(&v), held, "{v}");
     assert!(event_index(&v, "removed").is_none(), "{v}");
@@ -928,12 +913,7 @@ fn a_lost_node_is_replaced_under_load_and_never_rejoins() {
     c.wait_for(Duration::from_secs(20), "the volume degraded", |c| {
         c.volume("v")["state"] == "degraded"
     });
-    let out = fio.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("verify: bad"),
-        "fio: {text}"
-    );
+    common::cluster::fio_passed(fio);
     c.wait_for(Duration::from_secs(90), "a replica rebuilt on n4", |c| {
         let v = c.volume("v");
         v["state"] == "healthy" && nodes_of(&v).contains(&"n4".to_string())
@@ -1061,12 +1041,7 @@ fn volumes_serve_through_etcd_losses() {
     assert!(err.contains("the cluster store is unavailable"), "{err}");
     let err = c.fails(&["volume", "detach", "v"]);
     assert!(err.contains("the cluster store is unavailable"), "{err}");
-    let out = fio.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("verify: bad"),
-        "fio: {text}"
-    );
+    common::cluster::fio_passed(fio);
 
     for m in &mut c.etcd {
         m.start();

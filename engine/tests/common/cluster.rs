@@ -465,6 +465,17 @@ impl Cluster {
     }
 }
 
+/// Waits for a `fio_verify` run, which must end well with every block
+/// verified.
+pub fn fio_passed(fio: std::process::Child) {
+    let out = fio.wait_with_output().expect("fio");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("verify: bad"),
+        "fio: {text}"
+    );
+}
+
 /// Pids of processes whose command line contains `needle`.
 pub fn pids_matching(needle: &str) -> Vec<i32> {
     let me = std::process::id() as i32;
