@@ -65,6 +65,13 @@ pub async fn serve(
     }
     let listener = tokio::net::UnixListener::bind(path)
         .map_err(|e| format!("binding {}: {e}", path.display()))?;
+    // Only the driver's user (root, as the kubelet and the sidecars are)
+    // may publish, mount or delete volumes through it.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     let identity = IdentityServer::new(identity::IdentityService {
         client: opts.client.clone(),
         controller: opts.controller.is_some(),
