@@ -47,31 +47,34 @@ pub struct Options {
     pub node_id: Option<String>,
 }
 
-/// Serves the CSI services on the Unix socket at `path` until `stop`.
+/// Listens on the Unix socket at `path` (0600), taking over a socket an
+/// earlier run left there: Kubernetes' sidecars find the driver at this
+/// path.
+pub fn listen(path: &Path) -> Result<tokio::net::UnixListener, String> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| format!("binding {}: {e}", path.display()))?;
+    // Only the driver's user (root, as the kubelet and the sidecars are)
+    // may publish, mount or delete volumes through it.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves the CSI services on `listener` (from [`listen`]) until `stop`.
 pub async fn serve(
-    path: &Path,
+    listener: tokio::net::UnixListener,
     opts: Options,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use proto::controller_server::ControllerServer;
     use proto::identity_server::IdentityServer;
     use proto::node_server::NodeServer;
-    // A socket left by an earlier run: Kubernetes' sidecars find the
-    // driver at this path, so it is taken over.
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("{}: {e}", path.display()).into()),
-    }
-    let listener = tokio::net::UnixListener::bind(path)
-        .map_err(|e| format!("binding {}: {e}", path.display()))?;
-    // Only the driver's user (root, as the kubelet and the sidecars are)
-    // may publish, mount or delete volumes through it.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
     let identity = IdentityServer::new(identity::IdentityService {
         client: opts.client.clone(),
         controller: opts.controller.is_some(),

@@ -41,11 +41,12 @@ pub async fn run(a: CsiArgs) -> anyhow::Result<u8> {
             .then_some(if a.frontend == "nbd" { "nbd" } else { "ublk" }),
         node_id: if a.node { a.node_id } else { None },
     };
+    let listener = rvol_csi::listen(&path).map_err(anyhow::Error::msg)?;
     println!(
         "{}",
         serde_json::json!({ "event": "ready", "csi": path.display().to_string() })
     );
-    rvol_csi::serve(&path, opts, cluster_cli::stopped())
+    rvol_csi::serve(listener, opts, cluster_cli::stopped())
         .await
         .map_err(|e| anyhow::anyhow!("serving CSI on {}: {e}", path.display()))?;
     Ok(0)
