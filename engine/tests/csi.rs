@@ -26,9 +26,11 @@ fn csi_sanity() -> Option<PathBuf> {
     on_path.then(|| PathBuf::from("csi-sanity"))
 }
 
-fn start_csi(c: &Cluster, socket: &Path, extra: &[&str]) -> Proc {
+/// `rvol csi` serving every service (the Node service as n1), publishing
+/// volumes as NBD exports, where the controller runs.
+fn start_csi(c: &Cluster, socket: &Path) -> Proc {
     let endpoint = format!("unix://{}", socket.display());
-    let mut args = vec![
+    let args = [
         "csi",
         "--endpoint",
         &endpoint,
@@ -41,8 +43,10 @@ fn start_csi(c: &Cluster, socket: &Path, extra: &[&str]) -> Proc {
         "--node-id",
         "n1",
     ];
-    args.extend(extra);
-    Proc::start(&args)
+    match &c.ctl_ns {
+        Some(ns) => Proc::start_in(ns, &args),
+        None => Proc::start(&args),
+    }
 }
 
 /// The Identity and Controller specs pass; the Node specs that stage and
@@ -60,7 +64,7 @@ fn csi_sanity_controller_and_identity_specs_pass() {
         "10m",
     );
     let socket = tmp.path().join("csi.sock");
-    let _csi = start_csi(&c, &socket, &[]);
+    let _csi = start_csi(&c, &socket);
     let params = tmp.path().join("params.yaml");
     std::fs::write(&params, "numberOfReplicas: \"2\"\n").unwrap();
     let out = Command::new(sanity)
@@ -120,20 +124,8 @@ fn a_volume_published_on_a_cut_off_node_is_published_elsewhere() {
         "10m",
     );
     let socket = tmp.path().join("csi.sock");
+    let _csi = start_csi(&c, &socket);
     let endpoint = format!("unix://{}", socket.display());
-    let _csi = Proc::start_in(
-        c.ctl_ns.as_deref().unwrap(),
-        &[
-            "csi",
-            "--endpoint",
-            &endpoint,
-            "--cluster",
-            &c.url,
-            "--controller",
-            "--frontend",
-            "nbd",
-        ],
-    );
     let capability = VolumeCapability {
         access_type: Some(AccessType::Block(BlockVolume {})),
         access_mode: Some(AccessMode {
