@@ -150,12 +150,18 @@ def start(name, work, size, engine_args=()):
         # rvol-N: N replica processes on loopback TCP; rvol-N-unix: on Unix
         # sockets, as a node's local replicas can be; rvol-N-local: the
         # first replica in the engine's process (local:DIR), the rest on TCP;
-        # rvol-N-tls: on TCP with mutual TLS.
-        n = int(name.split("-")[1])
-        unix = name.endswith("-unix")
-        tls = tls_flags(work) if name.endswith("-tls") else None
+        # rvol-N-tls: on TCP with mutual TLS; rvol-N-enc: encrypted at rest.
+        parts = name.split("-")
+        n = int(parts[1])
+        unix = "unix" in parts
+        tls = tls_flags(work) if "tls" in parts else None
+        if "enc" in parts:
+            key = os.path.join(work, "volume.key")
+            with open(key, "wb") as f:
+                f.write(os.urandom(32))
+            engine_args = list(engine_args) + ["--encryption-key-file", key]
         replicas = []
-        in_process = 1 if name.endswith("-local") else 0
+        in_process = 1 if "local" in parts else 0
         if in_process:
             replicas += ["--replica", "local:" + os.path.join(work, f"{name}-r0")]
         for i in range(in_process, n):
@@ -249,11 +255,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a few seconds per job (CI regression check)")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"))
     ap.add_argument("--only", default="local,nbdkit,nbdkit-x3,qemu-nbd,rvol-1,rvol-1-local,rvol-3,rvol-3-local,"
-                                      "rvol-3-tls",
+                                      "rvol-3-tls,rvol-3-enc",
                     help="targets, comma-separated (nbdkit-x3: fio writing to three nbdkit "
                          "servers at once, figures per server, three copies with nothing "
                          "added; rvol-N-local: one replica in the engine's process; "
-                         "rvol-N-tls: replicas behind mutual TLS); also "
+                         "rvol-N-tls: replicas behind mutual TLS; rvol-N-enc: encrypted "
+                         "at rest); also "
                          "rvol-1-unix and rvol-3-unix (replicas on Unix sockets instead of "
                          "loopback TCP)")
     ap.add_argument("--check", action="store_true",
@@ -304,10 +311,10 @@ def main():
             for job, r in results[t].items():
                 if r["io_errors"]:
                     bad.append(f"{t} {job}: I/O errors")
-                # A TLS target against the same target without TLS: gross
-                # breakage is losing half; every other rvol target against
-                # nbdkit: gross breakage is 1/10 of it.
-                plain = t[:-len("-tls")] if t.endswith("-tls") else None
+                # A TLS or encrypted target against the same target without:
+                # gross breakage is losing half; every other rvol target
+                # against nbdkit: gross breakage is 1/10 of it.
+                plain = next((t[:-len(s)] for s in ("-tls", "-enc") if t.endswith(s)), None)
                 base, share = (plain, 2) if plain in results else ("nbdkit", 10)
                 b = results.get(base, {}).get(job)
                 if t.startswith("rvol") and b and r["iops"] < b["iops"] / share:
@@ -315,8 +322,8 @@ def main():
         if bad:
             print("bench check FAILED:\n  " + "\n  ".join(bad), file=sys.stderr)
             sys.exit(1)
-        print("bench check: ok (no target below 1/10 of nbdkit, no TLS target below 1/2 of "
-              "its plaintext twin, no I/O errors)")
+        print("bench check: ok (no target below 1/10 of nbdkit, no TLS or encrypted target "
+              "below 1/2 of its plain twin, no I/O errors)")
 
 
 if __name__ == "__main__":

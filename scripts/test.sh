@@ -7,6 +7,7 @@
 #   RVOL_BENCH_CHECK=0 ...     # skip the benchmark regression check
 #   RVOL_VM_TESTS=0 ...        # skip the guest tests (real ublk and nbd drivers)
 #   RVOL_TEST_TLS=1 cargo test # any test run with mutual TLS between engines and replicas
+#   RVOL_TEST_ENCRYPTION=1 cargo test # any test run with every volume encrypted at rest
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/deps.sh
@@ -29,9 +30,10 @@ echo "== cargo test"
 cargo test --workspace 2>&1 | tee target/test.log
 echo "== deployment files: Kubernetes schema, and every container's flags"
 python3 scripts/check_deploy.py --rvol target/debug/rvol
-echo "== the replica-path tests again, every replica and engine behind mutual TLS"
-RVOL_TEST_TLS=1 cargo test -p rvol-engine --test rebuild --test snapshots --test replica_loss \
-  --test engine_crash --test partition --test seed_drill --test chain_crash 2>&1 | tee -a target/test.log
+echo "== the replica-path tests again, every replica and engine behind mutual TLS, every volume encrypted"
+RVOL_TEST_TLS=1 RVOL_TEST_ENCRYPTION=1 cargo test -p rvol-engine --test rebuild --test snapshots \
+  --test replica_loss --test engine_crash --test partition --test seed_drill --test chain_crash \
+  --test encryption 2>&1 | tee -a target/test.log
 echo "== guest tests: ublk and kernel NBD in a QEMU guest (skipped, saying so, where it cannot boot)"
 if [ "${RVOL_VM_TESTS:-1}" = 1 ]; then
   scripts/vm-test.sh
@@ -44,7 +46,7 @@ grep "demo check passed" target/demo-check.log
 echo "== benchmark regression check (a few seconds per job; fails only on gross breakage)"
 if [ "${RVOL_BENCH_CHECK:-1}" = 1 ]; then
   cargo build --release --bin rvol
-  python3 scripts/bench.py --quick --only nbdkit,rvol-1,rvol-3,rvol-1-local,rvol-3-local,rvol-3-tls --check --out target/bench-check | tail -n 1
+  python3 scripts/bench.py --quick --only nbdkit,rvol-1,rvol-3,rvol-1-local,rvol-3-local,rvol-3-tls,rvol-3-enc --check --out target/bench-check | tail -n 1
 fi
 # One line for the CI log reader: totals over every test binary.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' target/test.log

@@ -63,7 +63,8 @@ pub struct VolumeStatus {
     /// Bytes of removed layers purged since the engine started.
     #[serde(default)]
     pub purged_bytes: u64,
-    /// Reads that found a replica's data not matching its checksums.
+    /// Reads that found a replica's data not matching its checksums (or,
+    /// in an encrypted volume, its tags).
     #[serde(default)]
     pub checksum_errors: u64,
     /// Reads sent from a replica's files that did not match the recorded
@@ -75,6 +76,9 @@ pub struct VolumeStatus {
     /// of through their sockets.
     #[serde(default)]
     pub direct_read_bytes: u64,
+    /// The cipher the volume is encrypted with, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -144,6 +148,7 @@ pub fn status(s: &AdminState) -> VolumeStatus {
             .chain
             .purged_total
             .load(std::sync::atomic::Ordering::Relaxed),
+        encryption: v.encryption().map(|e| e.cipher.clone()),
     }
 }
 

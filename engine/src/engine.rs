@@ -68,6 +68,13 @@ pub struct EngineConfig {
     pub rebuild_rate_mib: f64,
     /// Where the cluster records the in-sync replicas (`crate::in_sync`).
     pub in_sync_hook: Option<rvol_cluster::http::Address>,
+    /// Encryption at rest ([`crate::crypt`]); `links.encryption` announces
+    /// it to the replicas.
+    pub key: Option<Arc<crate::crypt::VolumeKey>>,
+    /// Maintain an encrypted volume without its key (no frontend): the
+    /// encryption is taken from the replicas already bound, and sealed
+    /// blocks are copied as they are (rebuilds, reconciliation, snapshots).
+    pub keyless: bool,
 }
 
 /// Asks a replica what it holds; see [`rvol_replica::local::prepare`].
@@ -90,6 +97,10 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
             .map(|ep| tokio::time::timeout(t, probe(ep, cfg))),
     )
     .await;
+    let mut links = cfg.links.clone();
+    if cfg.keyless {
+        links.encryption = keyless_encryption(&probes)?;
+    }
     let mut reachable = Vec::new();
     let mut slots: Vec<Option<Arc<ReplicaSlot>>> = vec![None; cfg.replicas.len()];
     let mut max_generation = Generation(0);
@@ -102,6 +113,20 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
             Ok(Err(e)) => e.to_string(),
             Ok(Ok(info)) if !info.volume_uuid.is_nil() && info.volume_uuid != uuid => {
                 format!("belongs to another volume ({})", info.volume_uuid)
+            }
+            // Never served with the wrong key, or unencrypted: refuse to
+            // start rather than leave the volume to replicas of the other
+            // kind.
+            Ok(Ok(info)) if !info.volume_uuid.is_nil() && info.encryption != links.encryption => {
+                bail!(
+                    "replica {ep}: {}; refusing to start",
+                    match (&info.encryption, &links.encryption) {
+                        (Some(_), None) =>
+                            "the volume is encrypted: pass its key with --encryption-key-file",
+                        (None, _) => "the volume is not encrypted, and a key was given",
+                        _ => "the key is not the volume's (its key check differs)",
+                    }
+                )
             }
             Ok(Ok(info)) => {
                 max_generation = max_generation.max(info.generation);
@@ -131,7 +156,6 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
         generation: max_generation.next(),
         engine_id: rand_u64(),
     };
-    let links = cfg.links.clone();
     let connected = join_all(reachable.iter().map(|&i| {
         let ep = &cfg.replicas[i];
         tokio::time::timeout(t, ReplicaClient::connect(ep, uuid, owner, links.clone()))
@@ -267,8 +291,33 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
             .in_sync_hook
             .clone()
             .map(|a| crate::in_sync::InSyncHook::new(a, &cfg.name)),
+        key: cfg.key.clone(),
     };
     Ok(ReplicatedVolume::new(params, slots))
+}
+
+/// The encryption of a volume maintained without its key: that of the
+/// replicas already bound to it, which must agree. With none bound there is
+/// nothing to learn it from, and a keyless engine must not bind a new
+/// volume as a plain one.
+fn keyless_encryption(
+    probes: &[Result<Result<ReplicaInfo, String>, tokio::time::error::Elapsed>],
+) -> anyhow::Result<Option<rvol_replica::meta::Encryption>> {
+    let mut bound = probes
+        .iter()
+        .filter_map(|p| p.as_ref().ok()?.as_ref().ok())
+        .filter(|info| !info.volume_uuid.is_nil())
+        .map(|info| info.encryption.clone());
+    let Some(first) = bound.next() else {
+        bail!("--encryption-keyless: no reachable replica is bound to the volume yet; refusing to start");
+    };
+    if bound.any(|e| e != first) {
+        bail!("--encryption-keyless: the replicas disagree on the volume's encryption; refusing to start");
+    }
+    if first.is_none() {
+        bail!("--encryption-keyless: the volume is not encrypted; refusing to start");
+    }
+    Ok(first)
 }
 
 fn rand_u64() -> u64 {

@@ -21,6 +21,7 @@ mod admin;
 mod cert;
 mod chain;
 mod cluster_cli;
+mod crypt;
 mod csi_cli;
 mod demo;
 mod engine;
@@ -160,6 +161,16 @@ enum Command {
         /// Set by the agent that runs the engine.
         #[arg(long)]
         in_sync_hook: Option<rvol_cluster::http::Address>,
+        /// Encrypt the volume at rest with the secret in this file (at
+        /// least 32 bytes, e.g. `head -c 32 /dev/urandom`): a new volume's
+        /// replicas are bound to it, an encrypted one's refuse any other.
+        #[arg(long, env = "RVOL_ENCRYPTION_KEY_FILE")]
+        encryption_key_file: Option<PathBuf>,
+        /// Maintain an encrypted volume without its key (needs --frontend
+        /// none): rebuilds and snapshots copy sealed blocks as they are.
+        /// The encryption is learnt from the replicas already bound.
+        #[arg(long, conflicts_with = "encryption_key_file")]
+        encryption_keyless: bool,
     },
     /// Make a cluster CA and issue certificates for rvol's processes.
     Cert {
@@ -469,9 +480,14 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             rebuild_rate_mib,
             tls,
             in_sync_hook,
+            encryption_key_file,
+            encryption_keyless,
         } => {
             if frontend == "none" && !nbd_listen.is_empty() {
                 anyhow::bail!("--frontend none serves no NBD: drop --nbd-listen");
+            }
+            if encryption_keyless && frontend != "none" {
+                anyhow::bail!("--encryption-keyless serves no data: it needs --frontend none");
             }
             let nbd_tls = if nbd_tls { tls.server()? } else { None };
             let admin_tls = if admin_tls {
@@ -480,6 +496,10 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 None
             };
             let tls = tls.engine_client(&name)?;
+            let key = encryption_key_file
+                .map(|f| crypt::VolumeKey::load(&f, rvol_replica::volume_uuid(&name)))
+                .transpose()?
+                .map(Arc::new);
             let admin_tokens = Arc::new(rvol_access::Tokens::load(
                 admin_token_file.as_deref(),
                 admin_read_token_file.as_deref(),
@@ -511,7 +531,10 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                     connections: connections_per_replica,
                     direct_reads,
                     tls,
+                    encryption: key.as_ref().map(|k| k.encryption()),
                 },
+                key,
+                keyless: encryption_keyless,
                 io_hold: Duration::from_secs_f64(io_hold_timeout),
                 rebuild_rate_mib,
                 in_sync_hook,
@@ -797,6 +820,9 @@ fn print_status(s: &admin::VolumeStatus) {
         s.reconciled_bytes,
         s.rebuilt_bytes
     );
+    if let Some(cipher) = &s.encryption {
+        println!("encrypted at rest with {cipher}");
+    }
     if let Some(p) = &s.purge {
         println!(
             "purging removed snapshots: {:?} {} ({} B in {} steps so far)",

@@ -64,7 +64,11 @@ pub async fn reconcile(
         let mut at = offset;
         while at < offset + len {
             let n = PIECE.min(offset + len - at);
-            let data = Sealed::new(source.0.read(at, n).await?);
+            // As read, so as written: the blocks, then in an encrypted
+            // volume their nonces and tags (copied sealed, never opened).
+            let payload = source.0.read(at, n).await?;
+            let tail = payload.len() - n as usize;
+            let data = Sealed::blocks_then(payload, tail);
             for ((t, _), r) in targets.iter().zip(results.iter_mut()) {
                 if let Ok(copied) = r {
                     match t.write(at, data.clone(), false, epoch).await {

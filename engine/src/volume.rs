@@ -64,6 +64,8 @@ use rvol_replica::client::{ClientError, Links, ReplicaClient};
 use rvol_replica::proto::{Sealed, Status, MAX_PAYLOAD};
 use rvol_replica::server::Endpoint;
 use rvol_replica::{Generation, Owner, BLOCK_SIZE};
+
+use crate::crypt::VolumeKey;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -247,6 +249,9 @@ pub struct ReplicatedVolume {
     departures_flushed: AtomicU64,
     /// Has the cluster record the RW set before a flush is acknowledged.
     in_sync_hook: Option<crate::in_sync::InSyncHook>,
+    /// Seals blocks before they leave, opens them when they come back
+    /// ([`crate::crypt`]); `None` for a plain volume.
+    key: Option<Arc<VolumeKey>>,
 }
 
 /// What reconnecting a replica needs.
@@ -271,6 +276,7 @@ pub struct VolumeParams {
     pub attach: AttachInfo,
     pub hold: Duration,
     pub in_sync_hook: Option<crate::in_sync::InSyncHook>,
+    pub key: Option<Arc<VolumeKey>>,
 }
 
 impl ReplicatedVolume {
@@ -290,6 +296,7 @@ impl ReplicatedVolume {
             attach,
             hold,
             in_sync_hook,
+            key,
         } = p;
         ReplicatedVolume {
             name,
@@ -316,6 +323,16 @@ impl ReplicatedVolume {
             departures: AtomicU64::new(departed),
             departures_flushed: AtomicU64::new(0),
             in_sync_hook,
+            key,
+        }
+    }
+
+    /// Largest piece of data one request carries: a frame's payload, less
+    /// room for the blocks' nonces and tags in an encrypted volume.
+    fn max_piece(&self) -> u64 {
+        match self.key {
+            Some(_) => MAX_PAYLOAD as u64 / 2,
+            None => MAX_PAYLOAD as u64,
         }
     }
 
@@ -792,15 +809,31 @@ impl ReplicatedVolume {
         }
     }
 
+    /// The volume's encryption, if it is encrypted.
+    pub fn encryption(&self) -> Option<&rvol_replica::meta::Encryption> {
+        self.attach.links.encryption.as_ref()
+    }
+
+    /// Refuses data I/O on an encrypted volume maintained without its key.
+    fn check_key(&self) -> OpResult<()> {
+        if self.key.is_none() && self.attach.links.encryption.is_some() {
+            return Err(VolumeError::Invalid(
+                "an encrypted volume maintained without its key serves no data".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads aligned blocks from one RW replica, failing over on error.
     async fn read_aligned(&self, offset: u64, len: u64) -> OpResult<Bytes> {
-        if len <= MAX_PAYLOAD as u64 {
+        self.check_key()?;
+        if len <= self.max_piece() {
             return self.read_piece(offset, len).await;
         }
         let mut out = BytesMut::with_capacity(len as usize);
         let mut at = offset;
         while at < offset + len {
-            let n = (offset + len - at).min(MAX_PAYLOAD as u64);
+            let n = (offset + len - at).min(self.max_piece());
             out.extend_from_slice(&self.read_piece(at, n).await?);
             at += n;
         }
@@ -851,7 +884,9 @@ impl ReplicatedVolume {
                     )
                     .await
                 {
-                    Ok(data) => return Ok(data),
+                    // Stored data of an encrypted volume is served only if
+                    // it opens: what fails its tag is not the volume's.
+                    Ok(data) => return self.open(offset, len, data).map_err(VolumeError::Io),
                     Err(e) => self.fail(slot, &e),
                 }
             }
@@ -870,6 +905,17 @@ impl ReplicatedVolume {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, ClientError> {
+        if self.key.is_some() {
+            // A block that does not open is handled as one that fails its
+            // checksum: read from another replica, this one rebuilt.
+            let sealed = c.read(offset, len).await?;
+            return self
+                .open(offset, len, sealed)
+                .map_err(|message| ClientError::Remote {
+                    status: Status::Checksum,
+                    message,
+                });
+        }
         match c.read_stored(offset, len).await {
             Ok(read) => {
                 if read.from_files {
@@ -886,15 +932,35 @@ impl ReplicatedVolume {
         }
     }
 
+    /// Opens what a replica returned for `len` bytes at `offset` of an
+    /// encrypted volume (the data itself for a plain one).
+    fn open(&self, offset: u64, len: u64, payload: Bytes) -> Result<Bytes, String> {
+        match &self.key {
+            None => Ok(payload),
+            Some(key) => key
+                .open(offset / BLOCK_SIZE, &payload, len as usize)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
     /// Writes whole aligned blocks to every replica, in pieces the replica
     /// protocol allows. The caller holds the range lock.
     async fn write_aligned(&self, offset: u64, data: Bytes, fua: bool) -> OpResult<()> {
+        self.check_key()?;
         let mut at = 0usize;
         while at < data.len() {
-            let n = (data.len() - at).min(MAX_PAYLOAD as usize);
-            // Checksummed once here, not once per replica.
-            let piece = Sealed::new(data.slice(at..at + n));
+            let n = (data.len() - at).min(self.max_piece() as usize);
             let off = offset + at as u64;
+            // Sealed and checksummed once here, not once per replica.
+            let piece = match &self.key {
+                None => Sealed::new(data.slice(at..at + n)),
+                Some(key) => {
+                    let sealed = key
+                        .seal(off / BLOCK_SIZE, &data[at..at + n])
+                        .map_err(|e| VolumeError::Io(e.to_string()))?;
+                    Sealed::blocks_then(sealed, n / BLOCK_SIZE as usize * crate::crypt::AUTH)
+                }
+            };
             let ticket = self.epochs.enter();
             let epoch = ticket.epoch;
             let timeout = if fua {

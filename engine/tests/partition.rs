@@ -72,6 +72,8 @@ fn engine_in(ns: &str, name: &str, size: &str, replicas: &[&String], extra: &[&s
         Vec::new()
     };
     args.extend(tls.iter().map(String::as_str));
+    let encryption = encryption_args();
+    args.extend(encryption.iter().map(String::as_str));
     Proc::start_in(ns, &args)
 }
 

@@ -514,6 +514,7 @@ async fn small_reads_from_the_head_are_served_only_while_they_are_right() {
         connections: 1,
         direct_reads: true,
         tls: None,
+        encryption: None,
     };
     let c = connect_with(&ep, 1, 1, links).await.unwrap();
     let block = |b: u8| Bytes::from(vec![b; BLOCK_SIZE as usize]);
@@ -590,6 +591,7 @@ async fn reads_sent_from_the_files_are_checked_by_the_reader() {
             connections: 1,
             direct_reads,
             tls: None,
+            encryption: None,
         };
         let c = connect_with(&ep, 1, 1, links).await.unwrap();
         // A snapshot layer with 0x11 in the first MiB, the head with 0x22

@@ -55,6 +55,8 @@ fn seed_drill() {
     for l in &listen {
         args.extend(["--replica", l.as_str()]);
     }
+    let encryption = encryption_args();
+    args.extend(encryption.iter().map(String::as_str));
     let _engine = Proc::start_in(&lab.host(3).ns, &args);
     let w = Writer::start(&nbd, 16384);
     w.wait_progress(300, Duration::from_secs(20));

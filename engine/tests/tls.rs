@@ -51,6 +51,7 @@ fn take_over(addr: &str, tls: Option<ClientTls>) -> Result<(), ClientError> {
             connections: 1,
             direct_reads: false,
             tls: tls.map(std::sync::Arc::new),
+            encryption: None,
         };
         let owner = Owner {
             generation: Generation(1 << 40),

@@ -96,6 +96,8 @@ pub struct ReplicaClient {
     /// Set when asked for and the replica is a process: whether its files
     /// turn out to be readable from here is learnt at the first read.
     direct: Option<DirectReads>,
+    /// Bytes of nonce and tag per block of an encrypted volume (0: plain).
+    auth: usize,
 }
 
 /// What [`ReplicaClient::read_stored`] read.
@@ -125,6 +127,11 @@ pub struct Links {
     pub direct_reads: bool,
     /// Mutual TLS on TCP connections (Unix sockets never carry it).
     pub tls: Option<Arc<ClientTls>>,
+    /// The volume's encryption, announced in HELLO: a replica binds a new
+    /// volume with it and refuses an engine whose encryption differs. Reads
+    /// then return each block's nonce and tag after the blocks (see
+    /// [`crate::proto`]).
+    pub encryption: Option<crate::meta::Encryption>,
 }
 
 impl std::fmt::Debug for Links {
@@ -133,7 +140,15 @@ impl std::fmt::Debug for Links {
             .field("connections", &self.connections)
             .field("direct_reads", &self.direct_reads)
             .field("tls", &self.tls.is_some())
+            .field("encrypted", &self.encryption.is_some())
             .finish()
+    }
+}
+
+impl Links {
+    fn auth_bytes(&self) -> Result<usize> {
+        crate::meta::auth_bytes(self.encryption.as_ref())
+            .map_err(|e| ClientError::Lost(e.to_string()))
     }
 }
 
@@ -143,6 +158,7 @@ impl From<usize> for Links {
             connections,
             direct_reads: false,
             tls: None,
+            encryption: None,
         }
     }
 }
@@ -172,6 +188,7 @@ impl ReplicaClient {
             volume_uuid: volume,
             generation: owner.generation.0,
             engine_id: owner.engine_id,
+            encryption: links.encryption.clone(),
         };
         if let Endpoint::Local(dir) = endpoint {
             let replica = crate::local::open_or_create(dir, None)
@@ -186,6 +203,7 @@ impl ReplicaClient {
                     endpoint,
                     transport,
                     direct: None,
+                    auth: links.auth_bytes()?,
                 },
                 info,
             ));
@@ -207,7 +225,9 @@ impl ReplicaClient {
             ReplicaClient {
                 endpoint,
                 transport,
-                direct: links.direct_reads.then(|| DirectReads::new(owner)),
+                direct: (links.direct_reads && links.encryption.is_none())
+                    .then(|| DirectReads::new(owner)),
+                auth: links.auth_bytes()?,
             },
             info,
         ))
@@ -220,6 +240,7 @@ impl ReplicaClient {
             connections: 1,
             direct_reads: false,
             tls: links.tls.clone(),
+            encryption: links.encryption.clone(),
         };
         let (_, info) = ReplicaClient::connect(endpoint, volume, Owner::default(), links).await?;
         Ok(info)
@@ -410,13 +431,21 @@ impl ReplicaClient {
         let r = self
             .call(Op::Read, flags, offset, length, 0, Bytes::new())
             .await?;
-        if r.payload.len() as u64 != length {
+        self.check_data_len(length, &r.payload)?;
+        Ok(r.payload)
+    }
+
+    /// Checks that a payload holds `length` bytes of blocks and, in an
+    /// encrypted volume, their nonces and tags.
+    fn check_data_len(&self, length: u64, payload: &[u8]) -> Result<()> {
+        let want = length + length / crate::BLOCK_SIZE * self.auth as u64;
+        if payload.len() as u64 != want {
             return Err(ClientError::Lost(format!(
-                "read of {length} bytes returned {}",
-                r.payload.len()
+                "a read of {length} bytes returned {} (expected {want})",
+                payload.len()
             )));
         }
-        Ok(r.payload)
+        Ok(())
     }
 
     /// Writes whole blocks, tagged with flush epoch `epoch`.
@@ -428,7 +457,7 @@ impl ReplicaClient {
         epoch: u64,
     ) -> Result<()> {
         let data = data.into();
-        let len = data.data.len() as u64;
+        let len = data.data_len() as u64;
         let flags = if fua { FLAG_FUA } else { 0 };
         self.call(Op::Write, flags, offset, len, epoch, data)
             .await
@@ -524,12 +553,16 @@ impl ReplicaClient {
             .ok_or_else(|| ClientError::Lost("bad LAYER_CHECKSUMS reply".into()))
     }
 
+    /// Reads a range of a layer below the head: its blocks, and in an
+    /// encrypted volume their nonces and tags, as [`Self::write_layer`]
+    /// takes them.
     pub async fn read_layer(&self, layer: &str, offset: u64, length: u64) -> Result<Bytes> {
         let payload = Bytes::copy_from_slice(layer.as_bytes());
-        Ok(self
+        let r = self
             .call(Op::ReadLayer, 0, offset, length, 0, payload)
-            .await?
-            .payload)
+            .await?;
+        self.check_data_len(length, &r.payload)?;
+        Ok(r.payload)
     }
 
     /// Writes into a layer below the head, zero blocks as data.

@@ -410,7 +410,7 @@ impl HeadFiles {
         let mut buf = Vec::with_capacity(len as usize);
         read_appending(&self.data, offset, len as usize, &mut buf)?;
         let first_block = offset / BLOCK_SIZE;
-        Ok(verify_recorded(&self.checksums, first_block, &buf, self.only_layer)?.then_some(buf))
+        Ok(verify_recorded(&self.checksums, 0, first_block, &buf, self.only_layer)?.then_some(buf))
     }
 
     /// Whether the replica's newest state record names `owner`.

@@ -211,6 +211,7 @@ impl Replica {
                     crate::checksum::copy_entries(
                         &lower.crc,
                         &child.crc,
+                        child.auth,
                         gap_start / BLOCK_SIZE,
                         (gap_end - gap_start) / BLOCK_SIZE,
                     )
@@ -373,7 +374,12 @@ impl Replica {
             remove_layer_files(&self.dir, &gone.name);
         }
         layers.push(Layer::with_file(
-            &self.dir, new_head, head_meta, head_file, size,
+            &self.dir,
+            new_head,
+            head_meta,
+            head_file,
+            size,
+            self.auth_bytes(),
         )?);
         *self.index.write().unwrap_or_else(|e| e.into_inner()) = build_index(size, &layers)?;
         self.revision.fetch_add(1, Ordering::AcqRel);
@@ -399,7 +405,7 @@ impl Replica {
         for l in layers.iter() {
             for (file, len) in [
                 (&l.file, new_size),
-                (&l.crc, crate::checksum::sidecar_len(new_size)),
+                (&l.crc, crate::checksum::sidecar_len(new_size, l.auth)),
             ] {
                 file.set_len(len)
                     .map_err(io(format!("growing {}", l.name)))?;
@@ -467,9 +473,11 @@ impl Replica {
                     let mut from = at / BLOCK_SIZE;
                     while let Some(b) = crate::checksum::verify(
                         &layer.crc,
+                        layer.auth,
                         from,
                         &part[((from * BLOCK_SIZE - at) as usize)..],
                         &mut crcs,
+                        &mut [],
                     )
                     .map_err(io(format!("reading checksums of {}", layer.name)))?
                     {
@@ -511,9 +519,11 @@ impl Replica {
             .file
             .read_exact_at(&mut b, at)
             .map_err(io(format!("reading {}", layer.name)))?;
-        Ok(crate::checksum::verify(&layer.crc, block, &b, &mut [0])
-            .map_err(io(format!("reading checksums of {}", layer.name)))?
-            .is_some())
+        Ok(
+            crate::checksum::verify(&layer.crc, layer.auth, block, &b, &mut [0], &mut [])
+                .map_err(io(format!("reading checksums of {}", layer.name)))?
+                .is_some(),
+        )
     }
 }
 

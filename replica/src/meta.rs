@@ -45,6 +45,45 @@ pub struct ReplicaMeta {
     /// Set while an engine rebuilds this replica: its data is then incomplete
     /// and it must never be chosen as a source.
     pub rebuilding: bool,
+    /// Set when the volume is encrypted (bound with the volume, never
+    /// changed); absent otherwise, so replicas of plain volumes read as
+    /// before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// What the replicas of an encrypted volume know of its encryption: the
+/// cipher, which fixes how many bytes of nonce and tag each block carries
+/// beside its checksums (see [`crate::checksum`]), and a key check value,
+/// which tells an engine whether its key is the volume's without saying
+/// anything of the key. The key itself never reaches a replica: blocks
+/// arrive sealed and leave sealed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encryption {
+    pub cipher: String,
+    /// Hex; derived from the volume's key (see the engine's `crypt`).
+    pub key_check: String,
+}
+
+/// AES-256-GCM-SIV with a random 96-bit nonce per block write.
+pub const CIPHER_AES_256_GCM_SIV: &str = "aes-256-gcm-siv";
+
+impl Encryption {
+    /// Bytes of nonce and tag per block.
+    pub fn auth_bytes(&self) -> Result<usize> {
+        match self.cipher.as_str() {
+            CIPHER_AES_256_GCM_SIV => Ok(12 + 16),
+            other => Err(Error::Mismatch(format!(
+                "cipher {other:?} is not supported (this build knows {CIPHER_AES_256_GCM_SIV})"
+            ))),
+        }
+    }
+}
+
+/// Bytes of nonce and tag per block for an optional encryption (0: none).
+pub fn auth_bytes(e: Option<&Encryption>) -> Result<usize> {
+    e.map_or(Ok(0), Encryption::auth_bytes)
 }
 
 /// `<layer>.meta`: one per layer file.
@@ -128,6 +167,7 @@ mod tests {
             block_size: 4096,
             chain: vec!["volume-head-000.img".into()],
             rebuilding: false,
+            encryption: None,
         };
         write_json_atomic(&p, &m).unwrap();
         let mut m2 = m.clone();

@@ -30,6 +30,16 @@
 //! changed under the send), not that the stream is broken. The client
 //! hands such a mismatch to the caller, which reads again verified.
 //!
+//! # Encrypted volumes
+//!
+//! The blocks of an encrypted volume travel sealed, each with its nonce
+//! and tag (`auth`, a size fixed by the cipher the volume was bound with).
+//! A payload of data, a WRITE's or WRITE_LAYER's or the reply to a READ or
+//! READ_LAYER, is then the blocks followed by their auths in the same
+//! order: `[block 0]..[block n-1][auth 0]..[auth n-1]`. The header's
+//! `length` still counts the blocks only. A hole, or a block made zeros by
+//! WRITE_ZEROES, has an auth of zeros.
+//!
 //! The first request on a connection must be HELLO (payload: [`Hello`]).
 //! A HELLO with generation 0 is a probe: the replica answers with its
 //! [`ReplicaInfo`](crate::ReplicaInfo) and closes, taking nothing over, so
@@ -50,8 +60,10 @@ pub const REQUEST_HEADER_LEN: usize = 48;
 pub const REPLY_HEADER_LEN: usize = 32;
 /// 2: LAYER_CHECKSUMS takes [`FLAG_PER_BLOCK`]; PUNCH_LAYER replaces
 /// LAYER_ALLOCATION and WRITE_LAYER's zero punching. 3: LOCATE and LAYERS
-/// ([`crate::direct`]).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// ([`crate::direct`]). 4: encrypted volumes (HELLO names the encryption;
+/// data payloads of WRITE, READ, READ_LAYER and WRITE_LAYER carry each
+/// block's nonce and tag after the blocks).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest payload of any frame, and largest read a request may ask for.
 pub const MAX_PAYLOAD: u32 = 8 << 20;
 pub const HELLO_LEN: usize = 40;
@@ -492,11 +504,14 @@ pub fn split_layer_payload(b: &[u8]) -> Option<(&str, &[u8])> {
 pub struct Sealed {
     pub data: Bytes,
     pub crc: u32,
-    /// Each block's crc32c when the payload is whole 4 KiB blocks: the
-    /// crc is derived from them, and a replica in this process records
-    /// them as they are, so the payload is checksummed once (see
-    /// [`crate::crc`]).
+    /// Each block's crc32c when the payload is whole 4 KiB blocks (and
+    /// then perhaps their nonces and tags, `tail` bytes): the crc is
+    /// derived from them, and a replica in this process records them as
+    /// they are, so the payload is checksummed once (see [`crate::crc`]).
     pub block_crcs: Option<std::sync::Arc<[u32]>>,
+    /// Bytes after the blocks: the nonces and tags of an encrypted
+    /// volume's blocks (see the module documentation).
+    pub tail: usize,
 }
 
 impl Sealed {
@@ -507,15 +522,32 @@ impl Sealed {
                 data,
                 crc,
                 block_crcs: None,
+                tail: 0,
             };
         }
+        Sealed::blocks_then(data, 0)
+    }
+
+    /// Whole blocks followed by `tail` bytes of their nonces and tags.
+    pub fn blocks_then(payload: Bytes, tail: usize) -> Sealed {
+        let blocks_len = payload.len() - tail;
         let mut blocks = Vec::new();
-        crate::crc::blocks(&data, &mut blocks);
-        Sealed {
-            data,
-            crc: crate::crc::of_blocks(&blocks),
-            block_crcs: Some(blocks.into()),
+        crate::crc::blocks(&payload[..blocks_len], &mut blocks);
+        let mut crc = crate::crc::of_blocks(&blocks);
+        if tail > 0 {
+            crc = crate::crc::concat(crc, crate::crc::of(&payload[blocks_len..]), tail as u64);
         }
+        Sealed {
+            data: payload,
+            crc,
+            block_crcs: Some(blocks.into()),
+            tail,
+        }
+    }
+
+    /// Bytes of data: the payload without its tail.
+    pub fn data_len(&self) -> usize {
+        self.data.len() - self.tail
     }
 }
 
@@ -525,13 +557,16 @@ impl From<Bytes> for Sealed {
     }
 }
 
-/// Payload of HELLO: who is asking, for which volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Payload of HELLO: who is asking, for which volume. The first
+/// [`HELLO_LEN`] bytes are fixed; the encryption the engine serves the
+/// volume with, if any, follows as JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub protocol_version: u32,
     pub volume_uuid: Uuid,
     pub generation: u64,
     pub engine_id: u64,
+    pub encryption: Option<crate::meta::Encryption>,
 }
 
 impl Hello {
@@ -551,19 +586,26 @@ impl Hello {
         [h.encode(&payload).as_slice(), &payload].concat()
     }
 
-    pub fn encode(&self) -> [u8; HELLO_LEN] {
-        let mut b = [0u8; HELLO_LEN];
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; HELLO_LEN];
         b[0..4].copy_from_slice(&self.protocol_version.to_le_bytes());
         b[8..24].copy_from_slice(self.volume_uuid.as_bytes());
         b[24..32].copy_from_slice(&self.generation.to_le_bytes());
         b[32..40].copy_from_slice(&self.engine_id.to_le_bytes());
+        if let Some(e) = &self.encryption {
+            b.extend_from_slice(&serde_json::to_vec(e).unwrap_or_default());
+        }
         b
     }
 
     pub fn decode(b: &[u8]) -> Option<Hello> {
-        if b.len() != HELLO_LEN {
+        if b.len() < HELLO_LEN {
             return None;
         }
+        let encryption = match &b[HELLO_LEN..] {
+            [] => None,
+            json => Some(serde_json::from_slice(json).ok()?),
+        };
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[8..24]);
         Some(Hello {
@@ -571,6 +613,7 @@ impl Hello {
             volume_uuid: Uuid::from_bytes(uuid),
             generation: u64_at(b, 24),
             engine_id: u64_at(b, 32),
+            encryption,
         })
     }
 }
@@ -641,8 +684,18 @@ mod tests {
             volume_uuid: Uuid::new_v4(),
             generation: 9,
             engine_id: 77,
+            encryption: None,
         };
-        assert_eq!(Hello::decode(&h.encode()), Some(h));
+        assert_eq!(Hello::decode(&h.encode()), Some(h.clone()));
+        let encrypted = Hello {
+            encryption: Some(crate::meta::Encryption {
+                cipher: crate::meta::CIPHER_AES_256_GCM_SIV.into(),
+                key_check: "00ff".into(),
+            }),
+            ..h
+        };
+        assert_eq!(Hello::decode(&encrypted.encode()), Some(encrypted));
+        assert_eq!(Hello::decode(&[0; HELLO_LEN + 2]), None, "not JSON");
         let runs = vec![(4096, true), (8192, false)];
         assert_eq!(decode_extents(&encode_extents(&runs)), Some(runs));
         assert_eq!(decode_extents(&[0; 9 * 2 + 1]), None);

@@ -49,8 +49,8 @@ use crate::coalesce::FrameWriter;
 use crate::crc;
 use crate::error::Error;
 use crate::proto::{
-    FrameError, Hello, Op, ReplyHeader, RequestHeader, Status, HELLO_LEN, PROTOCOL_VERSION,
-    REPLY_STORED_CRC, REQUEST_HEADER_LEN,
+    FrameError, Hello, Op, ReplyHeader, RequestHeader, Status, PROTOCOL_VERSION, REPLY_STORED_CRC,
+    REQUEST_HEADER_LEN,
 };
 use crate::session::{Body, Reply, Session};
 use crate::store::{Replica, Segment};
@@ -454,9 +454,19 @@ async fn read_frame<R: AsyncRead + Unpin>(
     let h = RequestHeader::decode(&raw)?;
     payload.clear();
     crate::proto::read_payload(rd, payload, h.payload_len as usize).await?;
-    if h.op == Op::Write as u8 && (payload.len() as u64).is_multiple_of(BLOCK_SIZE) {
-        crc::blocks(payload, crcs);
-        h.verify_sealed(&raw, crc::of_blocks(crcs))?;
+    // The blocks of a WRITE, followed by their nonces and tags in an
+    // encrypted volume (`length` counts the blocks only).
+    let blocks = usize::try_from(h.length)
+        .ok()
+        .filter(|&n| n <= payload.len() && (n as u64).is_multiple_of(BLOCK_SIZE));
+    if let Some(n) = blocks.filter(|_| h.op == Op::Write as u8) {
+        crc::blocks(&payload[..n], crcs);
+        let mut sealed = crc::of_blocks(crcs);
+        if n < payload.len() {
+            let tail = &payload[n..];
+            sealed = crc::concat(sealed, crc::of(tail), tail.len() as u64);
+        }
+        h.verify_sealed(&raw, sealed)?;
     } else {
         crcs.clear();
         h.verify(&raw, payload)?;
@@ -483,7 +493,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
         )));
     }
     let hello = match Hello::decode(&payload) {
-        Some(hello) if payload.len() == HELLO_LEN => hello,
+        Some(hello) => hello,
         _ => return Err(Closed::Protocol("malformed HELLO payload".into())),
     };
     if hello.protocol_version != PROTOCOL_VERSION {

@@ -124,8 +124,13 @@ impl Session {
             generation: crate::Generation(hello.generation),
             engine_id: hello.engine_id,
         };
-        let (r, volume) = (replica.clone(), hello.volume_uuid);
-        let taken = match tokio::task::spawn_blocking(move || r.takeover(owner, volume)).await {
+        let (r, volume, encryption) =
+            (replica.clone(), hello.volume_uuid, hello.encryption.clone());
+        let taken = match tokio::task::spawn_blocking(move || {
+            r.takeover(owner, volume, encryption.as_ref())
+        })
+        .await
+        {
             Ok(taken) => taken,
             Err(e) => {
                 let reply = Reply::error(id, Status::Io, format!("takeover task failed: {e}"));
@@ -229,15 +234,7 @@ fn run_inline(
 ) -> crate::Result<Reply> {
     let _lease = replica.admit(owner)?;
     let ok = |payload: Bytes| Ok(Reply::ok(h.id, 0, payload));
-    let check_read_len = || {
-        if h.length > MAX_PAYLOAD as u64 {
-            return Err(Error::Invalid(format!(
-                "read of {} bytes exceeds {MAX_PAYLOAD}",
-                h.length
-            )));
-        }
-        Ok(())
-    };
+    let check_read_len = || check_read_len(replica, h.length);
     match op {
         Op::Read => {
             check_read_len()?;
@@ -262,11 +259,12 @@ fn run_inline(
                     data: data.into(),
                     crc,
                     block_crcs: None,
+                    tail: 0,
                 },
             ))
         }
         Op::Write => {
-            if h.length != payload.len() as u64 {
+            if h.length != replica.data_len(payload.len())? as u64 {
                 return Err(Error::Invalid(format!(
                     "write length {} disagrees with payload of {} bytes",
                     h.length,
@@ -308,6 +306,18 @@ fn run_inline(
     }
 }
 
+/// Refuses a read whose reply (its blocks, and their nonces and tags in an
+/// encrypted volume) would not fit in a frame.
+fn check_read_len(replica: &Replica, length: u64) -> crate::Result<()> {
+    let reply = length + length / crate::BLOCK_SIZE * replica.auth_bytes() as u64;
+    if reply > MAX_PAYLOAD as u64 {
+        return Err(Error::Invalid(format!(
+            "read of {length} bytes exceeds the limit of {MAX_PAYLOAD} bytes per reply"
+        )));
+    }
+    Ok(())
+}
+
 fn layer_name(payload: &[u8]) -> crate::Result<&str> {
     std::str::from_utf8(payload).map_err(|_| Error::Invalid("layer name is not UTF-8".into()))
 }
@@ -342,12 +352,7 @@ fn run_layer_op(
             Ok((0, crate::proto::encode_checksums(&sums).into()))
         }
         Op::ReadLayer => {
-            if h.length > MAX_PAYLOAD as u64 {
-                return Err(Error::Invalid(format!(
-                    "read of {} bytes exceeds {MAX_PAYLOAD}",
-                    h.length
-                )));
-            }
+            check_read_len(r, h.length)?;
             Ok((
                 0,
                 r.read_layer(layer_name(payload)?, h.offset, h.length)?

@@ -48,7 +48,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -106,6 +106,9 @@ pub struct ReplicaInfo {
     /// barrier flush (see [`crate::dirty`]).
     pub dirty_known: bool,
     pub chain: Vec<LayerInfo>,
+    /// The volume's encryption, if it is encrypted (never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<meta::Encryption>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,6 +146,8 @@ pub(crate) struct Layer {
     pub(crate) file: Arc<File>,
     /// Its checksum sidecar ([`crate::checksum`]).
     pub(crate) crc: Arc<File>,
+    /// Bytes of nonce and tag per block in the sidecar (0: a plain volume).
+    pub(crate) auth: usize,
 }
 
 impl Layer {
@@ -153,13 +158,15 @@ impl Layer {
         meta: LayerMeta,
         file: File,
         size: u64,
+        auth: usize,
     ) -> Result<Layer> {
-        let crc = open_sidecar(dir, &name, size)?;
+        let crc = open_sidecar(dir, &name, size, auth)?;
         Ok(Layer {
             name,
             meta,
             file: Arc::new(file),
             crc: Arc::new(crc),
+            auth,
         })
     }
 }
@@ -167,7 +174,7 @@ impl Layer {
 /// Opens the checksum sidecar of layer `name`, creating it if missing (a
 /// replica from before checksums) and lengthening it if short (an
 /// expansion cut short).
-pub(crate) fn open_sidecar(dir: &Path, name: &str, size: u64) -> Result<File> {
+pub(crate) fn open_sidecar(dir: &Path, name: &str, size: u64, auth: usize) -> Result<File> {
     let sidecar = checksum::sidecar_name(name);
     let f = OpenOptions::new()
         .read(true)
@@ -176,7 +183,7 @@ pub(crate) fn open_sidecar(dir: &Path, name: &str, size: u64) -> Result<File> {
         .truncate(false)
         .open(dir.join(&sidecar))
         .map_err(|e| Error::io(format!("opening {sidecar}"), e))?;
-    let want = checksum::sidecar_len(size);
+    let want = checksum::sidecar_len(size, auth);
     let len = f
         .metadata()
         .map_err(|e| Error::io(format!("stat {sidecar}"), e))?
@@ -210,6 +217,9 @@ pub struct Replica {
     uuid: Uuid,
     /// Bytes; grows with [`Replica::expand`], never shrinks.
     pub(crate) size: AtomicU64,
+    /// Bytes of nonce and tag per block: 0 for a plain volume, set once
+    /// when an engine binds an encrypted one ([`crate::checksum`]).
+    auth: AtomicUsize,
     pub(crate) meta: Mutex<ReplicaMeta>,
     pub(crate) layers: RwLock<Vec<Layer>>,
     /// Bumped whenever `layers` is taken for writing, under that lock: a
@@ -384,6 +394,7 @@ impl Replica {
             block_size: BLOCK_SIZE,
             chain: vec![head],
             rebuilding: false,
+            encryption: None,
         };
         meta::write_json_atomic(&dir.join(REPLICA_META), &rmeta)?;
         tracing::info!(dir = %dir.display(), size, "created replica");
@@ -434,6 +445,7 @@ impl Replica {
                 meta_path.display()
             )));
         }
+        let auth = meta::auth_bytes(rmeta.encryption.as_ref())?;
         let mut layers = Vec::with_capacity(rmeta.chain.len());
         for name in rmeta.chain.iter() {
             if name.is_empty() || name.contains('/') || name.starts_with('.') {
@@ -474,6 +486,7 @@ impl Replica {
                 lmeta,
                 file,
                 rmeta.size,
+                auth,
             )?);
         }
         remove_strays(dir, &rmeta.chain);
@@ -484,6 +497,7 @@ impl Replica {
             dir: dir.to_path_buf(),
             uuid: rmeta.replica_uuid,
             size: AtomicU64::new(rmeta.size),
+            auth: AtomicUsize::new(auth),
             meta: Mutex::new(rmeta),
             layers: RwLock::new(layers),
             chain_version: AtomicU64::new(0),
@@ -510,6 +524,11 @@ impl Replica {
 
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
+    }
+
+    /// Bytes of nonce and tag each block carries (0: a plain volume).
+    pub fn auth_bytes(&self) -> usize {
+        self.auth.load(Ordering::Acquire)
     }
 
     /// The volume this replica is bound to (nil until an engine binds it).
@@ -545,6 +564,7 @@ impl Replica {
             revision: Revision(self.revision.load(Ordering::Acquire)),
             clean: self.clean.load(Ordering::Acquire),
             rebuilding: meta.rebuilding,
+            encryption: meta.encryption.clone(),
             chain: layers
                 .iter()
                 .map(|l| LayerInfo {
@@ -575,10 +595,18 @@ impl Replica {
         *self.lease.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes the replica over for `owner`, binding it to `volume` if it is
-    /// not bound yet. Refused for an older generation, for the same
-    /// generation held by another engine, and for another volume.
-    pub fn takeover(&self, owner: Owner, volume: Uuid) -> Result<ReplicaInfo> {
+    /// Takes the replica over for `owner`, binding it to `volume` (and
+    /// `encryption`) if it is not bound yet. Refused for an older
+    /// generation, for the same generation held by another engine, for
+    /// another volume, and for an engine whose encryption is not the
+    /// volume's: another key, a key for a plain volume, or none for an
+    /// encrypted one.
+    pub fn takeover(
+        &self,
+        owner: Owner,
+        volume: Uuid,
+        encryption: Option<&meta::Encryption>,
+    ) -> Result<ReplicaInfo> {
         let mut lease = self.lease.write().unwrap_or_else(|e| e.into_inner());
         if owner.generation < lease.generation {
             return Err(Error::Fenced(format!(
@@ -595,19 +623,36 @@ impl Replica {
                 owner.generation
             )));
         }
+        // Sidecars first (they take the chain's lock, which is taken before
+        // `meta` everywhere); the lease's write guard keeps every other
+        // request and takeover out meanwhile.
+        if encryption.is_some() && lock(&self.meta).volume_uuid.is_nil() {
+            self.make_room_for_auth(meta::auth_bytes(encryption)?)?;
+        }
         {
             let mut meta = lock(&self.meta);
             if meta.volume_uuid.is_nil() {
                 let mut bound = meta.clone();
                 bound.volume_uuid = volume;
+                bound.encryption = encryption.cloned();
                 meta::write_json_atomic(&self.dir.join(REPLICA_META), &bound)?;
                 *meta = bound;
-                tracing::info!(%volume, "replica bound to volume");
+                tracing::info!(%volume, encrypted = encryption.is_some(), "replica bound to volume");
             } else if meta.volume_uuid != volume {
                 return Err(Error::Mismatch(format!(
                     "this replica belongs to volume {}, not {volume}",
                     meta.volume_uuid
                 )));
+            } else if meta.encryption.as_ref() != encryption {
+                return Err(Error::Mismatch(match (&meta.encryption, encryption) {
+                    (Some(_), None) => "the volume is encrypted: the engine needs its key".into(),
+                    (None, _) => "the volume is not encrypted, and the engine has a key".into(),
+                    (Some(ours), Some(theirs)) if ours.cipher != theirs.cipher => format!(
+                        "the volume is encrypted with {}, not {}",
+                        ours.cipher, theirs.cipher
+                    ),
+                    _ => "the engine's key is not the volume's (its key check differs)".into(),
+                }));
             }
         }
         if *lease != owner {
@@ -623,6 +668,27 @@ impl Replica {
         }
         drop(lease);
         Ok(self.info())
+    }
+
+    /// Gives every layer's sidecar room for `auth` bytes of nonce and tag
+    /// per block, before an encrypted volume is bound. The replica is new
+    /// (unbound: no engine has written it), so every entry is zeros and
+    /// reads the same at either width; a crash before the binding is
+    /// persisted leaves sidecars longer than needed, which nothing reads.
+    fn make_room_for_auth(&self, auth: usize) -> Result<()> {
+        let mut layers = self.layers_mut();
+        for l in layers.iter() {
+            let len = checksum::sidecar_len(self.size(), auth);
+            l.crc
+                .set_len(len)
+                .and_then(|()| l.crc.sync_all())
+                .map_err(|e| Error::io(format!("sizing the sidecar of {}", l.name), e))?;
+        }
+        for l in layers.iter_mut() {
+            l.auth = auth;
+        }
+        self.auth.store(auth, Ordering::Release);
+        Ok(())
     }
 
     /// Admits one request of `owner`: the guard keeps a takeover out until
@@ -687,14 +753,23 @@ impl Replica {
     ///
     /// A mismatch may be a write's doing, so it reads once more with no
     /// write running (see the module invariants) before it reports one.
-    fn read_range(&self, offset: u64, len: u64, mut crcs: Option<&mut [u32]>) -> Result<Vec<u8>> {
-        match self.read_range_once(offset, len, crcs.as_deref_mut()) {
+    ///
+    /// `auths` (`auth_bytes` per block, empty for a plain volume) gets each
+    /// block's nonce and tag, zeros for a hole.
+    fn read_range(
+        &self,
+        offset: u64,
+        len: u64,
+        mut crcs: Option<&mut [u32]>,
+        auths: &mut [u8],
+    ) -> Result<Vec<u8>> {
+        match self.read_range_once(offset, len, crcs.as_deref_mut(), auths) {
             Err(Error::Checksum(_)) => {
                 let _no_writes = self.head_writes.write().unwrap_or_else(|e| e.into_inner());
                 if let Some(crcs) = crcs.as_deref_mut() {
                     crcs.fill(crc::zero_block());
                 }
-                self.read_range_once(offset, len, crcs)
+                self.read_range_once(offset, len, crcs, auths)
             }
             read => read,
         }
@@ -705,23 +780,46 @@ impl Replica {
         offset: u64,
         len: u64,
         mut crcs: Option<&mut [u32]>,
+        auths: &mut [u8],
     ) -> Result<Vec<u8>> {
         let located = self.locate(offset, len)?;
+        auths.fill(0);
         let mut buf = Vec::with_capacity(len as usize);
+        let mut scratch = Vec::new();
         for &(pos, at, n) in &located.runs {
             let layer = &located.layers[pos];
             let from = (at - offset) as usize;
             buf.resize(from, 0);
             read_appending(&layer.file, at, n as usize, &mut buf)
                 .map_err(|e| Error::io(format!("reading {n} bytes at {at}"), e))?;
-            if let Some(crcs) = crcs.as_deref_mut() {
-                let first = from / BLOCK_SIZE as usize;
-                check_blocks(
+            let (first, blocks) = (from / BLOCK_SIZE as usize, (n / BLOCK_SIZE) as usize);
+            let auths = match auths.len() {
+                0 => &mut [][..],
+                _ => &mut auths[first * layer.auth..(first + blocks) * layer.auth],
+            };
+            match crcs.as_deref_mut() {
+                Some(crcs) => check_blocks(
                     layer,
                     at,
                     &buf[from..],
-                    &mut crcs[first..first + (n / BLOCK_SIZE) as usize],
-                )?;
+                    &mut crcs[first..first + blocks],
+                    auths,
+                )?,
+                // Unverified, but an encrypted block still needs its nonce
+                // and tag: the engine's check of those is then the only one.
+                None if !auths.is_empty() => {
+                    scratch.resize(blocks, 0);
+                    checksum::verify(
+                        &layer.crc,
+                        layer.auth,
+                        at / BLOCK_SIZE,
+                        &buf[from..],
+                        &mut scratch,
+                        auths,
+                    )
+                    .map_err(|e| Error::io(format!("reading checksums of {}", layer.name), e))?;
+                }
+                None => {}
             }
         }
         buf.resize(len as usize, 0);
@@ -729,13 +827,19 @@ impl Replica {
     }
 
     /// Reads without checksum verification: the engine's last resort when
-    /// no replica's copy matches its checksums.
+    /// no replica's copy matches its checksums. An encrypted volume's
+    /// blocks are followed by their nonces and tags, as from
+    /// [`Self::read_with_crc`].
     pub fn read_unverified(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.check_range(offset, len)?;
-        self.read_range(offset, len, None)
+        let mut auths = vec![0u8; (len / BLOCK_SIZE) as usize * self.auth_bytes()];
+        let mut buf = self.read_range(offset, len, None, &mut auths)?;
+        buf.extend_from_slice(&auths);
+        Ok(buf)
     }
 
-    /// Reads `len` bytes at `offset`.
+    /// Reads `len` bytes at `offset` (followed by their nonces and tags if
+    /// the volume is encrypted).
     pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.read_with_crc(offset, len).map(|(data, _)| data)
     }
@@ -743,11 +847,21 @@ impl Replica {
     /// Reads `len` bytes at `offset`, with their crc32c: derived from the
     /// block crcs that checking the blocks computes anyway, so a reply is
     /// sealed without another pass over the data (see [`crate::crc`]).
+    ///
+    /// For an encrypted volume the blocks are followed by their nonces and
+    /// tags, `auth_bytes` each, and the crc covers both.
     pub fn read_with_crc(&self, offset: u64, len: u64) -> Result<(Vec<u8>, u32)> {
         self.check_range(offset, len)?;
-        let mut crcs = vec![crc::zero_block(); (len / BLOCK_SIZE) as usize];
-        let buf = self.read_range(offset, len, Some(&mut crcs))?;
-        Ok((buf, crc::of_blocks(&crcs)))
+        let blocks = (len / BLOCK_SIZE) as usize;
+        let mut crcs = vec![crc::zero_block(); blocks];
+        let mut auths = vec![0u8; blocks * self.auth_bytes()];
+        let mut buf = self.read_range(offset, len, Some(&mut crcs), &mut auths)?;
+        let mut crc = crc::of_blocks(&crcs);
+        if !auths.is_empty() {
+            crc = crc::concat(crc, crc::of(&auths), auths.len() as u64);
+            buf.extend_from_slice(&auths);
+        }
+        Ok((buf, crc))
     }
 
     /// Where the data of `offset..offset + len` is, for sending it from the
@@ -759,8 +873,14 @@ impl Replica {
     /// receiver checks it, and on a mismatch (bit rot, a write that landed
     /// between this call and the send, a block whose write was cut short
     /// by a crash) reads again with [`Replica::read_with_crc`].
+    ///
+    /// Always `None` for an encrypted volume: its replies carry each
+    /// block's nonce and tag, which only a read here looks up.
     pub fn read_stored(&self, offset: u64, len: u64) -> Result<Option<Stored>> {
         self.check_range(offset, len)?;
+        if self.auth_bytes() > 0 {
+            return Ok(None);
+        }
         let located = self.locate(offset, len)?;
         let chain_version = self.chain_version.load(Ordering::Acquire);
         let mut crcs = vec![crc::zero_block(); (len / BLOCK_SIZE) as usize];
@@ -774,6 +894,7 @@ impl Replica {
             let first = ((at - offset) / BLOCK_SIZE) as usize;
             let stored = checksum::newer(
                 &layer.crc,
+                layer.auth,
                 at / BLOCK_SIZE,
                 &mut crcs[first..][..(n / BLOCK_SIZE) as usize],
             )
@@ -802,6 +923,13 @@ impl Replica {
     /// The files of the chain as they are now, for a reader on this node
     /// to open ([`crate::direct`]).
     pub fn layer_files(&self) -> Result<crate::direct::LayerFiles> {
+        if self.auth_bytes() > 0 {
+            return Err(Error::Invalid(
+                "an encrypted volume is not read from its files: each block's nonce and tag \
+                 come with a read"
+                    .into(),
+            ));
+        }
         let layers = self.layers();
         let chain_version = self.chain_version.load(Ordering::Acquire);
         let dir = std::path::absolute(&self.dir)
@@ -852,10 +980,17 @@ impl Replica {
         (&layers[pos], LayerPos(pos as u32))
     }
 
-    /// Writes whole blocks into the head: checksums first, then the data
-    /// (see [`crate::checksum`] for why that order is safe).
-    fn write_head(head: &Layer, offset: u64, data: &[u8], crcs: &[u32]) -> Result<()> {
-        checksum::record_pending(&head.crc, offset / BLOCK_SIZE, crcs)
+    /// Writes whole blocks into the head: checksums (and nonces and tags)
+    /// first, then the data (see [`crate::checksum`] for why that order is
+    /// safe).
+    fn write_head(
+        head: &Layer,
+        offset: u64,
+        data: &[u8],
+        crcs: &[u32],
+        auths: &[u8],
+    ) -> Result<()> {
+        checksum::record_pending(&head.crc, head.auth, offset / BLOCK_SIZE, crcs, auths)
             .map_err(|e| Error::io("recording checksums", e))?;
         for (i, piece) in data.chunks(WRITE_PIECE).enumerate() {
             let at = offset + (i * WRITE_PIECE) as u64;
@@ -899,22 +1034,40 @@ impl Replica {
         Ok(())
     }
 
-    /// Writes whole blocks at `offset`, in flush epoch `epoch`.
-    pub fn write(&self, offset: u64, data: &[u8], epoch: u64) -> Result<()> {
+    /// Writes whole blocks at `offset`, in flush epoch `epoch` (followed
+    /// by their nonces and tags if the volume is encrypted).
+    pub fn write(&self, offset: u64, payload: &[u8], epoch: u64) -> Result<()> {
+        let data = &payload[..self.data_len(payload.len())?];
         let mut crcs = Vec::new();
         crc::blocks(data, &mut crcs);
-        self.write_with_crcs(offset, data, &crcs, epoch)
+        self.write_with_crcs(offset, payload, &crcs, epoch)
+    }
+
+    /// How much of a payload of whole blocks, each followed by its nonce
+    /// and tag in an encrypted volume, is the blocks.
+    pub fn data_len(&self, payload_len: usize) -> Result<usize> {
+        let per_block = BLOCK_SIZE as usize + self.auth_bytes();
+        if !payload_len.is_multiple_of(per_block) {
+            return Err(Error::Invalid(format!(
+                "a payload of {payload_len} bytes is not whole blocks of {per_block} bytes \
+                 (4 KiB of data and {} of nonce and tag)",
+                self.auth_bytes()
+            )));
+        }
+        Ok(payload_len / per_block * BLOCK_SIZE as usize)
     }
 
     /// [`Self::write`] of data whose block crcs are already known
-    /// (`crcs[i]` is the crc32c of block `i` of `data`; see [`crate::crc`]).
+    /// (`crcs[i]` is the crc32c of block `i` of the payload's data; see
+    /// [`crate::crc`]).
     pub fn write_with_crcs(
         &self,
         offset: u64,
-        data: &[u8],
+        payload: &[u8],
         crcs: &[u32],
         epoch: u64,
     ) -> Result<()> {
+        let (data, auths) = payload.split_at(self.data_len(payload.len())?);
         self.check_range(offset, data.len() as u64)?;
         if crcs.len() as u64 * BLOCK_SIZE != data.len() as u64 {
             return Err(Error::Invalid(format!(
@@ -927,7 +1080,7 @@ impl Replica {
         let _writing = self.head_writes.read().unwrap_or_else(|e| e.into_inner());
         let layers = self.layers();
         let (head, pos) = Self::head_of(&layers);
-        Self::write_head(head, offset, data, crcs)?;
+        Self::write_head(head, offset, data, crcs, auths)?;
         self.index.write().unwrap_or_else(|e| e.into_inner()).set(
             BlockIndex(offset / BLOCK_SIZE),
             data.len() as u64 / BLOCK_SIZE,
@@ -970,11 +1123,20 @@ impl Replica {
                 crate::crc::of(&zeros[..BLOCK_SIZE as usize]);
                 zeros.len() / BLOCK_SIZE as usize
             ];
+            // No nonce and tag: an encrypted volume's engine reads zeros
+            // with none as zeros, as it reads a hole.
+            let no_auths = vec![0u8; zero_crcs.len() * head.auth];
             let mut at = offset;
             while at < offset + len {
                 let n = STEP.min(offset + len - at);
                 let blocks = (n / BLOCK_SIZE) as usize;
-                Self::write_head(head, at, &zeros[..n as usize], &zero_crcs[..blocks])?;
+                Self::write_head(
+                    head,
+                    at,
+                    &zeros[..n as usize],
+                    &zero_crcs[..blocks],
+                    &no_auths[..blocks * head.auth],
+                )?;
                 at += n;
             }
             self.index.write().unwrap_or_else(|e| e.into_inner()).set(
@@ -1181,6 +1343,7 @@ impl Replica {
             head_meta,
             file,
             self.size(),
+            self.auth_bytes(),
         )?);
         tracing::info!(snapshot = %snap, "snapshot taken");
         Ok(snap)
@@ -1194,8 +1357,9 @@ impl Replica {
             .ok_or_else(|| Error::Invalid(format!("no snapshot layer {name:?} below the head")))
     }
 
-    fn layer_file(&self, name: &str) -> Result<Arc<File>> {
-        Self::below_head(&self.layers(), name).map(|l| l.file.clone())
+    /// A layer below the head, by name, with its sidecar.
+    fn layer_files_of(&self, name: &str) -> Result<(Arc<File>, Arc<File>, usize)> {
+        Self::below_head(&self.layers(), name).map(|l| (l.file.clone(), l.crc.clone(), l.auth))
     }
 
     /// A 64-bit hash (xxh3) of each `unit` of layer `name` in the range,
@@ -1203,6 +1367,10 @@ impl Replica {
     /// data. A rebuild skips what hashes the same, so the hash is wider
     /// than the blocks' crc32c: two different units hash alike with odds
     /// of 2^-64, not the 2^-32 that a TiB of rebuilds would soon meet.
+    ///
+    /// In an encrypted volume the hash covers the blocks' nonces and tags
+    /// too: a replica whose tags went bad beside good ciphertext is told
+    /// apart and rebuilt.
     pub fn layer_checksums(
         &self,
         name: &str,
@@ -1218,13 +1386,15 @@ impl Replica {
                 len.div_ceil(unit)
             )));
         }
-        let file = self.layer_file(name)?;
+        let (file, sidecar, auth) = self.layer_files_of(name)?;
         let end = offset + len;
         let extents = data_extents_in(&file, offset, end)
             .map_err(|e| Error::io(format!("mapping {name}"), e))?;
         let mut out = Vec::with_capacity(len.div_ceil(unit) as usize);
         // Read a chunk at a time (no unit is larger) and hash each unit in it.
         let mut buf = vec![0u8; REBUILD_CHUNK as usize];
+        let chunk_blocks = (REBUILD_CHUNK / BLOCK_SIZE) as usize;
+        let (mut crcs, mut auths) = (vec![0; chunk_blocks], vec![0u8; chunk_blocks * auth]);
         let mut at = offset;
         while at < end {
             let n = REBUILD_CHUNK.min(end - at);
@@ -1236,6 +1406,18 @@ impl Replica {
             if !here.is_empty() {
                 file.read_exact_at(&mut buf[..n as usize], at)
                     .map_err(|e| Error::io(format!("reading {name}"), e))?;
+                if auth > 0 {
+                    let blocks = (n / BLOCK_SIZE) as usize;
+                    checksum::verify(
+                        &sidecar,
+                        auth,
+                        at / BLOCK_SIZE,
+                        &buf[..n as usize],
+                        &mut crcs[..blocks],
+                        &mut auths[..blocks * auth],
+                    )
+                    .map_err(|e| Error::io(format!("reading checksums of {name}"), e))?;
+                }
             }
             let mut u = at;
             while u < at + n {
@@ -1249,6 +1431,8 @@ impl Replica {
                         let h = hash.get_or_insert_with(|| {
                             let mut h = Xxh3::new();
                             h.update(&buf[(u - at) as usize..(u - at + m) as usize]);
+                            let b = ((u - at) / BLOCK_SIZE) as usize;
+                            h.update(&auths[b * auth..(b + (m / BLOCK_SIZE) as usize) * auth]);
                             h
                         });
                         h.update(&(s / BLOCK_SIZE).to_le_bytes());
@@ -1263,15 +1447,19 @@ impl Replica {
         Ok(out)
     }
 
-    /// Reads a range of one layer (its holes read as zeros).
+    /// Reads a range of one layer (its holes read as zeros), followed by
+    /// the blocks' nonces and tags if the volume is encrypted (zeros for
+    /// holes).
     pub fn read_layer(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.check_range(offset, len)?;
         let layers = self.layers();
         let layer = Self::below_head(&layers, name)?;
-        let mut buf = vec![0u8; len as usize];
+        let auth = layer.auth;
+        let mut buf = vec![0u8; len as usize + (len / BLOCK_SIZE) as usize * auth];
+        let (data, auths) = buf.split_at_mut(len as usize);
         layer
             .file
-            .read_exact_at(&mut buf, offset)
+            .read_exact_at(data, offset)
             .map_err(|e| Error::io(format!("reading {name}"), e))?;
         // Holes read as zeros and have no checksum to match: check data only.
         let mut crcs = vec![0; (len / BLOCK_SIZE) as usize];
@@ -1283,19 +1471,28 @@ impl Replica {
                 e.div_ceil(BLOCK_SIZE) * BLOCK_SIZE,
             );
             let (s, e) = (s.max(offset), e.min(offset + len));
-            let data = &buf[(s - offset) as usize..(e - offset) as usize];
-            check_blocks(layer, s, data, &mut crcs)?;
+            let (from, to) = ((s - offset) as usize, (e - offset) as usize);
+            let (b_from, b_to) = (from / BLOCK_SIZE as usize, to / BLOCK_SIZE as usize);
+            check_blocks(
+                layer,
+                s,
+                &data[from..to],
+                &mut crcs,
+                &mut auths[b_from * auth..b_to * auth],
+            )?;
         }
         Ok(buf)
     }
 
     /// Writes a range of one layer below the head, zero blocks as data (an
     /// allocated zero block shadows the layers below; a hole does not).
-    pub fn write_layer(&self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
+    /// The payload is as [`Self::read_layer`] returns it.
+    pub fn write_layer(&self, name: &str, offset: u64, payload: &[u8]) -> Result<()> {
+        let (data, auths) = payload.split_at(self.data_len(payload.len())?);
         self.check_range(offset, data.len() as u64)?;
         let layers = self.layers();
         let layer = Self::below_head(&layers, name)?;
-        checksum::record_settled(&layer.crc, offset / BLOCK_SIZE, data)
+        checksum::record_settled(&layer.crc, layer.auth, offset / BLOCK_SIZE, data, auths)
             .map_err(|e| Error::io(format!("recording checksums of {name}"), e))?;
         if data.len() as u64 >= DIRECT_WRITE_MIN {
             match write_direct(&self.dir.join(name), offset, data) {
@@ -1356,6 +1553,7 @@ impl Replica {
                 lmeta.clone(),
                 file,
                 self.size(),
+                self.auth_bytes(),
             )?);
         }
         let mut next_meta = meta.clone();
@@ -1625,9 +1823,16 @@ pub(crate) fn read_appending(
     Ok(())
 }
 
-/// Checks blocks just read from `layer` at byte `at` against its checksums.
-fn check_blocks(layer: &Layer, at: u64, data: &[u8], crcs: &mut [u32]) -> Result<()> {
-    match checksum::verify(&layer.crc, at / BLOCK_SIZE, data, crcs)
+/// Checks blocks just read from `layer` at byte `at` against its checksums;
+/// `auths` gets their nonces and tags ([`checksum::verify`]).
+fn check_blocks(
+    layer: &Layer,
+    at: u64,
+    data: &[u8],
+    crcs: &mut [u32],
+    auths: &mut [u8],
+) -> Result<()> {
+    match checksum::verify(&layer.crc, layer.auth, at / BLOCK_SIZE, data, crcs, auths)
         .map_err(|e| Error::io(format!("reading checksums of {}", layer.name), e))?
     {
         None => Ok(()),

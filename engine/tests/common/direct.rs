@@ -19,6 +19,7 @@ pub fn hello_frame(volume: Uuid, generation: u64, engine_id: u64) -> Vec<u8> {
         volume_uuid: volume,
         generation,
         engine_id,
+        encryption: None,
     }
     .frame()
 }

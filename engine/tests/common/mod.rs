@@ -216,6 +216,41 @@ fn start_engine_with(
     (p, admin)
 }
 
+/// Whether every engine the helpers start encrypts its volume
+/// (`RVOL_TEST_ENCRYPTION=1`; `scripts/test.sh` runs a selection so).
+pub fn encryption_enabled() -> bool {
+    std::env::var("RVOL_TEST_ENCRYPTION").is_ok_and(|v| v == "1")
+}
+
+/// A key file of 32 random bytes in the test binary's scratch space.
+pub fn new_key_file(name: &str) -> PathBuf {
+    let path =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}.key", std::process::id()));
+    let mut secret = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut secret))
+        .unwrap();
+    std::fs::write(&path, secret).unwrap();
+    path
+}
+
+/// The one key of this test binary's engines when encryption is on.
+fn test_key() -> &'static Path {
+    static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| new_key_file("volumes"))
+}
+
+/// The engine flags of [`encryption_enabled`]: none when it is off.
+pub fn encryption_args() -> Vec<String> {
+    match encryption_enabled() {
+        true => vec![
+            "--encryption-key-file".to_string(),
+            test_key().display().to_string(),
+        ],
+        false => Vec::new(),
+    }
+}
+
 /// `rvol engine` arguments for a volume over `replicas`, the admin API on
 /// a port of its own choosing, then `extra`.
 pub fn engine_args(name: &str, size: &str, replicas: &[String], extra: &[&str]) -> Vec<String> {
@@ -224,6 +259,9 @@ pub fn engine_args(name: &str, size: &str, replicas: &[String], extra: &[&str]) 
         .chain(["--admin-listen", "127.0.0.1:0"])
         .map(String::from)
         .collect();
+    if !extra.contains(&"--encryption-key-file") {
+        args.extend(encryption_args());
+    }
     for r in replicas {
         args.extend(["--replica".to_string(), r.clone()]);
     }

@@ -92,5 +92,6 @@ pub fn links(volume: &str) -> rvol_replica::client::Links {
         connections: 1,
         direct_reads: false,
         tls,
+        encryption: None,
     }
 }
