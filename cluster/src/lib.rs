@@ -10,6 +10,7 @@ pub mod client;
 pub mod controller;
 pub mod etcd;
 pub mod http;
+pub mod keys;
 pub mod leader;
 pub mod model;
 pub mod placement;

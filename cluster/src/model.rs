@@ -221,6 +221,10 @@ pub struct VolumeSpec {
     /// replaced, when not the controller's `--replica-replenish-wait`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replenish_wait_secs: Option<u64>,
+    /// Encrypted at rest: engines run with the volume's key from the node
+    /// ([`crate::keys`]), which the record never holds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
 }
 
 /// A replica's id within its volume: `r1`, `r2`, ... never reused, so a

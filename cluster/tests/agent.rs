@@ -29,6 +29,7 @@ fn config(node: &str, disk: &Path, address: &str) -> AgentConfig {
         disks: vec![disk.to_path_buf()],
         ttl: TTL,
         tls: None,
+        keys_dir: disk.join("keys"),
     }
 }
 

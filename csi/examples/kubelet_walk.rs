@@ -6,7 +6,9 @@
 //! files → unpublish → unstage → unpublish → publish on g2 → stage → the
 //! files are there → unpublish, expand, publish, grow the file system →
 //! df shows it larger → stats → tear down → delete → no replica data left
-//! on any disk.
+//! on any disk. Then an encrypted volume: staged with its Secret on g1,
+//! written, and no replica file holds what was written; staged without the
+//! Secret on g2, refused.
 //!
 //!     kubelet_walk CONTROLLER_SOCK G1_SOCK G2_SOCK WORKDIR DISK...
 
@@ -53,6 +55,7 @@ async fn bring_up(
     id: &str,
     node_id: &str,
     work: &Path,
+    secrets: &HashMap<String, String>,
 ) -> Result<(Staged, [Duration; 3]), Error> {
     let t = Instant::now();
     let published = ctl
@@ -78,6 +81,7 @@ async fn bring_up(
         publish_context: published.publish_context.clone(),
         staging_target_path: staged.staging.clone(),
         volume_capability: Some(capability()),
+        secrets: secrets.clone(),
         ..Default::default()
     })
     .await?;
@@ -180,7 +184,8 @@ async fn main() -> Result<(), Error> {
     let create = t.elapsed();
     let id = created.volume.ok_or("no volume")?.volume_id;
 
-    let (s1, [publish, stage, bind]) = bring_up(&mut ctl, &mut g1, &id, "g1", work).await?;
+    let none = HashMap::new();
+    let (s1, [publish, stage, bind]) = bring_up(&mut ctl, &mut g1, &id, "g1", work, &none).await?;
     println!(
         "walk: create {create:?}, publish {publish:?}, stage (mkfs and mount) {stage:?}, publish (bind) {bind:?}"
     );
@@ -192,7 +197,7 @@ async fn main() -> Result<(), Error> {
     std::fs::File::open(&file)?.sync_all()?;
     tear_down(&mut ctl, &mut g1, &id, "g1", &s1).await?;
 
-    let (s2, _) = bring_up(&mut ctl, &mut g2, &id, "g2", work).await?;
+    let (s2, _) = bring_up(&mut ctl, &mut g2, &id, "g2", work, &none).await?;
     let read = std::fs::read(Path::new(&s2.target).join("data.bin"))?;
     if read != content {
         return Err("the file written on g1 differs on g2".into());
@@ -213,7 +218,7 @@ async fn main() -> Result<(), Error> {
         ..Default::default()
     })
     .await?;
-    let (s2, _) = bring_up(&mut ctl, &mut g2, &id, "g2", work).await?;
+    let (s2, _) = bring_up(&mut ctl, &mut g2, &id, "g2", work, &none).await?;
     g2.node_expand_volume(NodeExpandVolumeRequest {
         volume_id: id.clone(),
         volume_path: s2.target.clone(),
@@ -252,6 +257,99 @@ async fn main() -> Result<(), Error> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!("walk: deleted; no replica data left on any disk");
+    sealed_walk(&mut ctl, &mut g1, &mut g2, work, &disks).await?;
     println!("kubelet walk passed");
+    Ok(())
+}
+
+/// An encrypted volume through the same walk, its key from a Secret.
+async fn sealed_walk(
+    ctl: &mut ControllerClient<Channel>,
+    g1: &mut NodeClient<Channel>,
+    g2: &mut NodeClient<Channel>,
+    work: &Path,
+    disks: &[PathBuf],
+) -> Result<(), Error> {
+    let id = ctl
+        .create_volume(CreateVolumeRequest {
+            name: "walk-sealed".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 64 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![capability()],
+            parameters: HashMap::from([
+                ("numberOfReplicas".into(), "2".into()),
+                ("encrypted".into(), "true".into()),
+            ]),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .volume
+        .ok_or("no volume")?
+        .volume_id;
+    let secrets = HashMap::from([(
+        "CRYPTO_KEY_VALUE".to_string(),
+        "a key of the walk, forty-odd bytes long, from a Secret".to_string(),
+    )]);
+    let (s, _) = bring_up(ctl, g1, &id, "g1", work, &secrets).await?;
+    let marker = b"rvol-walk-plaintext-marker|";
+    let content: Vec<u8> = marker.iter().copied().cycle().take(1 << 20).collect();
+    let file = Path::new(&s.target).join("secret.bin");
+    std::fs::write(&file, &content)?;
+    std::fs::File::open(&file)?.sync_all()?;
+    if std::fs::read(&file)? != content {
+        return Err("the encrypted volume's file reads back differently".into());
+    }
+    for dir in replica_dirs(disks, &id) {
+        for f in std::fs::read_dir(&dir)?.flatten() {
+            if std::fs::read(f.path())?
+                .windows(marker.len())
+                .any(|w| w == marker)
+            {
+                return Err(format!("{} holds plaintext", f.path().display()).into());
+            }
+        }
+    }
+    tear_down(ctl, g1, &id, "g1", &s).await?;
+    // On g2 without the Secret: refused, saying what is missing.
+    let published = ctl
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "g2".into(),
+            volume_capability: Some(capability()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let refused = g2
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            publish_context: published.publish_context,
+            staging_target_path: work.join("staging-sealed").display().to_string(),
+            volume_capability: Some(capability()),
+            ..Default::default()
+        })
+        .await
+        .err()
+        .ok_or("staged an encrypted volume without its key")?;
+    if refused.code() != tonic::Code::FailedPrecondition
+        || !refused.message().contains("CRYPTO_KEY_VALUE")
+    {
+        return Err(format!("staging without the key: {refused}").into());
+    }
+    ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "g2".into(),
+        ..Default::default()
+    })
+    .await?;
+    ctl.delete_volume(DeleteVolumeRequest {
+        volume_id: id,
+        ..Default::default()
+    })
+    .await?;
+    println!("walk: an encrypted volume written with its key holds no plaintext on any replica; without the key, staging is refused");
     Ok(())
 }

@@ -23,6 +23,7 @@ use rvol_cluster::controller::nodes::NodeView;
 use rvol_cluster::view::VolumeState;
 use tonic::{Request, Response, Status};
 
+use crate::node::KEY_PENDING;
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::rpc::Type as Rpc;
 use crate::proto::volume_capability::access_mode::Mode;
@@ -176,7 +177,10 @@ impl Controller for ControllerService {
         }
         let p = params::parse(&r.parameters).map_err(Status::invalid_argument)?;
         let size = size_of(r.capacity_range.as_ref())?;
-        let context = HashMap::from([("fsType".to_string(), p.fs_type.clone())]);
+        let mut context = HashMap::from([("fsType".to_string(), p.fs_type.clone())]);
+        if p.encrypted {
+            context.insert("encrypted".into(), "true".into());
+        }
         let compatible = |v: &VolumeView| {
             let limit = r
                 .capacity_range
@@ -185,6 +189,7 @@ impl Controller for ControllerService {
             v.spec.size >= size
                 && (limit == 0 || v.spec.size <= limit)
                 && v.spec.replicas == p.replicas
+                && v.spec.encrypted == p.encrypted
         };
         if let Some(v) = self.find(&name).await? {
             if compatible(&v) {
@@ -205,6 +210,7 @@ impl Controller for ControllerService {
             "data_locality": p.data_locality,
             "node_selector": p.node_selector,
             "replenish_wait_secs": p.replenish_wait_secs,
+            "encrypted": p.encrypted,
         });
         let v = match self
             .client
@@ -284,6 +290,16 @@ impl Controller for ControllerService {
             }
             Err(ClientError::Refused { status, message }) if status == 409 => {
                 return Err(Status::failed_precondition(message))
+            }
+            // Published: the engine starts once staging brings its key,
+            // and staging finds the device then.
+            Err(ClientError::Refused { message, .. })
+                if message.starts_with(rvol_cluster::keys::WAITING) =>
+            {
+                let context = HashMap::from([(KEY_PENDING.to_string(), "true".to_string())]);
+                return Ok(Response::new(ControllerPublishVolumeResponse {
+                    publish_context: context,
+                }));
             }
             Err(e) => return Err(status::from(e)),
         };

@@ -45,6 +45,9 @@ pub struct Options {
     pub controller: Option<&'static str>,
     /// Serve the Node service for this node.
     pub node_id: Option<String>,
+    /// Where the node's agent finds encrypted volumes' keys
+    /// (`rvol_cluster::keys`): staging puts them there.
+    pub keys_dir: std::path::PathBuf,
 }
 
 /// Listens on the Unix socket at `path` (0600), taking over a socket an
@@ -89,6 +92,7 @@ pub async fn serve(
         NodeServer::new(node::NodeService {
             client: opts.client.clone(),
             node_id,
+            keys_dir: opts.keys_dir.clone(),
         })
     });
     tonic::transport::Server::builder()

@@ -33,10 +33,21 @@ use crate::{fs, mounts, required, status, ZONE_KEY};
 pub struct NodeService {
     pub client: Arc<Client>,
     pub node_id: String,
+    pub keys_dir: std::path::PathBuf,
 }
+
+/// The Secret's key holding an encrypted volume's key (Longhorn's name).
+pub const KEY_SECRET: &str = "CRYPTO_KEY_VALUE";
+
+/// Publish context of an encrypted volume whose engine waits for its key
+/// on the node: staging places the key, then finds the device.
+pub const KEY_PENDING: &str = "keyPending";
 
 /// How long staging waits for the device of a just-published volume.
 const DEVICE_WAIT: Duration = Duration::from_secs(10);
+/// How long it waits for an encrypted volume's engine to start once its
+/// key is placed (the agent's next pass, then the engine's start).
+const KEY_DEVICE_WAIT: Duration = Duration::from_secs(30);
 
 fn io_status(path: &str, e: std::io::Error) -> Status {
     Status::internal(format!("{path}: {e}"))
@@ -87,6 +98,75 @@ impl NodeService {
         let v: VolumeView = serde_json::from_value(v).ok()?;
         Some(crate::controller::condition(&v))
     }
+
+    /// Puts an encrypted volume's key, from the Secret staging was given,
+    /// where the agent starts its engine with it (`rvol_cluster::keys`).
+    async fn place_key(
+        &self,
+        id: &str,
+        secrets: &std::collections::HashMap<String, String>,
+    ) -> Result<(), Status> {
+        let v = self
+            .client
+            .call(Method::GET, &format!("/v1/volumes/{id}"), None)
+            .await
+            .map_err(crate::status::from)?;
+        let v: VolumeView =
+            serde_json::from_value(v).map_err(|e| Status::internal(e.to_string()))?;
+        if !v.spec.encrypted {
+            return Ok(());
+        }
+        let Some(secret) = secrets.get(KEY_SECRET).filter(|s| !s.is_empty()) else {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is encrypted: its StorageClass must name a Secret with \
+                 {KEY_SECRET} (csi.storage.k8s.io/node-stage-secret-name and -namespace)"
+            )));
+        };
+        if secret.len() < 32 {
+            return Err(Status::invalid_argument(format!(
+                "the Secret's {KEY_SECRET} holds {} bytes; a key needs at least 32",
+                secret.len()
+            )));
+        }
+        rvol_cluster::keys::write(&self.keys_dir, &v.name, secret.as_bytes())
+            .map_err(|e| Status::internal(format!("writing the key of {id}: {e}")))
+    }
+
+    /// The device a publish named, or, where the engine was waiting for
+    /// the key staging just placed, the one it reports once it serves.
+    async fn device(
+        &self,
+        id: &str,
+        publish_context: &std::collections::HashMap<String, String>,
+    ) -> Result<String, Status> {
+        if !publish_context.contains_key(KEY_PENDING) {
+            return device(publish_context).await;
+        }
+        let deadline = Instant::now() + KEY_DEVICE_WAIT;
+        loop {
+            let v = self
+                .client
+                .call(Method::GET, &format!("/v1/volumes/{id}"), None)
+                .await
+                .map_err(crate::status::from)?;
+            let v: VolumeView =
+                serde_json::from_value(v).map_err(|e| Status::internal(e.to_string()))?;
+            let here = v
+                .attached_node
+                .as_ref()
+                .is_some_and(|n| n.as_str() == self.node_id);
+            if let (true, Some(d)) = (here, v.device) {
+                let context = std::collections::HashMap::from([("device".to_string(), d)]);
+                return device(&context).await;
+            }
+            if Instant::now() > deadline {
+                return Err(Status::unavailable(format!(
+                    "the engine of {id} did not start within {KEY_DEVICE_WAIT:?} of its key being placed"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -98,7 +178,10 @@ impl Node for NodeService {
         let r = request.into_inner();
         required(&r.volume_id, "volume_id")?;
         let staging = required(&r.staging_target_path, "staging_target_path")?.to_string();
-        let AccessType::Mount(m) = access_type(r.volume_capability.as_ref())? else {
+        let access = access_type(r.volume_capability.as_ref())?;
+        // Before anything waits for the device: the engine waits for this.
+        self.place_key(&r.volume_id, &r.secrets).await?;
+        let AccessType::Mount(m) = access else {
             return Ok(Response::new(NodeStageVolumeResponse {}));
         };
         let fs_type = [
@@ -110,7 +193,7 @@ impl Node for NodeService {
         .unwrap_or("ext4")
         .to_string();
         let flags = m.mount_flags.clone();
-        let device = device(&r.publish_context).await?;
+        let device = self.device(&r.volume_id, &r.publish_context).await?;
         tokio::task::spawn_blocking(move || {
             let path = Path::new(&staging);
             if mounts::is_mounted(path).map_err(|e| e.to_string())? {
@@ -141,6 +224,13 @@ impl Node for NodeService {
         required(&r.volume_id, "volume_id")?;
         let path = required(&r.staging_target_path, "staging_target_path")?;
         mounts::unmount(Path::new(path)).map_err(|e| io_status(path, e))?;
+        // The running engine has read it; a later one gets it again from
+        // the next staging.
+        if let Ok(name) = rvol_cluster::model::VolumeName::new(&r.volume_id) {
+            rvol_cluster::keys::remove(&self.keys_dir, &name).map_err(|e| {
+                Status::internal(format!("removing the key of {}: {e}", r.volume_id))
+            })?;
+        }
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 

@@ -9,6 +9,7 @@
 //! | `dataLocality` | `disabled`, `best-effort` or `strict-local` | `disabled` |
 //! | `nodeSelector` | `key=value[,key=value...]`: only nodes with these labels | none |
 //! | `fsType`, `csi.storage.k8s.io/fstype` | `ext4` or `xfs` | `ext4` |
+//! | `encrypted` | `true`: encrypted at rest with the key in the Secret that `csi.storage.k8s.io/node-stage-secret-name` and `-namespace` name (its `CRYPTO_KEY_VALUE`, as Longhorn's) | `false` |
 //!
 //! Other `csi.storage.k8s.io/` keys (the provisioner's metadata) are
 //! accepted and ignored; any other key is refused, so a typo is an error
@@ -25,6 +26,7 @@ pub struct Params {
     pub data_locality: String,
     pub node_selector: BTreeMap<String, String>,
     pub fs_type: String,
+    pub encrypted: bool,
 }
 
 pub const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
@@ -37,6 +39,7 @@ pub fn parse(params: &HashMap<String, String>) -> Result<Params, String> {
         data_locality: "disabled".into(),
         node_selector: BTreeMap::new(),
         fs_type: "ext4".into(),
+        encrypted: false,
     };
     let mut keys: Vec<&String> = params.keys().collect();
     keys.sort();
@@ -78,6 +81,9 @@ pub fn parse(params: &HashMap<String, String>) -> Result<Params, String> {
                 }
                 p.fs_type = value.into();
             }
+            "encrypted" => {
+                p.encrypted = value.parse().map_err(|_| bad("true or false"))?;
+            }
             k if k.starts_with("csi.storage.k8s.io/") => {}
             _ => return Err(format!("unknown parameter {key:?}")),
         }
@@ -106,8 +112,11 @@ mod tests {
             ("nodeSelector", "tier=ssd, rack=r1"),
             ("csi.storage.k8s.io/fstype", "xfs"),
             ("csi.storage.k8s.io/pvc/name", "data"),
+            ("encrypted", "true"),
+            ("csi.storage.k8s.io/node-stage-secret-name", "key"),
         ]))
         .unwrap();
+        assert!(p.encrypted);
         assert_eq!(p.replicas, 2);
         assert_eq!(p.replenish_wait_secs, Some(1800));
         assert_eq!(
@@ -117,6 +126,7 @@ mod tests {
         assert_eq!(p.node_selector.len(), 2);
         assert_eq!(p.fs_type, "xfs");
         assert_eq!(parse(&map(&[])).unwrap().replicas, 3);
+        assert!(!parse(&map(&[])).unwrap().encrypted);
         for bad in [
             ("numberOfReplicas", "0"),
             ("numberOfReplicas", "six"),
@@ -125,6 +135,7 @@ mod tests {
             ("fsType", "btrfs"),
             ("nodeSelector", "=x"),
             ("replicas", "3"),
+            ("encrypted", "yes"),
         ] {
             assert!(parse(&map(&[bad])).is_err(), "{bad:?}");
         }

@@ -120,7 +120,16 @@ pub struct AgentArgs {
     /// only, and engines run with certificates the controller signs.
     #[command(flatten)]
     tls: crate::cert::TlsArgs,
+    /// Where this node finds the keys of encrypted volumes (VOLUME.key,
+    /// 0600; the CSI node plugin puts them there from the StorageClass's
+    /// Secret): an engine waits for its volume's key.
+    #[arg(long, default_value = KEYS_DIR)]
+    keys_dir: PathBuf,
 }
+
+/// Where nodes keep encrypted volumes' keys by default (agent and CSI
+/// node plugin alike).
+pub const KEYS_DIR: &str = "/var/lib/rvol/keys";
 
 /// `--cluster`: the controllers' URLs, comma-separated.
 #[derive(clap::Args, Clone)]
@@ -207,6 +216,10 @@ pub struct CreateArgs {
     /// replaced (default: the controller's --replica-replenish-wait).
     #[arg(long, value_parser = parse_duration)]
     replenish_wait: Option<Duration>,
+    /// Encrypt the volume at rest: its engines need its key on their node
+    /// (the agents' --keys-dir, VOLUME.key).
+    #[arg(long)]
+    encrypted: bool,
     #[command(flatten)]
     cluster: ClusterArg,
     #[arg(long)]
@@ -325,6 +338,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<u8> {
                 disks: a.disks,
                 ttl: a.ttl,
                 tls,
+                keys_dir: a.keys_dir,
             },
             rvol: std::env::current_exe().context("finding the rvol program")?,
             tick: Duration::from_secs(1),
@@ -373,6 +387,7 @@ pub async fn create(a: CreateArgs) -> anyhow::Result<u8> {
         "data_locality": a.data_locality,
         "node_selector": a.node_selector.into_iter().collect::<BTreeMap<_, _>>(),
         "replenish_wait_secs": a.replenish_wait.map(|d| d.as_secs()),
+        "encrypted": a.encrypted,
     });
     let v = call(&a.cluster, Method::POST, "/v1/volumes", Some(body)).await?;
     if a.json {

@@ -26,6 +26,10 @@ pub struct CsiArgs {
     /// This node's name, as its agent registered it.
     #[arg(long, env = "NODE_NAME")]
     node_id: Option<String>,
+    /// Where the node's agent finds encrypted volumes' keys (its
+    /// --keys-dir): staging writes a volume's key there from its Secret.
+    #[arg(long, default_value = cluster_cli::KEYS_DIR)]
+    keys_dir: PathBuf,
 }
 
 pub async fn run(a: CsiArgs) -> anyhow::Result<u8> {
@@ -40,6 +44,7 @@ pub async fn run(a: CsiArgs) -> anyhow::Result<u8> {
             .controller
             .then_some(if a.frontend == "nbd" { "nbd" } else { "ublk" }),
         node_id: if a.node { a.node_id } else { None },
+        keys_dir: a.keys_dir,
     };
     let listener = rvol_csi::listen(&path).map_err(anyhow::Error::msg)?;
     println!(

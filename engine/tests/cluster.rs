@@ -402,6 +402,79 @@ fn an_engine_never_starts_on_stale_replicas_alone() {
     });
 }
 
+/// An encrypted volume: its engine waits for the key on its node, its
+/// replicas hold only ciphertext, and while it is detached a drain moves a
+/// replica with no key anywhere (a maintenance engine copies the sealed
+/// blocks as they are); the moved copy then serves with the key.
+#[test]
+fn an_encrypted_volume_needs_its_key_to_serve_and_none_to_be_maintained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cluster::local(
+        tmp.path(),
+        &[("n1", "za"), ("n2", "zb"), ("n3", "zc")],
+        "10m",
+    );
+    c.ok(&["node", "cordon", "n3"]);
+    c.ok(&[
+        "volume",
+        "create",
+        "sec",
+        "--size",
+        "32M",
+        "--replicas",
+        "2",
+        "--encrypted",
+    ]);
+    c.ok(&["node", "uncordon", "n3"]);
+    let err = c.fails(&["volume", "attach", "sec", "--node", "n3"]);
+    assert!(
+        err.contains("waiting for the volume's encryption key"),
+        "{err}"
+    );
+    let secret = [0x42u8; 32];
+    let key = |i: usize| {
+        std::fs::create_dir_all(c.keys_dir(i)).unwrap();
+        std::fs::write(c.keys_dir(i).join("sec.key"), secret).unwrap();
+    };
+    key(2);
+    let uri = c.attach("sec", 2);
+    written(&c, 2, &uri, &["write -P 0x6b 0 4M", "flush"]);
+    let plain = [0x6bu8; 4096];
+    let holds_plaintext = |c: &Cluster| {
+        c.nodes.iter().any(|n| {
+            walk(&n.disk.join("rvol-replicas"))
+                .iter()
+                .any(|f| std::fs::read(f).unwrap().chunks(4096).any(|b| b == plain))
+        })
+    };
+    assert!(!holds_plaintext(&c), "a replica file holds plaintext");
+
+    c.ok(&["volume", "detach", "sec"]);
+    let drained = nodes_of(&c.volume("sec"))[0].clone();
+    let out = c.ok(&["node", "drain", &drained, "--timeout", "90s"]);
+    assert!(out.contains("drained"), "{out}");
+    let nodes = nodes_of(&c.volume("sec"));
+    assert!(nodes.contains(&"n3".to_string()), "{nodes:?}");
+    assert!(!holds_plaintext(&c), "a replica file holds plaintext");
+    // Served again where the key is (n3, which now holds the moved copy).
+    let uri = c.attach("sec", 2);
+    written(&c, 2, &uri, &["read -P 0x6b 0 4M"]);
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// An agent SIGKILLed and restarted while its node serves I/O: no replica
 /// or engine restarts, and the client sees no error.
 #[test]

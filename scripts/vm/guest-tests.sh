@@ -84,7 +84,8 @@ cluster_up() {
   for n in 1 2 3; do
     mkdir -p "$work/node$n"
     "$rvol" agent --node "g$n" --etcd http://127.0.0.1:23790 --listen "127.0.0.1:750$n" \
-      --disk "$work/node$n" --ports "1${n}100-1${n}199" >"$work/agent$n.ready" 2>>"$work/agent$n.log" &
+      --disk "$work/node$n" --ports "1${n}100-1${n}199" --keys-dir "$work/keys$n" \
+      >"$work/agent$n.ready" 2>>"$work/agent$n.log" &
     pids+=($!)
     wait_ready "agent g$n" "$work/agent$n.ready" $!
   done
@@ -127,7 +128,7 @@ csi_test() {
   log "csi: csi-sanity against rvol csi, volumes as ublk devices"
   cluster_up
   "$rvol" csi --endpoint "unix://$work/csi.sock" --cluster "$RVOL_CLUSTER" --controller \
-    --frontend ublk --node --node-id g1 >"$work/csi.ready" 2>>"$work/csi.log" &
+    --frontend ublk --node --node-id g1 --keys-dir "$work/keys1" >"$work/csi.ready" 2>>"$work/csi.log" &
   pids+=($!)
   wait_ready csi "$work/csi.ready" $!
   printf 'numberOfReplicas: "2"\n' >"$work/sc.yaml"
@@ -139,9 +140,9 @@ csi_test() {
       fail "csi-sanity ($type): $(grep -E '\[FAIL\]|FAIL!' "$work/sanity-$type.out" | head -30)"
     log "PASS csi-sanity ($type): $(grep -E '^Ran |SUCCESS' "$work/sanity-$type.out" | tr '\n' ' ')"
   done
-  log "csi: the kubelet's walk (create, publish, stage, write, move to another node, expand, delete)"
+  log "csi: the kubelet's walk (create, publish, stage, write, move to another node, expand, delete; an encrypted volume)"
   "$rvol" csi --endpoint "unix://$work/csi2.sock" --cluster "$RVOL_CLUSTER" \
-    --node --node-id g2 >"$work/csi2.ready" 2>>"$work/csi2.log" &
+    --node --node-id g2 --keys-dir "$work/keys2" >"$work/csi2.ready" 2>>"$work/csi2.log" &
   pids+=($!)
   wait_ready "csi on g2" "$work/csi2.ready" $!
   mkdir -p "$work/walk"

@@ -304,11 +304,23 @@ impl<S: Store> Agent<S> {
             let f = certs::files(run_dir, v, a.serial);
             args.extend(tls_args(&f.cert, &f.key, &t.ca));
         }
+        // An encrypted volume's engine needs its key, except to maintain
+        // it: rebuilds and snapshots copy sealed blocks as they are.
+        let mut key_missing = None;
+        if v.spec.encrypted && a.maintenance {
+            args.push("--encryption-keyless".into());
+        } else if v.spec.encrypted {
+            let path = crate::keys::path(&self.config.keys_dir, &v.name);
+            if !path.exists() {
+                key_missing = Some(format!("{} at {}", crate::keys::WAITING, path.display()));
+            }
+            args.extend(["--encryption-key-file".into(), path.display().to_string()]);
+        }
         // Checked before every start, restarts included: an engine that
         // crashed must not come back on stale replicas either.
         let hold = (!self.sup.runs(&key))
             .then(|| {
-                waiting_for(view, v).or_else(|| {
+                waiting_for(view, v).or(key_missing).or_else(|| {
                     (!cert_ready).then(|| {
                         "waiting for the controller to sign the engine's certificate".to_string()
                     })

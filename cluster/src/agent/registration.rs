@@ -45,6 +45,8 @@ pub struct AgentConfig {
     /// serve mutual TLS only and engines run with certificates the
     /// controller signs.
     pub tls: Option<rvol_tls::TlsFiles>,
+    /// Where the keys of encrypted volumes are ([`crate::keys`]).
+    pub keys_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -42,6 +42,9 @@ pub const MAX_SIZE: u64 = 64 << 40;
 pub const MAX_REPLICAS: usize = 5;
 /// How long attach and detach wait for the agent.
 pub(super) const WAIT: Duration = Duration::from_secs(60);
+/// How long attaching waits for an engine held for its key: a few of its
+/// agent's passes (a report may predate a key just placed).
+const KEY_RECHECK: Duration = Duration::from_secs(3);
 
 /// An error answer: a status and a message, as `{"error": "..."}`.
 #[derive(Debug)]
@@ -252,6 +255,8 @@ pub struct CreateRequest {
     pub node_selector: BTreeMap<String, String>,
     #[serde(default)]
     pub replenish_wait_secs: Option<u64>,
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 async fn create<S: Store>(
@@ -283,6 +288,7 @@ async fn create<S: Store>(
         data_locality: req.data_locality,
         node_selector: req.node_selector,
         replenish_wait_secs: req.replenish_wait_secs,
+        encrypted: req.encrypted,
     };
     let mut volume = Volume {
         protocol: PROTOCOL,
@@ -460,6 +466,15 @@ async fn attach<S: Store>(
                         .iter()
                         .filter(|p| v.in_sync.contains(&p.id))
                         .all(|p| !view.alive(&p.node)) =>
+                {
+                    return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, reason.clone()))
+                }
+                // Its key comes to the node from elsewhere (a CSI stage):
+                // no use waiting here, once the agent has had passes
+                // enough to see a key placed just before this call.
+                ProcessState::Waiting { reason }
+                    if reason.starts_with(crate::keys::WAITING)
+                        && deadline - Instant::now() < WAIT - KEY_RECHECK =>
                 {
                     return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, reason.clone()))
                 }

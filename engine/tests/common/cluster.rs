@@ -303,7 +303,13 @@ impl Cluster {
         self.controllers.push(p);
     }
 
+    /// Where node `i`'s agent finds encrypted volumes' keys.
+    pub fn keys_dir(&self, i: usize) -> PathBuf {
+        self.nodes[i].disk.join("keys")
+    }
+
     pub fn start_agent(&mut self, i: usize) {
+        let keys = self.keys_dir(i).display().to_string();
         let n = &self.nodes[i];
         let listen = format!("{}:{}", n.ip, free_port());
         let args = [
@@ -322,6 +328,8 @@ impl Cluster {
             &n.ports,
             "--ttl",
             self.agent_ttl,
+            "--keys-dir",
+            &keys,
         ];
         let mut args = args.to_vec();
         if let Some(extra) = self.access.agent_args.get(i) {
