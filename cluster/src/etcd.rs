@@ -42,6 +42,49 @@ use crate::store::{
 
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How rvol's processes reach a TLS-guarded etcd: the CA that signed its
+/// members' certificates, and a client certificate and key for
+/// `--client-cert-auth` (with etcd's auth enabled, the certificate's CN is
+/// the etcd user). Files, never arguments' contents.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl EtcdTls {
+    fn options(&self) -> Result<Option<etcd_client::TlsOptions>> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p)
+                .map_err(|e| StoreError::Refused(format!("etcd TLS: reading {}: {e}", p.display())))
+        };
+        let Some(ca) = &self.ca else {
+            if self.cert.is_some() || self.key.is_some() {
+                return Err(StoreError::Refused(
+                    "etcd TLS: a client certificate needs the CA of etcd's certificates too".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let mut t = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let key = zeroize::Zeroizing::new(read(key)?);
+                t = t.identity(etcd_client::Identity::from_pem(read(cert)?, &*key));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(StoreError::Refused(
+                    "etcd TLS: a client certificate and its key go together".into(),
+                ))
+            }
+        }
+        Ok(Some(t))
+    }
+}
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one member may take before the next is tried.
 const MEMBER_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -81,15 +124,30 @@ impl EtcdStore {
     /// separated). Succeeds while etcd is down: requests fail until it is
     /// back.
     pub async fn connect(endpoints: &str) -> Result<EtcdStore> {
+        EtcdStore::connect_with(endpoints, &EtcdTls::default()).await
+    }
+
+    /// [`Self::connect`] over TLS, when `tls` names a CA: `https://`
+    /// endpoints whose certificates that CA signed, and this process's
+    /// certificate for etcd's `--client-cert-auth` when it names one.
+    pub async fn connect_with(endpoints: &str, tls: &EtcdTls) -> Result<EtcdStore> {
         let list: Vec<&str> = endpoints.split(',').map(str::trim).collect();
         if list.iter().any(|e| e.is_empty()) {
             return Err(StoreError::Refused(format!(
                 "{endpoints:?} is not a list of etcd endpoints"
             )));
         }
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_timeout(REQUEST_TIMEOUT)
             .with_connect_timeout(CONNECT_TIMEOUT);
+        if let Some(t) = tls.options()? {
+            if let Some(e) = list.iter().find(|e| !e.starts_with("https://")) {
+                return Err(StoreError::Refused(format!(
+                    "etcd endpoint {e} is not https:// while etcd TLS is configured"
+                )));
+            }
+            options = options.with_tls(t);
+        }
         let mut clients = Vec::with_capacity(list.len());
         for e in list {
             // One endpoint connects lazily: a member down now is no error.

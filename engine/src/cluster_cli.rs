@@ -42,9 +42,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[derive(clap::Args)]
 pub struct ControllerArgs {
-    /// etcd client URLs, comma-separated.
-    #[arg(long, env = "RVOL_ETCD")]
-    etcd: String,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// Where the API listens (host:port).
     #[arg(long)]
     listen: String,
@@ -92,9 +91,8 @@ pub const CA_ENV: &str = "RVOL_CLUSTER_CA_FILE";
 pub struct AgentArgs {
     #[arg(long)]
     node: String,
-    /// etcd client URLs, comma-separated.
-    #[arg(long, env = "RVOL_ETCD")]
-    etcd: String,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// Where the agent's API listens (host:port).
     #[arg(long)]
     listen: String,
@@ -125,7 +123,14 @@ pub struct AgentArgs {
     /// Secret): an engine waits for its volume's key.
     #[arg(long, default_value = KEYS_DIR)]
     keys_dir: PathBuf,
+    /// A file holding the token that the agent's API (what the node runs)
+    /// requires; without one, anyone who reaches --listen may read it.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
+
+/// Where clients of the agent's API find its token file.
+pub const AGENT_TOKEN_ENV: &str = "RVOL_AGENT_TOKEN_FILE";
 
 /// Where nodes keep encrypted volumes' keys by default (agent and CSI
 /// node plugin alike).
@@ -226,10 +231,34 @@ pub struct CreateArgs {
     json: bool,
 }
 
-async fn store(urls: &str) -> anyhow::Result<Arc<EtcdStore>> {
-    Ok(Arc::new(EtcdStore::connect(urls).await.with_context(
-        || format!("connecting to etcd at {urls}"),
-    )?))
+/// How the controller and agents reach etcd.
+#[derive(clap::Args)]
+pub struct EtcdArgs {
+    /// etcd client URLs, comma-separated (https:// with --etcd-ca-file).
+    #[arg(long, env = "RVOL_ETCD")]
+    etcd: String,
+    /// The CA of etcd's certificates: talk to etcd over TLS only.
+    #[arg(long, env = "RVOL_ETCD_CA_FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// This process's certificate for etcd's --client-cert-auth (with
+    /// etcd's auth on, its CN is the etcd user).
+    #[arg(long, env = "RVOL_ETCD_CERT_FILE", requires = "etcd_key_file")]
+    etcd_cert_file: Option<PathBuf>,
+    #[arg(long, env = "RVOL_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    etcd_key_file: Option<PathBuf>,
+}
+
+async fn store(a: &EtcdArgs) -> anyhow::Result<Arc<EtcdStore>> {
+    let tls = rvol_cluster::etcd::EtcdTls {
+        ca: a.etcd_ca_file.clone(),
+        cert: a.etcd_cert_file.clone(),
+        key: a.etcd_key_file.clone(),
+    };
+    Ok(Arc::new(
+        EtcdStore::connect_with(&a.etcd, &tls)
+            .await
+            .with_context(|| format!("connecting to etcd at {}", a.etcd))?,
+    ))
 }
 
 pub async fn stopped() {
@@ -316,11 +345,17 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<u8> {
         std::fs::create_dir_all(d).with_context(|| format!("disk {}", d.display()))?;
     }
     let store = store(&a.etcd).await?;
+    let tokens = Arc::new(rvol_access::Tokens::load(
+        a.token_file.as_deref(),
+        None,
+        AGENT_TOKEN_ENV,
+    )?);
+    if tokens.is_open() {
+        tracing::warn!(listen = %local, "the agent's API needs no token: whoever reaches it reads what this node runs (--token-file)");
+    }
     let (report_tx, report_rx) = tokio::sync::watch::channel(None);
-    let api =
-        tokio::spawn(
-            async move { axum::serve(listener, rvol_cluster::agent::router(report_rx)).await },
-        );
+    let app = rvol_cluster::agent::router(report_rx, tokens);
+    let api = tokio::spawn(async move { axum::serve(listener, app).await });
     println!(
         "{}",
         serde_json::json!({ "event": "ready", "node": node, "listen": local.to_string() })

@@ -769,12 +769,13 @@ fn the_cluster_api_needs_a_token_and_speaks_https_only() {
     ]);
     let access = common::cluster::Access {
         controller_args,
+        agent_args: vec![vec!["--token-file".into(), control.clone()]],
         cli_env: vec![
             ("RVOL_CLUSTER_TOKEN_FILE".into(), control.clone()),
             ("RVOL_CLUSTER_CA_FILE".into(), ca.clone()),
         ],
         https: true,
-        ..Default::default()
+        etcd_tls: true,
     };
     let c = Cluster::local_with_access(tmp.path(), &[("n1", "za")], access);
     c.ok(&[
@@ -839,6 +840,57 @@ fn the_cluster_api_needs_a_token_and_speaks_https_only() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&health.stdout), "ok");
+    // The agent's API (what the node runs) wants its token too; its
+    // /healthz does not.
+    let agent = c.nodes[0].agent.as_ref().unwrap().ready["listen"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = std::fs::read_to_string(&control).unwrap();
+    let curl = |path: &str, token: Option<&str>| {
+        let mut args = vec![
+            "-s".to_string(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code}".into(),
+        ];
+        if let Some(t) = token {
+            args.extend(["-H".into(), format!("Authorization: Bearer {}", t.trim())]);
+        }
+        args.push(format!("http://{agent}{path}"));
+        let out = std::process::Command::new("curl")
+            .args(&args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(curl("/v1/report", None), "401");
+    assert_eq!(curl("/v1/report", Some("guess")), "401");
+    assert_eq!(curl("/v1/report", Some(&token)), "200");
+    assert_eq!(curl("/healthz", None), "200");
+    // etcd itself (TLS, client certificates): the cluster works through
+    // it, and a client without a certificate of the CA reads nothing.
+    assert!(c.etcd_url.starts_with("https://"), "{}", c.etcd_url);
+    let etcdctl = |args: &[&str]| {
+        std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &c.etcd_url, "--dial-timeout", "2s"])
+            .args(args)
+            .args(["get", "--prefix", "", "--keys-only"])
+            .output()
+            .unwrap()
+    };
+    assert!(!etcdctl(&[]).status.success(), "no CA, no certificate");
+    let no_cert = etcdctl(&["--cacert", &ca]);
+    assert!(!no_cert.status.success(), "no certificate: {no_cert:?}");
+    // The control: with the cluster's client certificate, it reads.
+    let flags = common::tls::issue(&["--controller", "--ip", "127.0.0.1"]);
+    let with_cert = etcdctl(&["--cacert", &ca, "--cert", &flags[1], "--key", &flags[3]]);
+    assert!(
+        String::from_utf8_lossy(&with_cert.stdout).contains("/rvol/"),
+        "{with_cert:?}"
+    );
     // Nothing was created.
     let names: Vec<String> = c
         .json(&["volume", "ls", "--json"])

@@ -634,11 +634,15 @@ async fn admin(
     serde_json::from_slice(&reply.body).map_err(|e| format!("{path}: not JSON: {e}"))
 }
 
-/// The agent's own API: what it runs.
-pub fn router(report: watch::Receiver<Option<Report>>) -> axum::Router {
+/// The agent's own API: what it runs (volumes, replicas, engines and
+/// their errors), for whoever holds `tokens` (anyone, if they are open).
+/// `/healthz` needs none: it says nothing.
+pub fn router(
+    report: watch::Receiver<Option<Report>>,
+    tokens: std::sync::Arc<rvol_access::Tokens>,
+) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
-        .route("/healthz", get(|| async { "ok" }))
         .route(
             "/v1/report",
             get(move || {
@@ -646,4 +650,9 @@ pub fn router(report: watch::Receiver<Option<Report>>) -> axum::Router {
                 async move { axum::Json(r) }
             }),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            tokens,
+            rvol_access::guard,
+        ))
+        .route("/healthz", get(|| async { "ok" }))
 }

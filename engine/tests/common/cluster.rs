@@ -36,6 +36,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub agent_ttl: &'static str,
     pub access: Access,
+    /// How the controllers and agents reach etcd over TLS (none: plain).
+    etcd_args: Vec<String>,
 }
 
 /// How the cluster's API is guarded: flags every controller gets, the
@@ -48,6 +50,48 @@ pub struct Access {
     pub agent_args: Vec<Vec<String>>,
     pub cli_env: Vec<(String, String)>,
     pub https: bool,
+    /// etcd with TLS and client certificates (`--client-cert-auth`).
+    pub etcd_tls: bool,
+}
+
+/// The certificates of a TLS-guarded etcd: its members', and the one the
+/// cluster's processes present to it (each as `--tls-cert X --tls-key Y
+/// --tls-ca Z`, as `tls::issue` gives them).
+struct EtcdCerts {
+    server: Vec<String>,
+    client: Vec<String>,
+}
+
+impl EtcdCerts {
+    fn issue(ip: &str) -> EtcdCerts {
+        EtcdCerts {
+            server: super::tls::issue(&["--node", "etcd", "--ip", ip]),
+            client: super::tls::issue(&["--controller", "--ip", ip]),
+        }
+    }
+
+    /// etcdctl's flags for the client certificate.
+    fn etcdctl(&self) -> Vec<String> {
+        let c = &self.client;
+        ["--cacert", &c[5], "--cert", &c[1], "--key", &c[3]]
+            .map(String::from)
+            .to_vec()
+    }
+
+    /// rvol's flags for the client certificate.
+    fn rvol(&self) -> Vec<String> {
+        let c = &self.client;
+        [
+            "--etcd-ca-file",
+            &c[5],
+            "--etcd-cert-file",
+            &c[1],
+            "--etcd-key-file",
+            &c[3],
+        ]
+        .map(String::from)
+        .to_vec()
+    }
 }
 
 /// `n` consecutive free ports, as FIRST-LAST.
@@ -86,6 +130,9 @@ pub struct EtcdMember {
     client: String,
     peer: String,
     initial: String,
+    /// The member's TLS flags, and etcdctl's.
+    tls: Vec<String>,
+    ctl_tls: Vec<String>,
     pub proc: Option<Proc>,
 }
 
@@ -107,6 +154,7 @@ impl EtcdMember {
                 &self.peer,
             ])
             .args(["--initial-cluster", &self.initial])
+            .args(&self.tls)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -135,6 +183,7 @@ impl EtcdMember {
                 "-w",
                 "json",
             ])
+            .args(&self.ctl_tls)
             .output()
             .expect("etcdctl");
         let status: serde_json::Value =
@@ -152,7 +201,24 @@ fn start_etcd(
     ns: &Option<String>,
     ip: &str,
     members: usize,
+    certs: Option<&EtcdCerts>,
 ) -> (Vec<EtcdMember>, String) {
+    let scheme = if certs.is_some() { "https" } else { "http" };
+    let tls: Vec<String> = certs.map_or(Vec::new(), |c| {
+        let s = &c.server;
+        [
+            "--cert-file",
+            &s[1],
+            "--key-file",
+            &s[3],
+            "--trusted-ca-file",
+            &s[5],
+            "--client-cert-auth",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let ctl_tls = certs.map_or(Vec::new(), EtcdCerts::etcdctl);
     let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
     let initial: Vec<String> = ports
         .iter()
@@ -166,9 +232,11 @@ fn start_etcd(
             name: format!("m{i}"),
             dir: dir.join(format!("m{i}")),
             ns: ns.clone(),
-            client: format!("http://{ip}:{client}"),
+            client: format!("{scheme}://{ip}:{client}"),
             peer: format!("http://{ip}:{peer}"),
             initial: initial.join(","),
+            tls: tls.clone(),
+            ctl_tls: ctl_tls.clone(),
             proc: None,
         })
         .collect();
@@ -182,6 +250,7 @@ fn start_etcd(
         let ok = in_ns(ns, "etcdctl")
             .env("ETCDCTL_API", "3")
             .args(["--endpoints", &url, "endpoint", "health"])
+            .args(&ctl_tls)
             .output()
             .is_ok_and(|o| o.status.success());
         if ok {
@@ -230,7 +299,10 @@ impl Cluster {
     ) -> Cluster {
         let ctl_ns = lab.map(|l| l.host(0).ns.clone());
         let ctl_ip = lab.map_or("127.0.0.1".to_string(), |l| l.host(0).ip.clone());
-        let (etcd, etcd_url) = start_etcd(&dir.join("etcd"), &ctl_ns, &ctl_ip, members);
+        let certs = access.etcd_tls.then(|| EtcdCerts::issue(&ctl_ip));
+        let (etcd, etcd_url) =
+            start_etcd(&dir.join("etcd"), &ctl_ns, &ctl_ip, members, certs.as_ref());
+        let etcd_args = certs.as_ref().map_or(Vec::new(), EtcdCerts::rvol);
         let mut c = Cluster {
             dir: dir.to_path_buf(),
             etcd,
@@ -259,6 +331,7 @@ impl Cluster {
                 .collect(),
             agent_ttl: "3s",
             access,
+            etcd_args,
         };
         c.add_controller();
         for i in 0..c.nodes.len() {
@@ -291,6 +364,7 @@ impl Cluster {
             "0",
         ];
         args.extend(self.access.controller_args.iter().map(String::as_str));
+        args.extend(self.etcd_args.iter().map(String::as_str));
         let p = match &self.ctl_ns {
             Some(ns) => Proc::start_in(ns, &args),
             None => Proc::start(&args),
@@ -335,6 +409,7 @@ impl Cluster {
         if let Some(extra) = self.access.agent_args.get(i) {
             args.extend(extra.iter().map(String::as_str));
         }
+        args.extend(self.etcd_args.iter().map(String::as_str));
         let p = match &n.ns {
             Some(ns) => Proc::start_in(ns, &args),
             None => Proc::start(&args),
