@@ -27,11 +27,33 @@ wait_ready() {
   fail "$1 not ready within 60 s"
 }
 
+# Flags every replica and engine started below gets: set by secure_setup
+# (mutual TLS, and the volume encrypted at rest), empty otherwise.
+replica_flags=()
+engine_flags=()
+
+# secure_setup DIR: a CA, the replicas' and the volume's certificates and
+# the volume's encryption key in DIR (made once, so that they outlast a
+# power cut when DIR does), and the flags that use them.
+secure_setup() {
+  local d=$1
+  if [ ! -f "$d/ca/ca.crt" ]; then
+    mkdir -p "$d"
+    "$rvol" cert ca --dir "$d/ca" >/dev/null
+    "$rvol" cert issue --ca-dir "$d/ca" --out "$d/node" --node guest --ip 127.0.0.1 >/dev/null
+    "$rvol" cert issue --ca-dir "$d/ca" --out "$d/vol" --volume vol >/dev/null
+    head -c 32 /dev/urandom >"$d/volume.secret"
+  fi
+  replica_flags=(--tls-cert "$d/node.crt" --tls-key "$d/node.key" --tls-ca "$d/ca/ca.crt")
+  engine_flags=(--tls-cert "$d/vol.crt" --tls-key "$d/vol.key" --tls-ca "$d/ca/ca.crt"
+    --encryption-key-file "$d/volume.secret")
+}
+
 # start_replica N DIR: replica N, serving DIR on 127.0.0.1:410N; waits for
 # its ready line, so that an engine started next finds it listening.
 start_replica() {
   : >"$work/r$1.ready"
-  "$rvol" replica --dir "$2" --listen "127.0.0.1:410$1" --size "$size" \
+  "$rvol" replica --dir "$2" --listen "127.0.0.1:410$1" --size "$size" "${replica_flags[@]}" \
     >"$work/r$1.ready" 2>>"$work/r$1.log" &
   replica_pid[$1]=$!
   pids+=($!)
@@ -45,7 +67,7 @@ start_engine() {
   shift
   : >"$work/$tag.ready"
   "$rvol" engine --name vol --size "$size" --admin-listen "unix:$work/admin.sock" "$@" \
-    >"$work/$tag.ready" 2>>"$work/$tag.log" &
+    "${engine_flags[@]}" >"$work/$tag.ready" 2>>"$work/$tag.log" &
   engine_pid=$!
   pids+=($!)
   wait_ready "engine $tag" "$work/$tag.ready" $engine_pid

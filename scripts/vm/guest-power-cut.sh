@@ -6,6 +6,10 @@
 #   guest-power-cut.sh verify SCENARIO ROUNDS [SNAPPED REMOVED]
 #                                               # after it, in a fresh guest
 #
+# Every engine and replica runs with mutual TLS (where on TCP) and the
+# volume encrypted at rest (secure_setup, keys and certificates on the
+# disk that outlives the cut).
+#
 # write:  ext4 on /dev/vda holds three replicas: r1 and r2 in replica
 #         processes, r3 in the engine's process (local:). An NBD client
 #         writes, flushes and writes with FUA, printing `acked N` after
@@ -94,6 +98,7 @@ case "${1:-}" in
   write)
     mkfs.ext4 -q -F /dev/vda || fail "mkfs.ext4 /dev/vda"
     mount /dev/vda $data || fail "mount /dev/vda"
+    secure_setup $data/pki
     start_replica 1 $data/r1
     start_replica 2 $data/r2
     rate=()
@@ -138,6 +143,7 @@ case "${1:-}" in
     rounds=$3 snapped=${4:-0} removed=${5:-0}
     [ "$rounds" -ge 1 ] || fail "no round was acknowledged before the cut; the test proves nothing"
     mount /dev/vda $data || fail "mount /dev/vda after the power cut"
+    secure_setup $data/pki
     start_replica 1 $data/r1
     start_replica 2 $data/r2
     for r in 127.0.0.1:4101 127.0.0.1:4102 local:$data/r3; do
@@ -156,7 +162,8 @@ case "${1:-}" in
       rebuilding)
         rc=0
         timeout 60 "$rvol" engine --name vol --size $size --admin-listen "unix:$work/admin.sock" \
-          --replica 127.0.0.1:4104 --nbd-listen 127.0.0.1:10809 >/dev/null 2>"$work/alone.log" || rc=$?
+          --replica 127.0.0.1:4104 --nbd-listen 127.0.0.1:10809 "${engine_flags[@]}" \
+          >/dev/null 2>"$work/alone.log" || rc=$?
         [ $rc != 0 ] && [ $rc != 124 ] && grep -q "interrupted rebuild" "$work/alone.log" ||
           fail "an engine on r4 alone, whose rebuild the cut interrupted, was not refused (exit $rc)"
         log "PASS r4 alone is refused: its rebuild was interrupted"

@@ -159,6 +159,9 @@ if [ "$what" = cluster ]; then
   csi_test
   exit 0
 fi
+# The device tests run with mutual TLS between the engine and its
+# replicas and the volume encrypted at rest (the cluster's run them plain).
+[ "$what" = bench ] || secure_setup "$work/pki"
 for i in 1 2 3; do start_replica $i "$work/r$i"; done
 
 if [ "$what" = bench ]; then
@@ -180,7 +183,7 @@ if [ "$what" = bench ]; then
   exit 0
 fi
 
-log "ublk: ext4 survives an engine stop and start"
+log "ublk: ext4 survives an engine stop and start (mutual TLS to the replicas, encrypted at rest)"
 start_engine u1 "${replicas[@]}" --frontend ublk --ublk-id 0
 grep -q '"device":"/dev/ublkb0"' "$work/u1.ready" || fail "ready line has no device: $(cat "$work/u1.ready")"
 [ -b /dev/ublkb0 ] || fail "/dev/ublkb0 missing"
