@@ -41,7 +41,10 @@ pub fn write(dir: &Path, volume: &VolumeName, secret: &[u8]) -> std::io::Result<
         .open(&tmp)?;
     f.write_all(secret)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, &path)
+    std::fs::rename(&tmp, &path)?;
+    // The rename too: a key lost to a power cut would leave the volume
+    // unreadable until staged again.
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Removes `volume`'s key from the node (nothing if it has none).

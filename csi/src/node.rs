@@ -89,13 +89,18 @@ fn blocking_err(e: String) -> Status {
 }
 
 impl NodeService {
-    async fn condition(&self, id: &str) -> Option<VolumeCondition> {
+    /// The cluster's record of volume `id`.
+    async fn volume(&self, id: &str) -> Result<VolumeView, Status> {
         let v = self
             .client
             .call(Method::GET, &format!("/v1/volumes/{id}"), None)
             .await
-            .ok()?;
-        let v: VolumeView = serde_json::from_value(v).ok()?;
+            .map_err(crate::status::from)?;
+        serde_json::from_value(v).map_err(|e| Status::internal(e.to_string()))
+    }
+
+    async fn condition(&self, id: &str) -> Option<VolumeCondition> {
+        let v = self.volume(id).await.ok()?;
         Some(crate::controller::condition(&v))
     }
 
@@ -106,13 +111,7 @@ impl NodeService {
         id: &str,
         secrets: &std::collections::HashMap<String, String>,
     ) -> Result<(), Status> {
-        let v = self
-            .client
-            .call(Method::GET, &format!("/v1/volumes/{id}"), None)
-            .await
-            .map_err(crate::status::from)?;
-        let v: VolumeView =
-            serde_json::from_value(v).map_err(|e| Status::internal(e.to_string()))?;
+        let v = self.volume(id).await?;
         if !v.spec.encrypted {
             return Ok(());
         }
@@ -144,13 +143,7 @@ impl NodeService {
         }
         let deadline = Instant::now() + KEY_DEVICE_WAIT;
         loop {
-            let v = self
-                .client
-                .call(Method::GET, &format!("/v1/volumes/{id}"), None)
-                .await
-                .map_err(crate::status::from)?;
-            let v: VolumeView =
-                serde_json::from_value(v).map_err(|e| Status::internal(e.to_string()))?;
+            let v = self.volume(id).await?;
             let here = v
                 .attached_node
                 .as_ref()

@@ -43,6 +43,9 @@ secure_setup() {
     "$rvol" cert issue --ca-dir "$d/ca" --out "$d/node" --node guest --ip 127.0.0.1 >/dev/null
     "$rvol" cert issue --ca-dir "$d/ca" --out "$d/vol" --volume vol >/dev/null
     head -c 32 /dev/urandom >"$d/volume.secret"
+    # Durable before anything is written with them: a power cut that
+    # left the key file empty would leave the volume unreadable.
+    sync
   fi
   replica_flags=(--tls-cert "$d/node.crt" --tls-key "$d/node.key" --tls-ca "$d/ca/ca.crt")
   engine_flags=(--tls-cert "$d/vol.crt" --tls-key "$d/vol.key" --tls-ca "$d/ca/ca.crt"
