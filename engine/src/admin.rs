@@ -243,92 +243,13 @@ async fn list_snapshots(State(s): State<Arc<AdminState>>) -> Answer {
 }
 
 /// The status in the Prometheus text format.
-fn metrics_text(st: &VolumeStatus) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let vol = &st.volume;
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{{volume=\"{vol}\"{labels}}} {value}");
-        }
-    };
-    let one = |v: u64| [(String::new(), v)];
-    metric(
-        "rvol_volume_size_bytes",
-        "gauge",
-        "Size of the volume.",
-        &one(st.size),
-    );
-    metric(
-        "rvol_volume_healthy",
-        "gauge",
-        "1 while every replica is RW.",
-        &one(u64::from(st.state == "healthy")),
-    );
-    let replicas: Vec<(String, u64)> = st
-        .replicas
-        .iter()
-        .map(|r| (format!(",replica=\"{}\",mode=\"{}\"", r.address, r.mode), 1))
-        .collect();
-    metric(
-        "rvol_replica_info",
-        "gauge",
-        "Each replica and its mode (RW, WO, ERR).",
-        &replicas,
-    );
-    metric(
-        "rvol_rebuilt_bytes_total",
-        "counter",
-        "Bytes copied by finished rebuilds.",
-        &one(st.rebuilt_bytes),
-    );
-    metric(
-        "rvol_rebuild_in_progress",
-        "gauge",
-        "1 while a rebuild runs.",
-        &one(u64::from(st.rebuild.is_some())),
-    );
-    metric(
-        "rvol_purged_bytes_total",
-        "counter",
-        "Bytes of removed snapshot layers purged.",
-        &one(st.purged_bytes),
-    );
-    metric(
-        "rvol_checksum_errors_total",
-        "counter",
-        "Blocks found not matching their checksums (reads and scrubs).",
-        &one(st.checksum_errors),
-    );
-    metric(
-        "rvol_stored_crc_rereads_total",
-        "counter",
-        "Large reads sent from a replica's files that failed their recorded checksums and were read again verified.",
-        &one(st.stored_crc_rereads),
-    );
-    metric(
-        "rvol_direct_read_bytes_total",
-        "counter",
-        "Bytes read from the files of replica processes on this node instead of through their sockets.",
-        &one(st.direct_read_bytes),
-    );
-    metric(
-        "rvol_reconciled_bytes",
-        "gauge",
-        "Bytes copied at start to reconcile replicas after an unclean stop.",
-        &one(st.reconciled_bytes),
-    );
-    out
-}
-
 async fn metrics(State(s): State<Arc<AdminState>>) -> impl axum::response::IntoResponse {
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics_text(&status(&s)),
+        crate::metrics::encode(&s.volume.io, &status(&s)),
     )
 }
 

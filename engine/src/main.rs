@@ -28,6 +28,7 @@ mod engine;
 mod epoch;
 mod freshness;
 mod in_sync;
+mod metrics;
 mod range_lock;
 mod rebuild;
 mod reconcile;

@@ -64,12 +64,12 @@ use rvol_replica::client::{ClientError, Links, ReplicaClient};
 use rvol_replica::proto::{Sealed, Status, MAX_PAYLOAD};
 use rvol_replica::server::Endpoint;
 use rvol_replica::{Generation, Owner, BLOCK_SIZE};
-
-use crate::crypt::VolumeKey;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::crypt::VolumeKey;
 use crate::epoch::EpochGate;
+use crate::metrics::{IoMetrics, IoOp};
 use crate::range_lock::RangeLocks;
 
 /// What a replica is doing in the set. (The names are the ones operators
@@ -252,6 +252,8 @@ pub struct ReplicatedVolume {
     /// Seals blocks before they leave, opens them when they come back
     /// ([`crate::crypt`]); `None` for a plain volume.
     key: Option<Arc<VolumeKey>>,
+    /// Requests as the frontends ask them ([`crate::metrics`]).
+    pub io: IoMetrics,
 }
 
 /// What reconnecting a replica needs.
@@ -324,6 +326,7 @@ impl ReplicatedVolume {
             departures_flushed: AtomicU64::new(0),
             in_sync_hook,
             key,
+            io: IoMetrics::default(),
         }
     }
 
@@ -1012,12 +1015,10 @@ fn align_up(x: u64) -> u64 {
     x.div_ceil(BLOCK_SIZE) * BLOCK_SIZE
 }
 
-impl BlockVolume for ReplicatedVolume {
-    fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
-    }
-
-    async fn read(&self, offset: u64, len: u32) -> OpResult<Bytes> {
+/// The requests of [`BlockVolume`], uncounted ([`crate::metrics`] counts
+/// them in the trait's methods below; these call one another freely).
+impl ReplicatedVolume {
+    async fn serve_read(&self, offset: u64, len: u32) -> OpResult<Bytes> {
         let len = len as u64;
         self.check_range(offset, len)?;
         let (start, end) = (align_down(offset), align_up(offset + len));
@@ -1026,7 +1027,7 @@ impl BlockVolume for ReplicatedVolume {
         Ok(data.slice(from..from + len as usize))
     }
 
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> OpResult<()> {
+    async fn serve_write(&self, offset: u64, data: Bytes, fua: bool) -> OpResult<()> {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
         if len == 0 {
@@ -1053,7 +1054,7 @@ impl BlockVolume for ReplicatedVolume {
         self.write_aligned(start, buf.freeze(), fua).await
     }
 
-    async fn flush(&self) -> OpResult<()> {
+    async fn serve_flush(&self) -> OpResult<()> {
         let epoch = self.epochs.barrier().await;
         let departures = self.departures.load(Ordering::Acquire);
         // Every replica in the set now holds every write tagged <= epoch;
@@ -1083,7 +1084,7 @@ impl BlockVolume for ReplicatedVolume {
         Ok(())
     }
 
-    async fn trim(&self, offset: u64, len: u64, fua: bool) -> OpResult<()> {
+    async fn serve_trim(&self, offset: u64, len: u64, fua: bool) -> OpResult<()> {
         self.check_range(offset, len)?;
         // Trim is a hint: partial blocks at the edges are left alone.
         let (start, end) = (align_up(offset), align_down(offset + len));
@@ -1099,12 +1100,12 @@ impl BlockVolume for ReplicatedVolume {
             self.chain.trimmed();
         }
         if fua {
-            self.flush().await?;
+            self.serve_flush().await?;
         }
         Ok(())
     }
 
-    async fn write_zeroes(
+    async fn serve_write_zeroes(
         &self,
         offset: u64,
         len: u64,
@@ -1121,14 +1122,14 @@ impl BlockVolume for ReplicatedVolume {
             let mut at = offset;
             while at < offset + len {
                 let n = (offset + len - at).min(MAX_PAYLOAD as u64);
-                self.write(at, Bytes::from(vec![0u8; n as usize]), fua)
+                self.serve_write(at, Bytes::from(vec![0u8; n as usize]), fua)
                     .await?;
                 at += n;
             }
             return Ok(());
         }
         if inner_start > offset {
-            self.write(
+            self.serve_write(
                 offset,
                 Bytes::from(vec![0u8; (inner_start - offset) as usize]),
                 false,
@@ -1136,7 +1137,7 @@ impl BlockVolume for ReplicatedVolume {
             .await?;
         }
         if offset + len > inner_end {
-            self.write(
+            self.serve_write(
                 inner_end,
                 Bytes::from(vec![0u8; (offset + len - inner_end) as usize]),
                 false,
@@ -1158,9 +1159,56 @@ impl BlockVolume for ReplicatedVolume {
             self.count_modification();
         }
         if fua {
-            self.flush().await?;
+            self.serve_flush().await?;
         }
         Ok(())
+    }
+}
+
+impl BlockVolume for ReplicatedVolume {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> OpResult<Bytes> {
+        let req = self.io.begin(IoOp::Read);
+        let r = self.serve_read(offset, len).await;
+        req.done(len as u64, r.is_ok());
+        r
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> OpResult<()> {
+        let (req, len) = (self.io.begin(IoOp::Write), data.len() as u64);
+        let r = self.serve_write(offset, data, fua).await;
+        req.done(len, r.is_ok());
+        r
+    }
+
+    async fn flush(&self) -> OpResult<()> {
+        let req = self.io.begin(IoOp::Flush);
+        let r = self.serve_flush().await;
+        req.done(0, r.is_ok());
+        r
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> OpResult<()> {
+        let req = self.io.begin(IoOp::Trim);
+        let r = self.serve_trim(offset, len, fua).await;
+        req.done(len, r.is_ok());
+        r
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fua: bool,
+    ) -> OpResult<()> {
+        let req = self.io.begin(IoOp::WriteZeroes);
+        let r = self.serve_write_zeroes(offset, len, may_punch, fua).await;
+        req.done(len, r.is_ok());
+        r
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> OpResult<Vec<Extent>> {

@@ -329,10 +329,23 @@ fn bit_rot_in_one_replica_is_read_around_reported_and_repaired() {
     }
     // Reported where monitoring scrapes.
     let metrics = http_get(&admin, "/metrics");
+    let sample = |series: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{series} in:\n{metrics}"))
+    };
+    assert!(metrics.contains("# TYPE rvol_checksum_errors counter"));
+    assert!(sample("rvol_checksum_errors_total{volume=\"rot\"}") >= 1.0);
+    // The six 8 MiB reads above, each one request of the NBD client's.
+    assert!(sample("rvol_volume_requests_total{volume=\"rot\",op=\"read\"}") >= 6.0);
     assert!(
-        metrics.contains("# TYPE rvol_checksum_errors_total counter")
-            && !metrics.contains("rvol_checksum_errors_total{volume=\"rot\"} 0"),
-        "{metrics}"
+        sample("rvol_volume_request_bytes_total{volume=\"rot\",op=\"read\"}")
+            >= 6.0 * 8.0 * 1048576.0
+    );
+    assert!(
+        sample("rvol_volume_request_duration_seconds_count{volume=\"rot\",op=\"write\"}") >= 1.0
     );
     wait_until("r0 to be repaired", Duration::from_secs(60), || {
         let s = status(&admin);
