@@ -377,9 +377,11 @@ impl Cluster {
         self.controllers.push(p);
     }
 
-    /// Where node `i`'s agent finds encrypted volumes' keys.
+    /// Where node `i`'s agent finds encrypted volumes' keys: beside its
+    /// disk, not in it (tests find a node's processes by the disk's path).
     pub fn keys_dir(&self, i: usize) -> PathBuf {
-        self.nodes[i].disk.join("keys")
+        let disk = &self.nodes[i].disk;
+        disk.parent().unwrap_or(disk).join("keys")
     }
 
     pub fn start_agent(&mut self, i: usize) {
