@@ -312,18 +312,22 @@ def main():
                 if r["io_errors"]:
                     bad.append(f"{t} {job}: I/O errors")
                 # A TLS or encrypted target against the same target without:
-                # gross breakage is losing half; every other rvol target
-                # against nbdkit: gross breakage is 1/10 of it.
-                plain = next((t[:-len(s)] for s in ("-tls", "-enc") if t.endswith(s)), None)
-                base, share = (plain, 2) if plain in results else ("nbdkit", 10)
+                # gross breakage is losing half (a quarter for encryption,
+                # whose reads on the replicas' node are 0.42x by design:
+                # no direct reads, see docs/benchmarks.md); every other
+                # rvol target against nbdkit: gross breakage is 1/10 of it.
+                twins = {"-tls": 2, "-enc": 4}
+                plain, share = next(((t[:-len(s)], n) for s, n in twins.items() if t.endswith(s)),
+                                    (None, 10))
+                base, share = (plain, share) if plain in results else ("nbdkit", 10)
                 b = results.get(base, {}).get(job)
                 if t.startswith("rvol") and b and r["iops"] < b["iops"] / share:
                     bad.append(f"{t} {job}: {r['iops']:.0f} IOPS < 1/{share} of {base}'s {b['iops']:.0f}")
         if bad:
             print("bench check FAILED:\n  " + "\n  ".join(bad), file=sys.stderr)
             sys.exit(1)
-        print("bench check: ok (no target below 1/10 of nbdkit, no TLS or encrypted target "
-              "below 1/2 of its plain twin, no I/O errors)")
+        print("bench check: ok (no target below 1/10 of nbdkit, no TLS target below 1/2 and no "
+              "encrypted one below 1/4 of its plain twin, no I/O errors)")
 
 
 if __name__ == "__main__":
