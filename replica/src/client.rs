@@ -565,6 +565,44 @@ impl ReplicaClient {
         Ok(r.payload)
     }
 
+    /// Reads a range of the view of snapshot layer `layer` (blocks, then
+    /// nonces and tags in an encrypted volume); see
+    /// [`crate::snapshot_view`].
+    pub async fn read_snapshot(&self, layer: &str, offset: u64, length: u64) -> Result<Bytes> {
+        let payload = Bytes::copy_from_slice(layer.as_bytes());
+        let r = self
+            .call(Op::ReadSnapshot, 0, offset, length, 0, payload)
+            .await?;
+        self.check_data_len(length, &r.payload)?;
+        Ok(r.payload)
+    }
+
+    /// Runs `(bytes, data)` over a range: where the view of snapshot layer
+    /// `layer` holds data, or (with `base`) may differ from the view of
+    /// the older layer `base`.
+    pub async fn snapshot_extents(
+        &self,
+        layer: &str,
+        base: Option<&str>,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<(u64, bool)>> {
+        let payload = crate::proto::layer_payload(layer, base.unwrap_or("").as_bytes());
+        let r = self
+            .call(
+                Op::SnapshotExtents,
+                0,
+                offset,
+                length,
+                0,
+                Bytes::from(payload),
+            )
+            .await?;
+        decode_extents(&r.payload)
+            .filter(|runs| runs.iter().map(|r| r.0).sum::<u64>() == length)
+            .ok_or_else(|| ClientError::Lost("bad SNAPSHOT_EXTENTS reply".into()))
+    }
+
     /// Writes into a layer below the head, zero blocks as data.
     pub async fn write_layer(&self, layer: &str, offset: u64, data: &[u8]) -> Result<()> {
         let payload = crate::proto::layer_payload(layer, data);

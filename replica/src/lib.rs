@@ -31,6 +31,7 @@ pub mod meta;
 pub mod proto;
 pub mod server;
 mod session;
+pub mod snapshot_view;
 pub mod state;
 pub mod store;
 

@@ -140,6 +140,14 @@ pub enum Op {
     /// The chain's files; reply payload: JSON
     /// [`crate::direct::LayerFiles`].
     Layers = 25,
+    /// Where the view of snapshot layer `[name]` holds data over
+    /// offset/length, or with payload `[name_len u16][name][base]` where
+    /// it may differ from that of the older layer `base`; reply payload:
+    /// [`encode_extents`] runs ([`crate::snapshot_view`]).
+    SnapshotExtents = 26,
+    /// Read offset/length of the view of snapshot layer `payload`, as
+    /// READ_LAYER replies.
+    ReadSnapshot = 27,
 }
 
 impl Op {
@@ -187,6 +195,8 @@ impl Op {
             23 => Op::PunchLayer,
             24 => Op::Locate,
             25 => Op::Layers,
+            26 => Op::SnapshotExtents,
+            27 => Op::ReadSnapshot,
             _ => return None,
         })
     }

@@ -180,7 +180,14 @@ impl Session {
             }
             Some(op)
                 if op.changes_chain()
-                    || matches!(op, Op::LayerChecksums | Op::ReadLayer | Op::Scrub) =>
+                    || matches!(
+                        op,
+                        Op::LayerChecksums
+                            | Op::ReadLayer
+                            | Op::Scrub
+                            | Op::SnapshotExtents
+                            | Op::ReadSnapshot
+                    ) =>
             {
                 let h = *h;
                 return self
@@ -358,6 +365,24 @@ fn run_layer_op(
                 r.read_layer(layer_name(payload)?, h.offset, h.length)?
                     .into(),
             ))
+        }
+        Op::ReadSnapshot => {
+            check_read_len(r, h.length)?;
+            Ok((
+                0,
+                r.read_snapshot(layer_name(payload)?, h.offset, h.length)?
+                    .into(),
+            ))
+        }
+        Op::SnapshotExtents => {
+            let (name, base) = crate::proto::split_layer_payload(payload)
+                .ok_or_else(|| Error::Invalid("malformed SNAPSHOT_EXTENTS payload".into()))?;
+            let base = match base {
+                [] => None,
+                b => Some(layer_name(b)?),
+            };
+            let runs = r.snapshot_extents(name, base, h.offset, h.length)?;
+            Ok((0, encode_extents(&runs).into()))
         }
         Op::WriteLayer => {
             let (name, data) = crate::proto::split_layer_payload(payload)

@@ -1825,7 +1825,7 @@ pub(crate) fn read_appending(
 
 /// Checks blocks just read from `layer` at byte `at` against its checksums;
 /// `auths` gets their nonces and tags ([`checksum::verify`]).
-fn check_blocks(
+pub(crate) fn check_blocks(
     layer: &Layer,
     at: u64,
     data: &[u8],
