@@ -33,7 +33,7 @@ python3 scripts/check_deploy.py --rvol target/debug/rvol
 echo "== the replica-path tests again, every replica and engine behind mutual TLS, every volume encrypted"
 RVOL_TEST_TLS=1 RVOL_TEST_ENCRYPTION=1 cargo test -p rvol-engine --test rebuild --test snapshots \
   --test replica_loss --test engine_crash --test partition --test seed_drill --test chain_crash \
-  --test encryption 2>&1 | tee -a target/test.log
+  --test encryption --test backup 2>&1 | tee -a target/test.log
 echo "== guest tests: ublk and kernel NBD in a QEMU guest (skipped, saying so, where it cannot boot)"
 if [ "${RVOL_VM_TESTS:-1}" = 1 ]; then
   scripts/vm-test.sh

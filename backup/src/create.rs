@@ -10,9 +10,10 @@
 //!    base, where it holds data. Only chunks touching those extents are
 //!    read, hashed, and uploaded if the target does not have them (known
 //!    from the base's manifest, this backup, or the journal of an attempt
-//!    that died). A first backup (no base) asks the store about each chunk
-//!    before uploading it, so a clone's first backup uploads nothing its
-//!    origin's backups hold; a later one never asks.
+//!    that died). A first backup (no base) and a retry ask the store
+//!    about each chunk they do not know before uploading it, so a clone's
+//!    first backup uploads nothing its origin's backups hold; a later
+//!    backup never asks.
 //! 4. Write the manifest, create-only. Until then nothing lists or
 //!    restores the backup; chunks already uploaded stay for a retry.
 
@@ -29,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::format::{encode_chunk, BackupStats, ChunkId, Manifest, BLOCK_SIZE, FORMAT};
-use crate::lease::{self, backup_lease, Lease, RENEW_EVERY, SWEEP_LEASE};
+use crate::lease::{self, backup_lease, renew_every, Lease, SWEEP_LEASE};
 use crate::target::{PutRefused, Target};
 
 /// What a backup reads: one snapshot of a volume.
@@ -142,7 +143,7 @@ pub async fn create<S: Source>(
         }
         // The journal of an attempt that died: no sweep ran since (a sweep
         // deletes expired leases first), so its chunks are still there.
-        let journal: Vec<ChunkId> = interrupted.map(|r| r.uploaded).unwrap_or_default();
+        let journal = interrupted.map(|r| r.uploaded);
         run(target, source, req, progress, &lease, journal).await
     }
     .await;
@@ -173,7 +174,7 @@ async fn run<S: Source>(
     req: &BackupRequest,
     progress: &Progress,
     lease: &Lease,
-    journal: Vec<ChunkId>,
+    journal: Option<Vec<ChunkId>>,
 ) -> anyhow::Result<Manifest> {
     let started = Instant::now();
     let requests_before = target.requests();
@@ -203,7 +204,13 @@ async fn run<S: Source>(
         }
     }
     let mut entries: BTreeMap<u64, ChunkId> = BTreeMap::new();
-    let mut known: HashSet<ChunkId> = journal.into_iter().collect();
+    // Asking the store about a chunk before sending it pays on a first
+    // backup (another volume may hold the same bytes: a clone, a restored
+    // copy) and on a retry (what the dead attempt sent after its last
+    // journal entry); a later backup knows from its base, and never asks.
+    let ask_store = base.is_none() || journal.is_some();
+    let journal = journal.unwrap_or_default();
+    let mut known: HashSet<ChunkId> = journal.iter().copied().collect();
     if let Some(b) = &base {
         // The base's last chunk is shorter if the volume grew since.
         if b.size < vol.size && b.size % chunk != 0 {
@@ -217,7 +224,6 @@ async fn run<S: Source>(
         }
     }
     let unchanged = entries.len() as u64;
-    let first = base.is_none();
     progress.to_read.store(
         changed
             .iter()
@@ -236,7 +242,8 @@ async fn run<S: Source>(
     );
 
     let known = Mutex::new(known);
-    let uploaded = Mutex::new(Vec::new());
+    // The journal carries over, so a chain of dead attempts keeps it all.
+    let uploaded = Mutex::new(journal);
     let pace = Pacer::new(req.rate_mib);
     let stats = Mutex::new(BackupStats::default());
     let chunks = futures::stream::iter(changed.iter().copied())
@@ -265,10 +272,8 @@ async fn run<S: Source>(
                 let Some((id, content)) = hashed else {
                     return Ok((i, None));
                 };
-                // A first backup asks about each chunk before sending it
-                // (another volume may hold the same bytes: a clone, a
-                // restored copy); later ones know from their base.
-                let fresh = lock(known).insert(id) && !(first && target.exists(&id.key()).await?);
+                let fresh =
+                    lock(known).insert(id) && !(ask_store && target.exists(&id.key()).await?);
                 {
                     let mut s = lock(stats);
                     s.chunks_read += 1;
@@ -296,7 +301,7 @@ async fn run<S: Source>(
         .try_collect::<Vec<(u64, Option<ChunkId>)>>();
     let renew = async {
         loop {
-            tokio::time::sleep(RENEW_EVERY).await;
+            tokio::time::sleep(renew_every()).await;
             let journal = lock(&uploaded).clone();
             if let Err(e) = lease.renew(journal).await {
                 return e;

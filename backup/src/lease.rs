@@ -1,7 +1,7 @@
 //! Leases: who works on a target now.
 //!
 //! A lease is an object under `leases/`, created with a create-only put
-//! and renewed every [`RENEW_EVERY`] with a put conditional on the version
+//! and renewed six times per ttl ([`lease_ttl`]) with a put conditional on the version
 //! last written (S3's If-Match; a directory overwrites after a read). A
 //! lease not renewed for its `ttl` has expired and may be taken over.
 //!
@@ -29,10 +29,22 @@ use uuid::Uuid;
 use crate::format::ChunkId;
 use crate::target::{PutRefused, Target, Version};
 
-/// A lease not renewed for this long has expired.
-pub const LEASE_TTL: Duration = Duration::from_secs(60);
-/// How often a holder renews.
-pub const RENEW_EVERY: Duration = Duration::from_secs(10);
+/// A lease not renewed for this long has expired: 60 s, or
+/// `RVOL_BACKUP_LEASE_SECS` (tests shorten it; a retry after a crash waits
+/// this long).
+pub fn lease_ttl() -> Duration {
+    let secs = std::env::var("RVOL_BACKUP_LEASE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&s: &u64| s >= 3)
+        .unwrap_or(60);
+    Duration::from_secs(secs)
+}
+
+/// How often a holder renews: six times per ttl.
+pub fn renew_every() -> Duration {
+    lease_ttl() / 6
+}
 
 pub const SWEEP_LEASE: &str = "leases/sweep.json";
 
@@ -88,7 +100,7 @@ impl Lease {
             what: what.to_string(),
             started: now(),
             renewed: now(),
-            ttl: LEASE_TTL.as_secs(),
+            ttl: lease_ttl().as_secs(),
             uploaded: Vec::new(),
         };
         let body = Bytes::from(serde_json::to_vec(&record)?);
@@ -136,7 +148,7 @@ impl Lease {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .elapsed();
-        if since >= LEASE_TTL - RENEW_EVERY {
+        if since >= lease_ttl() - renew_every() {
             bail!(
                 "lost the lease {} on {}: not renewed for {since:?}",
                 self.key,

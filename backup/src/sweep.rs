@@ -21,7 +21,7 @@ use anyhow::bail;
 use serde::{Deserialize, Serialize};
 
 use crate::format::ChunkId;
-use crate::lease::{self, Lease, RENEW_EVERY, SWEEP_LEASE};
+use crate::lease::{self, renew_every, Lease, SWEEP_LEASE};
 use crate::target::Target;
 
 /// Deletes backup `name`'s manifest.
@@ -87,7 +87,7 @@ async fn run(target: &Target, grace: Duration, lease: &Lease) -> anyhow::Result<
             report.kept_young += 1;
             continue;
         }
-        if renewed.elapsed() > RENEW_EVERY {
+        if renewed.elapsed() > renew_every() {
             lease.renew(Vec::new()).await?;
             renewed = Instant::now();
         }

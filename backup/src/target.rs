@@ -87,7 +87,22 @@ impl Target {
                 {
                     b = b.with_allow_http(true);
                 }
-                let s3 = b.build().with_context(|| format!("target {url}"))?;
+                // Retries ride out a server restart, but a target that is
+                // gone fails a backup in half a minute, not object_store's
+                // default three.
+                let retry = object_store::RetryConfig {
+                    max_retries: 10,
+                    retry_timeout: std::time::Duration::from_secs(30),
+                    backoff: object_store::BackoffConfig {
+                        init_backoff: std::time::Duration::from_millis(250),
+                        max_backoff: std::time::Duration::from_secs(8),
+                        base: 2.0,
+                    },
+                };
+                let s3 = b
+                    .with_retry(retry)
+                    .build()
+                    .with_context(|| format!("target {url}"))?;
                 (Arc::new(s3), prefix, true)
             }
             "file" => {
@@ -148,10 +163,14 @@ impl Target {
         let text = e.to_string();
         let hint = if text.contains("NoSuchBucket") {
             "the bucket does not exist"
-        } else if text.contains("403")
-            || text.contains("AccessDenied")
-            || text.contains("InvalidAccessKeyId")
-            || text.contains("SignatureDoesNotMatch")
+        } else if [
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "403 Forbidden",
+        ]
+        .iter()
+        .any(|k| text.contains(k))
         {
             "access denied: check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
         } else {

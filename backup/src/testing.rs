@@ -20,11 +20,23 @@ pub struct Weed {
     pub endpoint: String,
 }
 
+/// A port for the server, from below the kernel's ephemeral range (and
+/// below the ports the engine's tests use): a port from that range could
+/// be taken by an outgoing connection while the server is down and kept
+/// from it when it restarts.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 10_000;
+    const SPAN: u16 = 10_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = FIRST + start.wrapping_add(n) % SPAN;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl Weed {
@@ -78,6 +90,8 @@ impl Weed {
                 "-webdav=false",
                 "-s3.port.iceberg=0",
                 "-s3.port.lance=0",
+                // As AWS does: a bucket is made, never conjured by a put.
+                "-s3.autoCreateBucket=false",
             ])
             .arg(format!("-s3.config={}", config.display()))
             .arg(format!("-bucket={BUCKET}"))

@@ -10,6 +10,9 @@
 //!   one (purged in the background); `POST /v1/snapshots/NAME/revert`.
 //! - `POST /v1/volume/expand` with `{"size": BYTES}`.
 //! - `POST /v1/verify`: scrub every replica (see [`crate::scrub`]).
+//! - `POST /v1/backups` with [`crate::backup::BackupStart`]: back a
+//!   snapshot up in the background (202); `GET /v1/backups`: its progress
+//!   and outcome (also in the volume's status).
 //! - `GET /metrics`: the status as Prometheus text, for scraping.
 //!
 //! Errors: 400/409 with `{"error": ...}`; 401 without a valid token and
@@ -76,6 +79,9 @@ pub struct VolumeStatus {
     /// of through their sockets.
     #[serde(default)]
     pub direct_read_bytes: u64,
+    /// The backup running, or the last one since the engine started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<crate::backup::BackupStatus>,
     /// The cipher the volume is encrypted with, if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<String>,
@@ -149,6 +155,7 @@ pub fn status(s: &AdminState) -> VolumeStatus {
             .purged_total
             .load(std::sync::atomic::Ordering::Relaxed),
         encryption: v.encryption().map(|e| e.cipher.clone()),
+        backup: v.backups.status(),
     }
 }
 
@@ -270,6 +277,25 @@ pub struct ExpandRequest {
     pub size: u64,
 }
 
+async fn start_backup(
+    State(s): State<Arc<AdminState>>,
+    Json(r): Json<crate::backup::BackupStart>,
+) -> Answer {
+    match s.volume.start_backup(r).await {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "backup": s.volume.backups.status() })),
+        ),
+        Err(e) => answer(Err(e)),
+    }
+}
+
+async fn backup_status(
+    State(s): State<Arc<AdminState>>,
+) -> Json<Option<crate::backup::BackupStatus>> {
+    Json(s.volume.backups.status())
+}
+
 async fn expand(State(s): State<Arc<AdminState>>, Json(r): Json<ExpandRequest>) -> Answer {
     answer(s.volume.expand(r.size).await)
 }
@@ -291,6 +317,7 @@ pub fn router(state: Arc<AdminState>, tokens: Arc<Tokens>) -> Router {
         .route("/v1/snapshots/{name}/revert", post_route(revert_snapshot))
         .route("/v1/volume/expand", post_route(expand))
         .route("/v1/verify", post_route(verify))
+        .route("/v1/backups", get_route(backup_status).post(start_backup))
         .route("/metrics", get_route(metrics))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(tokens, access::guard))

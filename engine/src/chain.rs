@@ -113,6 +113,11 @@ impl ReplicatedVolume {
         let file = snapshot_file(name);
         let layers = self.layers().await?;
         let below_head = &layers[..layers.len().saturating_sub(1)];
+        if self.backups.pinned().as_deref() == Some(name) {
+            return Err(format!(
+                "a backup of snapshot {name} is running; remove it when the backup has finished"
+            ));
+        }
         match below_head.iter().find(|l| l.name == file) {
             None => return Err(format!("no snapshot {name}")),
             Some(l) if l.removed => return Err(format!("snapshot {name} is already removed")),
@@ -149,6 +154,11 @@ impl ReplicatedVolume {
         loop {
             if self.is_fenced() {
                 return;
+            }
+            // A backup reads a snapshot's view, which a purge step may
+            // change (see `crate::backup`); it asks for a purge when done.
+            if self.backups.pinned().is_some() {
+                break;
             }
             let mut worked = false;
             {
@@ -210,6 +220,11 @@ impl ReplicatedVolume {
             );
         }
         rvol_replica::store::check_snapshot_name(name).map_err(|e| e.to_string())?;
+        if let Some(s) = self.backups.pinned() {
+            return Err(format!(
+                "a backup of snapshot {s} is running; revert when it has finished"
+            ));
+        }
         let _no_rebuild = self.rebuilds.chain_steady("revert").await?;
         let file = snapshot_file(name);
         let layers = self.layers().await?;

@@ -18,6 +18,8 @@
 //! 3 (engine) fenced by a newer engine.
 
 mod admin;
+mod backup;
+mod backup_cli;
 mod cert;
 mod chain;
 mod cluster_cli;
@@ -189,6 +191,12 @@ enum Command {
     Snapshot {
         #[command(subcommand)]
         command: SnapshotCommand,
+    },
+    /// Back snapshots up to S3 or a directory; list, restore, verify,
+    /// remove backups.
+    Backup {
+        #[command(subcommand)]
+        command: backup_cli::BackupCommand,
     },
     /// Inspect a running volume.
     Volume {
@@ -551,6 +559,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Volume { command } => volume_command(command).await,
+        Command::Backup { command } => backup_cli::run(command).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Controller(args) => cluster_cli::controller(args).await,
         Command::Agent(args) => cluster_cli::agent(args).await,
@@ -828,6 +837,18 @@ fn print_status(s: &admin::VolumeStatus) {
         println!(
             "purging removed snapshots: {:?} {} ({} B in {} steps so far)",
             p.action, p.layer, p.bytes, p.steps
+        );
+    }
+    if let Some(b) = &s.backup {
+        let p = &b.progress;
+        let outcome = match (&b.name, &b.error) {
+            (Some(name), _) => format!(": {name}"),
+            (_, Some(e)) => format!(": {e}"),
+            _ => String::new(),
+        };
+        println!(
+            "backup of snapshot {} to {}: {:?}, {} of {} B read, {} chunks ({} B) uploaded, {:.1} MiB/s{outcome}",
+            b.snapshot, b.target, b.state, p.read, p.to_read, p.chunks_uploaded, p.bytes_uploaded, p.mib_per_s
         );
     }
     print_replicas(s);

