@@ -29,7 +29,9 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::format::{encode_chunk, BackupStats, ChunkId, Manifest, BLOCK_SIZE, FORMAT};
+use crate::format::{
+    encode_chunk, BackupStats, ChunkId, Manifest, BLOCK_SIZE, DEFAULT_CHUNK_SIZE, FORMAT,
+};
 use crate::lease::{self, backup_lease, renew_every, Lease, SWEEP_LEASE};
 use crate::target::{PutRefused, Target};
 
@@ -62,7 +64,9 @@ pub struct VolumeInfo {
 pub struct BackupRequest {
     pub volume: VolumeInfo,
     pub snapshot: String,
-    pub chunk_size: u64,
+    /// `None`: the chunk size of the volume's newest backup in the target
+    /// (so that it is incremental), [`DEFAULT_CHUNK_SIZE`] for a first.
+    pub chunk_size: Option<u64>,
     /// Chunks read and uploaded at once.
     pub parallel: usize,
     /// Read rate limit in MiB/s (0: none).
@@ -156,11 +160,11 @@ pub async fn create<S: Source>(
 }
 
 fn check_request(req: &BackupRequest) -> anyhow::Result<()> {
-    if req.chunk_size == 0 || req.chunk_size % BLOCK_SIZE != 0 || req.chunk_size > 64 << 20 {
-        bail!(
-            "chunk size {} must be a multiple of {BLOCK_SIZE} bytes, at most 64 MiB",
-            req.chunk_size
-        );
+    if let Some(c) = req
+        .chunk_size
+        .filter(|&c| c == 0 || c % BLOCK_SIZE != 0 || c > 64 << 20)
+    {
+        bail!("chunk size {c} must be a multiple of {BLOCK_SIZE} bytes, at most 64 MiB");
     }
     if crate::format::manifest_key(&format!("{}.x", req.volume.name)).is_none() {
         bail!("volume name {:?} cannot name a backup", req.volume.name);
@@ -184,14 +188,17 @@ async fn run<S: Source>(
         bail!("volume {} has no snapshot {}", vol.name, req.snapshot);
     }
     let (manifests, _) = target.manifests(Some(&vol.name)).await?;
+    let chunk = req
+        .chunk_size
+        .or(manifests.last().map(|m| m.chunk_size))
+        .unwrap_or(DEFAULT_CHUNK_SIZE);
     let base = manifests.into_iter().rev().find(|m| {
         m.volume_uuid == vol.uuid
-            && m.chunk_size == req.chunk_size
+            && m.chunk_size == chunk
             && m.auth_bytes == vol.auth_bytes
             && m.size <= vol.size
             && snapshots.contains(&m.snapshot)
     });
-    let chunk = req.chunk_size;
     let count = vol.size.div_ceil(chunk);
     let mut changed = BTreeSet::new();
     if base.as_ref().is_none_or(|b| b.snapshot != req.snapshot) {

@@ -190,7 +190,6 @@ impl Target {
                     e_tag: r.meta.e_tag.clone(),
                     version: r.meta.version.clone(),
                 });
-                self.count();
                 let bytes = r.bytes().await.map_err(|e| self.explain(e))?;
                 Ok(Some((bytes, version)))
             }

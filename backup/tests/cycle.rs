@@ -74,7 +74,7 @@ fn request(name: &str, snapshot: &str) -> BackupRequest {
     BackupRequest {
         volume: volume(name),
         snapshot: snapshot.into(),
-        chunk_size: CHUNK,
+        chunk_size: Some(CHUNK),
         parallel: 4,
         rate_mib: 0.0,
     }

@@ -277,7 +277,7 @@ impl ReplicatedVolume {
                 encryption: self.encryption().and_then(|e| serde_json::to_value(e).ok()),
             },
             snapshot: req.snapshot,
-            chunk_size: req.chunk_size.unwrap_or(rvol_backup::DEFAULT_CHUNK_SIZE),
+            chunk_size: req.chunk_size,
             parallel: req.parallel.unwrap_or(4),
             rate_mib: req.rate_mib.unwrap_or(0.0),
         };

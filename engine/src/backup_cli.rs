@@ -41,8 +41,9 @@ pub enum BackupCommand {
         /// Chunks read and uploaded at once.
         #[arg(long, default_value_t = 4)]
         parallel: usize,
-        /// Chunk size of a volume's first backup to this target (later
-        /// ones keep the base's); default 4M.
+        /// Chunk size (default: that of the volume's newest backup in the
+        /// target, 2M for a first; a backup is incremental only against
+        /// one of the same chunk size).
         #[arg(long, value_parser = crate::parse_size)]
         chunk_size: Option<u64>,
         #[arg(long)]

@@ -261,6 +261,39 @@ pub fn encode(io: &IoMetrics, st: &VolumeStatus) -> String {
         "Bytes read from the files of replica processes on this node instead of through their sockets",
         st.direct_read_bytes,
     );
+    if let Some(b) = &st.backup {
+        let p = &b.progress;
+        gauge(
+            &mut r,
+            "rvol_backup_in_progress",
+            "1 while a backup runs",
+            u64::from(b.state == crate::backup::BackupState::Running),
+        );
+        gauge(
+            &mut r,
+            "rvol_backup_read_bytes",
+            "Bytes the running (or last) backup read from the replicas",
+            p.read,
+        );
+        gauge(
+            &mut r,
+            "rvol_backup_to_read_bytes",
+            "Bytes the running (or last) backup has to read",
+            p.to_read,
+        );
+        gauge(
+            &mut r,
+            "rvol_backup_uploaded_bytes",
+            "Compressed bytes the running (or last) backup uploaded",
+            p.bytes_uploaded,
+        );
+        gauge(
+            &mut r,
+            "rvol_backup_failed",
+            "1 if the last backup failed",
+            u64::from(b.state == crate::backup::BackupState::Failed),
+        );
+    }
     gauge(
         &mut r,
         "rvol_reconciled_bytes",

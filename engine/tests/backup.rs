@@ -101,19 +101,27 @@ fn listed(weed: &Weed, target: &str) -> Vec<serde_json::Value> {
         .clone()
 }
 
-/// Restores `backup` onto three new replicas under `base` as `volume`;
-/// serves it and returns the sha256 of its contents.
-fn restore_and_hash(weed: &Weed, target: &str, backup: &str, volume: &str, base: &Path) -> String {
-    std::fs::create_dir_all(base).unwrap();
-    let rs = three_replicas(base, SIZE);
+/// Restores `backup` onto `replicas` as `volume` (a standby holding
+/// backup `from`, with it); returns what the CLI said.
+fn restore(
+    weed: &Weed,
+    target: &str,
+    backup: &str,
+    volume: &str,
+    replicas: &[String],
+    from: Option<&str>,
+) -> String {
     let mut args: Vec<String> = [
         "backup", "restore", backup, "--target", target, "--volume", volume,
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    for a in addrs(&rs) {
-        args.extend(["--replica".into(), a]);
+    for a in replicas {
+        args.extend(["--replica".into(), a.clone()]);
+    }
+    if let Some(f) = from {
+        args.extend(["--from".into(), f.into()]);
     }
     if tls::enabled() {
         args.extend(tls::engine(volume));
@@ -121,10 +129,24 @@ fn restore_and_hash(weed: &Weed, target: &str, backup: &str, volume: &str, base:
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = rvol_ok(weed, &args);
     assert!(out.contains("restored"), "{out}");
-    let (mut engine, uri, _) = start_engine(volume, SIZE, &addrs(&rs), &[]);
-    let sha = export_sha(&uri, base);
+    out
+}
+
+/// Serves `volume` on `replicas` and returns the sha256 of its contents.
+fn serve_and_hash(volume: &str, replicas: &[String], scratch: &Path) -> String {
+    let (mut engine, uri, _) = start_engine(volume, SIZE, replicas, &[]);
+    let sha = export_sha(&uri, scratch);
     engine.stop();
     sha
+}
+
+/// Restores `backup` onto three new replicas under `base` as `volume`;
+/// serves it and returns the sha256 of its contents.
+fn restore_and_hash(weed: &Weed, target: &str, backup: &str, volume: &str, base: &Path) -> String {
+    std::fs::create_dir_all(base).unwrap();
+    let rs = three_replicas(base, SIZE);
+    restore(weed, target, backup, volume, &addrs(&rs), None);
+    serve_and_hash(volume, &addrs(&rs), base)
 }
 
 /// Chunks (of `CHUNK` bytes) that 4 KiB writes at `blocks` touch.
@@ -171,6 +193,13 @@ fn a_volume_under_a_live_writer_is_backed_up_incrementally_and_restored_exactly(
     assert_eq!(b1["stats"]["chunks_uploaded"], 32, "{b1}");
     let status = status(&admin);
     assert_eq!(status["backup"]["state"], "done", "{status}");
+    let metrics = http_get(&admin, "/metrics");
+    for line in [
+        "rvol_backup_in_progress{volume=\"bk\"} 0",
+        "rvol_backup_read_bytes{volume=\"bk\"} 33554432",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
 
     // Incremental: scattered 4 KiB writes; the next backup reads and
     // uploads exactly the chunks they touched (and the writer's).
@@ -206,6 +235,24 @@ fn a_volume_under_a_live_writer_is_backed_up_incrementally_and_restored_exactly(
     assert_eq!(b3["stats"]["bytes_read"], 0, "{b3}");
     assert_eq!(b3["stats"]["chunks_uploaded"], 0, "{b3}");
 
+    // A standby: restored from backup 1, brought to backup 2 with only the
+    // chunks that differ, then activated, it reads as snapshot 2 did.
+    let (b1_name, b2_name) = (b1["name"].as_str().unwrap(), b2["name"].as_str().unwrap());
+    let sb = tmp.path().join("sb");
+    std::fs::create_dir_all(&sb).unwrap();
+    let standby = three_replicas(&sb, SIZE);
+    restore(&weed, &target, b1_name, "bk", &addrs(&standby), None);
+    let out = restore(
+        &weed,
+        &target,
+        b2_name,
+        "bk",
+        &addrs(&standby),
+        Some(b1_name),
+    );
+    assert!(out.contains(&format!("{} chunks", changed.len())), "{out}");
+    assert_eq!(serve_and_hash("bk", &addrs(&standby), &sb), sha2);
+
     // Remove backup 1; 2 still restores, and a sweep takes exactly the
     // chunks only backup 1 named.
     rvol_ok(
@@ -233,7 +280,6 @@ fn a_volume_under_a_live_writer_is_backed_up_incrementally_and_restored_exactly(
         swept["chunks"].as_u64().unwrap() - swept["deleted"].as_u64().unwrap(),
         64
     );
-    let b2_name = b2["name"].as_str().unwrap();
     let verify = rvol_ok(&weed, &["backup", "verify", b2_name, "--target", &target]);
     assert!(verify.contains("64 chunks checked, 0 bad"), "{verify}");
 
@@ -392,7 +438,18 @@ fn a_backup_cut_short_by_the_store_or_the_engine_leaves_nothing_and_its_retry_se
 
     // The engine is SIGKILLed mid-backup: the CLI fails, nothing lists.
     let child = spawn_rvol(&weed, &create_args(&target, &admin, "8"));
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(1));
+    // Meanwhile the snapshot it reads stays, and a second backup waits.
+    let e = String::from_utf8_lossy(&run(RVOL, &["snapshot", "rm", "s", "--admin", &admin]).stderr)
+        .into_owned();
+    assert!(e.contains("a backup of snapshot s is running"), "{e}");
+    let args = create_args(&target, &admin, "0");
+    let e = rvol_err(&weed, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        e.contains("a backup of snapshot s to") && e.contains("is running"),
+        "{e}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
     engine.kill9();
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
