@@ -95,6 +95,13 @@ pub struct ReplicaStatus {
     /// Missed an acknowledged write while out of the set: needs a rebuild.
     pub stale: bool,
     pub last_error: Option<String>,
+    /// Mean round trip of its writes and flushes over the last few
+    /// seconds (when there were enough to say).
+    #[serde(default)]
+    pub latency_ms: Option<f64>,
+    /// Set while it is far slower than its peers ([`crate::slow`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow: Option<crate::slow::SlowReport>,
 }
 
 pub struct AdminState {
@@ -115,6 +122,8 @@ pub fn status(s: &AdminState) -> VolumeStatus {
             revision: r.revision(),
             stale: r.missed(),
             last_error: r.last_error(),
+            latency_ms: r.timing.last_ms(),
+            slow: r.timing.report(),
         })
         .collect();
     let rw = v.slots().iter().filter(|r| r.mode() == Mode::RW).count();

@@ -408,6 +408,7 @@ async fn restore_onto(
         in_sync_hook: None,
         key: None,
         keyless: false,
+        slow: Default::default(),
     };
     let volume = Arc::new(crate::engine::open_volume(&cfg).await?);
     let written = AtomicU64::new(0);

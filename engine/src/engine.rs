@@ -71,6 +71,8 @@ pub struct EngineConfig {
     /// Encryption at rest ([`crate::crypt`]); `links.encryption` announces
     /// it to the replicas.
     pub key: Option<Arc<crate::crypt::VolumeKey>>,
+    /// When a replica counts as slow, and whether it is then evicted.
+    pub slow: crate::slow::SlowPolicy,
     /// Maintain an encrypted volume without its key (no frontend): the
     /// encryption is taken from the replicas already bound, and sealed
     /// blocks are copied as they are (rebuilds, reconciliation, snapshots).
@@ -420,9 +422,11 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
     let retry = {
         let v = volume.clone();
         let rate = cfg.rebuild_rate_mib;
+        let slow = cfg.slow.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
+                v.check_slow(&slow);
                 v.check_connections();
                 v.reattach_current().await;
                 v.rebuild_stale(rate).await;

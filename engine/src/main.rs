@@ -35,6 +35,7 @@ mod range_lock;
 mod rebuild;
 mod reconcile;
 mod scrub;
+mod slow;
 mod volume;
 
 use std::path::PathBuf;
@@ -155,6 +156,21 @@ enum Command {
         /// Rebuild copy rate limit in MiB/s (0: unlimited).
         #[arg(long, default_value_t = 0.0)]
         rebuild_rate_mib: f64,
+        /// A replica whose writes and flushes take this many times its
+        /// peers'...
+        #[arg(long, default_value_t = 4.0)]
+        slow_replica_factor: f64,
+        /// ...and at least this many milliseconds more...
+        #[arg(long, default_value_t = 5.0)]
+        slow_replica_min_ms: f64,
+        /// ...for this many seconds is slow: reported in status, metrics
+        /// and the log.
+        #[arg(long, default_value_t = 20.0)]
+        slow_replica_seconds: f64,
+        /// Take a slow replica out of the set (never the last RW one,
+        /// one at a time); it stays out until removed and added again.
+        #[arg(long)]
+        evict_slow_replicas: bool,
         /// Mutual TLS to the replicas (TCP); the certificate must name
         /// the volume (rvol://volume/NAME).
         #[command(flatten)]
@@ -487,6 +503,10 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             direct_reads,
             io_hold_timeout,
             rebuild_rate_mib,
+            slow_replica_factor,
+            slow_replica_min_ms,
+            slow_replica_seconds,
+            evict_slow_replicas,
             tls,
             in_sync_hook,
             encryption_key_file,
@@ -547,6 +567,12 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 io_hold: Duration::from_secs_f64(io_hold_timeout),
                 rebuild_rate_mib,
                 in_sync_hook,
+                slow: slow::SlowPolicy {
+                    factor: slow_replica_factor,
+                    min: Duration::from_secs_f64(slow_replica_min_ms / 1e3),
+                    sustain: Duration::from_secs_f64(slow_replica_seconds),
+                    evict: evict_slow_replicas,
+                },
             })
             .await
         }
@@ -797,18 +823,29 @@ async fn replica_command(c: ReplicaCommand) -> anyhow::Result<u8> {
 
 fn print_replicas(s: &admin::VolumeStatus) {
     println!(
-        "{:<32} {:<5} {:>12} {:<6} LAST ERROR",
-        "REPLICA", "MODE", "REVISION", "STALE"
+        "{:<32} {:<5} {:>12} {:<6} {:>10} LAST ERROR",
+        "REPLICA", "MODE", "REVISION", "STALE", "LATENCY"
     );
     for r in &s.replicas {
+        let latency = r.latency_ms.map_or("-".into(), |ms| format!("{ms:.2} ms"));
         println!(
-            "{:<32} {:<5} {:>12} {:<6} {}",
+            "{:<32} {:<5} {:>12} {:<6} {:>10} {}",
             r.address,
             r.mode,
             r.revision,
             r.stale,
+            latency,
             r.last_error.as_deref().unwrap_or("-")
         );
+        if let Some(slow) = &r.slow {
+            println!(
+                "  SLOW for {} s: {:.1} ms per write or flush, its peers {:.1} ms{}",
+                slow.for_secs,
+                slow.mean_ms,
+                slow.peers_ms,
+                if slow.evicted { "; evicted" } else { "" }
+            );
+        }
     }
     if let Some(b) = &s.rebuild {
         println!(

@@ -103,7 +103,12 @@ impl ReplicatedVolume {
     /// Rebuilds every ERR replica that answers, one after the other.
     pub async fn rebuild_stale(&self, rate_mib_s: f64) {
         for slot in self.slots() {
-            if slot.mode() != Mode::ERR || !slot.missed() || self.is_fenced() {
+            // An evicted slow replica stays out (see `crate::slow`).
+            if slot.mode() != Mode::ERR
+                || !slot.missed()
+                || slot.timing.evicted()
+                || self.is_fenced()
+            {
                 continue;
             }
             if !self.slots().iter().any(|s| s.mode() == Mode::RW) {

@@ -111,6 +111,8 @@ pub struct ReplicaSlot {
     /// The replica's revision counter as far as the engine knows it.
     revision: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Its round trips, against its peers' ([`crate::slow`]).
+    pub timing: crate::slow::ReplicaTiming,
 }
 
 impl ReplicaSlot {
@@ -130,6 +132,7 @@ impl ReplicaSlot {
             identity: Mutex::new(identity),
             revision: AtomicU64::new(revision),
             last_error: Mutex::new(None),
+            timing: Default::default(),
         }
     }
 
@@ -145,6 +148,7 @@ impl ReplicaSlot {
             identity: Mutex::new(uuid::Uuid::nil()),
             revision: AtomicU64::new(0),
             last_error: Mutex::new(Some(error)),
+            timing: Default::default(),
         }
     }
 
@@ -492,7 +496,23 @@ impl ReplicatedVolume {
                 .iter()
                 .map(|s| s.attachment.load(Ordering::Acquire))
                 .collect();
-            let results = join_all(targets.iter().map(|s| self.call_within(timeout, s, &op))).await;
+            let timed = match what {
+                "write" => Some(crate::slow::Timed::Write),
+                "flush" => Some(crate::slow::Timed::Flush),
+                _ => None,
+            };
+            let results = join_all(targets.iter().map(|s| {
+                let op = &op;
+                async move {
+                    let start = std::time::Instant::now();
+                    let r = self.call_within(timeout, s, op).await;
+                    if let (Some(t), Ok(())) = (timed, &r) {
+                        s.timing.record(&self.io, &s.endpoint, t, start.elapsed());
+                    }
+                    r
+                }
+            }))
+            .await;
             let mut applied = Vec::with_capacity(targets.len());
             let mut ok_rw = 0;
             let mut invalid = None;

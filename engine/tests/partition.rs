@@ -4,78 +4,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::netns::Lab;
+use common::netns::{engine_in, replicas_on_hosts, status_in, Lab};
 use common::*;
-
-fn status_in(ns: &str, admin: &str) -> serde_json::Value {
-    serde_json::from_str(&run_in_ok(
-        ns,
-        RVOL,
-        &["volume", "status", "--admin", admin, "--json"],
-    ))
-    .unwrap()
-}
-
-/// Replica processes on the first `n` hosts of `lab`, each on port 4001
-/// with its directory under `base`; returns them and their addresses.
-fn replicas_on_hosts(lab: &Lab, base: &Path, n: usize, size: &str) -> (Vec<Proc>, Vec<String>) {
-    (0..n)
-        .map(|i| {
-            let h = lab.host(i);
-            let listen = format!("{}:4001", h.ip);
-            let dir = base.join(format!("r{i}"));
-            let mut args = vec![
-                "replica",
-                "--dir",
-                dir.to_str().unwrap(),
-                "--listen",
-                &listen,
-                "--size",
-                size,
-            ];
-            let tls = if tls::enabled() {
-                tls::replica(&listen)
-            } else {
-                Vec::new()
-            };
-            args.extend(tls.iter().map(String::as_str));
-            let p = Proc::start_in(&h.ns, &args);
-            (p, listen)
-        })
-        .unzip()
-}
-
-/// An engine in namespace `ns`, NBD on 127.0.0.1:10809 and the admin API
-/// on 127.0.0.1:9800 there.
-fn engine_in(ns: &str, name: &str, size: &str, replicas: &[&String], extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "engine",
-        "--name",
-        name,
-        "--size",
-        size,
-        "--nbd-listen",
-        "127.0.0.1:10809",
-        "--admin-listen",
-        "127.0.0.1:9800",
-    ];
-    for a in replicas {
-        args.extend(["--replica", a.as_str()]);
-    }
-    args.extend_from_slice(extra);
-    let tls = if tls::enabled() {
-        tls::engine(name)
-    } else {
-        Vec::new()
-    };
-    args.extend(tls.iter().map(String::as_str));
-    let encryption = encryption_args();
-    args.extend(encryption.iter().map(String::as_str));
-    Proc::start_in(ns, &args)
-}
 
 #[test]
 fn a_partitioned_replica_drops_out_and_is_rebuilt_when_the_link_returns() {

@@ -4,7 +4,10 @@
 //! side with `ip link set ... down/up`. Everything is removed on drop.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::process::Command;
+
+use super::{encryption_args, run_in_ok, tls, Proc, RVOL};
 
 pub struct Lab {
     hub: String,
@@ -96,6 +99,34 @@ impl Lab {
         &self.hosts[i]
     }
 
+    /// Limits what reaches host `i` to `kbit` kbit/s (`tc tbf` on the
+    /// hub's end of its link: a congested or throttled link; the kernels
+    /// here have no netem); 0 lifts the limit.
+    pub fn throttle(&self, i: usize, kbit: u32) {
+        let dev = &self.hosts[i].hub_end;
+        let rate = format!("{kbit}kbit");
+        let args: Vec<&str> = if kbit == 0 {
+            vec!["-n", &self.hub, "qdisc", "del", "dev", dev, "root"]
+        } else {
+            let tbf = ["qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate];
+            let queue = ["burst", "8kb", "latency", "2s"];
+            ["-n", self.hub.as_str()]
+                .into_iter()
+                .chain(tbf)
+                .chain(queue)
+                .collect()
+        };
+        let out = Command::new("tc")
+            .args(&args)
+            .output()
+            .expect("tc (iproute2)");
+        assert!(
+            out.status.success(),
+            "tc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Cuts (`false`) or restores (`true`) host `i`'s link.
     pub fn link(&self, i: usize, up: bool) {
         ip(&[
@@ -118,4 +149,71 @@ impl Drop for Lab {
             .args(["netns", "del", &self.hub])
             .status();
     }
+}
+
+pub fn status_in(ns: &str, admin: &str) -> serde_json::Value {
+    serde_json::from_str(&run_in_ok(
+        ns,
+        RVOL,
+        &["volume", "status", "--admin", admin, "--json"],
+    ))
+    .unwrap()
+}
+
+/// Replica processes on the first `n` hosts of `lab`, each on port 4001
+/// with its directory under `base`; returns them and their addresses.
+pub fn replicas_on_hosts(lab: &Lab, base: &Path, n: usize, size: &str) -> (Vec<Proc>, Vec<String>) {
+    (0..n)
+        .map(|i| {
+            let h = lab.host(i);
+            let listen = format!("{}:4001", h.ip);
+            let dir = base.join(format!("r{i}"));
+            let mut args = vec![
+                "replica",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--size",
+                size,
+            ];
+            let tls = if tls::enabled() {
+                tls::replica(&listen)
+            } else {
+                Vec::new()
+            };
+            args.extend(tls.iter().map(String::as_str));
+            let p = Proc::start_in(&h.ns, &args);
+            (p, listen)
+        })
+        .unzip()
+}
+
+/// An engine in namespace `ns`, NBD on 127.0.0.1:10809 and the admin API
+/// on 127.0.0.1:9800 there.
+pub fn engine_in(ns: &str, name: &str, size: &str, replicas: &[&String], extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "engine",
+        "--name",
+        name,
+        "--size",
+        size,
+        "--nbd-listen",
+        "127.0.0.1:10809",
+        "--admin-listen",
+        "127.0.0.1:9800",
+    ];
+    for a in replicas {
+        args.extend(["--replica", a.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    let tls = if tls::enabled() {
+        tls::engine(name)
+    } else {
+        Vec::new()
+    };
+    args.extend(tls.iter().map(String::as_str));
+    let encryption = encryption_args();
+    args.extend(encryption.iter().map(String::as_str));
+    Proc::start_in(ns, &args)
 }
