@@ -13,6 +13,7 @@
 //! - `POST /v1/backups` with [`crate::backup::BackupStart`]: back a
 //!   snapshot up in the background (202); `GET /v1/backups`: its progress
 //!   and outcome (also in the volume's status).
+//! - `GET /v1/events`: what happened to the volume ([`crate::events`]).
 //! - `GET /metrics`: the status as Prometheus text, for scraping.
 //!
 //! Errors: 400/409 with `{"error": ...}`; 401 without a valid token and
@@ -79,6 +80,9 @@ pub struct VolumeStatus {
     /// of through their sockets.
     #[serde(default)]
     pub direct_read_bytes: u64,
+    /// The newest events ([`crate::events`]), oldest first.
+    #[serde(default)]
+    pub events: Vec<crate::events::Event>,
     /// The backup running, or the last one since the engine started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<crate::backup::BackupStatus>,
@@ -165,6 +169,7 @@ pub fn status(s: &AdminState) -> VolumeStatus {
             .load(std::sync::atomic::Ordering::Relaxed),
         encryption: v.encryption().map(|e| e.cipher.clone()),
         backup: v.backups.status(),
+        events: v.events.newest(20),
     }
 }
 
@@ -299,6 +304,10 @@ async fn start_backup(
     }
 }
 
+async fn events(State(s): State<Arc<AdminState>>) -> Json<Vec<crate::events::Event>> {
+    Json(s.volume.events.newest(usize::MAX))
+}
+
 async fn backup_status(
     State(s): State<Arc<AdminState>>,
 ) -> Json<Option<crate::backup::BackupStatus>> {
@@ -327,6 +336,7 @@ pub fn router(state: Arc<AdminState>, tokens: Arc<Tokens>) -> Router {
         .route("/v1/volume/expand", post_route(expand))
         .route("/v1/verify", post_route(verify))
         .route("/v1/backups", get_route(backup_status).post(start_backup))
+        .route("/v1/events", get_route(events))
         .route("/metrics", get_route(metrics))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(tokens, access::guard))

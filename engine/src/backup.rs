@@ -285,9 +285,27 @@ impl ReplicatedVolume {
         tokio::spawn(async move {
             let target = Arc::new(target);
             let result = rvol_backup::create(&target, &source, &request, &progress).await;
+            let events = &volume.events;
             match &result {
-                Ok(m) => tracing::info!(backup = %m.name, "backup finished"),
-                Err(e) => tracing::error!(error = %format!("{e:#}"), "backup failed"),
+                Ok(m) => {
+                    tracing::info!(backup = %m.name, "backup finished");
+                    events.push(
+                        crate::events::EventKind::BackupFinished,
+                        None,
+                        format!(
+                            "backup {} of snapshot {} written: {} chunks ({} bytes) uploaded",
+                            m.name, m.snapshot, m.stats.chunks_uploaded, m.stats.bytes_uploaded
+                        ),
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "backup failed");
+                    events.push(
+                        crate::events::EventKind::BackupFailed,
+                        None,
+                        format!("backup of snapshot {} failed: {e:#}", request.snapshot),
+                    );
+                }
             }
             volume.backups.finish(result);
             volume.chain.request_purge();

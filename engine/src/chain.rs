@@ -131,6 +131,11 @@ impl ReplicatedVolume {
             .await?;
         }
         self.chain.request_purge();
+        self.events.push(
+            crate::events::EventKind::SnapshotRemoved,
+            None,
+            format!("snapshot {name} removed; its data is purged in the background"),
+        );
         Ok(())
     }
 
@@ -252,6 +257,11 @@ impl ReplicatedVolume {
         self.flush().await.map_err(|e| e.to_string())?;
         self.chain.request_purge();
         tracing::info!(snapshot = %name, "volume reverted");
+        self.events.push(
+            crate::events::EventKind::Reverted,
+            None,
+            format!("reverted to snapshot {name}"),
+        );
         Ok(())
     }
 
@@ -272,6 +282,11 @@ impl ReplicatedVolume {
             .await?;
         self.set_size(size);
         tracing::info!(from = current, to = size, "volume expanded");
+        self.events.push(
+            crate::events::EventKind::Expanded,
+            None,
+            format!("grown from {current} to {size} bytes"),
+        );
         Ok(())
     }
 }

@@ -28,6 +28,7 @@ mod csi_cli;
 mod demo;
 mod engine;
 mod epoch;
+mod events;
 mod freshness;
 mod in_sync;
 mod metrics;
@@ -889,6 +890,20 @@ fn print_status(s: &admin::VolumeStatus) {
         );
     }
     print_replicas(s);
+    if !s.events.is_empty() {
+        println!("EVENTS (newest last)");
+        for e in s.events.iter().rev().take(10).rev() {
+            println!(
+                "  {}  {:?}  {}{}",
+                rvol_backup::create::utc_stamp(e.at),
+                e.kind,
+                e.replica
+                    .as_deref()
+                    .map_or(String::new(), |r| format!("{r}: ")),
+                e.message
+            );
+        }
+    }
 }
 
 #[cfg(test)]

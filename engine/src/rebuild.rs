@@ -41,6 +41,7 @@ use rvol_replica::store::{ChecksumUnit, REBUILD_CHUNK};
 use rvol_replica::BLOCK_SIZE;
 use serde::{Deserialize, Serialize};
 
+use crate::events::EventKind;
 use crate::volume::{Mode, ReplicaSlot, ReplicatedVolume};
 
 /// Chunks compared per checksum request (64 MiB).
@@ -115,10 +116,27 @@ impl ReplicatedVolume {
                 return;
             }
             let _running = self.rebuilds.running.lock().await;
+            let replica = Some(slot.endpoint.to_string());
             match self.rebuild(&slot, rate_mib_s).await {
-                Ok(copied) => tracing::info!(replica = %slot.endpoint, copied, "replica rebuilt"),
+                Ok(copied) => {
+                    tracing::info!(replica = %slot.endpoint, copied, "replica rebuilt");
+                    self.events.push(
+                        EventKind::RebuildFinished,
+                        replica,
+                        format!("rebuilt: {copied} bytes copied; RW"),
+                    );
+                }
                 Err(e) => {
                     tracing::debug!(replica = %slot.endpoint, error = %e, "rebuild not possible now");
+                    // Unreachable replicas are retried every 2 s: only a
+                    // rebuild that started and failed is an event.
+                    if slot.current_client().is_some() && slot.mode() == Mode::WO {
+                        self.events.push(
+                            EventKind::RebuildFailed,
+                            replica,
+                            format!("rebuild failed: {e}"),
+                        );
+                    }
                     self.leave(&slot, &format!("rebuild failed: {e}"));
                 }
             }
@@ -149,6 +167,11 @@ impl ReplicatedVolume {
             .await
             .map_err(|e| format!("flush before the rebuild: {e}"))?;
         tracing::info!(replica = %slot.endpoint, "rebuilding replica: joined in WO mode");
+        self.events.push(
+            EventKind::RebuildStarted,
+            Some(slot.endpoint.to_string()),
+            "rebuild started: joined write-only",
+        );
         self.join_write_only(slot, client.clone(), joining.replica_uuid);
 
         // The cut.

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::events::EventKind;
 use crate::metrics::IoMetrics;
 use crate::volume::{Mode, ReplicaSlot, ReplicatedVolume};
 
@@ -208,16 +209,29 @@ impl ReplicatedVolume {
             }
             let peers = median(peers);
             let slow_now = mine >= p.factor * peers && mine - peers >= p.min.as_secs_f64();
+            let replica = Some(slot.endpoint.to_string());
             match slot.timing.update(slow_now, mine, peers, p) {
-                Change::Slow(r) => tracing::warn!(
-                    replica = %slot.endpoint,
-                    mean_ms = r.mean_ms,
-                    peers_ms = r.peers_ms,
-                    for_secs = r.for_secs,
-                    "replica is slow: its writes and flushes take far longer than its peers'"
-                ),
+                Change::Slow(r) => {
+                    tracing::warn!(
+                        replica = %slot.endpoint,
+                        mean_ms = r.mean_ms,
+                        peers_ms = r.peers_ms,
+                        for_secs = r.for_secs,
+                        "replica is slow: its writes and flushes take far longer than its peers'"
+                    );
+                    self.events.push(
+                        EventKind::ReplicaSlow,
+                        replica,
+                        format!(
+                            "slow: {:.1} ms per write or flush against its peers' {:.1} ms for {} s",
+                            r.mean_ms, r.peers_ms, r.for_secs
+                        ),
+                    );
+                }
                 Change::Recovered => {
-                    tracing::info!(replica = %slot.endpoint, "replica is no longer slow")
+                    tracing::info!(replica = %slot.endpoint, "replica is no longer slow");
+                    self.events
+                        .push(EventKind::ReplicaRecovered, replica, "no longer slow");
                 }
                 Change::None => {}
             }
@@ -239,6 +253,11 @@ impl ReplicatedVolume {
                 r.mean_ms, r.peers_ms, r.for_secs
             );
             tracing::warn!(replica = %slot.endpoint, "{why}");
+            self.events.push(
+                EventKind::ReplicaEvicted,
+                Some(slot.endpoint.to_string()),
+                why.clone(),
+            );
             self.leave(slot, &why);
         }
     }

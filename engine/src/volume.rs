@@ -69,6 +69,7 @@ use tokio::sync::watch;
 
 use crate::crypt::VolumeKey;
 use crate::epoch::EpochGate;
+use crate::events::EventKind;
 use crate::metrics::{IoMetrics, IoOp};
 use crate::range_lock::RangeLocks;
 
@@ -239,6 +240,8 @@ pub struct ReplicatedVolume {
     pub rebuilds: crate::rebuild::RebuildState,
     pub chain: crate::chain::ChainState,
     pub backups: crate::backup::Backups,
+    /// What happened, for status ([`crate::events`]).
+    pub events: crate::events::Events,
     /// Reads that found data not matching its checksums.
     pub checksum_errors: AtomicU64,
     /// Reads sent from a replica's files that did not match the recorded
@@ -325,6 +328,7 @@ impl ReplicatedVolume {
             rebuilds: Default::default(),
             chain: Default::default(),
             backups: Default::default(),
+            events: Default::default(),
             checksum_errors: AtomicU64::new(0),
             stored_crc_rereads: AtomicU64::new(0),
             direct_read_bytes: AtomicU64::new(0),
@@ -357,6 +361,11 @@ impl ReplicatedVolume {
             return Err(format!("{endpoint} is already a replica of this volume"));
         }
         tracing::info!(replica = %endpoint, "replica added: it will be rebuilt");
+        self.events.push(
+            EventKind::ReplicaAdded,
+            Some(endpoint.to_string()),
+            "added; it will be rebuilt",
+        );
         slots.push(Arc::new(ReplicaSlot::failed(
             endpoint,
             "added: waiting for its rebuild".into(),
@@ -384,6 +393,11 @@ impl ReplicatedVolume {
         let slot = slots.remove(i);
         self.leave(&slot, "removed");
         tracing::info!(replica = %endpoint, "replica removed");
+        self.events.push(
+            EventKind::ReplicaRemoved,
+            Some(endpoint.to_string()),
+            "removed",
+        );
         Ok(())
     }
 
@@ -416,6 +430,11 @@ impl ReplicatedVolume {
         if let ReplicaFailure::Client(e) = why {
             if e.is_fenced() && !self.fenced.swap(true, Ordering::AcqRel) {
                 tracing::error!(replica = %slot.endpoint, error = %e, "a newer engine has taken the volume over; refusing all writes");
+                self.events.push(
+                    EventKind::Fenced,
+                    Some(slot.endpoint.to_string()),
+                    "a newer engine took the volume over; this one stops serving",
+                );
                 let _ = self.fenced_tx.send(true);
             }
         }
@@ -424,6 +443,11 @@ impl ReplicatedVolume {
         let was = Mode::from_u8(slot.mode.swap(Mode::ERR as u8, Ordering::AcqRel));
         if was != Mode::ERR {
             tracing::warn!(replica = %slot.endpoint, was = ?was, error = %why, "replica set to ERR");
+            self.events.push(
+                EventKind::ReplicaFailed,
+                Some(slot.endpoint.to_string()),
+                format!("set to ERR (was {was:?}): {why}"),
+            );
         }
     }
 
@@ -675,7 +699,13 @@ impl ReplicatedVolume {
         let started = Instant::now();
         let _all = self.locks().lock_all().await;
         self.snapshot_all(name, true, labels).await?;
-        Ok(started.elapsed())
+        let paused = started.elapsed();
+        self.events.push(
+            EventKind::Snapshot,
+            None,
+            format!("snapshot {name} taken; writes paused {paused:.1?}"),
+        );
+        Ok(paused)
     }
 
     /// The layer chain as an RW replica reports it, oldest first.
@@ -823,6 +853,11 @@ impl ReplicatedVolume {
             slot.mode.store(Mode::RW as u8, Ordering::Release);
             *slot.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
             tracing::info!(replica = %slot.endpoint, "replica reattached: it missed no acknowledged write");
+            self.events.push(
+                EventKind::ReplicaRejoined,
+                Some(slot.endpoint.to_string()),
+                "back as it was: it missed no acknowledged write",
+            );
         }
     }
 

@@ -45,6 +45,16 @@ fn wait_status(ns: &str, limit: Duration, what: &str, check: impl Fn(&serde_json
     }
 }
 
+/// The kinds of the volume's events, oldest first.
+fn event_kinds(ns: &str) -> Vec<String> {
+    let body = run_in_ok(ns, "curl", &["-s", &format!("http://{ADMIN}/v1/events")]);
+    let events: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    events
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn finish(fio: std::process::Child) {
     let out = fio.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -112,6 +122,11 @@ fn a_replica_behind_a_slow_link_is_reported_then_evicted_and_kept_out() {
         s["replicas"][0]["slow"].is_null()
     });
     finish(fio);
+    assert_eq!(
+        event_kinds(&eng),
+        ["replica_slow", "replica_recovered"],
+        "the volume's events"
+    );
     engine.stop();
 
     // Evicted: out of the set, and kept out while the writes go on.
@@ -143,5 +158,23 @@ fn a_replica_behind_a_slow_link_is_reported_then_evicted_and_kept_out() {
     wait_status(&eng, Duration::from_secs(30), "r0 was not rebuilt", |s| {
         s["state"] == "healthy"
     });
+    let kinds = event_kinds(&eng);
+    for (i, want) in [
+        "replica_slow",
+        "replica_evicted",
+        "replica_removed",
+        "replica_added",
+        "rebuild_started",
+        "rebuild_finished",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert_eq!(
+            kinds.get(i).map(String::as_str),
+            Some(*want),
+            "events: {kinds:?}"
+        );
+    }
     engine.stop();
 }
