@@ -59,7 +59,7 @@ use bytes::{Bytes, BytesMut};
 use rvol_replica::meta::{Encryption, CIPHER_AES_256_GCM_SIV};
 use rvol_replica::BLOCK_SIZE;
 use uuid::Uuid;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 /// Bytes of nonce and tag per block.
 pub const AUTH: usize = NONCE_LEN + 16;
@@ -210,12 +210,6 @@ impl VolumeKey {
                 .map_err(|_| Unauthentic(n))?;
         }
         Ok(out.freeze())
-    }
-}
-
-impl Drop for VolumeKey {
-    fn drop(&mut self) {
-        self.check.zeroize();
     }
 }
 

@@ -241,10 +241,10 @@ fn run_inline(
 ) -> crate::Result<Reply> {
     let _lease = replica.admit(owner)?;
     let ok = |payload: Bytes| Ok(Reply::ok(h.id, 0, payload));
-    let check_read_len = || check_read_len(replica, h.length);
+    let read_fits = || check_read_len(replica, h.length);
     match op {
         Op::Read => {
-            check_read_len()?;
+            read_fits()?;
             if h.flags & FLAG_UNVERIFIED != 0 {
                 return ok(replica.read_unverified(h.offset, h.length)?.into());
             }
@@ -290,7 +290,7 @@ fn run_inline(
             ok(Bytes::new())
         }
         Op::Locate => {
-            check_read_len()?;
+            read_fits()?;
             Ok(match replica.read_stored(h.offset, h.length)? {
                 Some(stored) => Reply::ok(h.id, stored.chain_version, encode_located(&stored)),
                 None => Reply::ok(h.id, 0, Bytes::new()),
