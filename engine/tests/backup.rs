@@ -149,6 +149,32 @@ fn restore_and_hash(weed: &Weed, target: &str, backup: &str, volume: &str, base:
     serve_and_hash(volume, &addrs(&rs), base)
 }
 
+/// Writes `mib` MiB of pseudo-random data at the start of the volume,
+/// takes snapshot `snap`, and returns the volume's sha256 then.
+fn fill_and_snapshot(
+    uri: &str,
+    admin: &str,
+    tmp: &Path,
+    seed: u64,
+    mib: usize,
+    snap: &str,
+) -> String {
+    let data = tmp.join("data.img");
+    std::fs::write(&data, pseudo_random(seed, mib << 20)).unwrap();
+    let (src, dst, count) = (
+        format!("if={}", data.display()),
+        format!("of={uri}"),
+        format!("count={mib}"),
+    );
+    run_ok(
+        "qemu-img",
+        &["dd", "-f", "raw", "-O", "raw", &src, &dst, "bs=1M", &count],
+    );
+    std::fs::remove_file(&data).unwrap();
+    run_ok(RVOL, &["snapshot", "create", snap, "--admin", admin]);
+    export_sha(uri, tmp)
+}
+
 /// Chunks (of `CHUNK` bytes) that 4 KiB writes at `blocks` touch.
 fn chunks_of(blocks: &[u64]) -> BTreeSet<u64> {
     blocks.iter().map(|b| b * 4096 / CHUNK).collect()
@@ -163,25 +189,7 @@ fn a_volume_under_a_live_writer_is_backed_up_incrementally_and_restored_exactly(
     let (_engine, uri, admin) = start_engine("bk", SIZE, &addrs(&rs), &[]);
 
     // 32 MiB of data in the first half; the rest never written.
-    let data = tmp.path().join("data.img");
-    std::fs::write(&data, pseudo_random(11, 32 << 20)).unwrap();
-    qemu_io(&uri, &[]);
-    run_ok(
-        "qemu-img",
-        &[
-            "dd",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &format!("if={}", data.display()),
-            &format!("of={uri}"),
-            "bs=1M",
-            "count=32",
-        ],
-    );
-    run_ok(RVOL, &["snapshot", "create", "s1", "--admin", &admin]);
-    let sha1 = export_sha(&uri, tmp.path());
+    let sha1 = fill_and_snapshot(&uri, &admin, tmp.path(), 11, 32, "s1");
 
     // The backup runs while a writer keeps writing (after the snapshot).
     let w = Writer::start(&uri, 4096);
@@ -393,24 +401,7 @@ fn a_backup_cut_short_by_the_store_or_the_engine_leaves_nothing_and_its_retry_se
     let target = weed.url("faults");
     let rs = three_replicas(&tmp.path().join("a"), SIZE);
     let (mut engine, uri, admin) = start_engine("flt", SIZE, &addrs(&rs), &[]);
-    let data = tmp.path().join("data.img");
-    std::fs::write(&data, pseudo_random(21, 48 << 20)).unwrap();
-    run_ok(
-        "qemu-img",
-        &[
-            "dd",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &format!("if={}", data.display()),
-            &format!("of={uri}"),
-            "bs=1M",
-            "count=48",
-        ],
-    );
-    run_ok(RVOL, &["snapshot", "create", "s", "--admin", &admin]);
-    let sha = export_sha(&uri, tmp.path());
+    let sha = fill_and_snapshot(&uri, &admin, tmp.path(), 21, 48, "s");
 
     // The S3 server dies a few chunks in: the backup fails, naming the
     // target, and nothing lists.
