@@ -231,16 +231,29 @@ async fn main() -> Result<(), Error> {
         return Err(format!("df: {before} bytes before the expansion, {after} after").into());
     }
     println!("walk: expanded, df {before} -> {after} bytes");
-    let stats = g2
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: id.clone(),
-            volume_path: s2.target.clone(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    if stats.usage.len() != 2 || stats.volume_condition.is_none_or(|c| c.abnormal) {
-        return Err("stats: expected bytes and inodes and a normal condition".into());
+    // A replica may still be catching up after the move (the kubelet
+    // polls stats; so does the walk, for a while).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let stats = g2
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: id.clone(),
+                volume_path: s2.target.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let normal = stats.volume_condition.as_ref().is_some_and(|c| !c.abnormal);
+        if stats.usage.len() == 2 && normal {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "stats: expected bytes and inodes and a normal condition within 30 s: {stats:?}"
+            )
+            .into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 
     tear_down(&mut ctl, &mut g2, &id, "g2", &s2).await?;

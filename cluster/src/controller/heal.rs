@@ -337,10 +337,26 @@ fn surplus(view: &ClusterView, v: &Volume) -> Vec<(ReplicaId, &'static str)> {
 }
 
 /// The lowest port of `node`'s range that no replica or export of any
-/// volume uses, nor any of `taken`.
+/// volume uses, that no process the node's agent reports still holds, nor
+/// any of `taken`. The reports matter: a deleted volume's replicas keep
+/// their ports until their agent has stopped them, and a new replica
+/// given such a port fails to bind and is degraded until it is freed.
 pub fn free_port(view: &ClusterView, node: &NodeName, taken: &[u16]) -> Option<u16> {
     let range = view.nodes.get(node)?.ports;
     let mut used: BTreeSet<u16> = taken.iter().copied().collect();
+    let port_of = |address: &str| {
+        address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+    };
+    if let Some(r) = view.reports.get(node) {
+        used.extend(r.replicas.iter().filter_map(|p| port_of(&p.address)));
+        used.extend(
+            r.engines
+                .iter()
+                .filter_map(|e| e.nbd.as_deref().and_then(port_of)),
+        );
+    }
     for (v, _) in view.volumes.values() {
         used.extend(
             v.replicas
@@ -442,4 +458,53 @@ pub fn place_missing(
         });
     }
     Ok(said.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{
+        Node, NodeName, PortRange, ProcessState, ReplicaId, ReplicaReport, Report, VolumeName,
+    };
+
+    #[test]
+    fn a_port_still_held_by_a_reported_process_is_not_given_out() {
+        let node = NodeName::new("n1").unwrap();
+        let mut view = ClusterView::default();
+        view.nodes.insert(
+            node.clone(),
+            Node {
+                protocol: 1,
+                name: node.clone(),
+                address: "127.0.0.1:7500".into(),
+                advertise: "127.0.0.1".into(),
+                ports: PortRange {
+                    first: 11000,
+                    last: 11003,
+                },
+                zone: None,
+                labels: Default::default(),
+                disks: Vec::new(),
+                lease: 0,
+            },
+        );
+        assert_eq!(free_port(&view, &node, &[]), Some(11000));
+        // A replica of a volume deleted a moment ago, still running.
+        view.reports.insert(
+            node.clone(),
+            Report {
+                protocol: 1,
+                node: node.clone(),
+                replicas: vec![ReplicaReport {
+                    volume: VolumeName::new("gone").unwrap(),
+                    uid: "u".into(),
+                    id: ReplicaId(1),
+                    address: "127.0.0.1:11000".into(),
+                    state: ProcessState::Running { pid: 1 },
+                }],
+                engines: Vec::new(),
+            },
+        );
+        assert_eq!(free_port(&view, &node, &[11001]), Some(11002));
+    }
 }
