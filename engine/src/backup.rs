@@ -255,18 +255,14 @@ impl ReplicatedVolume {
             volume: self.clone(),
             layer: snapshot_file(&req.snapshot),
         };
-        match source.snapshots().await {
-            Ok(s) if s.contains(&req.snapshot) => {}
-            Ok(_) => {
-                let e = format!("no snapshot {}", req.snapshot);
-                self.backups.finish(Err(anyhow::anyhow!(e.clone())));
-                return Err(e);
-            }
-            Err(e) => {
-                let e = format!("{e:#}");
-                self.backups.finish(Err(anyhow::anyhow!(e.clone())));
-                return Err(e);
-            }
+        let missing = match source.snapshots().await {
+            Ok(s) if s.contains(&req.snapshot) => None,
+            Ok(_) => Some(format!("no snapshot {}", req.snapshot)),
+            Err(e) => Some(format!("{e:#}")),
+        };
+        if let Some(e) = missing {
+            self.backups.finish(Err(anyhow::anyhow!(e.clone())));
+            return Err(e);
         }
         let request = BackupRequest {
             volume: VolumeInfo {

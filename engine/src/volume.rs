@@ -528,9 +528,10 @@ impl ReplicatedVolume {
             let results = join_all(targets.iter().map(|s| {
                 let op = &op;
                 async move {
-                    let start = std::time::Instant::now();
+                    // Only writes and flushes are timed (see `crate::slow`).
+                    let start = timed.map(|t| (t, std::time::Instant::now()));
                     let r = self.call_within(timeout, s, op).await;
-                    if let (Some(t), Ok(())) = (timed, &r) {
+                    if let (Some((t, start)), Ok(())) = (start, &r) {
                         s.timing.record(&self.io, &s.endpoint, t, start.elapsed());
                     }
                     r
