@@ -35,6 +35,8 @@ pub struct Tokens {
     read: Option<Zeroizing<String>>,
     /// Where a refused client finds its token (named in the refusal).
     env: &'static str,
+    /// Reads (GET, HEAD) need no token; control still does.
+    public_reads: bool,
 }
 
 /// Reads a token: the file's content without surrounding whitespace.
@@ -68,6 +70,7 @@ impl Tokens {
             control: control.map(read_token).transpose()?,
             read: read.map(read_token).transpose()?,
             env,
+            public_reads: false,
         };
         if tokens.read.is_some() && tokens.control.is_none() {
             anyhow::bail!(
@@ -75,6 +78,23 @@ impl Tokens {
             );
         }
         Ok(tokens)
+    }
+
+    /// Lets anyone read (status, lists, metrics, the dashboard's data)
+    /// while control still needs the control token: for a dashboard on a
+    /// network where the volumes' state is no secret. Refused without a
+    /// control token, which would leave control open too.
+    pub fn with_public_reads(mut self, public: bool) -> anyhow::Result<Tokens> {
+        if public && self.control.is_none() {
+            anyhow::bail!(
+                "public reads need a control token: otherwise control would be public too"
+            );
+        }
+        if public && self.read.is_some() {
+            anyhow::bail!("public reads make the read-only token pointless: give one or the other");
+        }
+        self.public_reads = public;
+        Ok(self)
     }
 
     /// No token configured: every caller may do everything.
@@ -108,6 +128,9 @@ pub async fn guard(State(tokens): State<Arc<Tokens>>, req: Request, next: Next) 
         return next.run(req).await;
     }
     let needed = if matches!(*req.method(), Method::GET | Method::HEAD) {
+        if tokens.public_reads {
+            return next.run(req).await;
+        }
         Role::Read
     } else {
         Role::Control
@@ -165,6 +188,7 @@ mod tests {
             control: Some(Zeroizing::new("c0ntrol".into())),
             read: Some(Zeroizing::new("r3ad".into())),
             env: "T",
+            public_reads: false,
         };
         assert_eq!(t.role_of("c0ntrol"), Some(Role::Control));
         assert_eq!(t.role_of("r3ad"), Some(Role::Read));
@@ -173,5 +197,20 @@ mod tests {
         }
         assert!(!t.is_open());
         assert!(Tokens::default().is_open());
+    }
+
+    #[test]
+    fn public_reads_need_a_control_token_and_no_read_token() {
+        let control = |read: bool| Tokens {
+            control: Some(Zeroizing::new("c".into())),
+            read: read.then(|| Zeroizing::new("r".into())),
+            env: "T",
+            public_reads: false,
+        };
+        assert!(Tokens::default().with_public_reads(true).is_err());
+        assert!(control(true).with_public_reads(true).is_err());
+        let t = control(false).with_public_reads(true).unwrap();
+        assert!(t.public_reads && !t.is_open());
+        assert!(Tokens::default().with_public_reads(false).is_ok());
     }
 }

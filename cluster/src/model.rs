@@ -432,6 +432,18 @@ pub struct EngineReport {
     pub device: Option<String>,
     pub size: u64,
     pub replicas: Vec<EngineReplica>,
+    /// The rebuild the engine runs, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildProgress>,
+}
+
+/// How far an engine's rebuild of one replica has gone: bytes of its
+/// layers compared, of `total`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildProgress {
+    pub replica: ReplicaId,
+    pub scanned: u64,
+    pub total: u64,
 }
 
 /// What runs on a node (`reports/NAME`), written by its agent under its

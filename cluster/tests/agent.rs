@@ -30,6 +30,7 @@ fn config(node: &str, disk: &Path, address: &str) -> AgentConfig {
         ttl: TTL,
         tls: None,
         keys_dir: disk.join("keys"),
+        rebuild_rate_mib: 0.0,
     }
 }
 

@@ -15,6 +15,8 @@
 //!   and outcome (also in the volume's status).
 //! - `GET /v1/events`: what happened to the volume ([`crate::events`]).
 //! - `GET /metrics`: the status as Prometheus text, for scraping.
+//! - `GET /ui/`: the dashboard ([`rvol_dashboard`]), which reads and acts
+//!   through the routes above, with the caller's token.
 //!
 //! Errors: 400/409 with `{"error": ...}`; 401 without a valid token and
 //! 403 for a read-only token on a control verb (see [`crate::access`]).
@@ -340,6 +342,7 @@ pub fn router(state: Arc<AdminState>, tokens: Arc<Tokens>) -> Router {
         .route("/metrics", get_route(metrics))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(tokens, access::guard))
+        .merge(rvol_dashboard::router(rvol_dashboard::Kind::Engine))
 }
 
 /// Serves the admin API on `listener` until `stop` resolves; with `tls`, a

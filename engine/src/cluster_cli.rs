@@ -70,6 +70,10 @@ pub struct ControllerArgs {
     /// A file holding a token that may only read (ls, get).
     #[arg(long, requires = "token_file")]
     read_token_file: Option<PathBuf>,
+    /// Anyone may read (ls, get, the dashboard at /ui/); changes still
+    /// need --token-file's token.
+    #[arg(long, requires = "token_file", conflicts_with = "read_token_file")]
+    public_reads: bool,
     /// Serve HTTPS with this certificate (--tls-cert/--tls-key/--tls-ca;
     /// clients bring a token, not a certificate). The CLI checks it with
     /// the CA in RVOL_CLUSTER_CA_FILE, given https:// URLs.
@@ -123,6 +127,10 @@ pub struct AgentArgs {
     /// Secret): an engine waits for its volume's key.
     #[arg(long, default_value = KEYS_DIR)]
     keys_dir: PathBuf,
+    /// The most MiB/s each engine on this node copies to rebuild a
+    /// replica (0: no limit).
+    #[arg(long, default_value_t = 0.0)]
+    rebuild_rate_mib: f64,
     /// A file holding the token that the agent's API (what the node runs)
     /// requires; without one, anyone who reaches --listen may read it.
     #[arg(long)]
@@ -279,7 +287,8 @@ pub async fn controller(a: ControllerArgs) -> anyhow::Result<u8> {
         a.token_file.as_deref(),
         a.read_token_file.as_deref(),
         TOKEN_ENV,
-    )?;
+    )?
+    .with_public_reads(a.public_reads)?;
     let tls = a.tls.anonymous_clients_server()?;
     let issuer = a
         .issuer_dir
@@ -374,6 +383,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<u8> {
                 ttl: a.ttl,
                 tls,
                 keys_dir: a.keys_dir,
+                rebuild_rate_mib: a.rebuild_rate_mib,
             },
             rvol: std::env::current_exe().context("finding the rvol program")?,
             tick: Duration::from_secs(1),

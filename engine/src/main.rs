@@ -126,6 +126,14 @@ enum Command {
         /// A file holding a token that may only read (status, metrics).
         #[arg(long)]
         admin_read_token_file: Option<PathBuf>,
+        /// Anyone may read the admin API (status, metrics, the dashboard
+        /// at /ui/); control still needs --admin-token-file's token.
+        #[arg(
+            long,
+            requires = "admin_token_file",
+            conflicts_with = "admin_read_token_file"
+        )]
+        admin_public_reads: bool,
         /// Serve the admin API on TCP as HTTPS only, with the --tls-*
         /// certificate (clients verify it; they bring a token, not one of
         /// their own). The CLI reads the CA from RVOL_ADMIN_CA_FILE.
@@ -497,6 +505,7 @@ async fn run(command: Command) -> anyhow::Result<u8> {
             admin_listen,
             admin_token_file,
             admin_read_token_file,
+            admin_public_reads,
             admin_tls,
             replica_timeout,
             flush_timeout,
@@ -530,11 +539,14 @@ async fn run(command: Command) -> anyhow::Result<u8> {
                 .map(|f| crypt::VolumeKey::load(&f, rvol_replica::volume_uuid(&name)))
                 .transpose()?
                 .map(Arc::new);
-            let admin_tokens = Arc::new(rvol_access::Tokens::load(
-                admin_token_file.as_deref(),
-                admin_read_token_file.as_deref(),
-                admin::ADMIN_TOKEN_ENV,
-            )?);
+            let admin_tokens = Arc::new(
+                rvol_access::Tokens::load(
+                    admin_token_file.as_deref(),
+                    admin_read_token_file.as_deref(),
+                    admin::ADMIN_TOKEN_ENV,
+                )?
+                .with_public_reads(admin_public_reads)?,
+            );
             engine::run(engine::EngineConfig {
                 name,
                 size,

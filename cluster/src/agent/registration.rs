@@ -47,6 +47,10 @@ pub struct AgentConfig {
     pub tls: Option<rvol_tls::TlsFiles>,
     /// Where the keys of encrypted volumes are ([`crate::keys`]).
     pub keys_dir: PathBuf,
+    /// The most MiB/s each of this node's engines copies to rebuild a
+    /// replica (0: no limit), so rebuilds leave the disks and the
+    /// network room for the volumes' own I/O.
+    pub rebuild_rate_mib: f64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -151,6 +151,9 @@ pub struct VolumeView {
     pub nbd: Option<String>,
     pub device: Option<String>,
     pub replicas: Vec<ReplicaView>,
+    /// The rebuild its engine runs, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<crate::model::RebuildProgress>,
     pub events: Vec<crate::model::Event>,
 }
 
@@ -199,6 +202,7 @@ pub fn volume_view(view: &ClusterView, v: &Volume) -> VolumeView {
                 in_sync: v.in_sync.contains(&p.id),
             })
             .collect(),
+        rebuild: engine.and_then(|e| e.rebuild.clone()),
         events: v.events.clone(),
     }
 }

@@ -11,7 +11,8 @@
 //!
 //! Who may call it: a bearer token that controls or one that only reads
 //! (`rvol_access`), and HTTPS on TCP when it has a certificate; `/healthz`
-//! alone answers anyone, saying nothing but "ok".
+//! alone answers anyone, saying nothing but "ok", and so do the
+//! dashboard's assets at `/ui/` (`rvol_dashboard`), which hold no data.
 //!
 //! The controller never talks to agents or engines: it writes what should
 //! be (volume records) and reads what is (the agents' reports), both in
@@ -116,6 +117,7 @@ pub async fn run<S: Store>(
     }
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .merge(rvol_dashboard::router(rvol_dashboard::Kind::Cluster))
         .merge(
             api::router(ctl.clone()).layer(axum::middleware::from_fn_with_state(
                 opts.tokens.clone(),

@@ -1,6 +1,7 @@
 //! Shared helpers for tests that run real `rvol` processes and real clients.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod cluster;
 pub mod direct;
 pub mod netns;
