@@ -17,8 +17,31 @@ const ADMIN: &str = "127.0.0.1:9800";
 /// fio writing (verified) through the engine's NBD export in `ns` for
 /// `secs` seconds.
 fn writer(ns: &str, secs: u32) -> std::process::Child {
-    std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "fio", "--name=slow", "--ioengine=nbd"])
+    fio(ns, secs).spawn().expect("fio")
+}
+
+/// The p99 of fio's write completion latency, in ms, over `secs` seconds
+/// of the writer's job (verified too).
+fn write_p99_ms(ns: &str, secs: u32) -> f64 {
+    let out = fio(ns, secs)
+        .arg("--output-format=json")
+        .output()
+        .expect("fio");
+    assert!(out.status.success(), "fio failed: {out:?}");
+    // fio's NBD engine may print a line before the report.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = text.find("\n{").map_or(&text[..], |i| &text[i + 1..]);
+    let report: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {text}"));
+    report["jobs"][0]["write"]["clat_ns"]["percentile"]["99.000000"]
+        .as_f64()
+        .expect("fio's p99")
+        / 1e6
+}
+
+fn fio(ns: &str, secs: u32) -> std::process::Command {
+    let mut c = std::process::Command::new("ip");
+    c.args(["netns", "exec", ns, "fio", "--name=slow", "--ioengine=nbd"])
         .args(["--uri=nbd://127.0.0.1:10809/", "--rw=randwrite", "--bs=4k"])
         .args(["--iodepth=4", "--size=32M", "--time_based", "--fsync=16"])
         .arg(format!("--runtime={secs}"))
@@ -27,9 +50,8 @@ fn writer(ns: &str, secs: u32) -> std::process::Child {
             "--verify_state_save=0",
             "--verify_fatal=1",
         ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("fio")
+        .stdout(std::process::Stdio::piped());
+    c
 }
 
 /// Waits until `check` holds of the engine's status.
@@ -129,19 +151,28 @@ fn a_replica_behind_a_slow_link_is_reported_then_evicted_and_kept_out() {
     );
     engine.stop();
 
-    // Evicted: out of the set, and kept out while the writes go on.
+    // Evicted: out of the set, and kept out while the writes go on; the
+    // writes' p99 comes back to within 1.5x of what it was before.
     let mut flags = policy.to_vec();
     flags.push("--evict-slow-replicas");
     let mut engine = engine_in(&eng, "slow", "64M", &all, &flags);
+    let before = write_p99_ms(&eng, 6);
     lab.throttle(0, 2000);
-    let fio = writer(&eng, 16);
-    wait_status(&eng, Duration::from_secs(20), "r0 was never evicted", |s| {
+    let fio = writer(&eng, 10);
+    wait_status(&eng, Duration::from_secs(30), "r0 was never evicted", |s| {
         s["replicas"][0]["mode"] == "ERR"
     });
     let s = status_in(&eng, ADMIN);
     let why = s["replicas"][0]["last_error"].as_str().unwrap();
     assert!(why.contains("evicted as slow"), "{s:#}");
     assert_eq!(s["replicas"][0]["slow"]["evicted"], true, "{s:#}");
+    finish(fio);
+    let after = write_p99_ms(&eng, 6);
+    eprintln!("write p99: {before:.2} ms before the slowdown, {after:.2} ms after the eviction");
+    assert!(
+        after <= 1.5 * before,
+        "p99 {after:.2} ms after the eviction, {before:.2} ms before"
+    );
     lab.throttle(0, 0);
     std::thread::sleep(Duration::from_secs(6));
     let s = status_in(&eng, ADMIN);
@@ -151,7 +182,6 @@ fn a_replica_behind_a_slow_link_is_reported_then_evicted_and_kept_out() {
     );
     assert_eq!(s["replicas"][1]["mode"], "RW");
     assert_eq!(s["replicas"][2]["mode"], "RW");
-    finish(fio);
     // By hand it comes back: removed, added, rebuilt.
     run_in_ok(&eng, RVOL, &["replica", "rm", &addrs[0], "--admin", ADMIN]);
     run_in_ok(&eng, RVOL, &["replica", "add", &addrs[0], "--admin", ADMIN]);
