@@ -3,7 +3,8 @@
 //! records kept in it ([`model`]) and one read of them ([`view`]);
 //! leadership among controllers ([`leader`]); where replicas go
 //! ([`placement`]); the controller ([`controller`]) and the node agent
-//! ([`agent`]); and the HTTP client they share ([`http`]).
+//! ([`agent`]); the HTTP client they share ([`http`]) and their metrics
+//! ([`metrics`]).
 
 pub mod agent;
 pub mod client;
@@ -12,6 +13,7 @@ pub mod etcd;
 pub mod http;
 pub mod keys;
 pub mod leader;
+pub mod metrics;
 pub mod model;
 pub mod placement;
 pub mod store;

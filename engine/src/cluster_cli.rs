@@ -363,7 +363,8 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<u8> {
         tracing::warn!(listen = %local, "the agent's API needs no token: whoever reaches it reads what this node runs (--token-file)");
     }
     let (report_tx, report_rx) = tokio::sync::watch::channel(None);
-    let app = rvol_cluster::agent::router(report_rx, tokens);
+    let metrics = Arc::new(rvol_cluster::metrics::LoopMetrics::default());
+    let app = rvol_cluster::agent::router(report_rx, metrics.clone(), tokens);
     let api = tokio::spawn(async move { axum::serve(listener, app).await });
     println!(
         "{}",
@@ -387,6 +388,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<u8> {
             },
             rvol: std::env::current_exe().context("finding the rvol program")?,
             tick: Duration::from_secs(1),
+            metrics,
         },
         report_tx,
         stopped(),

@@ -6,46 +6,9 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
-
-/// Parses an exposition with `prometheus_client`'s OpenMetrics parser;
-/// returns each sample's value by its name and sorted labels.
-fn parse(exposition: &str) -> HashMap<String, f64> {
-    let script = r#"
-import json, sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-out = {}
-for family in text_string_to_metric_families(sys.stdin.read()):
-    for s in family.samples:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "volume")
-        out[f"{s.name}{{{labels}}}"] = s.value
-print(json.dumps(out))
-"#;
-    let mut child = Command::new("python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(exposition.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the exposition does not parse: {}\n{exposition}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 /// fio's JSON report of one job on the volume.
 fn fio(uri: &str, args: &[&str]) -> serde_json::Value {
@@ -71,7 +34,7 @@ fn the_io_metrics_count_what_fio_did_and_parse_as_openmetrics() {
     let tmp = tempfile::tempdir().unwrap();
     let rs = three_replicas(tmp.path(), "64M");
     let (_engine, uri, admin) = start_engine("met", "64M", &addrs(&rs), &[]);
-    let before = parse(&http_get(&admin, "/metrics"));
+    let before = parse_openmetrics(&http_get(&admin, "/metrics"));
     let w = fio(
         &uri,
         &[
@@ -82,7 +45,7 @@ fn the_io_metrics_count_what_fio_did_and_parse_as_openmetrics() {
         ],
     );
     let r = fio(&uri, &["--rw=randread", "--number_ios=2000", "--iodepth=8"]);
-    let after = parse(&http_get(&admin, "/metrics"));
+    let after = parse_openmetrics(&http_get(&admin, "/metrics"));
     let delta =
         |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
     let n = |v: &serde_json::Value| v.as_f64().unwrap();
@@ -136,4 +99,135 @@ fn the_io_metrics_count_what_fio_did_and_parse_as_openmetrics() {
         );
     }
     assert_eq!(after.get("rvol_volume_requests_in_flight{}"), Some(&0.0));
+}
+
+/// The control plane's metrics, scraped from a real controller and agent
+/// and parsed by the same OpenMetrics parser, follow the cluster: a
+/// healthy volume, then a node lost (degraded, the node away), then etcd
+/// gone (the controller still answers, saying the store is down).
+#[test]
+fn the_control_plane_metrics_follow_the_cluster_and_parse_as_openmetrics() {
+    use common::cluster::Cluster;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::local(tmp.path(), &[("n1", "za"), ("n2", "zb")], "10m");
+    c.ok(&["volume", "create", "m", "--size", "64M", "--replicas", "2"]);
+    let uri = c.attach("m", 0);
+    // Some I/O, for the per-replica series to exist.
+    c.qemu_io(0, &uri, &["write 0 1M", "flush"]);
+    let controller = c.url.split(',').next().unwrap().to_string();
+    let scrape =
+        |url: &str| parse_openmetrics(&run_ok("curl", &["-sf", &format!("{url}/metrics")]));
+    let nodes = c.json(&["node", "ls", "--json"]);
+    let agent = format!("http://{}", nodes[0]["address"].as_str().unwrap());
+
+    wait_until(
+        "the controller to count the volume healthy",
+        Duration::from_secs(20),
+        || scrape(&controller).get("rvol_cluster_volumes{state=healthy}") == Some(&1.0),
+    );
+    let m = scrape(&controller);
+    for (series, want) in [
+        ("rvol_cluster_nodes{state=alive}", 2.0),
+        ("rvol_cluster_nodes{state=away}", 0.0),
+        ("rvol_cluster_volumes{state=degraded}", 0.0),
+        ("rvol_cluster_replicas{node=n1}", 1.0),
+        ("rvol_cluster_replicas{node=n2}", 1.0),
+        ("rvol_controller_leading{}", 1.0),
+        ("rvol_cluster_store_up{}", 1.0),
+        ("rvol_controller_reconcile_errors_total{}", 0.0),
+    ] {
+        assert_eq!(m.get(series), Some(&want), "{series}: {m:#?}");
+    }
+    assert!(m["rvol_controller_reconcile_passes_total{}"] > 0.0);
+    assert!(m["rvol_controller_reconcile_duration_seconds_count{}"] > 0.0);
+    let disk = format!("{}", c.nodes[0].disk.display());
+    assert!(
+        m[&format!("rvol_node_disk_capacity_bytes{{disk={disk},node=n1}}")] > 0.0,
+        "{m:#?}"
+    );
+
+    // Every series the Grafana dashboard plots is one these processes
+    // export (the engine's too, on its socket in the agent's run dir).
+    let run_dir = c.nodes[0].disk.join(".rvol-agent");
+    let socket = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock") && !p.ends_with("agent.sock"))
+        .expect("the engine's admin socket");
+    let engine = run_ok(
+        "curl",
+        &[
+            "-sf",
+            "--unix-socket",
+            socket.to_str().unwrap(),
+            "http://e/metrics",
+        ],
+    );
+    let exported = [
+        engine,
+        run_ok("curl", &["-sf", &format!("{controller}/metrics")]),
+        run_ok("curl", &["-sf", &format!("{agent}/metrics")]),
+    ]
+    .join("\n");
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/rvol.json"
+    ))
+    .unwrap();
+    let board: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut plotted = 0;
+    for p in board["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("rvol_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let found = exported.lines().any(|l| {
+                    l.strip_prefix(&name)
+                        .is_some_and(|r| r.starts_with(['{', ' ']))
+                });
+                assert!(found, "the dashboard plots {name}, which nothing exports");
+                plotted += 1;
+            }
+        }
+    }
+    assert!(plotted > 20, "{plotted}");
+
+    let a = scrape(&agent);
+    assert_eq!(
+        a.get("rvol_agent_processes{kind=replica,state=running}"),
+        Some(&1.0),
+        "{a:#?}"
+    );
+    assert_eq!(
+        a.get("rvol_agent_processes{kind=engine,state=running}"),
+        Some(&1.0),
+        "{a:#?}"
+    );
+    assert!(a["rvol_agent_pass_passes_total{}"] > 0.0);
+
+    // n2 lost: the volume degraded, the node away.
+    c.kill_node(1);
+    wait_until(
+        "the controller to count n2 away",
+        Duration::from_secs(30),
+        || {
+            let m = scrape(&controller);
+            m.get("rvol_cluster_nodes{state=away}") == Some(&1.0)
+                && m.get("rvol_cluster_volumes{state=degraded}") == Some(&1.0)
+        },
+    );
+
+    // etcd gone: the scrape still answers, and says so.
+    for e in &mut c.etcd {
+        e.kill();
+    }
+    wait_until(
+        "the controller to say the store is down",
+        Duration::from_secs(30),
+        || scrape(&controller).get("rvol_cluster_store_up{}") == Some(&0.0),
+    );
 }

@@ -69,6 +69,8 @@ pub struct AgentOptions {
     pub rvol: PathBuf,
     /// How often the node is brought to the cluster's state.
     pub tick: Duration,
+    /// Its passes, for `/metrics` ([`router`]).
+    pub metrics: std::sync::Arc<crate::metrics::LoopMetrics>,
 }
 
 struct Agent<S> {
@@ -150,7 +152,11 @@ pub async fn run<S: Store>(
     let mut changes = None;
     loop {
         let lease = *lease.borrow();
-        let revision = match agent.pass(lease).await {
+        let started = std::time::Instant::now();
+        let passed = agent.pass(lease).await;
+        opts.metrics
+            .pass(started.elapsed().as_secs_f64(), u64::from(passed.is_err()));
+        let revision = match passed {
             Ok(r) => Some(r),
             Err(e) => {
                 tracing::warn!(error = %e, "pass failed; what runs keeps running");
@@ -657,10 +663,27 @@ async fn admin(
 /// `/healthz` needs none: it says nothing.
 pub fn router(
     report: watch::Receiver<Option<Report>>,
+    metrics: std::sync::Arc<crate::metrics::LoopMetrics>,
     tokens: std::sync::Arc<rvol_access::Tokens>,
 ) -> axum::Router {
     use axum::routing::get;
+    let last = report.clone();
     axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let text = crate::metrics::encode_agent(&metrics, last.borrow().as_ref());
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
         .route(
             "/v1/report",
             get(move || {

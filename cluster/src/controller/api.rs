@@ -10,6 +10,7 @@
 //! GET    /v1/volumes/NAME/snapshots   POST /v1/volumes/NAME/snapshots {name}
 //! DELETE /v1/volumes/NAME/snapshots/SNAPSHOT
 //! GET    /v1/nodes                    POST /v1/nodes/NAME/cordon | uncordon | drain
+//! GET    /metrics                     (OpenMetrics: see crate::metrics)
 //! ```
 //!
 //! Attach and detach answer once the node's agent reports the engine
@@ -108,6 +109,7 @@ pub fn router<S: Store>(ctl: Arc<Ctl<S>>) -> Router {
             post(super::nodes::uncordon::<S>),
         )
         .route("/v1/nodes/{name}/drain", post(super::nodes::drain::<S>))
+        .route("/metrics", get(metrics::<S>))
         .with_state(ctl)
 }
 
@@ -123,6 +125,23 @@ pub(super) async fn change_lock<S: Store>(
         ));
     }
     Ok(ctl.changes.lock().await)
+}
+
+/// The controller's metrics ([`crate::metrics`]).
+async fn metrics<S: Store>(State(ctl): State<Arc<Ctl<S>>>) -> impl IntoResponse {
+    let view = ClusterView::load(&*ctl.store).await;
+    let text = crate::metrics::encode_controller(
+        &ctl.reconcile,
+        ctl.leading(),
+        view.as_ref().map_err(|e| e.to_string()),
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
 }
 
 async fn leader<S: Store>(State(ctl): State<Arc<Ctl<S>>>) -> Json<serde_json::Value> {

@@ -71,10 +71,13 @@ impl<S: Store> Healer<S> {
     pub async fn pass(&mut self) {
         let ctl = self.ctl.clone();
         let _lock = ctl.changes.lock().await;
+        let started = Instant::now();
+        let mut errors = 0;
         let view = match ClusterView::load(&*self.ctl.store).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, "reconcile pass skipped");
+                ctl.reconcile.pass(started.elapsed().as_secs_f64(), 1);
                 return;
             }
         };
@@ -105,12 +108,16 @@ impl<S: Store> Healer<S> {
                     .await
                 {
                     Ok(_) | Err(StoreError::Conflict { .. }) => {}
-                    Err(e) => tracing::warn!(volume = %v.name, error = %e, "healing not written"),
+                    Err(e) => {
+                        errors += 1;
+                        tracing::warn!(volume = %v.name, error = %e, "healing not written");
+                    }
                 }
             }
         }
         let issuer = ctl.issuer.as_deref();
         super::certs::sign(&*ctl.store, issuer, &view, &mut self.unsigned).await;
+        ctl.reconcile.pass(started.elapsed().as_secs_f64(), errors);
     }
 
     /// Writes `outcome` to the volume's events: a success always, a

@@ -63,6 +63,8 @@ pub struct Ctl<S> {
     /// Serialises changes within the leader.
     pub changes: Mutex<()>,
     candidate: Candidate<S>,
+    /// The healer's passes.
+    pub reconcile: crate::metrics::LoopMetrics,
 }
 
 impl<S: Store> Ctl<S> {
@@ -106,6 +108,7 @@ pub async fn run<S: Store>(
         issuer: opts.issuer.clone(),
         leading,
         changes: Mutex::new(()),
+        reconcile: Default::default(),
         candidate: Candidate::new(store.clone(), &leader_key(), &opts.address, opts.leader_ttl),
     });
     if opts.tokens.is_open() {
