@@ -354,6 +354,7 @@ async function refreshEngine() {
     const notes = [];
     if (r.slow) notes.push(badge(r.slow.evicted ? "evicted" : "slow", "slow"), ` ${r.slow.mean_ms.toFixed(1)} ms against peers' ${r.slow.peers_ms.toFixed(1)} ms for ${r.slow.for_secs} s `);
     if (r.stale) notes.push("stale ");
+    if (r.failures) notes.push(`failed ${r.failures}× since the engine started `);
     if (r.last_error) notes.push(el("span", { class: "error-text" }, r.last_error));
     rows.push(
       el(

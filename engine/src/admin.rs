@@ -101,6 +101,9 @@ pub struct ReplicaStatus {
     /// Missed an acknowledged write while out of the set: needs a rebuild.
     pub stale: bool,
     pub last_error: Option<String>,
+    /// Times an error put it out of the set since the engine started.
+    #[serde(default)]
+    pub failures: u64,
     /// Mean round trip of its writes and flushes over the last few
     /// seconds (when there were enough to say).
     #[serde(default)]
@@ -128,6 +131,7 @@ pub fn status(s: &AdminState) -> VolumeStatus {
             revision: r.revision(),
             stale: r.missed(),
             last_error: r.last_error(),
+            failures: r.failures.load(std::sync::atomic::Ordering::Relaxed),
             latency_ms: r.timing.last_ms(),
             slow: r.timing.report(),
         })

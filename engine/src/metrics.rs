@@ -268,6 +268,19 @@ pub fn encode(io: &IoMetrics, st: &VolumeStatus) -> String {
         "1 while a replica is far slower than its peers (see rvol volume status)",
         slow,
     );
+    let failures = Family::<Replica, Counter>::default();
+    for rep in &st.replicas {
+        failures
+            .get_or_create(&Replica {
+                replica: rep.address.clone(),
+            })
+            .inc_by(rep.failures);
+    }
+    r.register(
+        "rvol_replica_failures",
+        "Times an error put each replica out of the set",
+        failures,
+    );
     counter(
         &mut r,
         "rvol_rebuilt_bytes",

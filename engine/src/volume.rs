@@ -112,6 +112,9 @@ pub struct ReplicaSlot {
     /// The replica's revision counter as far as the engine knows it.
     revision: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Times it was put out of the set by an error since the engine
+    /// started.
+    pub failures: AtomicU64,
     /// Its round trips, against its peers' ([`crate::slow`]).
     pub timing: crate::slow::ReplicaTiming,
 }
@@ -133,6 +136,7 @@ impl ReplicaSlot {
             identity: Mutex::new(identity),
             revision: AtomicU64::new(revision),
             last_error: Mutex::new(None),
+            failures: AtomicU64::new(0),
             timing: Default::default(),
         }
     }
@@ -149,6 +153,7 @@ impl ReplicaSlot {
             identity: Mutex::new(uuid::Uuid::nil()),
             revision: AtomicU64::new(0),
             last_error: Mutex::new(Some(error)),
+            failures: AtomicU64::new(1),
             timing: Default::default(),
         }
     }
@@ -442,6 +447,7 @@ impl ReplicatedVolume {
         slot.attachment.fetch_add(1, Ordering::AcqRel);
         let was = Mode::from_u8(slot.mode.swap(Mode::ERR as u8, Ordering::AcqRel));
         if was != Mode::ERR {
+            slot.failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(replica = %slot.endpoint, was = ?was, error = %why, "replica set to ERR");
             self.events.push(
                 EventKind::ReplicaFailed,

@@ -110,6 +110,23 @@ fn the_dashboard_follows_a_failure_and_its_rebuild_and_acts_only_after_a_login()
     b.cmd("wait_gone #rebuild-progress");
     b.cmd("shot 5-rebuilt");
     eprintln!("the page showed the rebuild at {progress}");
+    let metrics = run_ok(
+        "curl",
+        &[
+            "-sf",
+            "--unix-socket",
+            socket.to_str().unwrap(),
+            "http://rvol/metrics",
+        ],
+    );
+    for (i, r) in rs.iter().enumerate() {
+        let line = format!(
+            "rvol_replica_failures_total{{volume=\"dash\",replica=\"{}\"}} {}",
+            r.addr,
+            u8::from(i == 0)
+        );
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
     assert_ne!(b.cmd("count #chart polyline[data-series='write p99']"), "0");
 
     // Logged in with the control token, the same action is done.

@@ -10,8 +10,10 @@
 #        user recovery; a stale device cleaned up by the next engine; the
 #        cluster (etcd, a controller, two agents) attaching a volume as
 #        /dev/ublkbN on one node, then on the other, with ext4 across.
+#        A replica whose disk turns slow (dm-delay) is reported and evicted.
 # bench: fio on /dev/ublkb0 and /dev/nbd0 attached to the same volume.
 # cluster: the cluster and CSI tests alone.
+# slowdisk: the slow disk test alone.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 rvol=$(realpath "${RVOL:-$root/target/release/rvol}")
@@ -24,6 +26,9 @@ cleanup() {
   umount /mnt/t 2>/dev/null || true
   nbd-client -d /dev/nbd0 >/dev/null 2>&1 || true
   kill_started
+  sleep 0.5
+  umount /mnt/slow 2>/dev/null || true
+  dmsetup remove rvolslow 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -153,7 +158,80 @@ csi_test() {
   log "PASS the kubelet's walk"
 }
 
+# fio_p99 NAME SECS: verified 4 KiB random writes (a flush every 8) at
+# queue depth 4 through the NBD export on port 10810 for SECS seconds;
+# prints the p99 of their completion latency in microseconds.
+fio_p99() {
+  fio --name="$1" --ioengine=nbd --uri=nbd://127.0.0.1:10810/vol --rw=randwrite --bs=4k \
+    --iodepth=4 --size=32M --fsync=8 --time_based --runtime="$2" --verify=crc32c \
+    --verify_fatal=1 --verify_state_save=0 --output-format=json --output="$work/$1.json" ||
+    fail "fio $1: $(tail -n 5 "$work/$1.json")"
+  python3 -c "import json,sys; t=open(sys.argv[1]).read(); j=json.loads(t[t.index('{'):]); \
+print(round(j['jobs'][0]['write']['clat_ns']['percentile']['99.000000'] / 1000))" "$work/$1.json"
+}
+
+# volume_status PYTHON-EXPR: evaluates EXPR on the engine's status (s).
+volume_status() {
+  curl -sf --unix-socket "$work/admin.sock" http://rvol/v1/volume |
+    python3 -c "import json,sys; s=json.load(sys.stdin); print($1)"
+}
+
+# slow_disk_test: one replica's file system sits on a dm-delay device
+# that turns slow (200 ms a request) under load. The engine must report
+# that replica slow, with its figures, within 30 s, evict it, and the
+# writes' p99 must come back within 1.5x of its figure before; fio
+# verifies every write throughout.
+slow_disk_test() {
+  log "slow disk: a replica on a dm-delay device is reported and evicted; p99 recovers"
+  modprobe loop && modprobe dm-delay || fail "modprobe loop dm-delay"
+  truncate -s 1G "$work/slow.img"
+  local dev sectors p99_before p99_after
+  dev=$(losetup -f --show "$work/slow.img") || fail "losetup"
+  sectors=$(blockdev --getsz "$dev")
+  dmsetup create rvolslow --table "0 $sectors delay $dev 0 0" || fail "dmsetup create"
+  mkfs.ext4 -q /dev/mapper/rvolslow || fail "mkfs on the delay device"
+  mkdir -p /mnt/slow
+  mount /dev/mapper/rvolslow /mnt/slow || fail "mount the delay device"
+  start_replica 11 /mnt/slow/r
+  start_replica 12 "$work/s12"
+  start_replica 13 "$work/s13"
+  start_engine slow --replica 127.0.0.1:41011 --replica 127.0.0.1:41012 --replica 127.0.0.1:41013 \
+    --nbd-listen 127.0.0.1:10810 --evict-slow-replicas --slow-replica-seconds 4
+  p99_before=$(fio_p99 slow-before 6)
+  dmsetup suspend rvolslow && dmsetup reload rvolslow --table "0 $sectors delay $dev 0 200" &&
+    dmsetup resume rvolslow || fail "slowing the delay device"
+  fio --name=slow-during --ioengine=nbd --uri=nbd://127.0.0.1:10810/vol --rw=randwrite --bs=4k \
+    --iodepth=4 --size=32M --fsync=8 --time_based --runtime=20 --verify=crc32c --verify_fatal=1 \
+    --verify_state_save=0 --output="$work/slow-during.fio" &
+  local writer=$! reported=
+  for _ in $(seq 60); do
+    reported=$(volume_status "s['replicas'][0].get('slow') or ''")
+    [ -n "$reported" ] && break
+    sleep 0.5
+  done
+  [ -n "$reported" ] || fail "the slow replica was not reported within 30 s"
+  log "reported slow: $reported"
+  for _ in $(seq 60); do
+    [ "$(volume_status "s['replicas'][0]['mode']")" = ERR ] && break
+    sleep 0.5
+  done
+  [ "$(volume_status "s['replicas'][0]['mode']")" = ERR ] || fail "the slow replica was not evicted"
+  volume_status "s['replicas'][0]['last_error']" | grep -q "evicted as slow" || fail "eviction reason"
+  wait $writer || fail "fio during the slowdown: $(tail -n 5 "$work/slow-during.fio")"
+  grep -q "err= 0" "$work/slow-during.fio" || fail "fio during the slowdown saw errors"
+  p99_after=$(fio_p99 slow-after 6)
+  log "write p99: ${p99_before} us before the slowdown, ${p99_after} us after the eviction"
+  [ "$p99_after" -le $((p99_before * 3 / 2)) ] || fail "p99 ${p99_after} us after the eviction, ${p99_before} us before"
+  stop_engine
+  log "PASS a replica on a slow disk is reported ($reported) and evicted; p99 back within 1.5x"
+}
+
 mkdir -p /mnt/t
+if [ "$what" = slowdisk ]; then
+  secure_setup "$work/pki"
+  slow_disk_test
+  exit 0
+fi
 if [ "$what" = cluster ]; then
   cluster_test
   csi_test
@@ -247,6 +325,7 @@ nbd-client -d /dev/nbd0 >/dev/null
 stop_engine
 log "PASS ext4 and fio verify on /dev/nbd0"
 
+slow_disk_test
 cluster_test
 csi_test
 log "all guest tests passed"
