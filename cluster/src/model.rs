@@ -328,7 +328,54 @@ pub struct Volume {
     /// Snapshots asked for, taken, or being removed, oldest first.
     #[serde(default)]
     pub snapshots: Vec<Snapshot>,
+    /// The newest backup asked for ([`BackupJob`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupJob>,
     pub events: Vec<Event>,
+}
+
+/// A backup of one of a volume's snapshots to a target, asked for in its
+/// record: the agent of its engine (a maintenance engine's, while it is
+/// detached) has the engine run it and records how it ended. One at a
+/// time per volume. The target's credentials are never in the record:
+/// the agent hands the engine its own `AWS_*` settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupJob {
+    pub snapshot: SnapshotName,
+    /// `s3://BUCKET/PREFIX` or `file:///DIR`.
+    pub target: String,
+    /// Read rate limit in whole MiB/s (none: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_mib: Option<u32>,
+    pub state: BackupJobState,
+    /// Unix seconds when it was asked for.
+    pub asked: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "is")]
+pub enum BackupJobState {
+    /// Asked for; no engine runs it yet.
+    Requested,
+    /// An engine runs it.
+    Running,
+    /// Written to the target as backup `name`.
+    Done {
+        name: String,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+impl BackupJob {
+    /// Whether it still has to run (or is running).
+    pub fn pending(&self) -> bool {
+        matches!(
+            self.state,
+            BackupJobState::Requested | BackupJobState::Running
+        )
+    }
 }
 
 /// A snapshot of a volume. Users ask for it in the record; the engine of
@@ -435,6 +482,19 @@ pub struct EngineReport {
     /// The rebuild the engine runs, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<RebuildProgress>,
+    /// The backup the engine runs, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupProgress>,
+}
+
+/// How far an engine's backup has gone: bytes of the snapshot read, of
+/// `to_read` (what changed since the previous backup), and uploaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupProgress {
+    pub snapshot: String,
+    pub read: u64,
+    pub to_read: u64,
+    pub uploaded: u64,
 }
 
 /// How far an engine's rebuild of one replica has gone: bytes of its

@@ -33,8 +33,13 @@ pub enum BackupCommand {
         #[arg(long)]
         target: String,
         /// The volume engine's admin address.
+        #[arg(long, required_unless_present = "cluster", conflicts_with = "cluster")]
+        admin: Option<Endpoint>,
+        /// Or the cluster's controller(s), which have the volume's engine
+        /// (a maintenance engine while it is detached) run it; the S3
+        /// settings are then the agents' own AWS_* variables.
         #[arg(long)]
-        admin: Endpoint,
+        cluster: Option<String>,
         /// Read rate limit in MiB/s (0: none).
         #[arg(long, default_value_t = 0.0)]
         rate_mib: f64,
@@ -117,11 +122,20 @@ pub async fn run(c: BackupCommand) -> anyhow::Result<u8> {
             snapshot,
             target,
             admin,
+            cluster,
             rate_mib,
             parallel,
             chunk_size,
             json,
         } => {
+            let Some(admin) = admin else {
+                let cluster = crate::cluster_cli::ClusterArg {
+                    cluster: cluster.unwrap_or_default(),
+                };
+                // Whole MiB/s in the cluster's record.
+                let rate = (rate_mib > 0.0).then(|| rate_mib.ceil() as u32);
+                return create_in_cluster(&cluster, &volume, &snapshot, &target, rate, json).await;
+            };
             let status: admin::VolumeStatus =
                 serde_json::from_str(&admin::get(&admin, "/v1/volume").await?)
                     .context("parsing the volume's status")?;
@@ -289,7 +303,7 @@ fn summary(m: &Manifest) -> serde_json::Value {
 
 /// Follows the engine's backup to its end, with a progress bar on a
 /// terminal.
-async fn follow(admin: &Endpoint) -> anyhow::Result<BackupStatus> {
+fn progress_bar() -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -297,6 +311,90 @@ async fn follow(admin: &Endpoint) -> anyhow::Result<BackupStatus> {
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    bar
+}
+
+/// How long `backup create --cluster` waits for an engine to show it
+/// running.
+const NOT_STARTED: Duration = Duration::from_secs(60);
+
+/// `backup create --cluster`: asks the controller, then follows the job
+/// in the volume's record (and its engine's progress) until it ends.
+async fn create_in_cluster(
+    cluster: &crate::cluster_cli::ClusterArg,
+    volume: &str,
+    snapshot: &str,
+    target: &str,
+    rate_mib: Option<u32>,
+    json: bool,
+) -> anyhow::Result<u8> {
+    use hyper::Method;
+    use rvol_cluster::model::{BackupJob, BackupJobState};
+    let body = serde_json::json!({ "snapshot": snapshot, "target": target, "rate_mib": rate_mib });
+    let path = format!("/v1/volumes/{volume}");
+    let asked: BackupJob = serde_json::from_value(
+        crate::cluster_cli::call(
+            cluster,
+            Method::POST,
+            &format!("{path}/backups"),
+            Some(body),
+        )
+        .await?,
+    )
+    .context("parsing the controller's answer")?;
+    let bar = progress_bar();
+    // When an engine last showed the job running (or it was asked for).
+    let mut last_sign = std::time::Instant::now();
+    let job = loop {
+        let v: rvol_cluster::controller::api::VolumeView = serde_json::from_value(
+            crate::cluster_cli::call(cluster, Method::GET, &path, None).await?,
+        )
+        .context("parsing the volume")?;
+        let job = v
+            .backup
+            .filter(|b| {
+                b.snapshot == asked.snapshot && b.target == asked.target && b.asked == asked.asked
+            })
+            .context("the volume's backup request was replaced by another")?;
+        if let Some(p) = v.backup_progress.filter(|p| p.snapshot == snapshot) {
+            last_sign = std::time::Instant::now();
+            bar.set_length(p.to_read);
+            bar.set_position(p.read);
+            bar.set_message(format!("{} bytes uploaded", p.uploaded));
+        } else {
+            bar.set_message(format!("{:?}", job.state).to_lowercase());
+        }
+        if !job.pending() {
+            bar.finish_and_clear();
+            break job;
+        }
+        if last_sign.elapsed() > NOT_STARTED {
+            bar.finish_and_clear();
+            let last = v.events.last().map_or("", |e| e.message.as_str());
+            bail!(
+                "no engine has run the backup for {NOT_STARTED:?}; it stays asked for, and \
+                 runs when the volume's engine can (its last event: {last})"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&job)?);
+    }
+    match job.state {
+        BackupJobState::Done { name } => {
+            if !json {
+                println!("{name}");
+            }
+            Ok(0)
+        }
+        BackupJobState::Failed { error } => bail!("backup failed: {error}"),
+        _ => bail!("the backup ended in no known state"),
+    }
+}
+
+async fn follow(admin: &Endpoint) -> anyhow::Result<BackupStatus> {
+    let bar = progress_bar();
     loop {
         let s: Option<BackupStatus> =
             serde_json::from_str(&admin::get(admin, "/v1/backups").await?)

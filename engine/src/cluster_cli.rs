@@ -148,7 +148,7 @@ pub const KEYS_DIR: &str = "/var/lib/rvol/keys";
 #[derive(clap::Args, Clone)]
 pub struct ClusterArg {
     #[arg(long, env = "RVOL_CLUSTER")]
-    cluster: String,
+    pub cluster: String,
 }
 
 #[derive(clap::Subcommand)]
@@ -411,7 +411,7 @@ pub fn client(cluster: &ClusterArg) -> anyhow::Result<Client> {
 
 /// One API call through the cluster's client (leader failover, election
 /// wait).
-async fn call(
+pub async fn call(
     cluster: &ClusterArg,
     method: Method,
     path: &str,

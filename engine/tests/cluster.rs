@@ -1283,3 +1283,115 @@ fn a_standby_controller_takes_over_and_nothing_happens_twice() {
         }
     }
 }
+
+/// Backups through the cluster: `rvol backup create --cluster` has the
+/// volume's engine back a snapshot up while attached, and a maintenance
+/// engine while detached (the second incremental against the first); the
+/// backups restore to what the volume held; bad requests are refused and
+/// change nothing.
+#[test]
+fn backups_are_made_through_the_cluster_attached_or_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cluster::local(tmp.path(), &[("n1", "za"), ("n2", "zb")], "10m");
+    let target = format!("file://{}", tmp.path().join("backups").display());
+    std::fs::create_dir_all(tmp.path().join("backups")).unwrap();
+    c.ok(&["volume", "create", "bk", "--size", "64M", "--replicas", "2"]);
+    let uri = c.attach("bk", 0);
+    written(&c, 0, &uri, &["write -P 0x31 0 8M", "flush"]);
+    c.ok(&["volume", "snapshot", "create", "bk", "s1"]);
+    let create = |snap: &str| {
+        c.json(&[
+            "backup",
+            "create",
+            "bk",
+            "--snapshot",
+            snap,
+            "--target",
+            &target,
+            "--json",
+        ])
+    };
+    let first = create("s1");
+    let first_name = first["state"]["name"]
+        .as_str()
+        .expect("a backup name")
+        .to_string();
+
+    // Detached: a maintenance engine takes the snapshot and the backup.
+    written(&c, 0, &uri, &["write -P 0x32 0 1M", "flush"]);
+    c.ok(&["volume", "detach", "bk"]);
+    c.ok(&["volume", "snapshot", "create", "bk", "s2"]);
+    let second = create("s2");
+    let second_name = second["state"]["name"]
+        .as_str()
+        .expect("a backup name")
+        .to_string();
+    let v = c.volume("bk");
+    assert_eq!(v["backup"]["state"]["is"], "done", "{v:#}");
+    assert!(
+        v["events"].as_array().unwrap().iter().any(|e| e["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("backup {second_name} written"))),
+        "{v:#}"
+    );
+
+    let list: Value = serde_json::from_str(&common::run_ok(
+        common::RVOL,
+        &["backup", "ls", "--target", &target, "--json"],
+    ))
+    .unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, [first_name.as_str(), second_name.as_str()]);
+
+    // Each restores to what its snapshot held.
+    for (name, first_mib) in [(&first_name, "0x31"), (&second_name, "0x32")] {
+        let base = tmp.path().join(format!("restore-{name}"));
+        std::fs::create_dir_all(&base).unwrap();
+        let rs = common::three_replicas(&base, "64M");
+        let mut args = vec![
+            "backup", "restore", name, "--target", &target, "--volume", "bk",
+        ];
+        let addrs = common::addrs(&rs);
+        for a in &addrs {
+            args.extend(["--replica", a]);
+        }
+        common::run_ok(common::RVOL, &args);
+        let (mut e, uri, _) = common::start_engine("bk", "64M", &addrs, &[]);
+        let pattern = format!("read -P {first_mib} 0 1M");
+        common::qemu_io(&uri, &[&pattern, "read -P 0x31 1M 7M", "read -P 0 8M 56M"]);
+        e.stop();
+    }
+
+    // Refused, with the reason, and nothing asked: a snapshot not taken,
+    // a target that is none.
+    let err = c.fails(&[
+        "backup",
+        "create",
+        "bk",
+        "--snapshot",
+        "nope",
+        "--target",
+        &target,
+    ]);
+    assert!(err.contains("no snapshot nope taken"), "{err}");
+    let err = c.fails(&[
+        "backup",
+        "create",
+        "bk",
+        "--snapshot",
+        "s1",
+        "--target",
+        "http://x/",
+    ]);
+    assert!(err.contains("not a backup target"), "{err}");
+    assert_eq!(
+        c.volume("bk")["backup"]["state"]["name"],
+        second_name.as_str()
+    );
+}

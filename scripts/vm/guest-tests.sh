@@ -189,6 +189,7 @@ slow_disk_test() {
   dev=$(losetup -f --show "$work/slow.img") || fail "losetup"
   sectors=$(blockdev --getsz "$dev")
   dmsetup create rvolslow --table "0 $sectors delay $dev 0 0" || fail "dmsetup create"
+  dmsetup mknodes rvolslow # no udev in the guest to make /dev/mapper/rvolslow
   mkfs.ext4 -q /dev/mapper/rvolslow || fail "mkfs on the delay device"
   mkdir -p /mnt/slow
   mount /dev/mapper/rvolslow /mnt/slow || fail "mount the delay device"

@@ -27,6 +27,7 @@
 //! certificate, and an engine starts only once the controller has signed
 //! a certificate naming its volume for this attachment ([`certs`]).
 
+mod backups;
 mod certs;
 mod in_sync;
 pub mod process;
@@ -457,6 +458,7 @@ impl<S: Store> Agent<S> {
             size: v.created_size,
             replicas: Vec::new(),
             rebuild: None,
+            backup: None,
         };
         let Some((_, ready)) = self.sup.ready(key) else {
             return report;
@@ -561,6 +563,8 @@ impl<S: Store> Agent<S> {
             }
         }
         snapshots::converge(&*self.store, &self.config.node, v, &socket).await;
+        report.backup =
+            backups::converge(&*self.store, &self.config.node, v, &socket, &status).await;
         report
     }
 

@@ -9,6 +9,7 @@
 //! POST   /v1/volumes/NAME/expand {size}
 //! GET    /v1/volumes/NAME/snapshots   POST /v1/volumes/NAME/snapshots {name}
 //! DELETE /v1/volumes/NAME/snapshots/SNAPSHOT
+//! POST   /v1/volumes/NAME/backups {snapshot, target, rate_mib?}
 //! GET    /v1/nodes                    POST /v1/nodes/NAME/cordon | uncordon | drain
 //! GET    /metrics                     (OpenMetrics: see crate::metrics)
 //! ```
@@ -102,6 +103,10 @@ pub fn router<S: Store>(ctl: Arc<Ctl<S>>) -> Router {
             "/v1/volumes/{name}/snapshots/{snapshot}",
             axum::routing::delete(super::snapshots::remove::<S>),
         )
+        .route(
+            "/v1/volumes/{name}/backups",
+            post(super::snapshots::backup::<S>),
+        )
         .route("/v1/nodes", get(super::nodes::list::<S>))
         .route("/v1/nodes/{name}/cordon", post(super::nodes::cordon::<S>))
         .route(
@@ -173,6 +178,11 @@ pub struct VolumeView {
     /// The rebuild its engine runs, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<crate::model::RebuildProgress>,
+    /// The newest backup asked for, and its engine's progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<crate::model::BackupJob>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_progress: Option<crate::model::BackupProgress>,
     pub events: Vec<crate::model::Event>,
 }
 
@@ -222,6 +232,8 @@ pub fn volume_view(view: &ClusterView, v: &Volume) -> VolumeView {
             })
             .collect(),
         rebuild: engine.and_then(|e| e.rebuild.clone()),
+        backup: v.backup.clone(),
+        backup_progress: engine.and_then(|e| e.backup.clone()),
         events: v.events.clone(),
     }
 }
@@ -325,6 +337,7 @@ async fn create<S: Store>(
         last_serial: 0,
         in_sync: Vec::new(),
         snapshots: Vec::new(),
+        backup: None,
         events: Vec::new(),
     };
     let count = volume.spec.replicas;

@@ -237,6 +237,12 @@ impl<S: Store> Healer<S> {
                 .filter(|s| !matches!(s.state, SnapshotState::Taken { .. }))
                 .map(|s| format!("snapshot {}", s.name)),
         );
+        work.extend(
+            v.backup
+                .iter()
+                .filter(|b| b.pending())
+                .map(|b| format!("backup of {}", b.snapshot)),
+        );
         match &v.attachment {
             None if !work.is_empty() => {
                 let Some(node) = source else {

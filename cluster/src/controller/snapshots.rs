@@ -4,6 +4,10 @@
 //! records it taken, which is when the API answers. Asking again for a
 //! snapshot taken answers with it, so a retried request (the CLI's after
 //! a leader change, the CSI driver's) takes nothing twice.
+//!
+//! Backups of a taken snapshot are asked for the same way (one at a time,
+//! [`crate::model::BackupJob`]); the request answers at once and the
+//! caller follows the job in the volume's record.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,7 +21,9 @@ use super::api::{
     bad, change_lock, conflict, find, not_found, volume_name, ApiError, ApiResult, KeyWatch, WAIT,
 };
 use super::Ctl;
-use crate::model::{encode, Snapshot, SnapshotName, SnapshotState, Volume, VolumeName};
+use crate::model::{
+    encode, BackupJob, BackupJobState, Snapshot, SnapshotName, SnapshotState, Volume, VolumeName,
+};
 use crate::store::{Expect, Revision, Store};
 use crate::view::ClusterView;
 
@@ -102,6 +108,79 @@ pub async fn remove<S: Store>(
             .then(|| Ok(serde_json::json!({ "removed": snap })))
     })
     .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequest {
+    pub snapshot: String,
+    pub target: String,
+    /// Whole MiB/s.
+    #[serde(default)]
+    pub rate_mib: Option<u32>,
+}
+
+/// Asks for a backup of a taken snapshot (202 with the job). The same
+/// request while it is pending answers with it; another one is refused
+/// until it ends. The caller follows it in the volume's record.
+pub async fn backup<S: Store>(
+    State(ctl): State<Arc<Ctl<S>>>,
+    Path(name): Path<String>,
+    Json(req): Json<BackupRequest>,
+) -> Result<(StatusCode, Json<BackupJob>), ApiError> {
+    let name = volume_name(&name)?;
+    let snap = SnapshotName::new(&req.snapshot).map_err(bad)?;
+    if !(req.target.starts_with("s3://") || req.target.starts_with("file:///")) {
+        return Err(bad(format!(
+            "{:?} is not a backup target (s3://BUCKET/PREFIX or file:///DIR)",
+            req.target
+        )));
+    }
+    let mut job = None;
+    change(&ctl, &name, |v| {
+        if !v
+            .snapshots
+            .iter()
+            .any(|s| s.name == snap && matches!(s.state, SnapshotState::Taken { .. }))
+        {
+            return Err(conflict(format!(
+                "volume {name} has no snapshot {snap} taken"
+            )));
+        }
+        match &v.backup {
+            Some(b) if b.pending() && b.snapshot == snap && b.target == req.target => {
+                job = Some(b.clone());
+                return Ok(false);
+            }
+            Some(b) if b.pending() => {
+                return Err(conflict(format!(
+                    "a backup of volume {name} (snapshot {}) is under way: wait for it",
+                    b.snapshot
+                )));
+            }
+            _ => {}
+        }
+        let asked = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let b = BackupJob {
+            snapshot: snap.clone(),
+            target: req.target.clone(),
+            rate_mib: req.rate_mib,
+            state: BackupJobState::Requested,
+            asked,
+        };
+        v.event(format!(
+            "backup of snapshot {snap} to {} asked for",
+            b.target
+        ));
+        v.backup = Some(b.clone());
+        job = Some(b);
+        Ok(true)
+    })
+    .await?;
+    let job = job.ok_or_else(|| conflict("the volume changed meanwhile; try again"))?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
 }
 
 /// Applies `f` to the volume's record under the leader's lock and writes
