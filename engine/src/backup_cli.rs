@@ -63,8 +63,9 @@ pub enum BackupCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Restore a backup onto new, empty replicas (no cluster needed); then
-    /// serve it with `rvol engine --name VOLUME --replica ...`.
+    /// Restore a backup onto new, empty replicas (no cluster needed; then
+    /// serve it with `rvol engine --name VOLUME --replica ...`), or as a
+    /// new volume of the cluster (`--cluster`).
     Restore {
         backup: String,
         #[arg(long)]
@@ -73,8 +74,20 @@ pub enum BackupCommand {
         #[arg(long)]
         volume: String,
         /// A replica's address; repeat for each.
-        #[arg(long = "replica", required = true)]
+        #[arg(
+            long = "replica",
+            required_unless_present = "cluster",
+            conflicts_with = "cluster"
+        )]
         replicas: Vec<Endpoint>,
+        /// Or the cluster's controller(s): the volume is created there
+        /// (placed as any other) and restored onto its new replicas from
+        /// this process, which must reach them.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// With --cluster: how many replicas the new volume has.
+        #[arg(long = "replicas", default_value_t = 3)]
+        replica_count: usize,
         /// Bring a standby that holds backup FROM up to BACKUP: only the
         /// chunks that differ are written.
         #[arg(long)]
@@ -214,6 +227,8 @@ pub async fn run(c: BackupCommand) -> anyhow::Result<u8> {
             target,
             volume,
             replicas,
+            cluster,
+            replica_count,
             from,
             parallel,
             tls,
@@ -221,6 +236,13 @@ pub async fn run(c: BackupCommand) -> anyhow::Result<u8> {
         } => {
             let t = Target::open_checked(&target, &options).await?;
             let m = t.manifest(&backup).await?;
+            let replicas = match cluster {
+                None => replicas,
+                Some(cluster) => {
+                    let cluster = crate::cluster_cli::ClusterArg { cluster };
+                    new_cluster_volume(&cluster, &volume, &m, replica_count).await?
+                }
+            };
             let previous = match &from {
                 Some(f) => Some(t.manifest(f).await?),
                 None => None,
@@ -312,6 +334,56 @@ fn progress_bar() -> indicatif::ProgressBar {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar
+}
+
+/// Creates volume `name` in the cluster for backup `m` (its size, and
+/// encrypted if it was) and waits for its replicas to run; their
+/// addresses.
+async fn new_cluster_volume(
+    cluster: &crate::cluster_cli::ClusterArg,
+    name: &str,
+    m: &Manifest,
+    replicas: usize,
+) -> anyhow::Result<Vec<Endpoint>> {
+    use hyper::Method;
+    use rvol_cluster::controller::api::VolumeView;
+    use rvol_cluster::model::ProcessState;
+    let body = serde_json::json!({
+        "name": name,
+        "size": m.size,
+        "replicas": replicas,
+        "encrypted": m.encryption.is_some(),
+    });
+    crate::cluster_cli::call(cluster, Method::POST, "/v1/volumes", Some(body))
+        .await
+        .with_context(|| format!("creating volume {name} in the cluster"))?;
+    let deadline = std::time::Instant::now() + NOT_STARTED;
+    loop {
+        let v: VolumeView = serde_json::from_value(
+            crate::cluster_cli::call(cluster, Method::GET, &format!("/v1/volumes/{name}"), None)
+                .await?,
+        )
+        .context("parsing the volume")?;
+        let running = v
+            .replicas
+            .iter()
+            .all(|r| matches!(r.process, Some(ProcessState::Running { .. })));
+        if v.replicas.len() == replicas && running {
+            return v
+                .replicas
+                .iter()
+                .map(|r| r.address.parse().map_err(anyhow::Error::msg))
+                .collect();
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "volume {name} was created, but its replicas did not all run within \
+                 {NOT_STARTED:?}: {:?} (remove it with rvol volume rm {name})",
+                v.replicas
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// How long `backup create --cluster` waits for an engine to show it

@@ -1287,8 +1287,9 @@ fn a_standby_controller_takes_over_and_nothing_happens_twice() {
 /// Backups through the cluster: `rvol backup create --cluster` has the
 /// volume's engine back a snapshot up while attached, and a maintenance
 /// engine while detached (the second incremental against the first); the
-/// backups restore to what the volume held; bad requests are refused and
-/// change nothing.
+/// backups restore to what the volume held, onto given replicas and as a
+/// new volume of the cluster; bad requests are refused and change
+/// nothing.
 #[test]
 fn backups_are_made_through_the_cluster_attached_or_not() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1367,6 +1368,43 @@ fn backups_are_made_through_the_cluster_attached_or_not() {
         common::qemu_io(&uri, &[&pattern, "read -P 0x31 1M 7M", "read -P 0 8M 56M"]);
         e.stop();
     }
+
+    // Restored as a new volume of the cluster, placed like any other,
+    // then attached and read on another node.
+    let out = c.ok(&[
+        "backup",
+        "restore",
+        &second_name,
+        "--target",
+        &target,
+        "--volume",
+        "bk2",
+        "--replicas",
+        "2",
+    ]);
+    assert!(out.contains("restored as volume bk2"), "{out}");
+    assert_eq!(nodes_of(&c.volume("bk2")).len(), 2);
+    let uri = c.attach("bk2", 1);
+    written(
+        &c,
+        1,
+        &uri,
+        &[
+            "read -P 0x32 0 1M",
+            "read -P 0x31 1M 7M",
+            "read -P 0 8M 56M",
+        ],
+    );
+    let err = c.fails(&[
+        "backup",
+        "restore",
+        &second_name,
+        "--target",
+        &target,
+        "--volume",
+        "bk2",
+    ]);
+    assert!(err.contains("already exists"), "{err}");
 
     // Refused, with the reason, and nothing asked: a snapshot not taken,
     // a target that is none.
