@@ -464,6 +464,10 @@ pub struct ReplicaReport {
 pub struct EngineReplica {
     pub id: ReplicaId,
     pub mode: String,
+    /// Taken out of the set by the engine for being far slower than its
+    /// peers: the controller replaces it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub evicted: bool,
 }
 
 /// An engine as its agent reports it.

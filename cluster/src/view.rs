@@ -105,6 +105,19 @@ impl ClusterView {
         self.settings.get(node).is_some_and(|s| s.draining)
     }
 
+    /// Whether the volume's engine evicted the replica as slow.
+    pub fn evicted(&self, volume: &Volume, place: &ReplicaPlace) -> bool {
+        self.engine_report(volume)
+            .is_some_and(|e| e.replicas.iter().any(|r| r.id == place.id && r.evicted))
+    }
+
+    /// Whether the replica is on its way out: its node drains, or its
+    /// engine evicted it as slow. A successor is placed for it, and it
+    /// is retired once that one is in sync.
+    pub fn leaving(&self, volume: &Volume, place: &ReplicaPlace) -> bool {
+        self.draining(&place.node) || self.evicted(volume, place)
+    }
+
     /// Where the engine reaches a replica (`IP:PORT`), if its node is known.
     pub fn replica_address(&self, place: &ReplicaPlace) -> Option<String> {
         let node = self.nodes.get(&place.node)?;

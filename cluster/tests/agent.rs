@@ -31,6 +31,7 @@ fn config(node: &str, disk: &Path, address: &str) -> AgentConfig {
         tls: None,
         keys_dir: disk.join("keys"),
         rebuild_rate_mib: 0.0,
+        evict_slow_replicas: None,
     }
 }
 

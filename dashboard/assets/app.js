@@ -552,9 +552,22 @@ async function showVolume(v, nodes) {
     if (!rebuild || rebuild.replica !== r.id) return [row];
     return [row, el("tr", { class: "rebuild" }, el("td", { colspan: 6 }, "rebuilding: ", el("progress", { id: "rebuild-progress", max: rebuild.total || 1, value: rebuild.scanned }), ` ${bytes(rebuild.scanned)} of ${bytes(rebuild.total)} compared`))];
   });
+  const b = v.backup;
+  const p = v.backup_progress;
+  const backup = b
+    ? el(
+        "p",
+        { id: "detail-backup" },
+        `backup of snapshot ${b.snapshot} to ${b.target}: ${b.state.is}`,
+        b.state.name ? ` (${b.state.name})` : "",
+        b.state.error ? el("span", { class: "error-text" }, ` ${b.state.error}`) : "",
+        p ? [" ", el("progress", { max: p.to_read || 1, value: p.read }), ` ${bytes(p.read)} of ${bytes(p.to_read)} read, ${bytes(p.uploaded)} uploaded`] : "",
+      )
+    : "";
   const data = el(
     "div",
     { id: "detail-data" },
+    backup,
     table("detail-replicas", ["Replica", "Node", "Address", "Process", "Mode", "In sync"]),
     el("h3", {}, "Snapshots"),
     table("snapshot-table", ["Name", "State", ""]),

@@ -131,6 +131,12 @@ pub struct AgentArgs {
     /// replica (0: no limit).
     #[arg(long, default_value_t = 0.0)]
     rebuild_rate_mib: f64,
+    /// Engines on this node evict a replica that stays this many seconds
+    /// far slower than its peers (see `rvol engine --evict-slow-replicas`),
+    /// and the controller replaces it on another node; without it they
+    /// only report it.
+    #[arg(long, value_name = "SECONDS")]
+    evict_slow_replicas: Option<f64>,
     /// A file holding the token that the agent's API (what the node runs)
     /// requires; without one, anyone who reaches --listen may read it.
     #[arg(long)]
@@ -385,6 +391,7 @@ pub async fn agent(a: AgentArgs) -> anyhow::Result<u8> {
                 tls,
                 keys_dir: a.keys_dir,
                 rebuild_rate_mib: a.rebuild_rate_mib,
+                evict_slow_replicas: a.evict_slow_replicas,
             },
             rvol: std::env::current_exe().context("finding the rvol program")?,
             tick: Duration::from_secs(1),

@@ -1433,3 +1433,40 @@ fn backups_are_made_through_the_cluster_attached_or_not() {
         second_name.as_str()
     );
 }
+
+/// A replica whose node's link turns slow (2 Mbit/s, `tc tbf`) under a
+/// verifying writer: with the agents' `--evict-slow-replicas`, its engine
+/// evicts it, the controller places a successor on another node, the
+/// successor is rebuilt and the slow one retired; no write is lost.
+#[test]
+fn a_replica_evicted_as_slow_is_replaced_on_another_node() {
+    let Some(lab) = lab_or_skip(&["ctl", "n1", "n2", "n3", "n4"]) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let access = common::cluster::Access {
+        agent_args: vec![vec!["--evict-slow-replicas".into(), "4".into()]; 4],
+        ..Default::default()
+    };
+    let nodes = [("n1", "z1"), ("n2", "z2"), ("n3", "z3"), ("n4", "z4")];
+    let c = Cluster::in_lab_with_access(tmp.path(), &lab, &nodes, access);
+    c.ok(&["node", "cordon", "n4"]);
+    c.ok(&["volume", "create", "v", "--size", "128M", "--replicas", "3"]);
+    c.ok(&["node", "uncordon", "n4"]);
+    let uri = c.attach("v", 3);
+    let slow = nodes_of(&c.volume("v"))[0].clone();
+    let fio = c.fio_verify(3, &uri, 40);
+    std::thread::sleep(Duration::from_secs(2));
+    lab.throttle(c.node_index(&slow) + 1, 2000);
+    c.wait_for(Duration::from_secs(60), "the slow replica replaced", |c| {
+        let v = c.volume("v");
+        let on = nodes_of(&v);
+        v["state"] == "healthy" && on.len() == 3 && !on.contains(&slow)
+    });
+    let v = c.volume("v");
+    assert!(nodes_of(&v).contains(&"n4".to_string()), "{v:#}");
+    let events = v["events"].to_string();
+    assert!(events.contains("its engine evicted it as slow"), "{events}");
+    common::cluster::fio_passed(fio);
+    lab.throttle(c.node_index(&slow) + 1, 0);
+}

@@ -298,6 +298,13 @@ impl<S: Store> Agent<S> {
                 self.config.rebuild_rate_mib.to_string(),
             ]);
         }
+        if let Some(secs) = self.config.evict_slow_replicas {
+            args.extend([
+                "--evict-slow-replicas".into(),
+                "--slow-replica-seconds".into(),
+                secs.to_string(),
+            ]);
+        }
         match a.frontend {
             _ if a.maintenance => args.extend(["--frontend".into(), "none".into()]),
             Frontend::Nbd => args.extend([
@@ -511,6 +518,7 @@ impl<S: Store> Agent<S> {
                 report.replicas.push(EngineReplica {
                     id,
                     mode: mode.to_string(),
+                    evicted: r["slow"]["evicted"] == true,
                 });
             }
         }

@@ -51,6 +51,10 @@ pub struct AgentConfig {
     /// replica (0: no limit), so rebuilds leave the disks and the
     /// network room for the volumes' own I/O.
     pub rebuild_rate_mib: f64,
+    /// Engines evict a replica that stays this many seconds far slower
+    /// than its peers (the controller then replaces it); none: they only
+    /// report it.
+    pub evict_slow_replicas: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -12,14 +12,17 @@
 //!    while no other in-sync replica is left: forgetting it would forget
 //!    where the volume's current data is.
 //! 2. **Places replicas** ([`place_missing`]): those the volume lacks,
-//!    one for each replica on a draining node, and, with best-effort data
+//!    one for each replica on a draining node or evicted by its engine as
+//!    slow (on another node: the evicted one still holds its own), and,
+//!    with best-effort data
 //!    locality, one on the node the volume is attached to. The agents
 //!    start them and the engine adds and rebuilds them online. Why a
 //!    placement fails is written to the volume's events once per reason.
 //! 3. **Retires surplus replicas**, only once the replicas that stay hold
-//!    the volume's count in sync: a replica leaves a draining node, or
-//!    gives way to the local one, after its successor was rebuilt, never
-//!    before. So a move never lowers the number of current copies.
+//!    the volume's count in sync: a replica leaves a draining node, an
+//!    evicted one goes, or one gives way to the local one, after its
+//!    successor was rebuilt, never before. So a move never lowers the
+//!    number of current copies.
 //! 4. **Runs a maintenance engine for a detached volume** that has a
 //!    replica to rebuild or a snapshot to take or remove: an engine with
 //!    no frontend, on a node holding an in-sync replica, removed once that
@@ -183,11 +186,7 @@ impl<S: Store> Healer<S> {
     fn place(&mut self, view: &ClusterView, v: &mut Volume) -> bool {
         let policy = self.ctl.policy;
         let mut changed = false;
-        let staying = v
-            .replicas
-            .iter()
-            .filter(|p| !view.draining(&p.node))
-            .count();
+        let staying = v.replicas.iter().filter(|p| !view.leaving(v, p)).count();
         if staying < v.spec.replicas {
             let prefer = match v.spec.data_locality {
                 DataLocality::Disabled => None,
@@ -319,14 +318,17 @@ fn retire_surplus(view: &ClusterView, v: &mut Volume) -> bool {
 /// The replicas that may leave a volume with more than its count, best
 /// first, and why each would.
 fn surplus(view: &ClusterView, v: &Volume) -> Vec<(ReplicaId, &'static str)> {
-    let draining: Vec<_> = v
+    let leaving: Vec<_> = v
         .replicas
         .iter()
-        .filter(|p| view.draining(&p.node))
-        .map(|p| (p.id, "its node is drained"))
+        .filter(|p| view.leaving(v, p))
+        .map(|p| match view.draining(&p.node) {
+            true => (p.id, "its node is drained"),
+            false => (p.id, "its engine evicted it as slow"),
+        })
         .collect();
-    if !draining.is_empty() {
-        return draining;
+    if !leaving.is_empty() {
+        return leaving;
     }
     // Those not in sync first, then the newest; with best-effort locality
     // the local replica stays, once it is in sync (until then, nothing

@@ -289,6 +289,16 @@ impl Cluster {
         Self::build(dir, Some(lab), nodes, replenish_wait, 1, Access::default())
     }
 
+    /// The same with the processes' flags of `access`.
+    pub fn in_lab_with_access(
+        dir: &Path,
+        lab: &Lab,
+        nodes: &[(&str, &str)],
+        access: Access,
+    ) -> Cluster {
+        Self::build(dir, Some(lab), nodes, "10m", 1, access)
+    }
+
     fn build(
         dir: &Path,
         lab: Option<&Lab>,
