@@ -14,8 +14,8 @@
 //! 2. **Places replicas** ([`place_missing`]): those the volume lacks,
 //!    one for each replica on a draining node or evicted by its engine as
 //!    slow (on another node: the evicted one still holds its own), and,
-//!    with best-effort data
-//!    locality, one on the node the volume is attached to. The agents
+//!    with best-effort data locality, one on the node the volume is
+//!    attached to. The agents
 //!    start them and the engine adds and rebuilds them online. Why a
 //!    placement fails is written to the volume's events once per reason.
 //! 3. **Retires surplus replicas**, only once the replicas that stay hold
@@ -322,9 +322,13 @@ fn surplus(view: &ClusterView, v: &Volume) -> Vec<(ReplicaId, &'static str)> {
         .replicas
         .iter()
         .filter(|p| view.leaving(v, p))
-        .map(|p| match view.draining(&p.node) {
-            true => (p.id, "its node is drained"),
-            false => (p.id, "its engine evicted it as slow"),
+        .map(|p| {
+            let why = if view.draining(&p.node) {
+                "its node is drained"
+            } else {
+                "its engine evicted it as slow"
+            };
+            (p.id, why)
         })
         .collect();
     if !leaving.is_empty() {
