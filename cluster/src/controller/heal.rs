@@ -15,9 +15,9 @@
 //!    one for each replica on a draining node or evicted by its engine as
 //!    slow (on another node: the evicted one still holds its own), and,
 //!    with best-effort data locality, one on the node the volume is
-//!    attached to. The agents
-//!    start them and the engine adds and rebuilds them online. Why a
-//!    placement fails is written to the volume's events once per reason.
+//!    attached to. The agents start them and the engine adds and rebuilds
+//!    them online. Why a placement fails is written to the volume's events
+//!    once per reason.
 //! 3. **Retires surplus replicas**, only once the replicas that stay hold
 //!    the volume's count in sync: a replica leaves a draining node, an
 //!    evicted one goes, or one gives way to the local one, after its
