@@ -1408,25 +1408,20 @@ fn backups_are_made_through_the_cluster_attached_or_not() {
 
     // Refused, with the reason, and nothing asked: a snapshot not taken,
     // a target that is none.
-    let err = c.fails(&[
-        "backup",
-        "create",
-        "bk",
-        "--snapshot",
-        "nope",
-        "--target",
-        &target,
-    ]);
+    let refused = |snap: &str, target: &str| {
+        c.fails(&[
+            "backup",
+            "create",
+            "bk",
+            "--snapshot",
+            snap,
+            "--target",
+            target,
+        ])
+    };
+    let err = refused("nope", &target);
     assert!(err.contains("no snapshot nope taken"), "{err}");
-    let err = c.fails(&[
-        "backup",
-        "create",
-        "bk",
-        "--snapshot",
-        "s1",
-        "--target",
-        "http://x/",
-    ]);
+    let err = refused("s1", "http://x/");
     assert!(err.contains("not a backup target"), "{err}");
     assert_eq!(
         c.volume("bk")["backup"]["state"]["name"],

@@ -671,7 +671,8 @@ async fn admin(
 }
 
 /// The agent's own API: what it runs (volumes, replicas, engines and
-/// their errors), for whoever holds `tokens` (anyone, if they are open).
+/// their errors) and its metrics (`/metrics`, [`crate::metrics`]), for
+/// whoever holds `tokens` (anyone, if they are open).
 /// `/healthz` needs none: it says nothing.
 pub fn router(
     report: watch::Receiver<Option<Report>>,
