@@ -1303,21 +1303,12 @@ impl Replica {
         head.crc
             .sync_all()
             .map_err(|e| Error::io("syncing the head's checksums", e))?;
-        fs::hard_link(dir.join(&old_head), dir.join(&snap))
-            .map_err(|e| Error::io(format!("linking {snap}"), e))?;
-        fs::hard_link(
-            dir.join(checksum::sidecar_name(&old_head)),
-            dir.join(checksum::sidecar_name(&snap)),
-        )
-        .map_err(|e| Error::io(format!("linking the checksums of {snap}"), e))?;
         let snap_meta = LayerMeta {
             user_created,
             created: now_secs(),
             labels,
             ..head.meta.clone()
         };
-        meta::write_json_atomic(&layer_meta_path(dir, &snap), &snap_meta)?;
-        let file = create_layer_file(dir, &new_head, self.size())?;
         let head_meta = LayerMeta {
             parent: Some(snap.clone()),
             created: now_secs(),
@@ -1325,11 +1316,36 @@ impl Replica {
             removed: false,
             labels: Default::default(),
         };
-        meta::write_json_atomic(&layer_meta_path(dir, &new_head), &head_meta)?;
         let mut next_meta = meta.clone();
         next_meta.chain.pop();
         next_meta.chain.push(snap.clone());
         next_meta.chain.push(new_head.clone());
+        // Until the chain names them, the new names are strays: a failure
+        // (a full disk) removes them, or the snapshot's name would stay a
+        // second link to the head's files (harmless now, see
+        // `create_layer_file`, but a waste). Not once the chain is being
+        // written: it may have reached the disk before the error.
+        let prepared = (|| {
+            fs::hard_link(dir.join(&old_head), dir.join(&snap))
+                .map_err(|e| Error::io(format!("linking {snap}"), e))?;
+            fs::hard_link(
+                dir.join(checksum::sidecar_name(&old_head)),
+                dir.join(checksum::sidecar_name(&snap)),
+            )
+            .map_err(|e| Error::io(format!("linking the checksums of {snap}"), e))?;
+            meta::write_json_atomic(&layer_meta_path(dir, &snap), &snap_meta)?;
+            let file = create_layer_file(dir, &new_head, self.size())?;
+            meta::write_json_atomic(&layer_meta_path(dir, &new_head), &head_meta)?;
+            Ok(file)
+        })();
+        let file = match prepared {
+            Ok(file) => file,
+            Err(e) => {
+                remove_layer_files(dir, &snap);
+                remove_layer_files(dir, &new_head);
+                return Err(e);
+            }
+        };
         meta::write_json_atomic(&dir.join(REPLICA_META), &next_meta)?;
         *meta = next_meta;
         // The switch is durable; the old head's name is now a stray.
@@ -1603,12 +1619,19 @@ impl Replica {
     }
 }
 
+/// Creates layer `name` as new files: whatever the name held before (a
+/// stray left by a failed snapshot may be a hard link to another layer's
+/// data and checksums) is unlinked first, never truncated or reused, so a
+/// new layer can never write through into another. The chaos soak found
+/// a rebuild that did: it emptied the joining replica's copy of the very
+/// layer it was about to compare, and the replica came back RW with old
+/// data.
 pub(crate) fn create_layer_file(dir: &Path, name: &str, size: u64) -> Result<File> {
+    remove_layer_files(dir, name);
     let f = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .open(dir.join(name))
         .map_err(|e| Error::io(format!("creating {name}"), e))?;
     f.set_len(size)
