@@ -228,7 +228,11 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
     ) {
         let member = |i: usize| (&taken[i].1, taken[i].2.replica_uuid);
         let members: Vec<_> = targets.iter().map(|&i| member(i)).collect();
-        let results = reconcile(member(source), &members, reconcile_epoch)
+        let limits = crate::reconcile::Limits {
+            call: t,
+            flush: cfg.flush_timeout,
+        };
+        let results = reconcile(member(source), &members, reconcile_epoch, limits)
             .await
             .with_context(|| {
                 format!("reconciling from source {}", cfg.replicas[taken[source].0])
@@ -456,14 +460,28 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
             Err(e) => tracing::error!(error = %e, "stopping the ublk device"),
         }
     }
-    for t in nbd_tasks {
-        let _ = t.await;
+    let drained = async {
+        for t in nbd_tasks {
+            let _ = t.await;
+        }
+    };
+    // A fenced engine's requests can only fail, but one waiting on a
+    // replica that does not answer (a flush waits up to --flush-timeout)
+    // would keep the engine, and its clients, from going: once fenced, it
+    // gives them a second and goes (the chaos soak found one lingering).
+    let fenced_grace = async {
+        let _ = fenced.wait_for(|f| *f).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    tokio::select! {
+        _ = drained => {}
+        _ = fenced_grace => {}
     }
-    let _ = admin_task.await;
     if fenced_now || volume.is_fenced() {
         tracing::error!("fenced by a newer engine; exiting without touching the replicas");
         return Ok(EXIT_FENCED);
     }
+    let _ = admin_task.await;
     match volume.shutdown_clean().await {
         Ok(()) => tracing::info!("replicas flushed and marked clean"),
         Err(e) => {

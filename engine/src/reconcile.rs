@@ -6,10 +6,36 @@
 //! are read from the source and written to every target, then a barrier
 //! flush in the same epoch makes the copies durable and empties every
 //! map. No frontend is serving yet, so nothing races the copy.
+//!
+//! Every call is bounded (the replica timeout; the flush timeout for the
+//! barrier): a target that stops answering fails alone and is left out
+//! as stale, and a source that does fails the start, instead of the
+//! engine hanging in its start while the volume is down (the chaos soak
+//! met one waiting on a replica behind a link dropping its packets).
+
+use std::future::Future;
+use std::time::Duration;
 
 use rvol_replica::client::{ClientError, ReplicaClient};
 use rvol_replica::proto::{Sealed, MAX_PAYLOAD};
 use uuid::Uuid;
+
+/// How long a reconciliation waits for one answer: `call` for reads,
+/// writes and maps, `flush` for the barrier.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub call: Duration,
+    pub flush: Duration,
+}
+
+async fn within<T>(
+    limit: Duration,
+    f: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| Err(ClientError::Lost(format!("no answer within {limit:?}"))))
+}
 
 /// Byte ranges `(offset, len)` dirty on any of the maps, merged.
 pub fn union(maps: &[Vec<(u64, bool)>]) -> Vec<(u64, u64)> {
@@ -46,11 +72,13 @@ pub async fn reconcile(
     source: Member<'_>,
     targets: &[Member<'_>],
     epoch: u64,
+    limits: Limits,
 ) -> Result<Vec<Result<u64, ClientError>>, ClientError> {
-    let mut maps = vec![source.0.dirty_runs().await?];
+    let call = limits.call;
+    let mut maps = vec![within(call, source.0.dirty_runs()).await?];
     let mut results: Vec<Result<u64, ClientError>> = Vec::with_capacity(targets.len());
     for (t, _) in targets {
-        match t.dirty_runs().await {
+        match within(call, t.dirty_runs()).await {
             Ok(m) => {
                 maps.push(m);
                 results.push(Ok(0));
@@ -66,12 +94,12 @@ pub async fn reconcile(
             let n = PIECE.min(offset + len - at);
             // As read, so as written: the blocks, then in an encrypted
             // volume their nonces and tags (copied sealed, never opened).
-            let payload = source.0.read(at, n).await?;
+            let payload = within(call, source.0.read(at, n)).await?;
             let tail = payload.len() - n as usize;
             let data = Sealed::blocks_then(payload, tail);
             for ((t, _), r) in targets.iter().zip(results.iter_mut()) {
                 if let Ok(copied) = r {
-                    match t.write(at, data.clone(), false, epoch).await {
+                    match within(call, t.write(at, data.clone(), false, epoch)).await {
                         Ok(()) => *copied += n,
                         Err(e) => *r = Err(e),
                     }
@@ -90,10 +118,10 @@ pub async fn reconcile(
                 .map(|((_, id), _)| *id),
         )
         .collect();
-    source.0.flush_barrier(epoch, &members).await?;
+    within(limits.flush, source.0.flush_barrier(epoch, &members)).await?;
     for ((t, _), r) in targets.iter().zip(results.iter_mut()) {
         if r.is_ok() {
-            if let Err(e) = t.flush_barrier(epoch, &members).await {
+            if let Err(e) = within(limits.flush, t.flush_barrier(epoch, &members)).await {
                 *r = Err(e);
             }
         }
