@@ -242,6 +242,31 @@ fn a_second_engine_fences_the_first() {
     }
 }
 
+/// An idle engine (no client sends anything) that a second engine takes
+/// over learns it at once: the replicas close its connections, and when
+/// it reconnects they refuse it. It exits with the fenced code instead of
+/// serving on unaware (found by the chaos soak: a taken-over engine with
+/// no clients never exited).
+#[test]
+fn an_idle_engine_taken_over_exits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rs = three_replicas(tmp.path(), "16M");
+    let (mut first, _, _) = start_engine("idle", "16M", &addrs(&rs), &[]);
+    let (_second, _, admin2) = start_engine("idle", "16M", &addrs(&rs), &[]);
+    assert_eq!(status(&admin2)["generation"], 2);
+    let started = std::time::Instant::now();
+    assert_eq!(
+        first.wait_exit(Duration::from_secs(20)),
+        3,
+        "the fenced code"
+    );
+    println!(
+        "the idle engine exited {:?} after the takeover",
+        started.elapsed()
+    );
+    assert_eq!(modes(&admin2), ["RW", "RW", "RW"]);
+}
+
 /// An engine with a flush waiting on a frozen replica (a flush may wait
 /// --flush-timeout for a slow disk) is taken over. Once it learns it is
 /// fenced it must exit at once, not wait out the flush while its clients
