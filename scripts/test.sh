@@ -6,6 +6,7 @@
 #   RVOL_FUZZ_SECONDS=0 ...    # skip the fuzz smoke run
 #   RVOL_BENCH_CHECK=0 ...     # skip the benchmark regression check
 #   RVOL_VM_TESTS=0 ...        # skip the guest tests (real ublk and nbd drivers)
+#   RVOL_CHAOS_MINUTES=0 ...   # skip the chaos soak (2 minutes, a fixed seed; longer: set it)
 #   RVOL_TEST_TLS=1 cargo test # any test run with mutual TLS between engines and replicas
 #   RVOL_TEST_ENCRYPTION=1 cargo test # any test run with every volume encrypted at rest
 set -euo pipefail
@@ -37,6 +38,12 @@ RVOL_TEST_TLS=1 RVOL_TEST_ENCRYPTION=1 cargo test -p rvol-engine --test rebuild 
 echo "== guest tests: ublk and kernel NBD in a QEMU guest (skipped, saying so, where it cannot boot)"
 if [ "${RVOL_VM_TESTS:-1}" = 1 ]; then
   scripts/vm-test.sh
+fi
+echo "== chaos soak: random faults on every layer, the clients' history checked (docs/chaos.md)"
+if [ "${RVOL_CHAOS_MINUTES:-2}" != 0 ]; then
+  rm -rf target/chaos
+  scripts/chaos.sh --seed "${RVOL_CHAOS_SEED:-20261207}" --minutes "${RVOL_CHAOS_MINUTES:-2}" \
+    --work target/chaos | tee target/chaos.log
 fi
 echo "== fuzz smoke"
 scripts/fuzz.sh "${RVOL_FUZZ_SECONDS:-15}"

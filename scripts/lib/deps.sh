@@ -29,8 +29,16 @@ install_run_deps() {
   apt_install libnbd-bin fio etcd-server
 }
 
+# The chaos soak: iptables drops packets, mkfs.ext4 makes the replicas'
+# small file systems (which it fills).
+install_chaos_deps() {
+  install_build_deps
+  apt_install iptables e2fsprogs
+}
+
 install_test_deps() {
   install_run_deps
+  install_chaos_deps
   # openssl: the TLS tests attack a replica with s_client; curl: the
   # cluster tests send the controller malformed requests; xfsprogs: the CSI
   # node tests make and grow xfs (in the guest, which uses this host's tools).
