@@ -250,12 +250,26 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
             "reconciled replicas after an unclean stop"
         );
     }
+    let serving = outcome.iter().any(Result::is_ok);
     for ((i, client, info), outcome) in taken.into_iter().zip(outcome) {
         let ep = cfg.replicas[i].clone();
         let slot = match outcome {
             Ok(()) => ReplicaSlot::new(ep, client, info.replica_uuid, Mode::RW, info.revision.0),
             Err(why) => {
                 tracing::warn!(replica = %ep, %why, "replica left out of the set");
+                // What this engine writes from now on, the replica lacks,
+                // but nothing on it says so: an engine that later found it
+                // alone (the others unreachable) would take it for current
+                // and serve old data (the chaos soak saw durable writes
+                // read back older so). Marked as being rebuilt, it is never
+                // a source again until a rebuild completes it.
+                if serving && !info.rebuilding {
+                    let chain = crate::rebuild::chain_below_head(&info);
+                    let marked = tokio::time::timeout(t, client.prepare_rebuild(&chain)).await;
+                    if !matches!(marked, Ok(Ok(()))) {
+                        tracing::warn!(replica = %ep, "could not mark the stale replica as being rebuilt");
+                    }
+                }
                 ReplicaSlot::failed(ep, why)
             }
         };

@@ -242,6 +242,53 @@ fn a_second_engine_fences_the_first() {
     }
 }
 
+/// A replica an engine found stale at its start never serves as a source
+/// later, even when it is the only replica the next engine reaches: that
+/// engine refuses to start rather than serve the old data (found by the
+/// chaos soak: durable writes read back older after two engine changes).
+#[test]
+fn a_replica_found_stale_is_never_a_source_even_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "16M");
+    let (mut a, uri, _) = start_engine("alone", "16M", &addrs(&rs), &["--replica-timeout", "2"]);
+    qemu_io(&uri, &["write -P 0x11 0 1M"]);
+    // r1 misses a flushed write.
+    rs[1].proc.kill9();
+    qemu_io(&uri, &["write -P 0x22 0 1M"]);
+    a.kill9();
+    rs[1].restart("16M");
+    // The next engine leaves r1 out as stale; it dies before rebuilding it.
+    let (mut b, _, admin) = start_engine("alone", "16M", &addrs(&rs), &["--rebuild-rate-mib", "1"]);
+    assert_eq!(modes(&admin)[1], "ERR", "{}", status(&admin));
+    b.kill9();
+    // Only r1 is reachable now.
+    rs[0].proc.kill9();
+    rs[2].proc.kill9();
+    let args = engine_args(
+        "alone",
+        "16M",
+        &addrs(&rs),
+        &["--nbd-listen", "127.0.0.1:0"],
+    );
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let tls_args = if tls::enabled() {
+        tls::engine("alone")
+    } else {
+        Vec::new()
+    };
+    args.extend(tls_args.iter().map(String::as_str));
+    let refused = Proc::try_start(&args);
+    assert!(
+        refused.is_err(),
+        "an engine served from the stale replica alone"
+    );
+    // With the others back, the flushed data is there.
+    rs[0].restart("16M");
+    rs[2].restart("16M");
+    let (_c, uri, _) = start_engine("alone", "16M", &addrs(&rs), &[]);
+    qemu_io(&uri, &["read -P 0x22 0 1M"]);
+}
+
 /// An idle engine (no client sends anything) that a second engine takes
 /// over learns it at once: the replicas close its connections, and when
 /// it reconnects they refuse it. It exits with the fenced code instead of
