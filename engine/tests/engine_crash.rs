@@ -242,6 +242,17 @@ fn a_second_engine_fences_the_first() {
     }
 }
 
+/// Waits (20 s at most) for `engine` to exit with the fenced code.
+fn assert_exits_fenced(engine: &mut Proc, since: &str) {
+    let started = std::time::Instant::now();
+    assert_eq!(
+        engine.wait_exit(Duration::from_secs(20)),
+        3,
+        "the fenced code"
+    );
+    println!("the engine exited {:?} after {since}", started.elapsed());
+}
+
 /// A replica an engine found stale at its start never serves as a source
 /// later, even when it is the only replica the next engine reaches: that
 /// engine refuses to start rather than serve the old data (found by the
@@ -301,16 +312,7 @@ fn an_idle_engine_taken_over_exits() {
     let (mut first, _, _) = start_engine("idle", "16M", &addrs(&rs), &[]);
     let (_second, _, admin2) = start_engine("idle", "16M", &addrs(&rs), &[]);
     assert_eq!(status(&admin2)["generation"], 2);
-    let started = std::time::Instant::now();
-    assert_eq!(
-        first.wait_exit(Duration::from_secs(20)),
-        3,
-        "the fenced code"
-    );
-    println!(
-        "the idle engine exited {:?} after the takeover",
-        started.elapsed()
-    );
+    assert_exits_fenced(&mut first, "the takeover");
     assert_eq!(modes(&admin2), ["RW", "RW", "RW"]);
 }
 
@@ -339,16 +341,7 @@ fn a_fenced_engine_exits_without_waiting_for_a_frozen_replica() {
     // The first engine's next write meets the fence.
     c.request(1, 3, 0, 4096, &[0x22; 4096]);
     assert_ne!(c.try_reply(0).map(|r| r.0).unwrap_or(5), 0);
-    let fenced = std::time::Instant::now();
-    assert_eq!(
-        first.wait_exit(Duration::from_secs(20)),
-        3,
-        "the fenced code"
-    );
-    println!(
-        "the fenced engine exited {:?} after the fence",
-        fenced.elapsed()
-    );
+    assert_exits_fenced(&mut first, "the fence");
     assert_ne!(
         flusher.join().unwrap().unwrap_or(5),
         0,
