@@ -25,6 +25,7 @@ pub struct Lab {
     root_end: String,
     pub nodes: Vec<Node>,
     images: Vec<PathBuf>,
+    disk_bytes: u64,
 }
 
 pub fn sh(cmd: &str, args: &[&str]) -> Result<String> {
@@ -58,6 +59,7 @@ impl Lab {
             root_end: format!("rvc{tag}r"),
             nodes: Vec::new(),
             images: Vec::new(),
+            disk_bytes: disk_mib << 20,
         };
         ip(&["netns", "add", &hub])?;
         ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
@@ -204,6 +206,15 @@ impl Lab {
             .as_ref()
             .context("a node without a disk")?;
         let filler = disk.join("filler");
+        // Only ever the node's own small file system: were it unmounted,
+        // the directory would be on the machine's disk, which must not be
+        // filled.
+        if full && total_bytes(disk)? > self.disk_bytes + self.disk_bytes / 4 {
+            bail!(
+                "{} is not the node's own file system; not filling it",
+                disk.display()
+            );
+        }
         if !full {
             return match std::fs::remove_file(&filler) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
@@ -225,14 +236,24 @@ impl Lab {
     }
 }
 
-pub fn free_bytes(dir: &Path) -> Result<u64> {
+fn statvfs(dir: &Path) -> Result<libc::statvfs> {
     let c = std::ffi::CString::new(path(dir)?)?;
     // SAFETY: statvfs fills the zeroed struct from a NUL-terminated path.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
         return Err(std::io::Error::last_os_error().into());
     }
+    Ok(s)
+}
+
+pub fn free_bytes(dir: &Path) -> Result<u64> {
+    let s = statvfs(dir)?;
     Ok(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+fn total_bytes(dir: &Path) -> Result<u64> {
+    let s = statvfs(dir)?;
+    Ok(s.f_blocks as u64 * s.f_frsize as u64)
 }
 
 pub fn path(p: &Path) -> Result<&str> {

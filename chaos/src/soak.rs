@@ -38,6 +38,13 @@ const REPLICA_NODES: [&str; 4] = ["r1", "r2", "r3", "r4"];
 const ENGINE_NODES: [&str; 2] = ["e1", "e2"];
 const HEALTHY_WITHIN: Duration = Duration::from_secs(180);
 
+/// An engine the soak waits to start.
+struct Wanted {
+    node: String,
+    since: Instant,
+    tried: Option<Instant>,
+}
+
 struct Active {
     fault: Fault,
     node: String,
@@ -74,6 +81,7 @@ struct Soak {
     sys: System,
     cfg: Config,
     active: Vec<Active>,
+    wanted: Option<Wanted>,
     spare: String,
     size: u64,
     snapshots: Vec<Snapshot>,
@@ -108,6 +116,7 @@ pub fn run(cfg: Config, plan: &[Planned]) -> Result<Summary> {
     let mut soak = Soak {
         sys,
         active: Vec::new(),
+        wanted: None,
         spare: "r4".into(),
         size,
         snapshots: Vec::new(),
@@ -178,23 +187,48 @@ impl Soak {
         self.summary.findings.push(what);
     }
 
-    /// Starts an engine on `node`, retrying for two minutes (its replicas
-    /// may be cut off by other faults).
+    /// Wants an engine on `node` and tries once; [`Soak::watch`] tries
+    /// again every 2 s while the soak goes on lifting faults (an engine may
+    /// rightly refuse to start while the only current replica is cut off).
     fn start_engine(&mut self, node: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            match self.sys.start_engine(node) {
-                Ok(()) => {
-                    let epoch = self.sys.instances.len() - 1;
-                    self.note(&format!("engine {epoch} serves on {node}"));
-                    return Ok(());
-                }
-                Err(e) if Instant::now() < deadline => {
-                    self.note(&format!("engine on {node} not up: {e:#}"));
-                    std::thread::sleep(Duration::from_secs(2));
-                }
-                Err(e) => return Err(e.context("the volume did not come back within 2 minutes")),
+        self.wanted = Some(Wanted {
+            node: node.to_string(),
+            since: Instant::now(),
+            tried: None,
+        });
+        self.ensure_engine()
+    }
+
+    fn ensure_engine(&mut self) -> Result<()> {
+        let Some(w) = self.wanted.as_mut() else {
+            return Ok(());
+        };
+        if self.sys.engine.is_some() {
+            self.wanted = None;
+            return Ok(());
+        }
+        if w.tried
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
+        {
+            return Ok(());
+        }
+        w.tried = Some(Instant::now());
+        let (node, since) = (w.node.clone(), w.since);
+        match self.sys.start_engine(&node) {
+            Ok(()) => {
+                self.wanted = None;
+                let epoch = self.sys.instances.len() - 1;
+                self.note(&format!("engine {epoch} serves on {node}"));
+                Ok(())
             }
+            Err(e) if since.elapsed() < HEALTHY_WITHIN => {
+                self.note(&format!("engine on {node} not up: {e:#}"));
+                Ok(())
+            }
+            Err(e) => Err(e.context(format!(
+                "no engine could start for {} s",
+                HEALTHY_WITHIN.as_secs()
+            ))),
         }
     }
 
@@ -508,6 +542,7 @@ impl Soak {
     /// Notices an engine that exited on its own, and the volume's return
     /// to health after lifted faults.
     fn watch(&mut self) -> Result<()> {
+        self.ensure_engine()?;
         let exited = self.sys.engine.as_mut().is_some_and(|e| e.proc.exited());
         if exited {
             let node = self
