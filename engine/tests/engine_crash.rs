@@ -300,22 +300,6 @@ fn a_replica_found_stale_is_never_a_source_even_alone() {
     qemu_io(&uri, &["read -P 0x22 0 1M"]);
 }
 
-/// An idle engine (no client sends anything) that a second engine takes
-/// over learns it at once: the replicas close its connections, and when
-/// it reconnects they refuse it. It exits with the fenced code instead of
-/// serving on unaware (found by the chaos soak: a taken-over engine with
-/// no clients never exited).
-#[test]
-fn an_idle_engine_taken_over_exits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let rs = three_replicas(tmp.path(), "16M");
-    let (mut first, _, _) = start_engine("idle", "16M", &addrs(&rs), &[]);
-    let (_second, _, admin2) = start_engine("idle", "16M", &addrs(&rs), &[]);
-    assert_eq!(status(&admin2)["generation"], 2);
-    assert_exits_fenced(&mut first, "the takeover");
-    assert_eq!(modes(&admin2), ["RW", "RW", "RW"]);
-}
-
 /// An engine with a flush waiting on a frozen replica (a flush may wait
 /// --flush-timeout for a slow disk) is taken over. Once it learns it is
 /// fenced it must exit at once, not wait out the flush while its clients

@@ -516,15 +516,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     let Some(session) = session else {
         return Ok(());
     };
-    let mut owner = replica.takeovers();
-    let me = session.owner();
-    loop {
-        // A frame cut off here is lost with the connection, which ends.
-        let h = tokio::select! {
-            h = read_frame(&mut rd, &mut payload, &mut crcs) => h?,
-            _ = owner.wait_for(|o| *o != me) => return Ok(()),
-        };
-        let Some(h) = h else { break };
+    while let Some(h) = read_frame(&mut rd, &mut payload, &mut crcs).await? {
         if h.op == Op::Hello as u8 {
             return Err(Closed::Protocol("HELLO sent twice".into()));
         }

@@ -156,11 +156,6 @@ impl Session {
         }
     }
 
-    /// The engine this session serves.
-    pub(crate) fn owner(&self) -> Owner {
-        self.owner
-    }
-
     /// Runs request `h` (any op but HELLO) and sends its reply to `to`.
     /// `crcs` holds each block's crc32c for a WRITE of whole blocks (they
     /// go to the sidecar), and is empty otherwise.

@@ -231,9 +231,6 @@ pub struct Replica {
     clean: AtomicBool,
     state: Mutex<StateFile>,
     lease: RwLock<Owner>,
-    /// The lease's owner, for sessions to see a takeover (see
-    /// [`Replica::takeovers`]).
-    owner_tx: tokio::sync::watch::Sender<Owner>,
     /// Serializes flushes and changes of the chain.
     pub(crate) flush_lock: Mutex<()>,
     dirty: Mutex<DirtyMap>,
@@ -512,10 +509,6 @@ impl Replica {
                 generation: rec.generation,
                 engine_id: rec.engine_id,
             }),
-            owner_tx: tokio::sync::watch::Sender::new(Owner {
-                generation: rec.generation,
-                engine_id: rec.engine_id,
-            }),
             flush_lock: Mutex::new(()),
             dirty: Mutex::new(DirtyMap::new(rec.clean)),
             lower_gate: RwLock::new(()),
@@ -672,7 +665,6 @@ impl Replica {
             state.store(rec)?;
             tracing::info!(generation = %owner.generation, "replica taken over");
             *lease = owner;
-            self.owner_tx.send_replace(owner);
         }
         drop(lease);
         Ok(self.info())
@@ -697,15 +689,6 @@ impl Replica {
         }
         self.auth.store(auth, Ordering::Release);
         Ok(())
-    }
-
-    /// The owner of the lease as it changes: a session ends when its
-    /// engine is no longer the owner, so that engine learns it is fenced
-    /// at once (its connections close; reconnecting, it is refused) even
-    /// with no request to send. Without it an idle engine that was taken
-    /// over served on, unaware (found by the chaos soak).
-    pub fn takeovers(&self) -> tokio::sync::watch::Receiver<Owner> {
-        self.owner_tx.subscribe()
     }
 
     /// Admits one request of `owner`: the guard keeps a takeover out until
