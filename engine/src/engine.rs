@@ -446,6 +446,7 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 v.check_slow(&slow);
                 v.check_connections();
+                v.check_owner().await;
                 v.reattach_current().await;
                 v.rebuild_stale(rate).await;
             }

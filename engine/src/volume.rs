@@ -800,6 +800,30 @@ impl ReplicatedVolume {
         }
     }
 
+    /// Asks every replica it writes to whether this engine still owns it.
+    /// An engine learns of a takeover from its next request; one left idle
+    /// (frozen while another engine took over, then thawed with its
+    /// clients gone) would otherwise serve on, holding its clients'
+    /// device, forever (found by the chaos soak). INFO is admitted under
+    /// the lease like every request, so it is refused as fenced; only that
+    /// answer counts here: a replica slow to answer is the I/O path's
+    /// business, not this probe's, which waits a second at most.
+    pub async fn check_owner(&self) {
+        let wait = self.timeout.min(Duration::from_secs(1));
+        let asks = self.writable().into_iter().filter_map(|slot| {
+            let client = slot.client()?;
+            Some(async move {
+                match tokio::time::timeout(wait, client.info()).await {
+                    Ok(Err(e)) if e.is_fenced() => Some((slot, e)),
+                    _ => None,
+                }
+            })
+        });
+        for (slot, e) in futures::future::join_all(asks).await.into_iter().flatten() {
+            self.fail(&slot, &ReplicaFailure::Client(e));
+        }
+    }
+
     /// Reconnects ERR replicas that missed nothing (background retry).
     pub async fn reattach_current(&self) {
         let _one = self.recovery.lock().await;

@@ -242,6 +242,24 @@ fn a_second_engine_fences_the_first() {
     }
 }
 
+/// An engine frozen while another takes its volume over, then thawed with
+/// no client left, learns of the takeover without any request and exits
+/// (found by the chaos soak: a taken-over engine still running 30 s after
+/// it was thawed).
+#[test]
+fn an_idle_engine_taken_over_while_frozen_exits_once_thawed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rs = three_replicas(tmp.path(), "16M");
+    let (mut first, uri1, _) = start_engine("idle", "16M", &addrs(&rs), &[]);
+    qemu_io(&uri1, &["write -P 0x11 0 64k"]);
+    first.signal(libc::SIGSTOP);
+    let (_second, uri2, admin2) = start_engine("idle", "16M", &addrs(&rs), &[]);
+    assert_eq!(status(&admin2)["generation"], 2);
+    first.signal(libc::SIGCONT);
+    assert_exits_fenced(&mut first, "the thaw");
+    qemu_io(&uri2, &["read -P 0x11 0 64k"]);
+}
+
 /// Waits (20 s at most) for `engine` to exit with the fenced code.
 fn assert_exits_fenced(engine: &mut Proc, since: &str) {
     let started = std::time::Instant::now();
