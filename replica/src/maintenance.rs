@@ -187,13 +187,17 @@ impl Replica {
     fn fold_step(&self, layers: &[Layer], pos: usize) -> Result<PurgeReport> {
         let (lower, child) = (&layers[pos], &layers[pos + 1]);
         let size = self.size();
-        let extents = block_aligned(
-            data_extents_upto(&lower.file, 0, size, PURGE_STEP_BYTES)
-                .map_err(io(format!("mapping {}", lower.name)))?,
-            size,
-        );
-        {
+        let extents = {
+            // Mapped under the gate, like the copy: a trim that punched L
+            // after the mapping would have the copy read its hole as zeros
+            // and give the child allocated zero blocks carrying L's old
+            // checksums (found by `tests/concurrent_purge.rs`).
             let _gate = self.lower_gate.write().unwrap_or_else(|e| e.into_inner());
+            let extents = block_aligned(
+                data_extents_upto(&lower.file, 0, size, PURGE_STEP_BYTES)
+                    .map_err(io(format!("mapping {}", lower.name)))?,
+                size,
+            );
             let mut buf = Vec::new();
             for &(start, end) in &extents {
                 for (gap_start, gap_end) in
@@ -218,7 +222,8 @@ impl Replica {
                     .map_err(io(format!("copying checksums into {}", child.name)))?;
                 }
             }
-        }
+            extents
+        };
         for f in [&child.file, &child.crc] {
             f.sync_data()
                 .map_err(io(format!("syncing {}", child.name)))?;
