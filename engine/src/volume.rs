@@ -651,8 +651,9 @@ impl ReplicatedVolume {
     }
 
     /// Takes snapshot `name` on every writable replica. The caller holds
-    /// every range lock. A WO replica that fails fails the call; an RW one
-    /// that fails is dropped.
+    /// every range lock. A replica that fails is dropped, except a joining
+    /// (WO) one failing a rebuild's cut (`user_created` false), which fails
+    /// the call instead.
     pub async fn snapshot_all(
         &self,
         name: &str,
@@ -660,6 +661,7 @@ impl ReplicatedVolume {
         labels: &BTreeMap<String, String>,
     ) -> Result<(), String> {
         let mut applied = Vec::new();
+        let mut joining_failed = None;
         for slot in self.writable() {
             // Each replica syncs its head: a disk wait.
             let r = self
@@ -667,9 +669,14 @@ impl ReplicatedVolume {
                     c.snapshot(name, user_created, labels).await.map(drop)
                 })
                 .await;
+            // A joining replica that fails a rebuild's cut fails the
+            // rebuild, once the RW replicas after it have taken the cut
+            // too: every one of them keeps the same chain.
             match r {
                 Ok(()) => applied.push(slot),
-                Err(e) if slot.mode() == Mode::WO => return Err(e.to_string()),
+                Err(e) if slot.mode() == Mode::WO && !user_created => {
+                    joining_failed = Some(e.to_string())
+                }
                 Err(e) => self.fail(&slot, &e),
             }
         }
@@ -679,7 +686,8 @@ impl ReplicatedVolume {
         if self.rw_count() == 0 {
             return Err("no RW replica took the snapshot".into());
         }
-        self.cover_departures().await.map_err(|e| e.to_string())
+        self.cover_departures().await.map_err(|e| e.to_string())?;
+        joining_failed.map_or(Ok(()), Err)
     }
 
     /// A user snapshot: a crash-consistent cut across every replica. New

@@ -447,3 +447,42 @@ fn a_rebuild_keeps_to_its_rate_limit() {
     );
     assert_eq!(status(&admin)["rebuilt_bytes"], 64 << 20);
 }
+
+/// A rebuild whose cut fails on the joining replica (here: its name is
+/// taken there by a directory, as a full disk would fail it) fails; the RW
+/// replicas after the joining one in the set still take the cut, so every
+/// RW replica keeps the same chain, and none is dropped (found by the
+/// chaos soak: RW replicas whose chains differed by a cut, then dropped
+/// for lacking it).
+#[test]
+fn a_cut_that_fails_on_the_joining_replica_leaves_the_rw_chains_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "16M");
+    let (engine, uri, admin) =
+        start_engine("badcut", "16M", &addrs(&rs), &["--replica-timeout", "2"]);
+    qemu_io(&uri, &["write -P 0x11 0 1M", "flush"]);
+    rs[1].proc.kill9();
+    qemu_io(&uri, &["write -P 0x22 0 1M", "flush"]);
+    // Every cut this engine names is taken in r1's directory.
+    let pid = engine.child.id();
+    for n in 0..100 {
+        let name = format!("volume-snap-rebuild-g1-{pid}-{n}.img");
+        std::fs::create_dir(rs[1].dir.join(name)).unwrap();
+    }
+    rs[1].restart("16M");
+    wait_until("two failed rebuilds", Duration::from_secs(30), || {
+        http_get(&admin, "/v1/events")
+            .matches("rebuild failed")
+            .count()
+            >= 2
+    });
+    let chain = |r: &ReplicaProc| {
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(r.dir.join("replica.json")).unwrap()).unwrap();
+        meta["chain"].clone()
+    };
+    assert_eq!(chain(&rs[0]), chain(&rs[2]), "the RW replicas' chains");
+    assert_eq!(mode(&admin, 0), "RW", "{}", status(&admin));
+    assert_eq!(mode(&admin, 2), "RW", "{}", status(&admin));
+    qemu_io(&uri, &["read -P 0x22 0 1M"]);
+}
