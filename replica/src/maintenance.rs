@@ -272,11 +272,13 @@ impl Replica {
                 .map(|(b, n, _)| (b, n))
                 .collect()
         };
-        // The head's copy must be durable before L's goes. Blocks the head
-        // got only after this sync are left for a later purge.
-        head.file
-            .sync_data()
-            .map_err(io("syncing the head layer"))?;
+        // The head's copy, and its checksums, must be durable before L's
+        // goes: after a power cut a head block whose checksum was lost
+        // would read as rot, with no older copy left. Blocks the head got
+        // only after this sync are left for a later purge.
+        for f in [&head.file, &head.crc] {
+            f.sync_data().map_err(io("syncing the head layer"))?;
+        }
         let _gate = self.lower_gate.write().unwrap_or_else(|e| e.into_inner());
         let index = self.index.read().unwrap_or_else(|e| e.into_inner());
         for (b, n) in shadowed {
