@@ -128,15 +128,17 @@ impl ReplicatedVolume {
                     );
                 }
                 Err(e) => {
-                    tracing::debug!(replica = %slot.endpoint, error = %e, "rebuild not possible now");
                     // Unreachable replicas are retried every 2 s: only a
                     // rebuild that started and failed is an event.
                     if slot.current_client().is_some() && slot.mode() == Mode::WO {
+                        tracing::warn!(replica = %slot.endpoint, error = %e, "rebuild failed");
                         self.events.push(
                             EventKind::RebuildFailed,
                             replica,
                             format!("rebuild failed: {e}"),
                         );
+                    } else {
+                        tracing::debug!(replica = %slot.endpoint, error = %e, "rebuild not possible now");
                     }
                     self.leave(&slot, &format!("rebuild failed: {e}"));
                 }
