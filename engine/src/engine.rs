@@ -264,7 +264,7 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
                 // read back older so). Marked as being rebuilt, it is never
                 // a source again until a rebuild completes it.
                 if serving && !info.rebuilding {
-                    let chain = crate::rebuild::chain_below_head(&info);
+                    let chain = info.chain_below_head();
                     let marked = tokio::time::timeout(t, client.prepare_rebuild(&chain)).await;
                     if !matches!(marked, Ok(Ok(()))) {
                         tracing::warn!(replica = %ep, "could not mark the stale replica as being rebuilt");

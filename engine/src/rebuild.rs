@@ -36,9 +36,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use rvol_frontend::BlockVolume;
 use rvol_replica::client::{ClientError, ReplicaClient};
-use rvol_replica::meta::LayerMeta;
 use rvol_replica::store::{ChecksumUnit, REBUILD_CHUNK};
-use rvol_replica::ReplicaInfo;
 use rvol_replica::BLOCK_SIZE;
 use serde::{Deserialize, Serialize};
 
@@ -197,7 +195,7 @@ impl ReplicatedVolume {
             .and_then(|s| s.current_client())
             .ok_or("no RW replica to copy from")?;
         let info = source.info().await.map_err(|e| e.to_string())?;
-        let chain = chain_below_head(&info);
+        let chain = info.chain_below_head();
         client
             .prepare_rebuild(&chain)
             .await
@@ -286,25 +284,6 @@ impl ReplicatedVolume {
         );
         Ok(copied)
     }
-}
-
-/// A replica's layers below its head, as `prepare_rebuild` takes them.
-pub(crate) fn chain_below_head(info: &ReplicaInfo) -> Vec<(String, LayerMeta)> {
-    let below_head = &info.chain[..info.chain.len().saturating_sub(1)];
-    below_head
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let meta = LayerMeta {
-                parent: i.checked_sub(1).map(|p| below_head[p].name.clone()),
-                created: l.created,
-                user_created: l.user_created,
-                removed: l.removed,
-                labels: l.labels.clone(),
-            };
-            (l.name.clone(), meta)
-        })
-        .collect()
 }
 
 /// Makes one differing chunk of `layer` on `target` match `source`, block by

@@ -111,6 +111,28 @@ pub struct ReplicaInfo {
     pub encryption: Option<meta::Encryption>,
 }
 
+impl ReplicaInfo {
+    /// The layers below the head, as [`Replica::prepare_rebuild`] takes
+    /// them from a rebuild's source.
+    pub fn chain_below_head(&self) -> Vec<(String, LayerMeta)> {
+        let below_head = &self.chain[..self.chain.len().saturating_sub(1)];
+        below_head
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let meta = LayerMeta {
+                    parent: i.checked_sub(1).map(|p| below_head[p].name.clone()),
+                    created: l.created,
+                    user_created: l.user_created,
+                    removed: l.removed,
+                    labels: l.labels.clone(),
+                };
+                (l.name.clone(), meta)
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerInfo {
     pub name: String,

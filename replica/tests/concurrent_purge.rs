@@ -47,6 +47,84 @@ fn check(replica: &Replica, model: &[Expect], block: u64, count: u64, when: &str
     }
 }
 
+/// The clients' side: random writes, trims and write-zeroes of up to 8
+/// blocks, and what each block may read as after them.
+struct Client {
+    model: Vec<Expect>,
+    rng: u64,
+    tag: u64,
+}
+
+/// One client request: a trim, a write-zeroes, or a write of `data`.
+struct Request {
+    block: u64,
+    count: u64,
+    data: Option<Vec<u8>>,
+    trim: bool,
+}
+
+impl Client {
+    fn new(seed: u64) -> Client {
+        Client {
+            model: vec![Expect::Is(0); BLOCKS as usize],
+            rng: seed,
+            tag: 0,
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// Draws the next request and records what it does in the model.
+    fn next(&mut self) -> Request {
+        let block = self.random() % BLOCKS;
+        let count = (1 + self.random() % 8).min(BLOCKS - block);
+        let blocks = block as usize..(block + count) as usize;
+        let (data, trim) = match self.random() % 8 {
+            0 => {
+                for e in &mut self.model[blocks] {
+                    if let Expect::Is(t) = *e {
+                        *e = Expect::OldOrZero(t);
+                    }
+                }
+                (None, true)
+            }
+            1 => {
+                self.model[blocks].fill(Expect::Is(0));
+                (None, false)
+            }
+            _ => {
+                self.tag += 1;
+                self.model[blocks].fill(Expect::Is(self.tag));
+                let data = (block..block + count).flat_map(|b| content(self.tag, b));
+                (Some(data.collect()), false)
+            }
+        };
+        Request {
+            block,
+            count,
+            data,
+            trim,
+        }
+    }
+}
+
+impl Request {
+    fn apply(&self, replica: &Replica) {
+        let (off, len) = (self.block * BLOCK_SIZE, self.count * BLOCK_SIZE);
+        match (&self.data, self.trim) {
+            (Some(data), _) => replica.write(off, data, 0),
+            (None, true) => replica.trim(off, len, 0),
+            (None, false) => replica.write_zeroes(off, len, 0),
+        }
+        .unwrap();
+    }
+}
+
 #[test]
 fn writes_racing_snapshot_removal_and_purge_read_back_right() {
     let dir = tempfile::tempdir().unwrap();
@@ -80,50 +158,14 @@ fn writes_racing_snapshot_removal_and_purge_read_back_right() {
             n
         })
     };
-    let mut model = vec![Expect::Is(0); BLOCKS as usize];
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut client = Client::new(0x2545_f491_4f6c_dd1d);
     let deadline = Instant::now() + Duration::from_secs(4);
-    let mut tag = 0;
     let mut ops = 0u64;
     while Instant::now() < deadline && failure.lock().unwrap().is_none() {
-        let block = next() % BLOCKS;
-        let count = (1 + next() % 8).min(BLOCKS - block);
-        let (off, len) = (block * BLOCK_SIZE, count * BLOCK_SIZE);
-        match next() % 8 {
-            0 => {
-                replica.trim(off, len, 0).unwrap();
-                for b in block..block + count {
-                    if let Expect::Is(t) = model[b as usize] {
-                        model[b as usize] = Expect::OldOrZero(t);
-                    }
-                }
-            }
-            1 => {
-                replica.write_zeroes(off, len, 0).unwrap();
-                model[block as usize..(block + count) as usize].fill(Expect::Is(0));
-            }
-            _ => {
-                tag += 1;
-                let data: Vec<u8> = (block..block + count)
-                    .flat_map(|b| content(tag, b))
-                    .collect();
-                replica.write(off, &data, 0).unwrap();
-                model[block as usize..(block + count) as usize].fill(Expect::Is(tag));
-            }
-        }
-        check(
-            &replica,
-            &model,
-            block,
-            count,
-            &format!("op {ops}, right after it"),
-        );
+        let r = client.next();
+        r.apply(&replica);
+        let when = format!("op {ops}, right after it");
+        check(&replica, &client.model, r.block, r.count, &when);
         ops += 1;
     }
     stop.store(true, Ordering::Relaxed);
@@ -133,7 +175,7 @@ fn writes_racing_snapshot_removal_and_purge_read_back_right() {
     }
     println!("{ops} writes beside {rounds} snapshot-remove-purge rounds");
     assert!(rounds > 5 && ops > 300, "too little raced to tell");
-    check(&replica, &model, 0, BLOCKS, "after the race");
+    check(&replica, &client.model, 0, BLOCKS, "after the race");
     // Trims are settled now: what the head reads is what it keeps.
     let settled = replica.read(0, BLOCKS * BLOCK_SIZE).unwrap();
     replica.flush().unwrap();
@@ -156,7 +198,6 @@ fn writes_racing_snapshot_removal_and_purge_read_back_right() {
 /// data once they were purged).
 #[test]
 fn a_replica_rebuilt_beside_writes_and_purges_reads_like_its_source() {
-    use rvol_replica::meta::LayerMeta;
     use rvol_replica::store::ChecksumUnit;
     use std::sync::RwLock;
 
@@ -209,22 +250,7 @@ fn a_replica_rebuilt_beside_writes_and_purges_reads_like_its_source() {
                 dst_state.store(2, Ordering::SeqCst);
                 let cut = format!("rebuild-{round}");
                 both(&|r| r.snapshot(&cut, false, Default::default()).map(drop))?;
-                let info = src.info();
-                let below = &info.chain[..info.chain.len() - 1];
-                let chain: Vec<(String, LayerMeta)> = below
-                    .iter()
-                    .enumerate()
-                    .map(|(i, l)| {
-                        let meta = LayerMeta {
-                            parent: i.checked_sub(1).map(|p| below[p].name.clone()),
-                            created: l.created,
-                            user_created: l.user_created,
-                            removed: l.removed,
-                            labels: l.labels.clone(),
-                        };
-                        (l.name.clone(), meta)
-                    })
-                    .collect();
+                let chain = src.info().chain_below_head();
                 dst.prepare_rebuild(&chain).map_err(|e| e.to_string())?;
                 let len = BLOCKS * BLOCK_SIZE;
                 for (layer, _) in &chain {
@@ -253,55 +279,24 @@ fn a_replica_rebuilt_beside_writes_and_purges_reads_like_its_source() {
             Ok(round)
         })
     };
-    let mut model = vec![Expect::Is(0); BLOCKS as usize];
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut client = Client::new(0x9e37_79b9_7f4a_7c15);
     let deadline = Instant::now() + Duration::from_secs(4);
-    let (mut tag, mut ops) = (0, 0u64);
+    let mut ops = 0u64;
     while Instant::now() < deadline && !maintenance.is_finished() {
-        let block = next() % BLOCKS;
-        let count = (1 + next() % 8).min(BLOCKS - block);
-        let (off, len) = (block * BLOCK_SIZE, count * BLOCK_SIZE);
-        let kind = next() % 8;
-        let data: Vec<u8> = (block..block + count)
-            .flat_map(|b| content(tag + 1, b))
-            .collect();
+        let r = client.next();
         let read_dst = {
             let _op = volume.read().unwrap();
             let state = dst_state.load(Ordering::SeqCst);
-            let targets: &[&Arc<Replica>] = if state == 1 { &[&src] } else { &[&src, &dst] };
-            for r in targets {
-                match kind {
-                    0 => r.trim(off, len, 0),
-                    1 => r.write_zeroes(off, len, 0),
-                    _ => r.write(off, &data, 0),
-                }
-                .unwrap();
+            r.apply(&src);
+            if state != 1 {
+                r.apply(&dst);
             }
             state == 0
         };
-        match kind {
-            0 => {
-                for b in block..block + count {
-                    if let Expect::Is(t) = model[b as usize] {
-                        model[b as usize] = Expect::OldOrZero(t);
-                    }
-                }
-            }
-            1 => model[block as usize..(block + count) as usize].fill(Expect::Is(0)),
-            _ => {
-                tag += 1;
-                model[block as usize..(block + count) as usize].fill(Expect::Is(tag));
-            }
-        }
-        check(&src, &model, block, count, &format!("source, op {ops}"));
+        let model = &client.model;
+        check(&src, model, r.block, r.count, &format!("source, op {ops}"));
         if read_dst {
-            check(&dst, &model, block, count, &format!("rebuilt, op {ops}"));
+            check(&dst, model, r.block, r.count, &format!("rebuilt, op {ops}"));
         }
         ops += 1;
     }
@@ -316,8 +311,8 @@ fn a_replica_rebuilt_beside_writes_and_purges_reads_like_its_source() {
     );
     assert!(rounds > 5 && ops > 300, "too little raced to tell");
     assert_eq!(dst_state.load(Ordering::SeqCst), 0);
-    check(&src, &model, 0, BLOCKS, "source, after the race");
-    check(&dst, &model, 0, BLOCKS, "rebuilt, after the race");
+    check(&src, &client.model, 0, BLOCKS, "source, after the race");
+    check(&dst, &client.model, 0, BLOCKS, "rebuilt, after the race");
     let settled = src.read(0, BLOCKS * BLOCK_SIZE).unwrap();
     assert!(
         dst.read(0, BLOCKS * BLOCK_SIZE).unwrap() == settled,
