@@ -81,12 +81,26 @@ impl ReplicatedVolume {
     /// Runs a chain operation on every writable replica; see the module
     /// documentation. Errors if the first replica refuses it (then nothing
     /// changed) or no RW replica applied it.
-    async fn on_every_replica<F, Fut>(&self, what: &str, op: F) -> Result<(), String>
+    ///
+    /// An `idempotent` operation (removal, expansion) that no RW replica
+    /// is known to have applied is retried, for up to the hold time, on
+    /// the RW replicas that did not answer: they may well have applied it,
+    /// and dropping the last of them as having missed it would leave no
+    /// current replica, so the volume faulted for good (the chaos soak
+    /// found one: an expansion behind a lossy link). Writes stay paused
+    /// meanwhile, as they would while the volume holds for a replica.
+    async fn on_every_replica<F, Fut>(
+        &self,
+        what: &str,
+        idempotent: bool,
+        op: F,
+    ) -> Result<(), String>
     where
         F: Fn(Arc<ReplicaClient>) -> Fut,
         Fut: std::future::Future<Output = Result<(), ClientError>>,
     {
         let mut applied = Vec::new();
+        let mut unanswered = Vec::new();
         for slot in self.slots().into_iter().filter(|s| s.mode() != Mode::ERR) {
             match self.call(&slot, &op).await {
                 Ok(()) => applied.push(slot),
@@ -94,11 +108,37 @@ impl ReplicatedVolume {
                     status: Status::Invalid,
                     message,
                 })) if applied.is_empty() => return Err(message),
+                Err(ReplicaFailure::Timeout(_)) if idempotent && slot.mode() == Mode::RW => {
+                    unanswered.push(slot)
+                }
                 Err(e) => {
                     tracing::warn!(replica = %slot.endpoint, error = %e, "{what} failed on a replica; dropping it");
                     self.leave(&slot, &format!("{what} failed: {e}"));
                 }
             }
+        }
+        let deadline = std::time::Instant::now() + self.hold();
+        while !unanswered.is_empty()
+            && !applied.iter().any(|s| s.mode() == Mode::RW)
+            && std::time::Instant::now() < deadline
+        {
+            tracing::warn!(
+                replicas = unanswered.len(),
+                "{what} unanswered by the last current replicas; retrying"
+            );
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let mut still = Vec::new();
+            for slot in unanswered {
+                match self.call(&slot, &op).await {
+                    Ok(()) => applied.push(slot),
+                    Err(_) => still.push(slot),
+                }
+            }
+            unanswered = still;
+        }
+        for slot in unanswered {
+            tracing::warn!(replica = %slot.endpoint, "{what} unanswered by a replica; dropping it");
+            self.leave(&slot, &format!("{what} failed: no answer"));
         }
         self.mark_missed_except(&applied);
         if !applied.iter().any(|s| s.mode() == Mode::RW) {
@@ -125,7 +165,7 @@ impl ReplicatedVolume {
         }
         {
             let _all = self.locks().lock_all().await;
-            self.on_every_replica("snapshot removal", |c| async move {
+            self.on_every_replica("snapshot removal", true, |c| async move {
                 c.remove_snapshot(name).await.map(drop)
             })
             .await?;
@@ -251,7 +291,7 @@ impl ReplicatedVolume {
         }
         {
             let _all = self.locks().lock_all().await;
-            self.on_every_replica("revert", |c| async move { c.revert(name).await })
+            self.on_every_replica("revert", false, |c| async move { c.revert(name).await })
                 .await?;
         }
         self.flush().await.map_err(|e| e.to_string())?;
@@ -278,7 +318,7 @@ impl ReplicatedVolume {
         }
         let _no_rebuild = self.rebuilds.chain_steady("expand").await?;
         let _all = self.locks().lock_all().await;
-        self.on_every_replica("expansion", |c| async move { c.expand(size).await })
+        self.on_every_replica("expansion", true, |c| async move { c.expand(size).await })
             .await?;
         self.set_size(size);
         tracing::info!(from = current, to = size, "volume expanded");

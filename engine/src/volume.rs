@@ -612,6 +612,11 @@ impl ReplicatedVolume {
         self.attach.clone()
     }
 
+    /// How long the volume holds I/O for a current replica to return.
+    pub fn hold(&self) -> Duration {
+        self.hold
+    }
+
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
