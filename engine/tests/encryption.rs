@@ -125,10 +125,7 @@ fn replicas_hold_only_ciphertext_and_tampering_is_caught_and_repaired() {
     // Wrong key, and no key: refused at start, saying why.
     let other = new_key_file("enc-other");
     let refused = |extra: &[&str]| {
-        let mut args = engine_args(NAME, "16M", &addrs, extra);
-        if tls::enabled() {
-            args.extend(tls::engine(NAME));
-        }
+        let args = engine_args_as_run(NAME, "16M", &addrs, extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = run_within(Duration::from_secs(60), RVOL, &args);
         assert!(!out.status.success(), "started: {out:?}");

@@ -293,19 +293,13 @@ fn a_replica_found_stale_is_never_a_source_even_alone() {
     // Only r1 is reachable now.
     rs[0].proc.kill9();
     rs[2].proc.kill9();
-    let args = engine_args(
+    let args = engine_args_as_run(
         "alone",
         "16M",
         &addrs(&rs),
         &["--nbd-listen", "127.0.0.1:0"],
     );
-    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let tls_args = if tls::enabled() {
-        tls::engine("alone")
-    } else {
-        Vec::new()
-    };
-    args.extend(tls_args.iter().map(String::as_str));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let refused = Proc::try_start(&args);
     assert!(
         refused.is_err(),
@@ -370,15 +364,12 @@ fn a_replica_frozen_during_reconciliation_is_left_out_not_waited_for() {
         assert_eq!(c.reply(0).0, 0);
     }
     first.kill9();
-    let mut args = engine_args(
+    let args = engine_args_as_run(
         "reconcile",
         "1G",
         &addrs(&rs),
         &["--nbd-listen", "127.0.0.1:0", "--replica-timeout", "2"],
     );
-    if tls::enabled() {
-        args.extend(tls::engine("reconcile"));
-    }
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

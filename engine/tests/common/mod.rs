@@ -204,10 +204,7 @@ fn start_engine_with(
     replicas: &[String],
     extra: &[&str],
 ) -> (Proc, String) {
-    let mut args = engine_args(name, size, replicas, extra);
-    if tls::enabled() {
-        args.extend(tls::engine(name));
-    }
+    let args = engine_args_as_run(name, size, replicas, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let p = Proc::start(&args);
     let admin = p.ready["admin"]
@@ -267,6 +264,21 @@ pub fn engine_args(name: &str, size: &str, replicas: &[String], extra: &[&str]) 
         args.extend(["--replica".to_string(), r.clone()]);
     }
     args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// [`engine_args`] with the TLS flags the helpers' engines get when the
+/// run is with TLS (`RVOL_TEST_TLS=1`).
+pub fn engine_args_as_run(
+    name: &str,
+    size: &str,
+    replicas: &[String],
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args = engine_args(name, size, replicas, extra);
+    if tls::enabled() {
+        args.extend(tls::engine(name));
+    }
     args
 }
 
