@@ -446,9 +446,20 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 v.check_slow(&slow);
                 v.check_connections();
-                v.check_owner().await;
                 v.reattach_current().await;
                 v.rebuild_stale(rate).await;
+            }
+        })
+    };
+
+    // Apart from the loop above, which a rebuild can hold for minutes: an
+    // engine taken over in the meantime must learn it all the same.
+    let owner = {
+        let v = volume.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                v.check_owner().await;
             }
         })
     };
@@ -467,6 +478,7 @@ pub async fn run(cfg: EngineConfig) -> anyhow::Result<u8> {
     );
     let _ = stop_tx.send(true);
     retry.abort();
+    owner.abort();
     purge.abort();
     if let Some(target) = ublk {
         // The kernel drains the device through our queues while it stops.

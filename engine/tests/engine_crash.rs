@@ -260,6 +260,31 @@ fn an_idle_engine_taken_over_while_frozen_exits_once_thawed() {
     qemu_io(&uri2, &["read -P 0x11 0 64k"]);
 }
 
+/// The same while the engine's background loop is held by a rebuild
+/// waiting on a replica that stopped answering (found by the chaos soak,
+/// seed 7: a taken-over engine still running 30 s after its thaw, its
+/// rebuild hung). Nothing else of it talks to the replicas the new engine
+/// took over, yet it must learn of the takeover and exit.
+#[test]
+fn an_engine_taken_over_while_its_rebuild_hangs_exits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "64M");
+    let args = ["--replica-timeout", "2", "--rebuild-rate-mib", "1"];
+    let (mut first, uri, admin) = start_engine("hung", "64M", &addrs(&rs), &args);
+    rs[1].proc.kill9();
+    qemu_io(&uri, &["write -P 0x11 0 32M", "flush"]);
+    rs[1].restart("64M");
+    wait_until("the rebuild to start", Duration::from_secs(20), || {
+        !status(&admin)["rebuild"].is_null()
+    });
+    // The rebuild's source stops answering: the copy waits on it.
+    rs[0].proc.signal(libc::SIGSTOP);
+    let (_second, uri2, _) = start_engine("hung", "64M", &[rs[2].addr.clone()], &[]);
+    assert_exits_fenced(&mut first, "the takeover");
+    rs[0].proc.signal(libc::SIGCONT);
+    qemu_io(&uri2, &["read -P 0x11 0 32M"]);
+}
+
 /// Waits (20 s at most) for `engine` to exit with the fenced code.
 fn assert_exits_fenced(engine: &mut Proc, since: &str) {
     let started = std::time::Instant::now();
