@@ -149,8 +149,16 @@ async fn fencing(ep: &str) {
         .err()
         .expect("same generation, other engine")
         .is_fenced());
-    // Same engine may open more connections.
-    connect(ep, 5, 1).await.unwrap();
+    // Same engine may connect again; then what still comes on its older
+    // connection (a write it gave up on, arriving late) is refused, never
+    // applied, and is not taken for a fence.
+    let again = connect(ep, 5, 1).await.unwrap();
+    let e = old
+        .write(0, Bytes::from(vec![3u8; 4096]), false, 0)
+        .await
+        .unwrap_err();
+    assert!(e.is_superseded() && !e.is_fenced(), "{e}");
+    assert_eq!(again.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
     // A newer engine takes over; the old one's next request is fenced.
     let new = connect(ep, 6, 2).await.unwrap();
     let e = old

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -61,6 +61,18 @@ impl ClientError {
             self,
             ClientError::Remote {
                 status: Status::Fenced,
+                ..
+            }
+        )
+    }
+
+    /// The replica refused a request of a connection this engine has
+    /// replaced since: it says nothing about the newer one.
+    pub fn is_superseded(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Remote {
+                status: Status::Superseded,
                 ..
             }
         )
@@ -176,15 +188,21 @@ impl ReplicaClient {
     /// Opens `connections` connections to `endpoint`, each announcing
     /// `owner` for `volume`; returns the client and what the replica said
     /// about itself on the first connection.
+    ///
+    /// Each call is a new session ([`Hello::session`]): once it is
+    /// answered, requests still in flight on this process's older
+    /// connections to the replica are refused, not applied.
     pub async fn connect(
         endpoint: &Endpoint,
         volume: Uuid,
         owner: Owner,
         links: impl Into<Links>,
     ) -> Result<(ReplicaClient, ReplicaInfo)> {
+        static SESSIONS: AtomicU32 = AtomicU32::new(1);
         let links = links.into();
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
+            session: SESSIONS.fetch_add(1, Ordering::Relaxed),
             volume_uuid: volume,
             generation: owner.generation.0,
             engine_id: owner.engine_id,

@@ -27,6 +27,9 @@ pub enum Error {
     InUse(String),
     #[error("fenced: {0}")]
     Fenced(String),
+    /// The request's connection was replaced by a newer one of its engine.
+    #[error("superseded: {0}")]
+    Superseded(String),
     /// Data read back does not match its checksum: bit rot or a stray write.
     #[error("checksum mismatch: {0}")]
     Checksum(String),

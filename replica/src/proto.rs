@@ -219,6 +219,9 @@ pub enum Status {
     Checksum = 9,
     /// The caller's certificate does not allow what it asked.
     Denied = 10,
+    /// The request came on a connection its engine has since replaced by
+    /// a newer one (see [`Hello::session`]).
+    Superseded = 11,
 }
 
 impl Status {
@@ -234,6 +237,7 @@ impl Status {
             7 => Status::Unsupported,
             9 => Status::Checksum,
             10 => Status::Denied,
+            11 => Status::Superseded,
             _ => Status::Corrupt,
         }
     }
@@ -573,6 +577,15 @@ impl From<Bytes> for Sealed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub protocol_version: u32,
+    /// Which of its connections to this replica the engine opens: a number
+    /// that grows with every connect of one engine process. Once a HELLO
+    /// of a newer session is answered, requests still arriving on an older
+    /// connection of the same engine are refused, never applied: a write
+    /// the engine gave up on (and acknowledged without this replica) must
+    /// not land after the replica was brought back up to date. 0 is no
+    /// session (a tool speaking the protocol by hand): it neither replaces
+    /// nor is replaced.
+    pub session: u32,
     pub volume_uuid: Uuid,
     pub generation: u64,
     pub engine_id: u64,
@@ -599,6 +612,7 @@ impl Hello {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; HELLO_LEN];
         b[0..4].copy_from_slice(&self.protocol_version.to_le_bytes());
+        b[4..8].copy_from_slice(&self.session.to_le_bytes());
         b[8..24].copy_from_slice(self.volume_uuid.as_bytes());
         b[24..32].copy_from_slice(&self.generation.to_le_bytes());
         b[32..40].copy_from_slice(&self.engine_id.to_le_bytes());
@@ -620,6 +634,7 @@ impl Hello {
         uuid.copy_from_slice(&b[8..24]);
         Some(Hello {
             protocol_version: u32_at(b, 0),
+            session: u32_at(b, 4),
             volume_uuid: Uuid::from_bytes(uuid),
             generation: u64_at(b, 24),
             engine_id: u64_at(b, 32),
@@ -691,6 +706,7 @@ mod tests {
     fn hello_and_extents_round_trip() {
         let h = Hello {
             protocol_version: PROTOCOL_VERSION,
+            session: 3,
             volume_uuid: Uuid::new_v4(),
             generation: 9,
             engine_id: 77,

@@ -73,6 +73,7 @@ impl Reply {
             Error::Io { .. } | Error::InUse(_) => Status::Io,
             Error::NoSpace(_) => Status::NoSpace,
             Error::Fenced(_) => Status::Fenced,
+            Error::Superseded(_) => Status::Superseded,
             Error::Mismatch(_) => Status::WrongVolume,
             Error::Corrupt(_) | Error::NotAReplica(_) => Status::Corrupt,
             Error::Checksum(_) => Status::Checksum,
@@ -105,6 +106,8 @@ impl ReplyTo for oneshot::Sender<Reply> {
 pub(crate) struct Session {
     replica: Arc<Replica>,
     owner: Owner,
+    /// [`Hello::session`].
+    number: u32,
 }
 
 impl Session {
@@ -126,8 +129,9 @@ impl Session {
         };
         let (r, volume, encryption) =
             (replica.clone(), hello.volume_uuid, hello.encryption.clone());
+        let number = hello.session;
         let taken = match tokio::task::spawn_blocking(move || {
-            r.takeover(owner, volume, encryption.as_ref())
+            r.takeover(owner, number, volume, encryption.as_ref())
         })
         .await
         {
@@ -143,6 +147,7 @@ impl Session {
                 let session = Session {
                     replica: replica.clone(),
                     owner,
+                    number,
                 };
                 (
                     Reply::ok(id, info.revision.0, Bytes::from(json)),
@@ -193,7 +198,7 @@ impl Session {
                 return self
                     .spawn_blocking_reply(h.id, to, move |r| run_layer_op(r, op, &h, &payload));
             }
-            Some(op) => match run_inline(&self.replica, self.owner, op, h, &payload, &crcs) {
+            Some(op) => match run_inline(self, op, h, &payload, &crcs) {
                 Ok(reply) => reply,
                 Err(e) => Reply::from_err(h.id, &e),
             },
@@ -220,9 +225,9 @@ impl Session {
         to: impl ReplyTo,
         f: impl FnOnce(&Replica) -> crate::Result<(u64, Bytes)> + Send + 'static,
     ) {
-        let (r, owner) = (self.replica.clone(), self.owner);
+        let (r, owner, number) = (self.replica.clone(), self.owner, self.number);
         tokio::task::spawn_blocking(move || {
-            let reply = match r.admit(owner).and_then(|_lease| f(&r)) {
+            let reply = match r.admit(owner, number).and_then(|_lease| f(&r)) {
                 Ok((value, payload)) => Reply::ok(id, value, payload),
                 Err(e) => Reply::from_err(id, &e),
             };
@@ -232,14 +237,14 @@ impl Session {
 }
 
 fn run_inline(
-    replica: &Replica,
-    owner: Owner,
+    session: &Session,
     op: Op,
     h: &RequestHeader,
     payload: &[u8],
     crcs: &[u32],
 ) -> crate::Result<Reply> {
-    let _lease = replica.admit(owner)?;
+    let replica = &*session.replica;
+    let _lease = replica.admit(session.owner, session.number)?;
     let ok = |payload: Bytes| Ok(Reply::ok(h.id, 0, payload));
     let read_fits = || check_read_len(replica, h.length);
     match op {

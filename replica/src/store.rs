@@ -80,6 +80,14 @@ pub struct Owner {
     pub engine_id: u64,
 }
 
+/// The engine a replica serves, and its newest connection (see
+/// [`Replica::takeover`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Lease {
+    owner: Owner,
+    session: u32,
+}
+
 /// What a replica reports about itself (on connect and on request).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaInfo {
@@ -252,7 +260,7 @@ pub struct Replica {
     pub(crate) revision: AtomicU64,
     clean: AtomicBool,
     state: Mutex<StateFile>,
-    lease: RwLock<Owner>,
+    lease: RwLock<Lease>,
     /// Serializes flushes and changes of the chain.
     pub(crate) flush_lock: Mutex<()>,
     dirty: Mutex<DirtyMap>,
@@ -527,9 +535,12 @@ impl Replica {
             revision: AtomicU64::new(rec.revision.0),
             clean: AtomicBool::new(rec.clean),
             state: Mutex::new(state),
-            lease: RwLock::new(Owner {
-                generation: rec.generation,
-                engine_id: rec.engine_id,
+            lease: RwLock::new(Lease {
+                owner: Owner {
+                    generation: rec.generation,
+                    engine_id: rec.engine_id,
+                },
+                session: 0,
             }),
             flush_lock: Mutex::new(()),
             dirty: Mutex::new(DirtyMap::new(rec.clean)),
@@ -614,7 +625,7 @@ impl Replica {
     }
 
     pub fn owner(&self) -> Owner {
-        *self.lease.read().unwrap_or_else(|e| e.into_inner())
+        self.lease.read().unwrap_or_else(|e| e.into_inner()).owner
     }
 
     /// Takes the replica over for `owner`, binding it to `volume` (and
@@ -623,13 +634,26 @@ impl Replica {
     /// another volume, and for an engine whose encryption is not the
     /// volume's: another key, a key for a plain volume, or none for an
     /// encrypted one.
+    ///
+    /// `session` is the connection's [`crate::proto::Hello::session`]: a
+    /// HELLO of the owner with an older session than one already answered
+    /// is refused, and a newer one shuts the older connections out.
+    /// Session 0 (a tool speaking the protocol by hand) does neither.
     pub fn takeover(
         &self,
         owner: Owner,
+        session: u32,
         volume: Uuid,
         encryption: Option<&meta::Encryption>,
     ) -> Result<ReplicaInfo> {
-        let mut lease = self.lease.write().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.lease.write().unwrap_or_else(|e| e.into_inner());
+        if session != 0 && guard.owner == owner && session < guard.session {
+            return Err(Error::Superseded(format!(
+                "this engine connected again since (session {} after {session})",
+                guard.session
+            )));
+        }
+        let lease = &mut guard.owner;
         if owner.generation < lease.generation {
             return Err(Error::Fenced(format!(
                 "generation {} is older than this replica's generation {}",
@@ -677,7 +701,8 @@ impl Replica {
                 }));
             }
         }
-        if *lease != owner {
+        let new_owner = *lease != owner;
+        if new_owner {
             let mut state = lock(&self.state);
             let rec = StateRecord {
                 generation: owner.generation,
@@ -688,7 +713,10 @@ impl Replica {
             tracing::info!(generation = %owner.generation, "replica taken over");
             *lease = owner;
         }
-        drop(lease);
+        if new_owner || session != 0 {
+            guard.session = session;
+        }
+        drop(guard);
         Ok(self.info())
     }
 
@@ -713,14 +741,22 @@ impl Replica {
         Ok(())
     }
 
-    /// Admits one request of `owner`: the guard keeps a takeover out until
-    /// the request is done. Refused once a newer engine has taken over.
-    pub fn admit(&self, owner: Owner) -> Result<RwLockReadGuard<'_, Owner>> {
+    /// Admits one request of `owner` that came on a connection of
+    /// `session`: the guard keeps a takeover out until the request is done.
+    /// Refused once a newer engine has taken over, or the same engine has
+    /// connected again since.
+    pub fn admit(&self, owner: Owner, session: u32) -> Result<RwLockReadGuard<'_, Lease>> {
         let lease = self.lease.read().unwrap_or_else(|e| e.into_inner());
-        if *lease != owner {
+        if lease.owner != owner {
             return Err(Error::Fenced(format!(
                 "replica now belongs to generation {}",
-                lease.generation
+                lease.owner.generation
+            )));
+        }
+        if session != 0 && session < lease.session {
+            return Err(Error::Superseded(format!(
+                "this engine connected again since (session {} after {session})",
+                lease.session
             )));
         }
         Ok(lease)

@@ -16,6 +16,7 @@ pub const VOLUME: Uuid = Uuid::from_u128(0x1234);
 pub fn hello_frame(volume: Uuid, generation: u64, engine_id: u64) -> Vec<u8> {
     rvol_replica::proto::Hello {
         protocol_version: rvol_replica::proto::PROTOCOL_VERSION,
+        session: 0,
         volume_uuid: volume,
         generation,
         engine_id,
