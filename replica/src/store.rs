@@ -41,7 +41,9 @@
 //! - Fencing: every request runs holding a read guard on the lease
 //!   ([`Replica::admit`]); a takeover holds the write guard while it
 //!   persists the new generation, so once it returns no request of an older
-//!   engine is running and none will be admitted again.
+//!   engine is running and none will be admitted again. A newer session of
+//!   the same engine (it connected again) shuts its older connections out
+//!   the same way, so a request the engine gave up on cannot land late.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
