@@ -178,9 +178,15 @@ fn writes_racing_snapshot_removal_and_purge_read_back_right() {
     check(&replica, &client.model, 0, BLOCKS, "after the race");
     // Trims are settled now: what the head reads is what it keeps.
     let settled = replica.read(0, BLOCKS * BLOCK_SIZE).unwrap();
+    assert_reads_after_reopen(replica, dir.path(), &settled);
+}
+
+/// Flushes and closes `replica`, opens its directory again and checks the
+/// volume reads `settled`.
+fn assert_reads_after_reopen(replica: Arc<Replica>, dir: &std::path::Path, settled: &[u8]) {
     replica.flush().unwrap();
     drop(replica);
-    let reopened = Replica::open(dir.path()).unwrap();
+    let reopened = Replica::open(dir).unwrap();
     assert!(
         reopened.read(0, BLOCKS * BLOCK_SIZE).unwrap() == settled,
         "the volume reads differently after a reopen"
@@ -319,12 +325,6 @@ fn a_replica_rebuilt_beside_writes_and_purges_reads_like_its_source() {
         "the replicas differ"
     );
     for (r, dir) in [(src, &dirs[0]), (dst, &dirs[1])] {
-        r.flush().unwrap();
-        drop(r);
-        let reopened = Replica::open(dir.path()).unwrap();
-        assert!(
-            reopened.read(0, BLOCKS * BLOCK_SIZE).unwrap() == settled,
-            "a replica reads differently after a reopen"
-        );
+        assert_reads_after_reopen(r, dir.path(), &settled);
     }
 }
