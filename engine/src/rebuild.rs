@@ -27,6 +27,12 @@
 //! The copy writes only layers below the head, and new writes only the
 //! head, so the two never race.
 //!
+//! 5. The cut has done its job once the rebuild ends, well or not: it is
+//!    removed (and purged into its child) after every attempt, with any
+//!    cut an engine that died mid-rebuild left behind. Kept, every rebuild
+//!    would add a layer to the chain for good (the chaos soak found them
+//!    piling up).
+//!
 //! [`RangeLocks::lock_all`]: crate::range_lock::RangeLocks::lock_all
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -142,6 +148,30 @@ impl ReplicatedVolume {
                 }
             }
             self.rebuilds.set(None);
+            self.remove_rebuild_cuts().await;
+        }
+    }
+
+    /// Removes the cuts of finished or abandoned rebuilds (system
+    /// snapshots named `rebuild-*`); called with the rebuild lock held, so
+    /// none is in use.
+    async fn remove_rebuild_cuts(&self) {
+        let Ok(layers) = self.layers().await else {
+            return;
+        };
+        let below_head = &layers[..layers.len().saturating_sub(1)];
+        for l in below_head.iter().filter(|l| !l.user_created && !l.removed) {
+            let Some(name) = l
+                .name
+                .strip_prefix("volume-snap-")
+                .and_then(|n| n.strip_suffix(".img"))
+                .filter(|n| n.starts_with("rebuild-"))
+            else {
+                continue;
+            };
+            if let Err(e) = self.remove_snapshot(name).await {
+                tracing::warn!(snapshot = name, error = %e, "could not remove a rebuild's cut");
+            }
         }
     }
 
