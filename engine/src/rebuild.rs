@@ -27,7 +27,14 @@
 //! The copy writes only layers below the head, and new writes only the
 //! head, so the two never race.
 //!
-//! 5. The cut has done its job once the rebuild ends, well or not: it is
+//! 5. Every call of the copy has a time limit, the flush timeout (it may
+//!    wait on a disk like a flush does), and is given up at once when the
+//!    I/O path fails the source or the joining replica: a rebuild waiting
+//!    on a replica that stopped answering would otherwise hold the
+//!    background loop, and with it every other re-attach and rebuild, until
+//!    it answered (the chaos soak found one hung for minutes).
+//!
+//! 6. The cut has done its job once the rebuild ends, well or not: it is
 //!    removed (and purged into its child) after every attempt, with any
 //!    cut an engine that died mid-rebuild left behind. Kept, every rebuild
 //!    would add a layer to the chain for good (the chaos soak found them
@@ -184,9 +191,9 @@ impl ReplicatedVolume {
             .map_err(|e| e.to_string())?;
         if joining.size < self.size() {
             // It missed an expansion; the new tail is a hole, like the source's.
-            client
-                .expand(self.size())
+            tokio::time::timeout(self.flush_timeout(), client.expand(self.size()))
                 .await
+                .map_err(|_| "no answer to the expansion".to_string())?
                 .map_err(|e| e.to_string())?;
         }
         let client = Arc::new(client);
@@ -218,18 +225,20 @@ impl ReplicatedVolume {
                 .await
                 .map_err(|e| format!("snapshot {name}: {e}"))?;
         }
-        let source = self
+        let (source_slot, source) = self
             .slots()
-            .iter()
-            .find(|s| s.mode() == Mode::RW)
-            .and_then(|s| s.current_client())
+            .into_iter()
+            .filter(|s| s.mode() == Mode::RW)
+            .find_map(|s| s.current_client().map(|c| (s, c)))
             .ok_or("no RW replica to copy from")?;
-        let info = source.info().await.map_err(|e| e.to_string())?;
+        let step = Step {
+            source: &source_slot,
+            joining: slot,
+            limit: self.flush_timeout(),
+        };
+        let info = step.run(source.info()).await?;
         let chain = info.chain_below_head();
-        client
-            .prepare_rebuild(&chain)
-            .await
-            .map_err(|e| e.to_string())?;
+        step.run(client.prepare_rebuild(&chain)).await?;
 
         let size = info.size;
         let total = size * chain.len() as u64;
@@ -248,11 +257,14 @@ impl ReplicatedVolume {
             let mut window = 0;
             while window < size {
                 let len = WINDOW.min(size - window);
-                let (theirs, ours) = tokio::try_join!(
-                    source.layer_checksums(layer, window, len, ChecksumUnit::Chunk),
-                    client.layer_checksums(layer, window, len, ChecksumUnit::Chunk),
-                )
-                .map_err(|e| e.to_string())?;
+                let (theirs, ours) = step
+                    .run(async {
+                        tokio::try_join!(
+                            source.layer_checksums(layer, window, len, ChecksumUnit::Chunk),
+                            client.layer_checksums(layer, window, len, ChecksumUnit::Chunk),
+                        )
+                    })
+                    .await?;
                 let differing: Vec<(u64, bool)> = theirs
                     .iter()
                     .zip(&ours)
@@ -264,14 +276,14 @@ impl ReplicatedVolume {
                     .map(|(at, target_empty)| {
                         let n = REBUILD_CHUNK.min(size - at);
                         let copy = copy_chunk(&source, &client, layer, at, n, target_empty);
-                        async move { copy.await.map(|sent| (at + n, sent)) }
+                        async move { step.run(copy).await.map(|sent| (at + n, sent)) }
                     })
                     .buffer_unordered(CHUNKS_IN_FLIGHT);
                 // Within a window, progress is the furthest chunk copied:
                 // a window of many differing chunks takes a while.
                 let mut reached = window;
                 while let Some(done) = copies.next().await {
-                    let (end, sent) = done.map_err(|e| e.to_string())?;
+                    let (end, sent) = done?;
                     copied += sent;
                     reached = reached.max(end);
                     if rate_mib_s > 0.0 {
@@ -285,16 +297,10 @@ impl ReplicatedVolume {
                 scanned += len;
                 window += len;
                 report(scanned, copied);
-                if slot.mode() != Mode::WO {
-                    return Err("replica failed during the rebuild".into());
-                }
             }
         }
-        let revision = source.info().await.map_err(|e| e.to_string())?.revision;
-        client
-            .finish_rebuild(revision)
-            .await
-            .map_err(|e| e.to_string())?;
+        let revision = step.run(source.info()).await?.revision;
+        step.run(client.finish_rebuild(revision)).await?;
         // Counted before the replica turns RW: status must never show a
         // healthy set whose rebuild copied nothing.
         self.rebuilds
@@ -313,6 +319,44 @@ impl ReplicatedVolume {
             "rebuild done: replica is RW"
         );
         Ok(copied)
+    }
+}
+
+/// One call of a rebuild, bounded (see point 5 of the module
+/// documentation).
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    source: &'a ReplicaSlot,
+    joining: &'a ReplicaSlot,
+    limit: Duration,
+}
+
+impl Step<'_> {
+    async fn run<T>(
+        self,
+        call: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, String> {
+        let failed = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if self.source.mode() != Mode::RW {
+                    return "the source replica failed during the rebuild";
+                }
+                if self.joining.mode() != Mode::WO {
+                    return "the replica failed during the rebuild";
+                }
+            }
+        };
+        tokio::select! {
+            done = tokio::time::timeout(self.limit, call) => match done {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "a rebuild call got no answer within {:?}",
+                    self.limit
+                )),
+            },
+            why = failed => Err(why.to_string()),
+        }
     }
 }
 

@@ -621,6 +621,11 @@ impl ReplicatedVolume {
         self.timeout
     }
 
+    /// The timeout of requests that wait for the disk.
+    pub fn flush_timeout(&self) -> Duration {
+        self.flush_timeout
+    }
+
     pub fn locks(&self) -> &RangeLocks {
         &self.locks
     }

@@ -508,3 +508,38 @@ fn a_cut_that_fails_on_the_joining_replica_leaves_the_rw_chains_alike() {
     assert_eq!(mode(&admin, 2), "RW", "{}", status(&admin));
     qemu_io(&uri, &["read -P 0x22 0 1M"]);
 }
+
+/// A rebuild whose source stops answering mid-copy is given up as soon as
+/// the I/O path fails that source, and the next attempt copies from
+/// another replica (found by the chaos soak: a rebuild waiting minutes on
+/// a frozen source, and every other re-attach and rebuild with it).
+#[test]
+fn a_rebuild_whose_source_freezes_starts_again_from_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rs = replicas_on_fixed_ports(tmp.path(), 3, "64M");
+    let args = ["--replica-timeout", "2", "--rebuild-rate-mib", "2"];
+    let (_engine, uri, admin) = start_engine("frozensrc", "64M", &addrs(&rs), &args);
+    qemu_io(&uri, &["write -P 0x11 0 16M", "flush"]);
+    rs[1].proc.kill9();
+    qemu_io(&uri, &["write -P 0x22 0 16M", "flush"]);
+    rs[1].restart("64M");
+    wait_until("the rebuild to start", Duration::from_secs(20), || {
+        !status(&admin)["rebuild"].is_null()
+    });
+    // r0, the source, freezes; a write (not FUA, which would wait for the
+    // flush timeout) makes the I/O path fail it.
+    rs[0].proc.signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    let mut c = RawNbd::open(&uri);
+    c.request(1, 1, 16 << 20, 4096, &[0x33; 4096]);
+    assert_eq!(c.reply(0).0, 0);
+    wait_until("r1 to be rebuilt from r2", Duration::from_secs(60), || {
+        mode(&admin, 1) == "RW"
+    });
+    println!("r1 RW {:?} after its source froze", frozen.elapsed());
+    assert_eq!(mode(&admin, 0), "ERR", "{}", status(&admin));
+    rs[2].proc.kill9();
+    // r1 alone holds every write.
+    qemu_io(&uri, &["read -P 0x22 0 16M", "read -P 0x33 16M 4k"]);
+    rs[0].proc.signal(libc::SIGCONT);
+}

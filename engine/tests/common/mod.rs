@@ -406,9 +406,9 @@ pub fn addrs(rs: &[ReplicaProc]) -> Vec<String> {
     rs.iter().map(|r| r.addr.clone()).collect()
 }
 
-/// Copies the whole export at `uri` into the raw file `dest` with qemu-img.
 /// Runs qemu-io on a raw NBD export with each of `cmds` (`-c`); asserts it
 /// succeeded (a failed pattern check fails it) and returns its stdout.
+/// qemu-io writes through (every write FUA) unless told otherwise.
 pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     let mut args = vec!["-f", "raw", uri];
     for c in cmds {
