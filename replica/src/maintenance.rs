@@ -363,7 +363,6 @@ impl Replica {
         self.mark_dirty()?;
         let new_head = next_head_name(&layers[head].name);
         let size = self.size();
-        let head_file = create_layer_file(&self.dir, &new_head, size)?;
         let head_meta = LayerMeta {
             parent: Some(file.clone()),
             created: now_secs(),
@@ -371,23 +370,39 @@ impl Replica {
             removed: false,
             labels: Default::default(),
         };
-        meta::write_json_atomic(&layer_meta_path(&self.dir, &new_head), &head_meta)?;
         let mut next_meta = meta.clone();
         next_meta.chain.truncate(pos + 1);
         next_meta.chain.push(new_head.clone());
+        // The chain in memory changes only once the new one is durable; a
+        // failure before writing it (a full disk) removes the new head's
+        // files.
+        let prepared = (|| {
+            let head_file = create_layer_file(&self.dir, &new_head, size)?;
+            meta::write_json_atomic(&layer_meta_path(&self.dir, &new_head), &head_meta)?;
+            Layer::with_file(
+                &self.dir,
+                new_head.clone(),
+                head_meta,
+                head_file,
+                size,
+                self.auth_bytes(),
+            )
+        })();
+        let new_layer = match prepared {
+            Ok(layer) => layer,
+            Err(e) => {
+                remove_layer_files(&self.dir, &new_head);
+                return Err(e);
+            }
+        };
+        // Not once the chain is being written: it may reach the disk
+        // before an error.
         meta::write_json_atomic(&self.dir.join(REPLICA_META), &next_meta)?;
         *meta = next_meta;
         for gone in layers.drain(pos + 1..) {
             remove_layer_files(&self.dir, &gone.name);
         }
-        layers.push(Layer::with_file(
-            &self.dir,
-            new_head,
-            head_meta,
-            head_file,
-            size,
-            self.auth_bytes(),
-        )?);
+        layers.push(new_layer);
         *self.index.write().unwrap_or_else(|e| e.into_inner()) = build_index(size, &layers)?;
         self.revision.fetch_add(1, Ordering::AcqRel);
         tracing::info!(snapshot = %name, "reverted to snapshot");

@@ -1396,10 +1396,17 @@ impl Replica {
             meta::write_json_atomic(&layer_meta_path(dir, &snap), &snap_meta)?;
             let file = create_layer_file(dir, &new_head, self.size())?;
             meta::write_json_atomic(&layer_meta_path(dir, &new_head), &head_meta)?;
-            Ok(file)
+            Layer::with_file(
+                dir,
+                new_head.clone(),
+                head_meta,
+                file,
+                self.size(),
+                self.auth_bytes(),
+            )
         })();
-        let file = match prepared {
-            Ok(file) => file,
+        let new_layer = match prepared {
+            Ok(layer) => layer,
             Err(e) => {
                 remove_layer_files(dir, &snap);
                 remove_layer_files(dir, &new_head);
@@ -1413,14 +1420,7 @@ impl Replica {
         let last = layers.last_mut().expect("chain is never empty");
         last.name = snap.clone();
         last.meta = snap_meta;
-        layers.push(Layer::with_file(
-            dir,
-            new_head,
-            head_meta,
-            file,
-            self.size(),
-            self.auth_bytes(),
-        )?);
+        layers.push(new_layer);
         tracing::info!(snapshot = %snap, "snapshot taken");
         Ok(snap)
     }
@@ -1602,36 +1602,52 @@ impl Replica {
         let mut layers = self.layers_mut();
         let mut meta = lock(&self.meta);
         let dir = &self.dir;
-        let head = layers.pop().expect("chain is never empty");
-        let mut old: Vec<Layer> = std::mem::take(&mut *layers);
-        let mut next = Vec::with_capacity(chain.len() + 1);
-        for (name, lmeta) in chain {
-            if name == &head.name || !name.starts_with("volume-snap-") || name.contains('/') {
-                return Err(Error::Invalid(format!(
-                    "bad layer name {name:?} in a rebuild chain"
-                )));
-            }
-            let file = match old.iter().position(|l| &l.name == name) {
-                Some(i) => {
-                    old.remove(i);
-                    OpenOptions::new()
+        let (head, below) = layers.split_last().expect("chain is never empty");
+        // Nothing in memory changes until the new chain is durable: a
+        // failure on the way (a full disk) leaves this replica as it was
+        // (the chain in memory once held no layer at all, and the next
+        // request panicked; found by the chaos soak).
+        let mut created = Vec::new();
+        let prepared = (|| {
+            let mut next = Vec::with_capacity(chain.len() + 1);
+            for (name, lmeta) in chain {
+                if name == &head.name || !name.starts_with("volume-snap-") || name.contains('/') {
+                    return Err(Error::Invalid(format!(
+                        "bad layer name {name:?} in a rebuild chain"
+                    )));
+                }
+                let file = match below.iter().find(|l| &l.name == name) {
+                    Some(_) => OpenOptions::new()
                         .read(true)
                         .write(true)
                         .open(dir.join(name))
-                        .map_err(|e| Error::io(format!("opening {name}"), e))?
+                        .map_err(|e| Error::io(format!("opening {name}"), e))?,
+                    None => {
+                        created.push(name.clone());
+                        create_layer_file(dir, name, self.size())?
+                    }
+                };
+                meta::write_json_atomic(&layer_meta_path(dir, name), lmeta)?;
+                next.push(Layer::with_file(
+                    dir,
+                    name.clone(),
+                    lmeta.clone(),
+                    file,
+                    self.size(),
+                    self.auth_bytes(),
+                )?);
+            }
+            Ok(next)
+        })();
+        let mut next = match prepared {
+            Ok(next) => next,
+            Err(e) => {
+                for name in &created {
+                    remove_layer_files(dir, name);
                 }
-                None => create_layer_file(dir, name, self.size())?,
-            };
-            meta::write_json_atomic(&layer_meta_path(dir, name), lmeta)?;
-            next.push(Layer::with_file(
-                dir,
-                name.clone(),
-                lmeta.clone(),
-                file,
-                self.size(),
-                self.auth_bytes(),
-            )?);
-        }
+                return Err(e);
+            }
+        };
         let mut next_meta = meta.clone();
         next_meta.chain = next
             .iter()
@@ -1639,10 +1655,15 @@ impl Replica {
             .chain([head.name.clone()])
             .collect();
         next_meta.rebuilding = true;
+        // Created layers stay if this fails: the chain may reach the disk
+        // before an error.
         meta::write_json_atomic(&dir.join(REPLICA_META), &next_meta)?;
         *meta = next_meta;
-        for l in old {
-            remove_layer_files(dir, &l.name);
+        let head = layers.pop().expect("chain is never empty");
+        for old in layers.drain(..) {
+            if !next.iter().any(|l| l.name == old.name) {
+                remove_layer_files(dir, &old.name);
+            }
         }
         next.push(head);
         *layers = next;

@@ -80,3 +80,86 @@ fn a_snapshot_that_fails_leaves_no_name_linked_to_the_head() {
         vec![7u8; BLOCK_SIZE as usize]
     );
 }
+
+/// A replica with snapshot `a` (block 0 = 7) below a head that holds
+/// block 0 = 8; returns it with its chain's names.
+fn replica_with_a_snapshot(dir: &std::path::Path) -> (Replica, Vec<String>) {
+    let r = Replica::create(dir, SIZE).unwrap();
+    r.write(0, &[7u8; BLOCK_SIZE as usize], 0).unwrap();
+    r.snapshot("a", true, Default::default()).unwrap();
+    r.write(0, &[8u8; BLOCK_SIZE as usize], 0).unwrap();
+    let names = chain(&r);
+    (r, names)
+}
+
+fn chain(r: &Replica) -> Vec<String> {
+    r.info().chain.into_iter().map(|l| l.name).collect()
+}
+
+/// After a chain change failed, `r` still has the chain `names` and takes
+/// writes into its head, not into snapshot `a`; so does the replica
+/// reopened from disk once `blocker` (what made the change fail) is gone.
+fn assert_unchanged(r: Replica, dir: &std::path::Path, names: &[String], blocker: &str) {
+    let block = |b: u8| vec![b; BLOCK_SIZE as usize];
+    assert_eq!(chain(&r), names, "the chain in memory");
+    r.write(BLOCK_SIZE, &block(9), 0).unwrap();
+    let check = |r: &Replica| {
+        assert_eq!(chain(r), names);
+        assert_eq!(r.read(0, BLOCK_SIZE).unwrap(), block(8));
+        assert_eq!(r.read(BLOCK_SIZE, BLOCK_SIZE).unwrap(), block(9));
+        let a = "volume-snap-a.img";
+        assert_eq!(r.read_layer(a, 0, BLOCK_SIZE).unwrap(), block(7));
+        assert_eq!(r.read_layer(a, BLOCK_SIZE, BLOCK_SIZE).unwrap(), block(0));
+    };
+    check(&r);
+    drop(r);
+    std::fs::remove_dir(dir.join(blocker)).unwrap();
+    check(&Replica::open(dir).unwrap());
+}
+
+/// A chain change that fails half way (a full disk) leaves the replica
+/// with the chain it had, in memory and on disk. The chaos soak found a
+/// failed rebuild preparation that left no layer at all in memory: every
+/// later request panicked, and an expansion then recorded a size that no
+/// layer file had, so the replica no longer opened.
+#[test]
+fn a_rebuild_preparation_that_fails_half_way_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, names) = replica_with_a_snapshot(dir.path());
+    // The second layer's metadata cannot be written.
+    let blocker = "volume-snap-y.img.meta";
+    std::fs::create_dir(dir.path().join(blocker)).unwrap();
+    let chain = [
+        ("volume-snap-x.img".to_string(), meta(None)),
+        (
+            "volume-snap-y.img".to_string(),
+            meta(Some("volume-snap-x.img")),
+        ),
+    ];
+    assert!(r.prepare_rebuild(&chain).is_err());
+    assert_unchanged(r, dir.path(), &names, blocker);
+    assert!(!dir.path().join("volume-snap-x.img").exists());
+}
+
+/// The same for a snapshot whose new head's checksums cannot be created
+/// (the last step before the chain is switched).
+#[test]
+fn a_snapshot_that_fails_at_its_new_head_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, names) = replica_with_a_snapshot(dir.path());
+    let blocker = "volume-head-002.img.crc";
+    std::fs::create_dir(dir.path().join(blocker)).unwrap();
+    assert!(r.snapshot("b", true, Default::default()).is_err());
+    assert_unchanged(r, dir.path(), &names, blocker);
+}
+
+/// The same for a revert.
+#[test]
+fn a_revert_that_fails_at_its_new_head_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, names) = replica_with_a_snapshot(dir.path());
+    let blocker = "volume-head-002.img.crc";
+    std::fs::create_dir(dir.path().join(blocker)).unwrap();
+    assert!(r.revert("a").is_err());
+    assert_unchanged(r, dir.path(), &names, blocker);
+}
