@@ -250,6 +250,27 @@ pub async fn open_volume(cfg: &EngineConfig) -> anyhow::Result<ReplicatedVolume>
             "reconciled replicas after an unclean stop"
         );
     }
+    // A cut that an engine dying mid-rebuild left on some replicas and not
+    // on others makes their chains differ, and a trim punches a head only
+    // where nothing kept lies below: those replicas would read differently
+    // after a trim (the chaos soak saw zeroes, then the older data). Each
+    // replica in the set removes its own before anything is served.
+    for ((i, client, info), outcome) in taken.iter().zip(outcome.iter_mut()) {
+        if outcome.is_err() {
+            continue;
+        }
+        for name in crate::rebuild::kept_cuts(&info.chain) {
+            if let Err(e) = tokio::time::timeout(t, client.remove_snapshot(name))
+                .await
+                .map_err(|_| "no answer".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
+                tracing::warn!(replica = %cfg.replicas[*i], snapshot = name, error = %e, "could not remove a rebuild's cut left behind");
+                *outcome = Err(format!("could not remove the rebuild cut {name}: {e}"));
+                break;
+            }
+        }
+    }
     let serving = outcome.iter().any(Result::is_ok);
     for ((i, client, info), outcome) in taken.into_iter().zip(outcome) {
         let ep = cfg.replicas[i].clone();

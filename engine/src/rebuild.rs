@@ -166,16 +166,7 @@ impl ReplicatedVolume {
         let Ok(layers) = self.layers().await else {
             return;
         };
-        let below_head = &layers[..layers.len().saturating_sub(1)];
-        for l in below_head.iter().filter(|l| !l.user_created && !l.removed) {
-            let Some(name) = l
-                .name
-                .strip_prefix("volume-snap-")
-                .and_then(|n| n.strip_suffix(".img"))
-                .filter(|n| n.starts_with("rebuild-"))
-            else {
-                continue;
-            };
+        for name in kept_cuts(&layers) {
             if let Err(e) = self.remove_snapshot(name).await {
                 tracing::warn!(snapshot = name, error = %e, "could not remove a rebuild's cut");
             }
@@ -320,6 +311,22 @@ impl ReplicatedVolume {
         );
         Ok(copied)
     }
+}
+
+/// The snapshot names of the rebuilds' cuts in `chain` (a replica's,
+/// head last) that are not removed.
+pub(crate) fn kept_cuts(chain: &[rvol_replica::store::LayerInfo]) -> Vec<&str> {
+    let below_head = &chain[..chain.len().saturating_sub(1)];
+    below_head
+        .iter()
+        .filter(|l| !l.user_created && !l.removed)
+        .filter_map(|l| {
+            l.name
+                .strip_prefix("volume-snap-")
+                .and_then(|n| n.strip_suffix(".img"))
+                .filter(|n| n.starts_with("rebuild-"))
+        })
+        .collect()
 }
 
 /// One call of a rebuild, bounded (see point 5 of the module

@@ -543,3 +543,31 @@ fn a_rebuild_whose_source_freezes_starts_again_from_another() {
     qemu_io(&uri, &["read -P 0x22 0 16M", "read -P 0x33 16M 4k"]);
     rs[0].proc.signal(libc::SIGCONT);
 }
+
+/// A rebuild's cut that an engine died with on one replica only (its
+/// chain then differs from the others') is removed by the next engine
+/// before it serves: a trim, which punches a head only where nothing kept
+/// lies below, must leave every replica reading alike (found by the chaos
+/// soak: a read returned zeroes after a trim, and the next, from another
+/// replica, the data from before it).
+#[test]
+fn a_cut_left_on_one_replica_is_removed_before_the_next_engine_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rs = replicas_on_fixed_ports(tmp.path(), 2, "16M");
+    let (mut engine, uri, _) = start_engine("leftcut", "16M", &addrs(&rs), &[]);
+    qemu_io(&uri, &["write -P 0x11 0 1M", "flush"]);
+    assert_eq!(engine.stop(), 0);
+    // What an engine killed between the replicas' cuts leaves.
+    rs[0].proc.kill9();
+    let r0 = rvol_replica::Replica::open(&rs[0].dir).unwrap();
+    r0.snapshot("rebuild-g1-1-0", false, Default::default())
+        .unwrap();
+    drop(r0);
+    rs[0].restart("16M");
+    let (_engine, uri, admin) = start_engine("leftcut", "16M", &addrs(&rs), &[]);
+    assert_eq!(modes(&admin), ["RW", "RW"], "{}", status(&admin));
+    qemu_io(&uri, &["discard 0 1M", "flush"]);
+    // Each replica alone reads the trimmed range the same: as zeroes.
+    rs[1].proc.kill9();
+    qemu_io(&uri, &["read -P 0 0 1M"]);
+}
